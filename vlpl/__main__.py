@@ -1,0 +1,5 @@
+import sys
+
+from vlpl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,105 @@
+"""``vlpl`` command line: parse, load the config, call the stage function. Nothing else lives here."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Callable, List, Optional
+
+log = logging.getLogger("vlpl")
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose > 0 else logging.INFO
+    rank = os.environ.get("RANK", "0")
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s" if rank == "0" else \
+        f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock", "datasets", "root"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if verbose <= 0 else logging.INFO)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", action="append", default=[], metavar="FILE",
+                   help="YAML config (repeatable; later files win). Names are also looked up in configs/.")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. data.root=/data views.grid=5")
+
+
+def cmd_pseudolabel(args: argparse.Namespace) -> int:
+    from vlpl.config import PseudolabelConfig, load_config
+    from vlpl.pseudolabel.stage import run_pseudolabel
+
+    cfg = load_config(PseudolabelConfig, args.config, args.overrides)
+    out = run_pseudolabel(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        from vlpl.store.inspect import format_summary, summarize
+
+        print(format_summary(summarize(out, max_failed=5)))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from vlpl.store.inspect import format_summary, summarize
+
+    s = summarize(args.store)
+    print(json.dumps(s, indent=2) if args.json else format_summary(s))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vlpl import __version__
+
+    parser = argparse.ArgumentParser(prog="vlpl", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"vlpl {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("pseudolabel", help="score every image and view with a frozen VLM into a score store")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_pseudolabel)
+
+    p = sub.add_parser("inspect", help="summarise a score store")
+    p.add_argument("store")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_inspect)
+
+    for extra in _EXTRA_COMMANDS:
+        extra(sub)
+    return parser
+
+
+# Later stages register their subcommands here (train, evaluate, demo).
+_EXTRA_COMMANDS: List[Callable[[argparse._SubParsersAction], None]] = []
+
+
+def _known_errors() -> tuple:
+    from vlpl.config import ConfigError
+    from vlpl.data.records import ImageLoadError
+    from vlpl.registry import RegistryError
+    from vlpl.store.store import StoreError
+
+    return (ConfigError, StoreError, RegistryError, ImageLoadError, FileNotFoundError, ValueError)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    _setup_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("vlpl: interrupted; completed shards/checkpoints are kept, re-run to resume", file=sys.stderr)
+        return 130
+    except _known_errors() as e:
+        if args.verbose:
+            raise
+        print(f"vlpl {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,379 @@
+"""Typed configuration for every stage.
+
+"YAML sets defaults, flags win, the resolved config is saved next to the outputs" (timm's rule):
+
+* a stage config is a tree of dataclasses;
+* ``--config FILE`` may be given several times, later files win key by key;
+* ``key.sub=value`` overrides win over every file (values are parsed as YAML scalars);
+* an unknown key, a value of the wrong type or a missing required value is a :class:`ConfigError`
+  that names the key, the file (or the override) it came from, and what was expected;
+* :func:`to_dict` gives back plain data, which each stage writes as ``config.yaml`` beside its outputs.
+
+A config file may also say ``include: [other.yaml, ...]`` (paths relative to the including file, or to
+the project's ``configs/`` folder): the included files are merged first, the including file wins.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, TypeVar, Union
+
+import yaml
+
+T = TypeVar("T")
+
+CONFIG_DIRS = [Path(__file__).resolve().parent.parent / "configs"]
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key, its source and what was expected."""
+
+
+MISSING: Any = dataclasses.MISSING
+
+
+def required() -> Any:
+    """Mark a dataclass field as required (no default)."""
+    return field(default=None, metadata={"required": True})
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage configs
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ObservedConfig:
+    """How the observed (incomplete) training labels are obtained.
+
+    * ``single_positive``: Cole et al.'s protocol (ALGORITHMS.md 2b): one ``RandomState(seed)`` per
+      official split, per image shuffle the positives and keep the first, then shuffle the negatives
+      (consuming RNG draws) and keep ``num_neg`` of them.
+    * ``partial``: MLR-PL protocol (ALGORITHMS.md 10): every entry of the +-1 matrix is kept iff
+      ``u < keep`` with ``u`` drawn by ``np.random.seed(seed)`` over the whole N x C array.
+    * ``given``: read from ``file`` (N x C npy in {-1,0,1}, rows in the official train order).
+    * ``full``: the full labels (positives +1, negatives -1): the full-label upper bound.
+    * ``none``: nothing observed (zero-shot use).
+    """
+
+    mode: str = "single_positive"
+    seed: Optional[int] = None  # default: 1200 for single_positive, 0 for partial
+    num_neg: int = 0
+    keep: float = 0.5
+    file: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    """Where the images and labels are, and in which format.
+
+    ``format``: ``folder`` (images + labels.csv/jsonl + classes.txt), ``coco`` (official instances
+    JSON), ``voc`` (VOCdevkit/VOC2012 ImageSets/Main), ``cole`` (formatted_*.npy), ``hf`` (a Hugging
+    Face dataset). Paths that are not absolute are relative to ``root``.
+    """
+
+    format: str = "folder"
+    root: str = required()
+    name: Optional[str] = None
+    classes: Optional[str] = None  # classes.txt (folder, cole, hf); default <root>/classes.txt
+    labels: Optional[str] = None  # folder: labels.csv / labels.jsonl; default <root>/labels.csv
+    # coco: official split -> instances JSON, and split -> image folder
+    annotations: Dict[str, str] = field(default_factory=dict)
+    image_dirs: Dict[str, str] = field(default_factory=dict)
+    keep_unannotated: bool = False  # coco: Cole keeps only annotated images (2b); MLR-PL keeps all (10)
+    # cole: folder with formatted_{train,val}_{images,labels}.npy; images relative to image_root
+    image_root: Optional[str] = None
+    # hf: local path or hub id, columns, and which dataset split is our train / test
+    hf_path: Optional[str] = None
+    hf_image_column: str = "image"
+    hf_label_column: str = "labels"
+    hf_splits: Dict[str, str] = field(default_factory=lambda: {"train": "train", "test": "test"})
+    # the 80/20 train/val split of the official train split (Cole: RandomState(1200), sorted)
+    val_fraction: float = 0.2
+    split_seed: int = 1200
+    observed: ObservedConfig = field(default_factory=ObservedConfig)
+    max_samples: Optional[int] = None  # per official split, for quick runs (first N in file order)
+
+
+@dataclass
+class ModelConfig:
+    """The frozen vision-language model.
+
+    ``backend``: ``open_clip`` (``name`` is an open_clip model name or ``hf-hub:...``; ``pretrained``
+    a tag such as ``openai`` or a local checkpoint file) or ``hf`` (transformers CLIPModel /
+    SiglipModel, ``name`` a local directory or hub id).
+    """
+
+    backend: str = "open_clip"
+    name: str = "ViT-B-16"
+    pretrained: Optional[str] = "openai"
+    templates: Union[str, List[str]] = "a photo of a {}."  # a template, a list, or an open_clip set name
+    normalization: str = "model"  # "model" (open_clip's mean/std, Decision 3) or "imagenet"
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
+    device: str = "auto"
+
+
+@dataclass
+class ViewsConfig:
+    """DAMP views: a global view plus a g x g non-overlapping grid, each also flipped."""
+
+    grid: int = 4
+    flips: bool = True
+    resize_mode: str = "squash"  # squash (AEVLP: Resize((s,s))) | shortest (resize + centre crop)
+    max_side: Optional[int] = None  # downscale decoded images whose longer side exceeds this
+
+
+@dataclass
+class PseudolabelConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    views: ViewsConfig = field(default_factory=ViewsConfig)
+    out: str = required()
+    batch_size: int = 32  # images per forward (x views each)
+    num_workers: int = 2
+    shard_size: int = 1024
+    overwrite: bool = False
+    index: bool = True  # build the FAISS index over image embeddings
+    progress: bool = True
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, List):
+        (a,) = typing.get_args(tp) or (Any,)
+        return f"a list of {_type_name(a)}"
+    if origin in (dict, Dict):
+        return "a mapping"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    def bad() -> ConfigError:
+        return ConfigError(
+            f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__}) from {source}"
+        )
+
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key, source)
+            except ConfigError as e:
+                errors.append(e)
+        raise bad()
+    if origin in (list, List, Sequence):
+        (a,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise bad()
+        return [_coerce(v, a, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin in (dict, Dict):
+        kt, vt = typing.get_args(tp) or (Any, Any)
+        if not isinstance(value, dict):
+            raise bad()
+        return {_coerce(k, kt, key, source): _coerce(v, vt, f"{key}.{k}", source) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad()
+        return value  # handled by _build
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad()
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad()
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad()
+        return float(value)
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad()
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise bad()
+    return value
+
+
+def _build(cls: Type[T], data: Dict[str, Any], sources: Dict[str, str], prefix: str = "") -> T:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: Dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if k not in fields:
+            src = sources.get(key, "the configuration")
+            raise ConfigError(
+                f"unknown key {key!r} in {src}; expected one of: {', '.join(sorted(fields))}"
+            )
+        tp = hints[k]
+        src = sources.get(key, sources.get(prefix.rstrip("."), "the configuration"))
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{key}: expected a mapping, got {v!r} from {src}")
+            kwargs[k] = _build(tp, v, sources, prefix=f"{key}.")
+        else:
+            kwargs[k] = _coerce(v, tp, key, src)
+    for name, f in fields.items():
+        if f.metadata.get("required") and kwargs.get(name) is None:
+            raise ConfigError(
+                f"missing required value {prefix}{name!r} ({_type_name(hints[name])}); "
+                f"set it in a --config file or as {prefix}{name}=..."
+            )
+    return cls(**kwargs)
+
+
+def _record_sources(data: Any, source: str, sources: Dict[str, str], prefix: str = "") -> None:
+    if isinstance(data, dict):
+        for k, v in data.items():
+            key = f"{prefix}{k}"
+            sources[key] = source
+            _record_sources(v, source, sources, f"{key}.")
+
+
+def deep_merge(base: Dict[str, Any], other: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for k, v in other.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _resolve_config_path(name: str, relative_to: Optional[Path]) -> Path:
+    p = Path(name)
+    candidates = [p] if p.is_absolute() else []
+    if not p.is_absolute():
+        if relative_to is not None:
+            candidates.append(relative_to / p)
+        candidates.append(Path.cwd() / p)
+        for d in CONFIG_DIRS:
+            candidates.append(d / p)
+            if p.suffix == "":
+                candidates.append(d / f"{name}.yaml")
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise ConfigError(f"config file {name!r} not found (looked in: {', '.join(str(c) for c in candidates)})")
+
+
+def load_yaml_file(path: Union[str, Path], _stack: Tuple[Path, ...] = ()) -> Tuple[Dict[str, Any], Dict[str, str]]:
+    """Read a YAML config (safe loader) with its ``include:`` list; returns (data, key sources)."""
+    path = Path(path).resolve()
+    if path in _stack:
+        raise ConfigError(f"config include cycle: {' -> '.join(str(p) for p in _stack + (path,))}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    merged: Dict[str, Any] = {}
+    sources: Dict[str, str] = {}
+    includes = data.pop("include", []) or []
+    if isinstance(includes, str):
+        includes = [includes]
+    for inc in includes:
+        inc_path = _resolve_config_path(str(inc), path.parent)
+        d, s = load_yaml_file(inc_path, _stack + (path,))
+        merged = deep_merge(merged, d)
+        sources.update(s)
+    merged = deep_merge(merged, data)
+    _record_sources(data, str(path), sources)
+    return merged, sources
+
+
+def parse_override(text: str) -> Tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _set_dotted(data: Dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    cur = data
+    for p in parts[:-1]:
+        nxt = cur.get(p)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            cur[p] = nxt
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def load_config(
+    cls: Type[T],
+    files: Sequence[Union[str, Path]] = (),
+    overrides: Sequence[str] = (),
+    base: Optional[Dict[str, Any]] = None,
+) -> T:
+    """Build a ``cls`` config from defaults, ``base``, YAML files (later win) and dotted overrides."""
+    data: Dict[str, Any] = dict(base or {})
+    sources: Dict[str, str] = {}
+    _record_sources(data, "the built-in defaults", sources)
+    for f in files:
+        path = _resolve_config_path(str(f), None)
+        d, s = load_yaml_file(path)
+        data = deep_merge(data, d)
+        sources.update(s)
+    for o in overrides:
+        key, value = parse_override(o)
+        _set_dotted(data, key, value)
+        sources[key] = f"the override {o!r}"
+        _record_sources(value, f"the override {o!r}", sources, f"{key}.")
+    return _build(cls, data, sources)
+
+
+def to_dict(cfg: Any) -> Dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_resolved(cfg: Any, path: Union[str, Path]) -> None:
+    """Write the resolved config as YAML, atomically."""
+    from vlpl.store.atomic import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def resolve_path(root: Union[str, Path], p: Optional[str]) -> Optional[Path]:
+    """``p`` relative to ``root`` unless absolute (``~`` expanded); None stays None."""
+    if p is None:
+        return None
+    q = Path(os.path.expanduser(p))
+    return q if q.is_absolute() else Path(root) / q
