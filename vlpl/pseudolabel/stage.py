@@ -11,6 +11,7 @@ nor on where an interrupted run resumed.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import sys
@@ -28,7 +29,7 @@ from vlpl.config import PseudolabelConfig, save_resolved
 from vlpl.data.readers import load_dataset
 from vlpl.data.records import ImageLoadError, LabelledDataset
 from vlpl.store.store import SCHEMA_VERSION, ShardRows, StoreWriter, sha256_lines
-from vlpl.vlm.backend import VLMBackend, create_backend, resolve_device, templates_hash, template_strings
+from vlpl.vlm.backend import VLMBackend, create_backend, resolve_device, template_strings, templates_hash
 from vlpl.vlm.views import ViewSpec, make_views_batch
 
 log = logging.getLogger(__name__)
@@ -167,6 +168,7 @@ def run_pseudolabel(cfg: PseudolabelConfig) -> Path:
         "num_shards": plan.num_shards,
         "splits": {sp: int(n) for sp, n in zip(*np.unique([s.split for s in ds.samples], return_counts=True))},
     }
+    identity = json.loads(json.dumps(identity))  # tuples -> lists, as a stored manifest reads back
     writer = StoreWriter(out)
     if state.is_main_process:
         writer.prepare(identity, ds.classes, text.numpy(), overwrite=cfg.overwrite)

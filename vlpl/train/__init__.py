@@ -1,0 +1,1 @@
+"""Training: model (backbone + heads), losses registry, the accelerate loop."""

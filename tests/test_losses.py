@@ -1,0 +1,639 @@
+"""Tests of the SPML loss registry (vlpl/train/losses.py) and schedules (vlpl/train/schedules.py).
+
+Expected values are computed by hand, per entry, with plain Python ``math`` from the formulas in
+ALGORITHMS.md (sections cited per test), never by calling the implementation.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, List, Optional, Sequence
+
+import pytest
+import torch
+
+from vlpl.registry import LOSSES, RegistryError
+from vlpl.train.losses import LossBatch, create_loss, loss_defaults
+from vlpl.train.schedules import gr_mu_sigma, gr_wb, ll_clean_rate
+
+EPS5 = 1e-5
+EPS7 = 1e-7
+
+
+# ------------------------------------------------------------------------------------------------
+# plain-math helpers (ALGORITHMS.md §1)
+# ------------------------------------------------------------------------------------------------
+
+
+def sig(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def logit(p: float) -> float:
+    return math.log(p / (1.0 - p))
+
+
+def lp(p: float, eps: float) -> float:
+    """l+(p) = -log(p + eps)."""
+    return -math.log(p + eps)
+
+
+def ln(p: float, eps: float) -> float:
+    """l-(p) = -log(1 - p + eps)."""
+    return -math.log(1.0 - p + eps)
+
+
+def softplus(x: float) -> float:
+    return math.log1p(math.exp(x))
+
+
+def bce_logit(s: float, target: float) -> float:
+    """BCEWithLogits(s, t) = t softplus(-s) + (1 - t) softplus(s)."""
+    return target * softplus(-s) + (1.0 - target) * softplus(s)
+
+
+def batch_mean(logits: Sequence[Sequence[float]], per_entry: Callable[[int, int, float], float]) -> float:
+    vals = [per_entry(n, c, sig(s)) for n, row in enumerate(logits) for c, s in enumerate(row)]
+    return sum(vals) / len(vals)
+
+
+def make_batch(
+    logits: Sequence[Sequence[float]], index: Sequence[int], pseudo: Optional[List[List[int]]] = None
+) -> LossBatch:
+    return LossBatch(
+        logits=torch.tensor(logits, dtype=torch.float32, requires_grad=True),
+        index=torch.tensor(index, dtype=torch.long),
+        pseudo=None if pseudo is None else torch.tensor(pseudo, dtype=torch.int8),
+    )
+
+
+def close(a: torch.Tensor | float, b: float, tol: float = 1e-5) -> bool:
+    got = float(a.detach()) if isinstance(a, torch.Tensor) else float(a)
+    return abs(got - b) <= tol * max(1.0, abs(b))
+
+
+# A small training set (N=4, C=3); batches pick rows out of order to test the index mapping.
+OBS = torch.tensor([[1, 0, 0], [0, 1, -1], [0, 0, 1], [-1, 0, 0]], dtype=torch.int8)
+IDX = [2, 1]  # rows: [0, 0, 1] and [0, 1, -1]
+Z = [[0, 0, 1], [0, 1, -1]]
+S = [[1.0, -0.5, 0.3], [-1.2, 2.0, 0.0]]
+
+
+# ------------------------------------------------------------------------------------------------
+# Cole baselines and full BCE (§2e)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_an_value():
+    def f(n, c, p):
+        z = Z[n][c]
+        return lp(p, EPS5) if z == 1 else ln(p, EPS5)
+
+    out = create_loss("an", OBS)(make_batch(S, IDX))
+    assert close(out["loss"], batch_mean(S, f))
+    # the known negative (row 1, class 2, p = 0.5) is its own logged term
+    assert close(out["obs_neg"], ln(0.5, EPS5) / 6)
+    assert close(out["obs_pos"] + out["obs_neg"] + out["unknown"], float(out["loss"].detach()))
+
+
+def test_an_ls_value():
+    e = 0.1
+
+    def f(n, c, p):
+        z = Z[n][c]
+        if z == 1:
+            return (1 - e) * lp(p, EPS5) + e * ln(p, EPS5)
+        if z == 0:
+            return (1 - e) * ln(p, EPS5) + e * lp(p, EPS5)
+        return ln(p, EPS5)  # observed -1: known negative, unsmoothed
+
+    out = create_loss("an_ls", OBS)(make_batch(S, IDX))
+    assert close(out["loss"], batch_mean(S, f))
+
+
+def test_wan_value():
+    def f(n, c, p):
+        z = Z[n][c]
+        if z == 1:
+            return lp(p, EPS5)
+        if z == 0:
+            return ln(p, EPS5) / (3 - 1)
+        return ln(p, EPS5)
+
+    out = create_loss("wan", OBS)(make_batch(S, IDX))
+    assert close(out["loss"], batch_mean(S, f))
+
+
+def test_epr_value():
+    k = 1.5
+
+    def f(n, c, p):
+        z = Z[n][c]
+        if z == 1:
+            return lp(p, EPS5)
+        if z == -1:
+            return ln(p, EPS5)
+        return 0.0
+
+    sum_p = sum(sig(s) for row in S for s in row)
+    reg = (sum_p / 2 - k) ** 2 / 3**2
+    out = create_loss("epr", OBS, expected_positives=k)(make_batch(S, IDX))
+    assert close(out["reg"], reg)
+    assert close(out["loss"], batch_mean(S, f) + reg)
+
+
+def test_bce_full_label_value():
+    full = torch.tensor([[1, -1, -1], [-1, 1, 0]], dtype=torch.int8)  # one entry ignored (0)
+    zf = [[1, -1, -1], [-1, 1, 0]]
+
+    def f(n, c, p):
+        z = zf[n][c]
+        return lp(p, EPS5) if z == 1 else (ln(p, EPS5) if z == -1 else 0.0)
+
+    out = create_loss("bce", full)(make_batch(S, [0, 1]))
+    assert close(out["loss"], batch_mean(S, f))
+
+
+# ------------------------------------------------------------------------------------------------
+# ROLE (§2e)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_role_init_ranges_and_seed():
+    loss = create_loss("role", OBS, seed=3)
+    phi = loss.estimator_logits.detach()
+    obs = OBS.float()
+    assert torch.allclose(phi[obs == 1], torch.full_like(phi[obs == 1], logit(0.995)))
+    assert torch.allclose(phi[obs == -1], torch.full_like(phi[obs == -1], logit(0.005)))
+    unk = phi[obs == 0]
+    assert bool((unk.abs() <= logit(0.6) + 1e-6).all())
+    assert float(unk.std()) > 0
+    same = create_loss("role", OBS, seed=3).estimator_logits.detach()
+    other = create_loss("role", OBS, seed=4).estimator_logits.detach()
+    assert torch.equal(phi, same)
+    assert not torch.equal(phi, other)
+
+
+def test_role_value_and_param_groups():
+    k = 1.2
+    loss = create_loss("role", OBS, expected_positives=k)
+    phi_rows = [[0.4, -0.3, 2.0], [0.1, 1.5, -2.5]]  # estimator logits of rows 2 and 1
+    with torch.no_grad():
+        loss.estimator_logits[2] = torch.tensor(phi_rows[0])
+        loss.estimator_logits[1] = torch.tensor(phi_rows[1])
+
+    def f(n, c, p):
+        z = Z[n][c]
+        y = sig(phi_rows[n][c])
+        out = 0.0
+        if z == 1:
+            out += 0.5 * (lp(p, EPS5) + lp(y, EPS5))
+        if z == -1:
+            out += 0.5 * (ln(p, EPS5) + ln(y, EPS5))
+        out += 0.5 * (y * lp(p, EPS5) + (1 - y) * ln(p, EPS5) + p * lp(y, EPS5) + (1 - p) * ln(y, EPS5))
+        return out
+
+    sum_p = sum(sig(s) for row in S for s in row)
+    sum_y = sum(sig(v) for row in phi_rows for v in row)
+    reg = 0.5 * ((sum_p / 2 - k) ** 2 / 9 + (sum_y / 2 - k) ** 2 / 9)
+    batch = make_batch(S, IDX)
+    out = loss(batch)
+    assert close(out["reg"], reg)
+    assert close(out["loss"], batch_mean(S, f) + reg)
+
+    out["loss"].backward()
+    g = loss.estimator_logits.grad
+    assert g is not None and bool(g[[1, 2]].abs().sum() > 0)
+    assert float(g[[0, 3]].abs().sum()) == 0.0  # rows outside the batch get no gradient
+
+    groups = loss.param_groups(1e-4)
+    assert len(groups) == 1
+    assert groups[0]["params"][0] is loss.estimator_logits
+    assert math.isclose(groups[0]["lr"], 1e-3)
+    assert create_loss("an", OBS).param_groups(1e-4) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# EM and EM+APL (§4a)
+# ------------------------------------------------------------------------------------------------
+
+
+def H(p: float, eps: float) -> float:
+    return p * lp(p, eps) + (1 - p) * ln(p, eps)
+
+
+def test_em_value():
+    a = 0.2
+
+    def f(n, c, p):
+        z = Z[n][c]
+        if z == 1:
+            return lp(p, EPS5)
+        if z == -1:
+            return ln(p, EPS5)
+        return -a * H(p, EPS5)
+
+    out = create_loss("em", OBS, alpha=a)(make_batch(S, IDX))
+    assert close(out["loss"], batch_mean(S, f))
+
+
+APL_OBS = torch.tensor([[1, 0], [0, 1], [0, 0], [0, 0], [0, -1], [0, 0]], dtype=torch.int8)
+
+
+def _probs_for(index: List[int], per_row: dict) -> torch.Tensor:
+    return torch.tensor([per_row[r] for r in index], dtype=torch.float32)
+
+
+def test_em_apl_end_epoch_selection_and_accumulation():
+    loss = create_loss("em_apl", APL_OBS, warmup_epoch=5)
+    assert loss.needs_train_pass and not create_loss("em", APL_OBS).needs_train_pass
+    loss.set_epoch(4, 7)
+    # U_c: class 0 has 5 unknowns, class 1 has 4; E - e_w = 2
+    assert loss.unknown_at_start.tolist() == [5, 4]
+    m = [math.floor(0.9 * 5 / 2), math.floor(0.9 * 4 / 2)]
+    assert m == [2, 1]
+    assert loss.apl_per_class().tolist() == m
+
+    index = [5, 4, 3, 2, 1, 0]
+    probs1 = {0: [0.9, 0.2], 1: [0.3, 0.8], 2: [0.1, 0.6], 3: [0.2, 0.15], 4: [0.05, 0.01], 5: [0.4, 0.3]}
+    # before warm-up: nothing happens
+    info = loss.end_epoch(_probs_for(index, probs1), torch.tensor(index), epoch=4)
+    assert info["apl_new"] == 0 and not bool(loss.apl_mask.any())
+    assert torch.equal(loss.state, APL_OBS.float())
+
+    loss.set_epoch(5, 7)
+    info = loss.end_epoch(_probs_for(index, probs1), torch.tensor(index), epoch=5)
+    # class 0: still-unknown rows 1..5, two lowest p: row 4 (0.05), row 2 (0.1)
+    # class 1: still-unknown rows 0,2,3,5 (row 4 is an observed -1 despite p = 0.01): row 3 (0.15)
+    assert info["apl_new"] == 3 and info["apl_total"] == 3
+    expected = APL_OBS.float().clone()
+    expected[4, 0], expected[2, 0], expected[3, 1] = -0.05, -0.1, -0.15
+    assert torch.allclose(loss.state, expected)
+    assert loss.apl_mask.nonzero().tolist() == [[2, 0], [3, 1], [4, 0]]
+
+    loss.set_epoch(6, 7)
+    probs2 = {0: [0.9, 0.4], 1: [0.5, 0.8], 2: [0.0, 0.35], 3: [0.25, 0.01], 4: [0.0, 0.01], 5: [0.2, 0.7]}
+    info = loss.end_epoch(_probs_for(index, probs2), torch.tensor(index), epoch=6)
+    # class 0: still unknown rows 1, 3, 5 -> rows 5 (0.2) and 3 (0.25); class 1: rows 0, 2, 5 -> row 2
+    assert info["apl_new"] == 3 and info["apl_total"] == 6
+    expected[5, 0], expected[3, 0], expected[2, 1] = -0.2, -0.25, -0.35
+    assert torch.allclose(loss.state, expected)  # earlier entries kept their stored scores
+    assert sorted(loss.apl_mask.nonzero().tolist()) == [[2, 0], [2, 1], [3, 0], [3, 1], [4, 0], [5, 0]]
+
+
+def test_em_apl_loss_value():
+    a, b = 0.1, 0.9
+    loss = create_loss("em_apl", APL_OBS, alpha=a, beta=b, warmup_epoch=5)
+    loss.set_epoch(5, 7)
+    index = [0, 1, 2, 3, 4, 5]
+    probs = {0: [0.9, 0.2], 1: [0.3, 0.8], 2: [0.1, 0.6], 3: [0.2, 0.15], 4: [0.05, 0.01], 5: [0.4, 0.3]}
+    loss.end_epoch(_probs_for(index, probs), torch.tensor(index), epoch=5)
+    # batch rows 2, 4, 1: state [-0.1, 0], [-0.05, -1 (observed)], [0, 1]
+    s = [[0.3, -0.7], [-1.0, 0.8], [0.5, 1.5]]
+    kinds = [[("soft", 0.1), ("unk", None)], [("soft", 0.05), ("neg", None)], [("unk", None), ("pos", None)]]
+
+    def f(n, c, p):
+        kind, t = kinds[n][c]
+        if kind == "soft":
+            return b * (t * lp(p, EPS5) + (1 - t) * ln(p, EPS5))
+        if kind == "neg":
+            return ln(p, EPS5)
+        if kind == "pos":
+            return lp(p, EPS5)
+        return -a * H(p, EPS5)
+
+    out = loss(make_batch(s, [2, 4, 1]))
+    assert close(out["loss"], batch_mean(s, f))
+    soft = (b * (0.1 * lp(sig(0.3), EPS5) + 0.9 * ln(sig(0.3), EPS5))
+            + b * (0.05 * lp(sig(-1.0), EPS5) + 0.95 * ln(sig(-1.0), EPS5))) / 6
+    assert close(out["soft_neg"], soft)
+
+
+# ------------------------------------------------------------------------------------------------
+# Large Loss Matters (§3b)
+# ------------------------------------------------------------------------------------------------
+
+LL_OBS = torch.tensor([[0, 0, 0], [0, 0, -1], [0, 0, 0], [1, 0, 0]], dtype=torch.int8)
+LL_IDX = [3, 1]  # rows [1, 0, 0], [0, 0, -1]
+LL_S = [[0.5, 2.0, 1.0], [1.0, -1.0, 3.0]]
+# unknown AN losses: (0,1) sp(2)=2.127, (0,2) sp(1)=1.313, (1,0) sp(1)=1.313 (tie), (1,1) sp(-1)=0.313
+AN_BCE = [[bce_logit(0.5, 1), bce_logit(2.0, 0), bce_logit(1.0, 0)],
+          [bce_logit(1.0, 0), bce_logit(-1.0, 0), bce_logit(3.0, 0)]]
+MODIFIED = {(0, 1), (0, 2), (1, 0)}  # U >= tau (tie at tau modified)
+
+
+def _mean(m: List[List[float]]) -> float:
+    return sum(sum(r) for r in m) / sum(len(r) for r in m)
+
+
+def test_ll_clean_rate_and_k():
+    assert ll_clean_rate(1, 0.002) == 1.0
+    assert ll_clean_rate(3, 0.25) == 0.5
+    assert math.isclose(1 - ll_clean_rate(4, 0.002), 3 * 0.002)
+    # epoch 3, delta 0.25, B*C = 6 -> K = ceil(6 * 0.5) = 3 (R, Ct); LL-Cp: ceil(6 * 0.25) = 2
+    assert math.ceil(6 * (1 - ll_clean_rate(3, 0.25))) == 3
+
+
+@pytest.mark.parametrize("name", ["ll_r", "ll_ct", "ll_cp"])
+def test_ll_epoch1_unchanged(name):
+    loss = create_loss(name, LL_OBS, delta_rel=0.25)
+    loss.set_epoch(1, 10)
+    out = loss(make_batch(LL_S, LL_IDX))
+    assert close(out["loss"], _mean(AN_BCE))
+    assert float(out["num_modified"]) == 0
+    assert torch.equal(loss.state, LL_OBS.float())
+
+
+def test_ll_r_epoch3_rejects():
+    loss = create_loss("ll_r", LL_OBS, delta_rel=0.25)
+    loss.set_epoch(3, 10)
+    exp = [[0.0 if (n, c) in MODIFIED else AN_BCE[n][c] for c in range(3)] for n in range(2)]
+    out = loss(make_batch(LL_S, LL_IDX))
+    assert close(out["loss"], _mean(exp))
+    assert float(out["num_modified"]) == 3
+
+
+def test_ll_ct_epoch3_corrects_temporarily():
+    loss = create_loss("ll_ct", LL_OBS, delta_rel=0.25)
+    loss.set_epoch(3, 10)
+    exp = [[bce_logit(LL_S[n][c], 1) if (n, c) in MODIFIED else AN_BCE[n][c] for c in range(3)]
+           for n in range(2)]
+    out = loss(make_batch(LL_S, LL_IDX))
+    assert close(out["loss"], _mean(exp))
+    assert torch.equal(loss.state, LL_OBS.float())
+
+
+def test_ll_cp_permanent_writes_persist():
+    loss = create_loss("ll_cp", LL_OBS, delta_rel=0.25)
+    loss.set_epoch(3, 10)
+    # K = ceil(6 * 0.25) = 2 -> tau = 1.313 (the tied pair): modified = U >= tau (3 entries),
+    # written = U > tau strictly: only (0, 1), i.e. training row 3, class 1
+    exp = [[bce_logit(LL_S[n][c], 1) if (n, c) in MODIFIED else AN_BCE[n][c] for c in range(3)]
+           for n in range(2)]
+    out = loss(make_batch(LL_S, LL_IDX))
+    assert close(out["loss"], _mean(exp))
+    after = LL_OBS.float().clone()
+    after[3, 1] = 1.0
+    assert torch.equal(loss.state, after)
+
+    # next batch: (0, 1) is now an observed positive; unknown U: 1.313, 1.313, 0.313 -> K = 2,
+    # tau = 1.313: the tied pair is corrected, nothing is strictly above tau, nothing new is written
+    exp2 = [[bce_logit(0.5, 1), bce_logit(2.0, 1), bce_logit(1.0, 1)],
+            [bce_logit(1.0, 1), bce_logit(-1.0, 0), bce_logit(3.0, 0)]]
+    out2 = loss(make_batch(LL_S, LL_IDX))
+    assert close(out2["loss"], _mean(exp2))
+    assert torch.equal(loss.state, after)
+
+    # eval mode never writes
+    ev = create_loss("ll_cp", LL_OBS, delta_rel=0.25)
+    ev.set_epoch(3, 10)
+    ev.eval()
+    ev(make_batch(LL_S, LL_IDX))
+    assert torch.equal(ev.state, LL_OBS.float())
+
+
+def test_ll_cp_released_is_bug_behaves_like_ct():
+    loss = create_loss("ll_cp", LL_OBS, delta_rel=0.25, released_is_bug=True)
+    loss.set_epoch(3, 10)
+    exp = [[bce_logit(LL_S[n][c], 1) if (n, c) in MODIFIED else AN_BCE[n][c] for c in range(3)]
+           for n in range(2)]
+    out = loss(make_batch(LL_S, LL_IDX))
+    assert close(out["loss"], _mean(exp))
+    assert torch.equal(loss.state, LL_OBS.float())  # no permanent write
+    # K comes from the clean rate: at epoch 2, K = ceil(6 * 0.25) = 2 for both; at epoch 4 the
+    # released variant corrects ceil(6 * 0.75) = 5 entries, capped by the 4 unknowns (tau = 0)
+    loss.set_epoch(4, 10)
+    assert float(loss(make_batch(LL_S, LL_IDX))["num_modified"]) == 4
+
+
+# ------------------------------------------------------------------------------------------------
+# GR schedules (§5b, §7e) and GR loss (§5a)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_gr_schedules_coco_worked_example():
+    beta, alpha = [0, 10, -2, -8], [0.5, 2, 0.8, 0.5]
+    ws, bs, mus, sigmas = [], [], [], []
+    for e in range(1, 9):
+        w, b = gr_wb(e, 8, beta)
+        mu, s = gr_mu_sigma(e, 8, alpha)
+        ws.append(w), bs.append(b), mus.append(mu), sigmas.append(s)
+    assert ws == pytest.approx([0, 1.25, 2.5, 3.75, 5.0, 6.25, 7.5, 8.75])
+    assert bs == pytest.approx([-2, -2.75, -3.5, -4.25, -5.0, -5.75, -6.5, -7.25])
+    assert mus[0] == pytest.approx(0.5375) and mus[-1] == pytest.approx(0.8)
+    assert sigmas[0] == pytest.approx(1.8125) and sigmas[-1] == pytest.approx(0.5)
+    # k(p) = sigmoid(8.75 p - 7.25) at the last epoch (§7e)
+    assert sig(ws[-1] * 0 + bs[-1]) == pytest.approx(7.1e-4, abs=0.1e-4)
+    # §7e prints k(0.5) ~ 0.04; sigmoid(4.375 - 7.25) = sigmoid(-2.875) is 0.053
+    assert sig(ws[-1] * 0.5 + bs[-1]) == pytest.approx(0.0534, abs=1e-3)
+    assert sig(ws[-1] * 1 + bs[-1]) == pytest.approx(0.82, abs=5e-3)
+    # the loss module follows the same schedule
+    loss = create_loss("gpr", OBS)
+    loss.set_epoch(8, 8)
+    assert (loss.w, loss.b, loss.mu, loss.sigma) == pytest.approx((8.75, -7.25, 0.8, 0.5))
+
+
+def test_gr_schedules_linear_init():
+    # n0 = 2, E = 8: (w, b) starts moving at e = 4, (mu, sigma) at e = 3
+    assert gr_wb(3, 8, [0, 6, 0, 0], linear_init=2) == pytest.approx((0.0, 0.0))
+    assert gr_wb(4, 8, [0, 6, 0, 0], linear_init=2) == pytest.approx((1.0, 0.0))
+    assert gr_mu_sigma(2, 8, [0, 0, 6, 0], linear_init=2) == pytest.approx((0.0, 0.0))
+    assert gr_mu_sigma(3, 8, [0, 0, 6, 0], linear_init=2) == pytest.approx((1.0, 0.0))
+    with pytest.raises(ValueError):
+        gr_wb(0, 8, [0, 1, 0, 1])
+
+
+def _gr_unknown(p, w, b, mu, sigma, q2, q3):
+    k = sig(w * p + b)
+    v = math.exp(-((p - mu) ** 2) / (2 * sigma**2))
+    return v * (k * (1 - p**q2) / q2 + (1 - k) * (1 - (1 - p) ** q3) / q3)
+
+
+@pytest.mark.parametrize("epoch,q3", [(1, 1.0), (8, 1.5)])
+def test_gr_value(epoch, q3):
+    beta, alpha = (0, 2, -2, -2), (0.5, 2, 0.8, 0.5)
+    loss = create_loss("gr", OBS, q3=q3)
+    loss.set_epoch(epoch, 8)
+    # hand schedule (§5b) for E = 8
+    w = 0 + 2 * max(epoch - 1, 0) / 8
+    b = -2.0
+    mu = 0.5 + 0.3 * epoch / 8
+    sg = 2 + (0.5 - 2) * epoch / 8
+
+    def f(n, c, p):
+        z = Z[n][c]
+        if z == 1:
+            return lp(p, EPS7)
+        if z == -1:
+            return ln(p, EPS7)
+        return _gr_unknown(p, w, b, mu, sg, 0.01, q3)
+
+    assert (beta, alpha) == (tuple(loss.beta), tuple(loss.alpha))
+    out = loss(make_batch(S, IDX))
+    assert close(out["loss"], batch_mean(S, f))
+
+
+def test_gr_needs_set_epoch():
+    with pytest.raises(RuntimeError, match="set_epoch"):
+        create_loss("gr", OBS)(make_batch(S, IDX))
+
+
+# ------------------------------------------------------------------------------------------------
+# GPR (§7d, COCO row of §7e)
+# ------------------------------------------------------------------------------------------------
+
+G_OBS = torch.tensor([[1, 0, 0, 0], [0, 0, -1, 0]], dtype=torch.int8)
+G_S = [[2.0, -4.5, 0.5, -1.0], [-2.0, 1.0, 0.3, -3.0]]
+G_PSEUDO = [[1, 1, 0, -1], [1, 1, 1, 0]]  # pseudo on observed entries is ignored
+
+
+def _v(p):  # last COCO epoch: mu = 0.8, sigma = 0.5
+    return math.exp(-((p - 0.8) ** 2) / (2 * 0.5**2))
+
+
+def _omega(v, l1=0.7, l2=0.5):
+    return 1 - min(max(v, 1 - l1), 1 - l2)
+
+
+def test_gpr_weight_branches():
+    # v below 1 - lambda1 = 0.3 -> omega = 0.7; between -> 1 - v; above 1 - lambda2 = 0.5 -> 0.5
+    p_lo, p_mid, p_hi = sig(-4.5), sig(-2.0), sig(1.0)
+    assert _v(p_lo) < 0.3 and 0.3 < _v(p_mid) < 0.5 and _v(p_hi) > 0.5
+    loss = create_loss("gpr", G_OBS)
+    v = torch.tensor([_v(p_lo), _v(p_mid), _v(p_hi)])
+    got = loss.pseudo_pos_weight(v).tolist()
+    assert got == pytest.approx([0.7, 1 - _v(p_mid), 0.5], abs=1e-6)
+
+
+def test_gpr_terms_and_value():
+    loss = create_loss("gpr", G_OBS)
+    loss.set_epoch(8, 8)
+    w, b, mu, sg, q2, q3, rho = 8.75, -7.25, 0.8, 0.5, 0.01, 1.0, 0.9
+
+    def f(n, c, p):
+        z, y = G_OBS[n, c].item(), G_PSEUDO[n][c]
+        if z == 1:
+            return lp(p, EPS7)  # L1
+        if z == -1:
+            return ln(p, EPS7)  # observed negative
+        if y == 1:
+            return _omega(_v(p)) * (rho * lp(p, EPS7) + (1 - rho) * ln(p, EPS7))  # L2
+        if y == -1:
+            return _v(p) * ln(p, EPS7)  # L4
+        return _gr_unknown(p, w, b, mu, sg, q2, q3)  # L3
+
+    sum_p = sum(sig(s) for row in G_S for s in row)
+    reg = 0.001 * (sum_p / 2 - 2.9) ** 2 / 4**2
+    out = loss(make_batch(G_S, [0, 1], G_PSEUDO))
+    assert close(out["reg"], reg)
+    assert close(out["loss"], batch_mean(G_S, f) + reg)
+    # each term on its own
+    p = [[sig(s) for s in row] for row in G_S]
+    assert close(out["obs_pos"], lp(p[0][0], EPS7) / 8)
+    assert close(out["obs_neg"], ln(p[1][2], EPS7) / 8)
+    l2 = sum(_omega(_v(p[n][c])) * (rho * lp(p[n][c], EPS7) + (1 - rho) * ln(p[n][c], EPS7))
+             for n, c in [(0, 1), (1, 0), (1, 1)])
+    assert close(out["pseudo_pos"], l2 / 8)
+    l3 = sum(_gr_unknown(p[n][c], w, b, mu, sg, q2, q3) for n, c in [(0, 2), (1, 3)])
+    assert close(out["unknown"], l3 / 8)
+    assert close(out["pseudo_neg"], _v(p[0][3]) * ln(p[0][3], EPS7) / 8)
+    assert float(out["pseudo_neg"]) > 0
+
+
+def test_gpr_l4_zero_without_negative_pseudo_labels():
+    loss = create_loss("gpr", G_OBS)
+    loss.set_epoch(3, 8)
+    no_neg = [[1, 1, 0, 0], [1, 1, 1, 0]]
+    assert float(loss(make_batch(G_S, [0, 1], no_neg))["pseudo_neg"]) == 0.0
+    with pytest.raises(ValueError, match="pseudo"):
+        loss(make_batch(G_S, [0, 1]))
+    assert loss.requires_pseudo and create_loss("vlpl", G_OBS).requires_pseudo
+    assert not create_loss("gr", G_OBS).requires_pseudo
+
+
+# ------------------------------------------------------------------------------------------------
+# VLPL (§6c)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("beta_neg", [0.0, 0.5])
+def test_vlpl_value(beta_neg):
+    a = 0.1
+    pseudo = [[1, 1, 0], [-1, 1, 0]]  # vs Z = [[0, 0, 1], [0, 1, -1]]
+
+    def f(n, c, p):
+        z, y = Z[n][c], pseudo[n][c]
+        if z == 1:
+            return lp(p, EPS5)
+        if z == -1:
+            return ln(p, EPS5)
+        if y == 1:
+            return 0.7 * (0.9 * lp(p, EPS5) + 0.1 * ln(p, EPS5))
+        if y == -1:
+            return beta_neg * ln(p, EPS5)  # 0 by default: ignored as released
+        return -a * H(p, EPS5)
+
+    out = create_loss("vlpl", OBS, alpha=a, beta_neg=beta_neg)(make_batch(S, IDX, pseudo))
+    assert close(out["loss"], batch_mean(S, f))
+
+
+# ------------------------------------------------------------------------------------------------
+# registry, state, gradients
+# ------------------------------------------------------------------------------------------------
+
+ALL = ["an", "an_ls", "bce", "em", "em_apl", "epr", "gpr", "gr", "ll_cp", "ll_ct", "ll_r", "role",
+       "vlpl", "wan"]
+
+
+def test_registered_names_and_defaults():
+    assert set(ALL) <= set(LOSSES.names())
+    d = loss_defaults("gpr")
+    assert d["beta"] == [0.0, 10.0, -2.0, -8.0] and d["lambda1"] == 0.7 and d["lambda2"] == 0.5
+    assert d["reg"] == 0.001 and d["expected_positives"] == 2.9 and d["eps"] == 1e-7
+    assert loss_defaults("an")["eps"] == 1e-5
+    assert loss_defaults("ll_cp") == {"delta_rel": 0.002, "released_is_bug": False}
+
+
+def test_unknown_kwarg_is_named():
+    with pytest.raises(RegistryError, match="lamda1"):
+        create_loss("gpr", OBS, lamda1=0.3)
+
+
+def test_state_dict_round_trip():
+    role = create_loss("role", OBS, seed=0)
+    with torch.no_grad():
+        role.estimator_logits.add_(1.0)
+    fresh = create_loss("role", OBS, seed=1)
+    fresh.load_state_dict(role.state_dict())
+    assert torch.equal(fresh.estimator_logits, role.estimator_logits)
+
+    apl = create_loss("em_apl", APL_OBS, warmup_epoch=1)
+    apl.set_epoch(1, 3)
+    apl.end_epoch(torch.rand(6, 2), torch.arange(6), epoch=1)
+    fresh_apl = create_loss("em_apl", APL_OBS, warmup_epoch=1)
+    fresh_apl.load_state_dict(apl.state_dict())
+    assert torch.equal(fresh_apl.state, apl.state) and torch.equal(fresh_apl.apl_mask, apl.apl_mask)
+    s2 = [[0.1, 0.2], [0.3, -0.4]]
+    assert close(fresh_apl(make_batch(s2, [2, 3]))["loss"], float(apl(make_batch(s2, [2, 3]))["loss"].detach()))
+
+    cp = create_loss("ll_cp", LL_OBS, delta_rel=0.25)
+    cp.set_epoch(3, 10)
+    cp(make_batch(LL_S, LL_IDX))
+    fresh_cp = create_loss("ll_cp", LL_OBS, delta_rel=0.25)
+    fresh_cp.load_state_dict(cp.state_dict())
+    assert float(fresh_cp.state[3, 1]) == 1.0
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_gradients_flow(name):
+    torch.manual_seed(0)
+    obs = torch.tensor([[1, 0, 0, 0], [0, 1, 0, -1], [0, 0, 0, 1]], dtype=torch.int8)
+    loss = create_loss(name, obs)
+    loss.set_epoch(2, 4)
+    logits = torch.randn(3, 4, requires_grad=True)
+    pseudo = torch.tensor([[0, 1, -1, 0], [1, 0, 1, 0], [-1, 1, 0, 0]], dtype=torch.int8)
+    out = loss(LossBatch(logits=logits, index=torch.tensor([0, 1, 2]), pseudo=pseudo))
+    assert out["loss"].requires_grad and out["loss"].dim() == 0
+    assert all(not v.requires_grad for k, v in out.items() if k != "loss")
+    out["loss"].backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+    assert float(logits.grad.abs().sum()) > 0

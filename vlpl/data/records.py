@@ -1,0 +1,176 @@
+"""In-memory records of a labelled multi-label dataset.
+
+A :class:`LabelledDataset` is what every reader in :mod:`vlpl.data.readers` returns: the class list,
+one :class:`Sample` per image (full labels when known, observed labels always) and a way to decode an
+image. Samples are ordered ``train`` (sorted original indices), then ``val`` (sorted), then ``test``,
+as in Cole et al.'s protocol (ALGORITHMS.md 2b), so split indices are stable across runs.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, List, Optional
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL import Image as PILImage
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+HF_PREFIX = "hf://"
+
+_warned_truncated_flag = False
+
+
+@dataclass
+class Sample:
+    """One image of the dataset.
+
+    Attributes:
+        sample_id: stable id, unique in the dataset (the image path relative to the dataset root
+            without its extension, or ``"<hfsplit>/<index>"`` for Hugging Face datasets).
+        image: image path relative to :attr:`LabelledDataset.root` (``"hf://<hfsplit>/<index>"`` for
+            Hugging Face datasets).
+        split: ``"train"``, ``"val"`` (the part carved out of the official train split) or ``"test"``.
+        labels: ``(C,)`` int8 in {0,1}, or ``None`` when the full labels are unknown.
+        observed: ``(C,)`` int8 in {-1,0,1} (negative, unknown, positive; ALGORITHMS.md 1).
+    """
+
+    sample_id: str
+    image: str
+    split: str
+    labels: Optional[np.ndarray]
+    observed: np.ndarray
+
+
+class ImageLoadError(Exception):
+    """An image could not be decoded; the message names the file (or HF row) and the reason."""
+
+
+@dataclass
+class LabelledDataset:
+    """A multi-label dataset: classes, samples in a fixed order, and image decoding.
+
+    Attributes:
+        root: folder the sample ``image`` paths are relative to.
+        classes: class names; column ``c`` of every label vector is ``classes[c]``.
+        samples: train samples, then val, then test (see the module docstring).
+        name: a short dataset name (for logs and output folders).
+    """
+
+    root: Path
+    classes: List[str]
+    samples: List[Sample]
+    name: str
+    _hf: Any = field(default=None, repr=False, compare=False)  # datasets.DatasetDict for hf:// images
+    _hf_image_column: str = field(default="image", repr=False, compare=False)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes ``C``."""
+        return len(self.classes)
+
+    def image_path(self, i: int) -> Path:
+        """Absolute path of sample ``i``'s image (not meaningful for ``hf://`` images)."""
+        return Path(self.root) / self.samples[i].image
+
+    def open_image(self, i: int) -> "PILImage.Image":
+        """Decode sample ``i``'s image fully, as RGB.
+
+        The whole file is decoded (``Image.load()``), so a truncated or corrupt file fails here and
+        not later in a transform.
+
+        Raises:
+            ImageLoadError: the file is missing, unreadable, not an image, or truncated.
+        """
+        from PIL import Image, ImageFile
+
+        global _warned_truncated_flag
+        if ImageFile.LOAD_TRUNCATED_IMAGES and not _warned_truncated_flag:
+            logger.warning(
+                "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True somewhere in this process: "
+                "truncated images will be padded silently instead of raising ImageLoadError"
+            )
+            _warned_truncated_flag = True
+        sample = self.samples[i]
+        if sample.image.startswith(HF_PREFIX):
+            return self._open_hf_image(sample)
+        path = Path(self.root) / sample.image
+        if not path.is_file():
+            raise ImageLoadError(f"cannot open image {path}: file not found (sample {sample.sample_id})")
+        try:
+            with Image.open(path) as im:
+                im.load()
+                return im.convert("RGB")
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... by format
+            raise ImageLoadError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
+
+    def _open_hf_image(self, sample: Sample) -> "PILImage.Image":
+        from PIL import Image
+
+        if self._hf is None:
+            raise ImageLoadError(f"cannot open {sample.image}: no Hugging Face dataset is attached")
+        try:
+            hf_split, index = sample.image[len(HF_PREFIX):].rsplit("/", 1)
+            value = self._hf[hf_split][int(index)][self._hf_image_column]
+        except Exception as e:
+            raise ImageLoadError(f"cannot read {sample.image}: {type(e).__name__}: {e}") from e
+        try:
+            if isinstance(value, dict):  # an Image(decode=False) column: {"bytes": ..., "path": ...}
+                import io
+
+                if value.get("bytes") is not None:
+                    im = Image.open(io.BytesIO(value["bytes"]))
+                elif value.get("path"):
+                    im = Image.open(value["path"])
+                else:
+                    raise ValueError("the image cell has neither bytes nor a path")
+            elif isinstance(value, Image.Image):
+                im = value
+            else:
+                raise ValueError(f"column {self._hf_image_column!r} holds {type(value).__name__}, not an image")
+            im.load()
+            return im.convert("RGB")
+        except Exception as e:
+            raise ImageLoadError(f"cannot decode image {sample.image}: {type(e).__name__}: {e}") from e
+
+    def split_indices(self, split: str) -> np.ndarray:
+        """Indices (into :attr:`samples`, increasing) of the samples of ``split``."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of: {', '.join(SPLITS)}")
+        return np.array([i for i, s in enumerate(self.samples) if s.split == split], dtype=np.int64)
+
+    def _rows(self, split: Optional[str]) -> List[Sample]:
+        if split is None:
+            return self.samples
+        return [self.samples[i] for i in self.split_indices(split)]
+
+    def label_matrix(self, split: Optional[str] = None) -> np.ndarray:
+        """Full labels ``(N, C)`` int8 in {0,1} of ``split`` (all samples when None).
+
+        Raises:
+            ValueError: some of those samples have unknown full labels.
+        """
+        rows = self._rows(split)
+        missing = [s.sample_id for s in rows if s.labels is None]
+        if missing:
+            raise ValueError(
+                f"dataset {self.name!r}: full labels are unknown for {len(missing)} sample(s) of "
+                f"split {split or 'all'} (first: {missing[0]})"
+            )
+        if not rows:
+            return np.zeros((0, self.num_classes), dtype=np.int8)
+        return np.stack([s.labels for s in rows]).astype(np.int8, copy=False)  # type: ignore[misc]
+
+    def observed_matrix(self, split: Optional[str] = None) -> np.ndarray:
+        """Observed labels ``(N, C)`` int8 in {-1,0,1} of ``split`` (all samples when None)."""
+        rows = self._rows(split)
+        if not rows:
+            return np.zeros((0, self.num_classes), dtype=np.int8)
+        return np.stack([s.observed for s in rows]).astype(np.int8, copy=False)

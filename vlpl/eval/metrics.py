@@ -1,0 +1,175 @@
+"""Multi-label evaluation metrics in numpy float64 (ALGORITHMS.md §2d, Decision 8).
+
+* :func:`average_precision` / :func:`mean_average_precision`: Cole et al.'s protocol (§2d): per
+  class, step-wise AP with no interpolation, identical to
+  ``sklearn.metrics.average_precision_score`` on each column (ties included), and AP = 0 for a
+  class with no positive, which still counts in the mean.
+* :func:`f1_metrics` / :func:`f1_metrics_topk`: the per-class and overall precision / recall / F1
+  of the ML-GCN evaluation (CP, CR, CF1, OP, OR, OF1).
+
+All functions are vectorised over classes (one sort per column, no per-class Python loop) and
+return plain Python floats/lists, so results serialise to JSON directly. AP/mAP follow Cole's
+scale (mAP in percent); precision/recall/F1 values are fractions in [0, 1].
+"""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import numpy as np
+
+__all__ = ["average_precision", "mean_average_precision", "f1_metrics", "f1_metrics_topk"]
+
+
+def _as_2d(y_true: Any, scores: Any) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y_true)
+    s = np.asarray(scores, dtype=np.float64)
+    if y.ndim == 1:
+        y = y[:, None]
+    if s.ndim == 1:
+        s = s[:, None]
+    if y.ndim != 2 or y.shape != s.shape:
+        raise ValueError(f"y_true and scores must both be (N, C) of the same shape; got {y.shape} and {s.shape}")
+    if np.isnan(s).any():
+        raise ValueError("scores contain NaN")
+    if y.dtype != np.bool_:
+        if not np.isin(y, (0, 1)).all():
+            raise ValueError("y_true must contain only 0 and 1 (full ground truth, not observed labels)")
+    return y.astype(bool), s
+
+
+def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """``num / den`` elementwise, 0 where ``den == 0``."""
+    num = np.asarray(num, dtype=np.float64)
+    den = np.asarray(den, dtype=np.float64)
+    out = np.zeros(np.broadcast(num, den).shape, dtype=np.float64)
+    np.divide(num, den, out=out, where=den != 0)
+    return out
+
+
+def average_precision(y_true: Any, scores: Any) -> np.ndarray:
+    """Per-class average precision (§2d), equal to sklearn's ``average_precision_score`` per column.
+
+    ``AP = sum_k (R_k - R_{k-1}) P_k`` over the *distinct* score thresholds in decreasing order (all
+    items tied at a score enter together, as in sklearn's ``precision_recall_curve``), with
+    ``R_0 = 0``. Equivalently, every positive contributes the precision at the end of its tie group,
+    divided by the number of positives; that is how it is computed here, one stable sort per column.
+
+    Args:
+        y_true: ``(N, C)`` in {0, 1} (or bool).
+        scores: ``(N, C)`` real scores (any monotone scale; probabilities or logits).
+
+    Returns:
+        ``(C,)`` float64. A class with no positive gets AP = 0 (Cole's convention; sklearn warns and
+        returns 0 there too); a class whose items are all positive gets AP = 1.
+    """
+    y, s = _as_2d(y_true, scores)
+    n, c = s.shape
+    if n == 0:
+        return np.zeros(c, dtype=np.float64)
+    order = np.argsort(-s, axis=0, kind="stable")
+    s_sorted = np.take_along_axis(s, order, axis=0)
+    y_sorted = np.take_along_axis(y, order, axis=0)
+    tp = np.cumsum(y_sorted, axis=0, dtype=np.float64)
+    rank = np.arange(1, n + 1, dtype=np.float64)[:, None]
+    # last position of each tie group: where the next score differs (and the final row)
+    group_end = np.ones((n, c), dtype=bool)
+    group_end[:-1] = s_sorted[:-1] != s_sorted[1:]
+    # for every position, the index of the end of its tie group (backward running minimum)
+    end_idx = np.where(group_end, np.arange(n)[:, None], n)
+    end_idx = np.minimum.accumulate(end_idx[::-1], axis=0)[::-1]
+    precision_at_end = np.take_along_axis(tp / rank, end_idx, axis=0)
+    n_pos = tp[-1]
+    return _safe_div((y_sorted * precision_at_end).sum(axis=0), n_pos)
+
+
+def mean_average_precision(y_true: Any, scores: Any) -> Dict[str, Any]:
+    """Cole et al.'s mAP (§2d) plus the mean over classes that have a positive.
+
+    Returns:
+        dict with
+          * ``map``: 100 x mean AP over **all** classes, AP = 0 for classes without positives
+            (the number every SPML paper reports, §2d);
+          * ``map_pos``: 100 x mean AP over classes with >= 1 positive (0.0 if there is none);
+          * ``per_class_ap``: list of C floats in [0, 1];
+          * ``num_classes_with_pos``: int.
+    """
+    y, s = _as_2d(y_true, scores)
+    ap = average_precision(y, s)
+    has_pos = y.any(axis=0)
+    n_with = int(has_pos.sum())
+    return {
+        "map": float(100.0 * ap.mean()) if ap.size else 0.0,
+        "map_pos": float(100.0 * ap[has_pos].mean()) if n_with else 0.0,
+        "per_class_ap": ap.tolist(),
+        "num_classes_with_pos": n_with,
+    }
+
+
+def _prf_from_predictions(y: np.ndarray, pred: np.ndarray) -> Dict[str, Any]:
+    """Per-class and overall precision / recall / F1 from boolean predictions (ML-GCN definitions).
+
+    Per class c: ``P_c = TP_c / #pred_c``, ``R_c = TP_c / #true_c``; ``CP``/``CR`` are their means
+    over all C classes and ``CF1 = 2 CP CR / (CP + CR)`` (F1 of the class-averaged P and R, the
+    ML-GCN definition, not the mean of per-class F1). ``OP = sum TP / sum #pred``,
+    ``OR = sum TP / sum #true``, ``OF1 = 2 OP OR / (OP + OR)``. Every 0/0 (a class never predicted,
+    a class without positives, P + R = 0) is defined as 0, and such a class still counts in the
+    class average.
+    """
+    tp = (y & pred).sum(axis=0).astype(np.float64)
+    n_pred = pred.sum(axis=0).astype(np.float64)
+    n_true = y.sum(axis=0).astype(np.float64)
+    p_c = _safe_div(tp, n_pred)
+    r_c = _safe_div(tp, n_true)
+    cp = float(p_c.mean()) if p_c.size else 0.0
+    cr = float(r_c.mean()) if r_c.size else 0.0
+    op = float(_safe_div(tp.sum(), n_pred.sum()))
+    orr = float(_safe_div(tp.sum(), n_true.sum()))
+    return {
+        "CP": cp,
+        "CR": cr,
+        "CF1": float(_safe_div(2 * cp * cr, cp + cr)),
+        "OP": op,
+        "OR": orr,
+        "OF1": float(_safe_div(2 * op * orr, op + orr)),
+        "per_class_precision": p_c.tolist(),
+        "per_class_recall": r_c.tolist(),
+        "per_class_f1": _safe_div(2 * p_c * r_c, p_c + r_c).tolist(),
+    }
+
+
+def f1_metrics(y_true: Any, scores: Any, threshold: float = 0.5) -> Dict[str, Any]:
+    """CP, CR, CF1, OP, OR, OF1 with predictions ``scores >= threshold`` (ML-GCN protocol).
+
+    ``scores`` are probabilities (``sigmoid`` of the logits); ``>= 0.5`` equals ML-GCN's
+    ``logit >= 0``. See :func:`_prf_from_predictions` for the definitions and the 0/0 = 0 rule.
+
+    Returns:
+        dict with ``CP, CR, CF1, OP, OR, OF1`` (fractions in [0, 1]), ``per_class_precision``,
+        ``per_class_recall``, ``per_class_f1`` (lists) and ``threshold``.
+    """
+    y, s = _as_2d(y_true, scores)
+    out = _prf_from_predictions(y, s >= threshold)
+    out["threshold"] = float(threshold)
+    return out
+
+
+def f1_metrics_topk(y_true: Any, scores: Any, k: int = 3) -> Dict[str, Any]:
+    """CP, CR, CF1, OP, OR, OF1 when each image predicts exactly its top-``k`` classes (ML-GCN's top-3).
+
+    Ties at the k-th score are broken towards the lower class index (stable sort); ``k`` is clamped
+    to C. Same definitions and 0/0 = 0 rule as :func:`f1_metrics`.
+
+    Returns:
+        the same keys as :func:`f1_metrics`, with ``k`` instead of ``threshold``.
+    """
+    y, s = _as_2d(y_true, scores)
+    if k < 0:
+        raise ValueError(f"k must be >= 0; got {k}")
+    kk = min(int(k), s.shape[1])
+    pred = np.zeros_like(y, dtype=bool)
+    if kk > 0 and s.shape[0] > 0:
+        idx = np.argsort(-s, axis=1, kind="stable")[:, :kk]
+        np.put_along_axis(pred, idx, True, axis=1)
+    out = _prf_from_predictions(y, pred)
+    out["k"] = kk
+    return out

@@ -1,0 +1,386 @@
+"""Pseudo-label rules on cached CLIP scores (ALGORITHMS.md §6b VLPL, §7c DAMP, Decisions 1 and 4).
+
+Every rule is registered in :data:`vlpl.registry.RULES` and has the signature::
+
+    rule(scores, observed, **options) -> (B, C) int8 in {-1, 0, +1}
+
+``scores`` holds the RAW cosine similarities cached by the score store, for one variant per
+(image, view): shape ``(B, n_views, C)``, where view 0 is the global view and views
+``1 .. g*g`` are the grid tiles in row-major order (tile ``(i, j)`` is view ``1 + i*g + j``).
+``observed`` is the observed label matrix ``z`` of §1, shape ``(B, C)`` in ``{-1, 0, +1}``.
+
+The output is the pseudo-label matrix ``ỹ`` of §1: +1 pseudo-positive, -1 pseudo-negative,
+0 neutral. A rule may also mark observed entries (e.g. the observed positive is usually among
+DAMP's top-K, §7g.5); the trainer uses ``observed`` wherever ``observed != 0`` and ``ỹ`` only
+where ``observed == 0`` (``ẑ = z if z != 0 else ỹ``, §6c / §7d), so the rule's value on an
+observed entry never reaches the loss.
+
+:func:`apply_rule` is the entry point used on batches read from the store: it first draws one
+cached flip variant per (image, view) with :func:`select_variants` (Decision 4), then calls the
+named rule.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Tuple
+
+import torch
+
+from vlpl.registry import RULES, check_kwargs
+
+__all__ = [
+    "select_variants",
+    "view_softmax",
+    "aggregate_scores",
+    "damp_scores",
+    "damp",
+    "vlpl",
+    "threshold",
+    "topk",
+    "apply_rule",
+]
+
+_NEGATIVE_MODES = ("neutral", "pseudo")
+_SCORE_KINDS = ("softmax", "cosine")
+_VIEW_AGGREGATES = ("global", "mean", "max")
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+def _check_scores(scores: torch.Tensor, observed: Optional[torch.Tensor] = None) -> None:
+    if scores.dim() != 3:
+        raise ValueError(f"scores must have shape (B, n_views, C); got {tuple(scores.shape)}")
+    if scores.shape[1] < 1:
+        raise ValueError("scores must contain at least the global view (n_views >= 1)")
+    if observed is not None:
+        b, _, c = scores.shape
+        if tuple(observed.shape) != (b, c):
+            raise ValueError(
+                f"observed must have shape (B, C) = {(b, c)} to match scores; got {tuple(observed.shape)}"
+            )
+
+
+def _check_temp(temp: float) -> None:
+    if not temp > 0:
+        raise ValueError(f"temp must be > 0; got {temp}")
+
+
+def _check_ratio(negative_ratio: float) -> None:
+    if not 0.0 <= negative_ratio <= 1.0:
+        raise ValueError(f"negative_ratio must lie in [0, 1]; got {negative_ratio}")
+
+
+def _num_bottom(negative_ratio: float, num_classes: int) -> int:
+    """``floor(negative_ratio * C)``, as the released code's ``int(r * C)`` (§6b step 5, §7c step 5).
+
+    A tolerance of 1e-9 guards against float artefacts such as ``0.29 * 100 = 28.999999999999996``;
+    for every configuration in §7e the result equals the released code's.
+    """
+    return min(num_classes, int(math.floor(negative_ratio * num_classes + 1e-9)))
+
+
+def view_softmax(scores: torch.Tensor, temp: float) -> torch.Tensor:
+    """Per-view distribution over classes, ``softmax_c(cos / temp)`` (§6b step 3, §7c step 2).
+
+    Computed in float32 at least (the store may cache float16 cosines). The released codes apply no
+    CLIP logit scale; ``temp = 0.01`` plays the role of CLIP's x100 (§7g.3).
+    """
+    _check_temp(temp)
+    x = scores if scores.dtype in (torch.float32, torch.float64) else scores.float()
+    return torch.softmax(x / temp, dim=-1)
+
+
+def _pseudo_from_ranks(
+    positive: torch.Tensor,
+    neg_score: torch.Tensor,
+    negative_ratio: float,
+    negative_value: int,
+) -> torch.Tensor:
+    """Start from a boolean positive mask, then scatter ``negative_value`` into the bottom-ranked set.
+
+    The bottom set is written *after* the positives, as in both released codes (§6b step 5,
+    §7c step 5): a class that is both a positive and in the bottom set ends up with
+    ``negative_value`` (0 for neutral negatives, -1 for pseudo-negatives).
+    """
+    out = positive.to(torch.int8)
+    n_neg = _num_bottom(negative_ratio, out.shape[1])
+    if n_neg > 0:
+        idx = torch.topk(neg_score, k=n_neg, dim=1, largest=False).indices
+        out.scatter_(1, idx, torch.full_like(idx, negative_value, dtype=torch.int8))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# flip variants (Decision 4)
+# --------------------------------------------------------------------------------------------
+def select_variants(
+    scores: torch.Tensor, generator: Optional[torch.Generator], dynamic: bool = True
+) -> torch.Tensor:
+    """Pick one cached flip variant per (image, view) (Decision 4, §7c step 1).
+
+    Args:
+        scores: ``(B, n_variants, n_views, C)``; variant 0 is the unflipped view, variant 1 the
+            horizontally flipped one (``n_variants == 1`` when the store was built without flips).
+        generator: torch RNG used for the draws (``None``: torch's global RNG on the scores'
+            device). Draws are made on the generator's device and moved to the scores' device, so a
+            seeded CPU generator gives the same choices whatever device holds the scores.
+        dynamic: ``True``: every (image, view) independently takes each variant with probability
+            ``1 / n_variants`` (1/2 for the usual two), the same distribution as the released
+            AEVLP code's per-view ``RandomHorizontalFlip(0.5)`` re-drawn every step. All classes
+            of one view come from the same variant. ``False`` (or ``n_variants == 1``): variant 0.
+
+    Returns:
+        ``(B, n_views, C)``.
+    """
+    if scores.dim() != 4:
+        raise ValueError(f"scores must have shape (B, n_variants, n_views, C); got {tuple(scores.shape)}")
+    b, n_variants, n_views, c = scores.shape
+    if n_variants < 1:
+        raise ValueError("scores has no variant (n_variants == 0)")
+    if not dynamic or n_variants == 1:
+        return scores[:, 0]
+    device = generator.device if generator is not None else scores.device
+    choice = torch.randint(0, n_variants, (b, n_views), generator=generator, device=device)
+    choice = choice.to(scores.device)
+    index = choice[:, None, :, None].expand(b, 1, n_views, c)
+    return scores.gather(1, index).squeeze(1)
+
+
+# --------------------------------------------------------------------------------------------
+# DAMP (§7c)
+# --------------------------------------------------------------------------------------------
+def damp_scores(
+    scores: torch.Tensor, observed: torch.Tensor, *, temp: float = 0.01, eta: float = 0.3
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """DAMP's positive score ``phi`` and negative score ``psi`` (§7c steps 2-3).
+
+    * ``pi = softmax_c(cos / temp)`` per view; ``pi_glob`` = view 0, tiles = views ``1..g*g``.
+    * ``a, b, m`` = max, min, mean over tiles, per class.
+    * gate ``eta_n = min(pi_glob[n, c*_n], eta)``. With several observed positives (partial labels)
+      ``pi_glob[n, c*_n]`` is the **max** of ``pi_glob`` over them, which is what the released
+      ``max(sim_global * label_vec)`` computes for a {0,1} label vector; with none, it is 0, so
+      ``eta_n = 0`` and every class takes its best tile (§7g.6). Observed negatives (-1) play no
+      part in the gate.
+    * ``gamma = 1[a > eta_n]`` (strict), ``loc = gamma*a + (1-gamma)*b``,
+      ``phi = (pi_glob + loc)/2``, ``psi = (pi_glob + m)/2``.
+
+    With ``n_views == 1`` (no grid) there are no tiles; DAMP then degrades to
+    ``phi = psi = pi_glob`` (a global-only softmax, as VLPL's score).
+
+    Returns:
+        ``(phi, psi)``, each ``(B, C)`` float.
+    """
+    _check_scores(scores, observed)
+    pi = view_softmax(scores, temp)
+    pi_glob = pi[:, 0]
+    if pi.shape[1] == 1:
+        return pi_glob, pi_glob
+    tiles = pi[:, 1:]
+    a = tiles.max(dim=1).values
+    b = tiles.min(dim=1).values
+    m = tiles.mean(dim=1)
+    obs_pos = (observed == 1).to(pi_glob.device)
+    pos_score = torch.where(obs_pos, pi_glob, torch.zeros_like(pi_glob)).max(dim=1).values  # 0 if none
+    eta_n = torch.clamp(pos_score, max=float(eta))
+    gamma = a > eta_n[:, None]
+    loc = torch.where(gamma, a, b)
+    phi = 0.5 * (pi_glob + loc)
+    psi = 0.5 * (pi_glob + m)
+    return phi, psi
+
+
+@RULES.register("damp")
+def damp(
+    scores: torch.Tensor,
+    observed: torch.Tensor,
+    *,
+    temp: float = 0.01,
+    eta: float = 0.3,
+    threshold: float = 0.5,
+    top_k: int = 3,
+    negative_ratio: float = 0.3,
+    negatives: str = "neutral",
+) -> torch.Tensor:
+    """AEVLP's DAMP pseudo-labels from cached cosines (§7c; defaults = COCO column of §7e).
+
+    1. ``phi, psi`` from :func:`damp_scores` (gated max/min tile aggregation).
+    2. **Positives** (§7c step 4): the top-``top_k`` classes by ``phi`` that also have
+       ``phi >= threshold`` get +1. ``top_k`` counts the observed positive too (§7g.5).
+       ``top_k`` larger than C is clamped to C; ties are broken by ``torch.topk``.
+    3. **Negatives** (§7c step 5): the bottom ``floor(negative_ratio * C)`` classes by ``psi``.
+       ``negatives="neutral"`` (default, the released code, Decision 1 / §7g.1) writes 0 there;
+       ``negatives="pseudo"`` (the paper) writes -1.
+
+    Positive/negative overlap: the released code scatters the positives first and then scatters
+    into the bottom set, so the bottom set wins. We keep that order in both modes: a class that is
+    in the top-K with ``phi >= threshold`` *and* in the bottom set by ``psi`` ends up 0
+    ("neutral", i.e. the released code's positive is silently dropped) or -1 ("pseudo"). This
+    can only happen when ``psi`` ranks a high-``phi`` class near the bottom (e.g. tiny ``C``,
+    large ``negative_ratio``, or CUB's ``threshold = 0.005``); with the §7e settings it is rare.
+
+    Args:
+        scores: ``(B, n_views, C)`` raw cosines, one flip variant per view already chosen.
+        observed: ``(B, C)`` in {-1, 0, 1}; only its +1 entries are read (the gate).
+
+    Returns:
+        ``(B, C)`` int8 in {-1, 0, 1} (in {0, 1} with ``negatives="neutral"``).
+    """
+    if negatives not in _NEGATIVE_MODES:
+        raise ValueError(f"negatives must be one of {_NEGATIVE_MODES}; got {negatives!r}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0; got {top_k}")
+    _check_ratio(negative_ratio)
+    phi, psi = damp_scores(scores, observed, temp=temp, eta=eta)
+    num_classes = phi.shape[1]
+    positive = torch.zeros_like(phi, dtype=torch.bool)
+    k = min(int(top_k), num_classes)
+    if k > 0:
+        values, idx = torch.topk(phi, k=k, dim=1)
+        positive.scatter_(1, idx, values >= threshold)
+    return _pseudo_from_ranks(positive, psi, negative_ratio, 0 if negatives == "neutral" else -1)
+
+
+# --------------------------------------------------------------------------------------------
+# VLPL (§6b)
+# --------------------------------------------------------------------------------------------
+@RULES.register("vlpl")
+def vlpl(
+    scores: torch.Tensor,
+    observed: torch.Tensor,
+    *,
+    temp: float = 0.01,
+    threshold: float = 0.3,
+    negative_ratio: float = 0.0,
+) -> torch.Tensor:
+    """VLPL pseudo-labels (§6b): global-view softmax, strict threshold, optional bottom negatives.
+
+    ``pi = softmax_c(cos_global / temp)``; +1 iff ``pi > threshold`` (strict, as the released code);
+    the bottom ``floor(negative_ratio * C)`` classes by ``pi`` get -1 (default ratio 0.0: none, the
+    ResNet-50 path of the released code). The negatives are written after the positives, as in the
+    released ``clip_vision`` path, so with an overlap -1 wins. Only view 0 is read; ``observed`` is
+    not used (VLPL does not look at the observed label when labelling).
+
+    Returns:
+        ``(B, C)`` int8 in {-1, 0, 1}.
+    """
+    _check_scores(scores, observed)
+    _check_ratio(negative_ratio)
+    pi = view_softmax(scores[:, 0], temp)
+    return _pseudo_from_ranks(pi > threshold, pi, negative_ratio, -1)
+
+
+# --------------------------------------------------------------------------------------------
+# generic baselines on an aggregated score
+# --------------------------------------------------------------------------------------------
+def aggregate_scores(
+    scores: torch.Tensor, *, score: str = "softmax", temp: float = 0.01, view: str = "global"
+) -> torch.Tensor:
+    """A per-class score from the cached views, for the simple ``threshold`` / ``topk`` rules.
+
+    Args:
+        scores: ``(B, n_views, C)`` raw cosines.
+        score: ``"softmax"`` = per-view ``softmax_c(cos / temp)`` (§6b step 3); ``"cosine"`` = the
+            raw cosine (``temp`` unused).
+        view: ``"global"`` = view 0 only; ``"mean"`` / ``"max"`` = mean / max of the per-view score
+            over **all** views, global included (with ``n_views == 1`` all three coincide).
+
+    Returns:
+        ``(B, C)`` float.
+    """
+    _check_scores(scores)
+    if score not in _SCORE_KINDS:
+        raise ValueError(f"score must be one of {_SCORE_KINDS}; got {score!r}")
+    if view not in _VIEW_AGGREGATES:
+        raise ValueError(f"view must be one of {_VIEW_AGGREGATES}; got {view!r}")
+    s = view_softmax(scores, temp) if score == "softmax" else scores.float()
+    if view == "global":
+        return s[:, 0]
+    if view == "mean":
+        return s.mean(dim=1)
+    return s.max(dim=1).values
+
+
+@RULES.register("threshold")
+def threshold(
+    scores: torch.Tensor,
+    observed: torch.Tensor,
+    *,
+    score: str = "softmax",
+    temp: float = 0.01,
+    view: str = "global",
+    threshold: float = 0.3,
+) -> torch.Tensor:
+    """Fixed-threshold positives on :func:`aggregate_scores`: +1 iff ``score >= threshold``.
+
+    A baseline rule (no negatives, ``observed`` unused). With the defaults it differs from
+    :func:`vlpl` only in ``>=`` versus ``>``.
+
+    Returns:
+        ``(B, C)`` int8 in {0, 1}.
+    """
+    _check_scores(scores, observed)
+    agg = aggregate_scores(scores, score=score, temp=temp, view=view)
+    return (agg >= threshold).to(torch.int8)
+
+
+@RULES.register("topk")
+def topk(
+    scores: torch.Tensor,
+    observed: torch.Tensor,
+    *,
+    score: str = "softmax",
+    temp: float = 0.01,
+    view: str = "global",
+    k: int = 3,
+) -> torch.Tensor:
+    """Top-``k`` positives per image on :func:`aggregate_scores` (no threshold, no negatives).
+
+    ``k`` counts observed positives like DAMP's ``top_k`` (§7g.5); it is clamped to C; ties are
+    broken by ``torch.topk``; ``observed`` is unused.
+
+    Returns:
+        ``(B, C)`` int8 in {0, 1}.
+    """
+    _check_scores(scores, observed)
+    if k < 0:
+        raise ValueError(f"k must be >= 0; got {k}")
+    agg = aggregate_scores(scores, score=score, temp=temp, view=view)
+    out = torch.zeros_like(agg, dtype=torch.int8)
+    kk = min(int(k), agg.shape[1])
+    if kk > 0:
+        idx = torch.topk(agg, k=kk, dim=1).indices
+        out.scatter_(1, idx, torch.ones_like(idx, dtype=torch.int8))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------------------------
+def apply_rule(
+    name: str,
+    scores_full: torch.Tensor,
+    observed: torch.Tensor,
+    *,
+    dynamic: bool = True,
+    generator: Optional[torch.Generator] = None,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """Select flip variants (:func:`select_variants`, Decision 4) then run rule ``name``.
+
+    Args:
+        name: a registered rule (``vlpl.registry.list_rules()``).
+        scores_full: ``(B, n_variants, n_views, C)`` raw cosines as cached by the store.
+        observed: ``(B, C)`` in {-1, 0, 1}.
+        dynamic: per-(image, view) random variant (True) or always variant 0 (False).
+        generator: RNG for the variant draws.
+        **kwargs: the rule's options; an option the rule does not declare raises
+            :class:`vlpl.registry.RegistryError` naming it.
+
+    Returns:
+        ``(B, C)`` int8 in {-1, 0, 1}. The caller uses ``observed`` where ``observed != 0``.
+    """
+    # unknown names and options fail before any RNG draw
+    check_kwargs(RULES.get(name), kwargs, f"{RULES.kind} {name!r}")
+    scores = select_variants(scores_full, generator, dynamic=dynamic)
+    return RULES.create(name, scores, observed, **kwargs)
