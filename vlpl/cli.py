@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import sys
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 log = logging.getLogger("vlpl")
 
@@ -48,6 +48,26 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.list:
+        from vlpl.registry import list_losses, list_rules
+        from vlpl.train.losses import loss_defaults, loss_description
+        from vlpl.train.recipes import list_methods
+
+        print("methods (configs/methods, with per-dataset rows): " + ", ".join(list_methods()))
+        print("pseudo-label rules: " + ", ".join(list_rules()))
+        print("losses:")
+        for name in list_losses():
+            print(f"  {name:8s} {loss_description(name)}\n           defaults: {loss_defaults(name)}")
+        return 0
+    from vlpl.train.loop import run_train
+    from vlpl.train.recipes import load_train_config
+
+    cfg = load_train_config(args.config, args.overrides)
+    run_train(cfg)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from vlpl import __version__
 
@@ -65,13 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_inspect)
 
-    for extra in _EXTRA_COMMANDS:
-        extra(sub)
+    p = sub.add_parser("train", help="train a classifier on a score store (plain or under accelerate launch)",
+                       description="e.g. vlpl train method=aevlp dataset=coco2014 store=STORE out=RUN")
+    _add_config_args(p)
+    p.add_argument("--list", action="store_true", help="list methods, pseudo-label rules and losses")
+    p.set_defaults(func=cmd_train)
     return parser
-
-
-# Later stages register their subcommands here (train, evaluate, demo).
-_EXTRA_COMMANDS: List[Callable[[argparse._SubParsersAction], None]] = []
 
 
 def _known_errors() -> tuple:
@@ -85,7 +104,13 @@ def _known_errors() -> tuple:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # KEY=VALUE overrides may come before, between or after options: collect them wherever they are
+    args, extra = parser.parse_known_args(argv)
+    bad = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -141,6 +141,92 @@ class PseudolabelConfig:
     progress: bool = True
 
 
+@dataclass
+class BackboneConfig:
+    """The trainable classifier: a timm model by name, or an open_clip image tower."""
+
+    kind: str = "timm"  # timm | open_clip
+    name: str = "resnet50"
+    pretrained: bool = True  # ImageNet weights when they can be had; random init (with a warning) otherwise
+    open_clip_pretrained: Optional[str] = None  # kind=open_clip: a pretrained tag or a local checkpoint
+    image_size: int = 448
+    normalization: str = "imagenet"  # imagenet | model (the backbone's own mean/std)
+    head: str = "linear"
+
+
+@dataclass
+class LossConfig:
+    name: str = "gpr"
+    params: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PseudoConfig:
+    """How pseudo-labels are derived from the cached scores at every step (never a CLIP pass)."""
+
+    rule: Optional[str] = "damp"  # a registered rule, or null for none
+    dynamic: bool = True  # each step each view takes its cached flipped or unflipped variant (Decision 4)
+    params: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"  # adam | adamw
+    lr: float = 1e-5  # backbone
+    head_lr: Optional[float] = 1e-4  # head (null: same as lr)
+    weight_decay: float = 0.0
+    scheduler: str = "none"  # none | cosine | step
+    step_size: int = 10
+    gamma: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    store: str = required()
+    out: str = required()
+    method: Optional[str] = None  # configs/methods/<method>.yaml: the recipe, with per-dataset tables
+    dataset: Optional[str] = None  # which per-dataset row of the recipe (voc2012, coco2014, nuswide, cub)
+    data_root: Optional[str] = None  # default: the dataset root recorded in the store
+    model: BackboneConfig = field(default_factory=BackboneConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    pseudo: PseudoConfig = field(default_factory=PseudoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    epochs: int = 8
+    batch_size: int = 16
+    grad_accum: int = 1
+    mixed_precision: str = "auto"  # auto (bf16 on CUDA, no on CPU) | no | bf16 | fp16
+    num_workers: int = 2
+    seed: int = 0
+    hflip: bool = True  # training augmentation: Resize((s, s)) + RandomHorizontalFlip (Cole 2c)
+    early_stop_patience: Optional[int] = None  # stop after this many epochs without a better val mAP
+    early_stop_drop: Optional[float] = None  # stop when val mAP falls this many points below the best
+    val_split: str = "val"
+    test_split: str = "test"
+    eval_batch_size: int = 32
+    max_steps_per_epoch: Optional[int] = None  # for quick runs
+    resume: bool = False
+    keep_checkpoints: int = 2
+    deterministic: bool = False
+    log_every: int = 10
+    progress: bool = True
+
+
+@dataclass
+class EvaluateConfig:
+    """``vlpl evaluate``: a training run (its saved predictions) and/or a score store alone."""
+
+    run: Optional[str] = None  # a training run directory
+    store: Optional[str] = None  # a score store: zero-shot scores and pseudo-label rules, no training
+    split: str = "test"
+    out: Optional[str] = None  # default: <run>/eval or <store>/eval
+    rules: Dict[str, Dict[str, Any]] = field(default_factory=lambda: {"damp": {}, "vlpl": {}})
+    pseudo_split: str = "train"  # pseudo-label quality is measured where pseudo-labels are used
+    thresholds: List[float] = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 20)])
+    f1_threshold: float = 0.5
+    top_k: int = 3
+    plots: bool = True
+
+
 # --------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------
@@ -342,11 +428,12 @@ def load_config(
     files: Sequence[Union[str, Path]] = (),
     overrides: Sequence[str] = (),
     base: Optional[Dict[str, Any]] = None,
+    base_source: str = "the built-in defaults",
 ) -> T:
     """Build a ``cls`` config from defaults, ``base``, YAML files (later win) and dotted overrides."""
     data: Dict[str, Any] = dict(base or {})
     sources: Dict[str, str] = {}
-    _record_sources(data, "the built-in defaults", sources)
+    _record_sources(data, base_source, sources)
     for f in files:
         path = _resolve_config_path(str(f), None)
         d, s = load_yaml_file(path)
