@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -293,6 +294,11 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             raise bad()
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad() from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad()
         return float(value)
@@ -397,6 +403,9 @@ def load_yaml_file(path: Union[str, Path], _stack: Tuple[Path, ...] = ()) -> Tup
     return merged, sources
 
 
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def parse_override(text: str) -> Tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected key.sub=value")
@@ -408,6 +417,8 @@ def parse_override(text: str) -> Tuple[str, Any]:
         value = yaml.safe_load(raw) if raw != "" else None
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 leaves 1e-5 (no dot) a string; free-form params need the number
     return key, value
 
 

@@ -113,7 +113,8 @@ def plot_per_class_ap(ap: Sequence[float], classes: Sequence[str], path: Path, t
 def plot_pr_curves(labels: np.ndarray, scores: np.ndarray, classes: Sequence[str], path: Path, title: str,
                    num_classes: int = 5, ap: Optional[Sequence[float]] = None) -> Path:
     """Precision-recall curves of the ``num_classes`` most frequent classes plus the micro-average
-    (every (image, class) entry pooled)."""
+    (every (image, class) entry pooled). Steps are drawn so that the area under a class's curve is
+    its AP (precision ``P_k`` over the recall interval ``(R_{k-1}, R_k]``)."""
     y = np.asarray(labels)
     s = np.asarray(scores, dtype=np.float64)
     fig = _new_figure(6.0, 5.0)
@@ -121,9 +122,9 @@ def plot_pr_curves(labels: np.ndarray, scores: np.ndarray, classes: Sequence[str
     for c in _frequent_classes(y, num_classes):
         p, r = precision_recall_curve(y[:, c], s[:, c])
         label = classes[c] if ap is None else f"{classes[c]} (AP {100 * ap[c]:.1f})"
-        ax.step(r, p, where="post", linewidth=1.2, label=label)
+        ax.step(r, p, where="pre", linewidth=1.2, label=label)
     p, r = precision_recall_curve(y, s)
-    ax.step(r, p, where="post", color="black", linewidth=2.0, linestyle="--", label="micro-average")
+    ax.step(r, p, where="pre", color="black", linewidth=2.0, linestyle="--", label="micro-average")
     ax.set_xlabel("recall")
     ax.set_ylabel("precision")
     ax.set_xlim(0, 1.0)
@@ -152,7 +153,7 @@ def plot_threshold_sweep(sweeps: Dict[str, List[Dict[str, Any]]], path: Path, ti
     ax.set_ylabel("fraction")
     ax.set_ylim(0, 1.02)
     ax.set_title(title)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=2, loc="best")
     ax2.set_xlabel("threshold")
     ax2.set_ylabel("pseudo-positives / image")
     ax2.set_yscale("symlog", linthresh=1.0)
@@ -163,7 +164,9 @@ def plot_threshold_sweep(sweeps: Dict[str, List[Dict[str, Any]]], path: Path, ti
 def plot_score_histograms(labels: np.ndarray, scores: np.ndarray, classes: Sequence[str], path: Path,
                           title: str, num_classes: int = 12, bins: int = 30) -> Path:
     """Score histograms of positives vs negatives for the ``num_classes`` most frequent classes
-    (a grid, densities so that a few positives remain visible beside many negatives)."""
+    (a grid, densities so that a few positives remain visible beside many negatives). Each panel
+    bins its own class's score range: softmax-like scores of different classes live on very
+    different scales."""
     y = np.asarray(labels).astype(bool)
     s = np.asarray(scores, dtype=np.float64)
     chosen = _frequent_classes(y, num_classes)
@@ -171,13 +174,11 @@ def plot_score_histograms(labels: np.ndarray, scores: np.ndarray, classes: Seque
     nrows = max(1, int(np.ceil(len(chosen) / ncols)))
     fig = _new_figure(3.2 * ncols, 2.4 * nrows + 0.6)
     fig.suptitle(title)
-    lo, hi = (float(s.min()), float(s.max())) if s.size else (0.0, 1.0)
-    if hi <= lo:
-        hi = lo + 1e-6
-    edges = np.linspace(lo, hi, bins + 1)
     for k, c in enumerate(chosen):
         ax = fig.add_subplot(nrows, ncols, k + 1)
         pos, neg = s[y[:, c], c], s[~y[:, c], c]
+        lo, hi = float(s[:, c].min()), float(s[:, c].max())
+        edges = np.linspace(lo, hi if hi > lo else lo + 1e-6, bins + 1)
         if neg.size:
             ax.hist(neg, bins=edges, density=True, alpha=0.5, color="tab:red", label=f"neg ({neg.size})")
         ax.hist(pos, bins=edges, density=True, alpha=0.6, color="tab:green", label=f"pos ({pos.size})")

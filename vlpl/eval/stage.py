@@ -1,0 +1,499 @@
+"""``vlpl evaluate``: metrics of a training run and/or of a score store's zero-shot scores and pseudo-labels.
+
+* **Run mode** (``cfg.run``): reads the run's ``predictions/<split>.npz`` (``probs``, ``labels``,
+  ``sample_ids`` at the best epoch), ``classes.txt``, ``summary.json`` and the epoch records of
+  ``metrics.jsonl``; computes Cole's mAP (and over classes with positives), per-class AP, CF1/OF1 at
+  ``cfg.f1_threshold`` and at top-``cfg.top_k``.
+* **Store mode** (``cfg.store``): on ``cfg.split`` rows with known labels and status ok, zero-shot
+  metrics of three score views (``global``: the unflipped global view; ``mean``: every cached view;
+  ``damp``: DAMP's phi). Then every rule of ``cfg.rules`` (unflipped views, deterministic) labels the
+  ``cfg.pseudo_split`` rows, whose quality is measured against the full labels, and DAMP's phi (and
+  the global softmax) are swept over ``cfg.thresholds``. The store is read shard by shard and only
+  ``(N, C)`` aggregates are kept, so memory does not grow with the number of views.
+* Both: one report.
+
+Outputs in ``cfg.out`` (default ``<run>/eval``, else ``<store>/eval``): ``report.json``, ``report.md``,
+``config.yaml`` and ``plots/*.png``; each written atomically.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import yaml
+
+from vlpl.config import ConfigError, EvaluateConfig, save_resolved, to_dict
+from vlpl.eval import plots as P
+from vlpl.eval.metrics import f1_metrics, f1_metrics_topk, mean_average_precision
+from vlpl.eval.quality import pseudo_label_quality, threshold_sweep
+from vlpl.eval.report import (
+    REPORT_SCHEMA,
+    compare_table,
+    jsonable,
+    load_report,
+    metric_row,
+    package_versions,
+    render_markdown,
+    utc_now,
+)
+from vlpl.pseudolabel.rules import aggregate_scores, apply_rule, damp_scores
+from vlpl.registry import RULES, RegistryError, check_kwargs
+from vlpl.store.atomic import atomic_write_json, atomic_write_text
+from vlpl.store.store import STATUS_OK, ScoreStore
+
+log = logging.getLogger(__name__)
+
+__all__ = ["run_evaluate", "compare_runs", "evaluate_predictions", "load_predictions"]
+
+_DAMP_DEFAULTS = {k: inspect.signature(damp_scores).parameters[k].default for k in ("temp", "eta")}
+_ZS_TEMP = float(inspect.signature(aggregate_scores).parameters["temp"].default)
+PLOT_NAMES = ("training_curve", "run_per_class_ap", "run_pr_curves", "run_score_histograms",
+              "zeroshot_per_class_ap", "zeroshot_pr_curves", "zeroshot_score_histograms", "pseudo_threshold_sweep")
+
+
+# --------------------------------------------------------------------------------------------------
+# shared
+# --------------------------------------------------------------------------------------------------
+
+
+def evaluate_predictions(labels: np.ndarray, ap_scores: np.ndarray, prob_scores: Optional[np.ndarray] = None,
+                         threshold: float = 0.5, k: int = 3) -> Dict[str, Any]:
+    """mAP (Cole), mAP over classes with positives, per-class AP, and CF1/OF1 at a threshold and at top-k.
+
+    ``ap_scores`` rank the images per class (AP); ``prob_scores`` (default: ``ap_scores``) are the
+    probability-like scores that are thresholded for F1 and ranked per image for top-k.
+    """
+    probs = ap_scores if prob_scores is None else prob_scores
+    m = mean_average_precision(labels, ap_scores)
+    return {**m, "f1": f1_metrics(labels, probs, threshold), "f1_topk": f1_metrics_topk(labels, probs, k)}
+
+
+def _classes_file(path: Path) -> Optional[List[str]]:
+    if not path.is_file():
+        return None
+    return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+
+
+# --------------------------------------------------------------------------------------------------
+# run mode
+# --------------------------------------------------------------------------------------------------
+
+
+def load_predictions(run: Path, split: str) -> Dict[str, Any]:
+    """``RUN/predictions/<split>.npz`` checked against the contract: ``probs`` (N, C) float in [0, 1],
+    ``labels`` (N, C) in {0, 1}, ``sample_ids`` (N,) str (optional), and ``classes.txt`` with C names."""
+    path = run / "predictions" / f"{split}.npz"
+    if not path.is_file():
+        have = sorted(p.name for p in (run / "predictions").glob("*.npz")) if (run / "predictions").is_dir() else []
+        raise FileNotFoundError(
+            f"{path} not found: expected the run's predictions for split {split!r} (an .npz with probs (N, C), "
+            f"labels (N, C), sample_ids (N,), written by `vlpl train` at the best epoch); "
+            f"predictions present: {', '.join(have) or 'none'}"
+        )
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except Exception as e:  # noqa: BLE001 - a corrupt file is a clear error, whatever numpy raised
+        raise ValueError(f"{path}: unreadable predictions file ({type(e).__name__}: {e})") from None
+    missing = [k for k in ("probs", "labels") if k not in data]
+    if missing:
+        raise ValueError(f"{path}: missing array(s) {', '.join(missing)}; expected probs (N, C), labels (N, C), "
+                         f"sample_ids (N,) (found: {', '.join(sorted(data)) or 'none'})")
+    probs = np.asarray(data["probs"])
+    labels = np.asarray(data["labels"])
+    if probs.ndim != 2 or labels.shape != probs.shape:
+        raise ValueError(f"{path}: probs and labels must both be (N, C) of one shape; got probs {probs.shape}, "
+                         f"labels {labels.shape}")
+    if not np.issubdtype(probs.dtype, np.floating):
+        raise ValueError(f"{path}: probs must be floating point (sigmoid outputs); got {probs.dtype}")
+    if not np.isfinite(probs).all():
+        raise ValueError(f"{path}: probs contain NaN or infinite values")
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError(f"{path}: labels must be the full ground truth in {{0, 1}}; found values "
+                         f"{sorted(set(np.unique(labels).tolist()) - {0, 1})[:5]}")
+    ids = data.get("sample_ids")
+    if ids is not None and (ids.ndim != 1 or len(ids) != len(probs)):
+        raise ValueError(f"{path}: sample_ids must be (N,) with N = {len(probs)} rows of probs; got {ids.shape}")
+    n, c = probs.shape
+    classes = _classes_file(run / "classes.txt")
+    if classes is None:
+        log.warning("%s not found: classes are named by index", run / "classes.txt")
+        classes = [f"class_{i}" for i in range(c)]
+    elif len(classes) != c:
+        raise ValueError(f"{run / 'classes.txt'} lists {len(classes)} classes but {path} has C = {c} columns")
+    return {"path": path, "probs": probs.astype(np.float64), "labels": labels.astype(np.int8),
+            "sample_ids": None if ids is None else ids.astype(str), "classes": classes}
+
+
+def _read_epochs(path: Path) -> List[Dict[str, Any]]:
+    """The ``"kind": "epoch"`` records of ``metrics.jsonl`` (a torn last line is skipped with a warning)."""
+    if not path.is_file():
+        return []
+    out = []
+    for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            log.warning("%s, line %d: not valid JSON, skipped", path, no)
+            continue
+        if isinstance(rec, dict) and rec.get("kind") == "epoch" and "epoch" in rec:
+            out.append(rec)
+    return out
+
+
+def _read_json(path: Path) -> Optional[Dict[str, Any]]:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _evaluate_run(run: Path, cfg: EvaluateConfig) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(report section, arrays for plots)."""
+    if not run.is_dir():
+        raise FileNotFoundError(f"run directory {run} not found (expected a `vlpl train` output directory)")
+    pred = load_predictions(run, cfg.split)
+    labels, probs = pred["labels"], pred["probs"]
+    log.info("run %s: %d images x %d classes from %s", run, *probs.shape, pred["path"])
+    summary = _read_json(run / "summary.json")
+    if summary is None:
+        log.warning("%s not found (an unfinished run?)", run / "summary.json")
+    train_config = None
+    if (run / "config.yaml").is_file():
+        try:
+            train_config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            log.warning("%s: not valid YAML (%s)", run / "config.yaml", e)
+    epochs = _read_epochs(run / "metrics.jsonl")
+    metrics = evaluate_predictions(labels, probs, threshold=cfg.f1_threshold, k=cfg.top_k)
+    section = {
+        "path": str(run.resolve()),
+        "predictions_file": str(pred["path"].relative_to(run)),
+        "num_images": int(probs.shape[0]),
+        "num_pos_per_class": labels.sum(axis=0).astype(int).tolist(),
+        "summary": summary,
+        "train_config": train_config,
+        "best_epoch": (summary or {}).get("best_epoch"),
+        "epochs": epochs,
+        "metrics": metrics,
+    }
+    log.info("run %s: mAP %.2f (classes with positives %.2f), CF1 %.3f, OF1 %.3f", run.name, metrics["map"],
+             metrics["map_pos"], metrics["f1"]["CF1"], metrics["f1"]["OF1"])
+    return section, {"labels": labels, "probs": probs, "classes": pred["classes"]}
+
+
+# --------------------------------------------------------------------------------------------------
+# store mode
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_rules(rules: Dict[str, Dict[str, Any]]) -> None:
+    for name, kwargs in rules.items():
+        try:
+            check_kwargs(RULES.get(name), kwargs or {}, f"rule {name!r}")
+        except RegistryError as e:
+            raise ConfigError(f"rules.{name}: {e}") from None
+
+
+def _damp_params(cfg: EvaluateConfig) -> Dict[str, float]:
+    """DAMP's temp / eta: the defaults, or those given to the ``damp`` rule in ``cfg.rules``."""
+    opts = (cfg.rules or {}).get("damp") or {}
+    return {k: float(opts.get(k, v)) for k, v in _DAMP_DEFAULTS.items()}
+
+
+class _Collector:
+    """Concatenates per-shard arrays by key."""
+
+    def __init__(self) -> None:
+        self.parts: Dict[str, List[np.ndarray]] = {}
+
+    def add(self, key: str, value: Any) -> None:
+        arr = value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        self.parts.setdefault(key, []).append(arr)
+
+    def get(self, key: str, shape_tail: Tuple[int, ...], dtype: Any) -> np.ndarray:
+        parts = self.parts.get(key)
+        return np.concatenate(parts) if parts else np.zeros((0, *shape_tail), dtype=dtype)
+
+
+def _scan_store(store: ScoreStore, cfg: EvaluateConfig, dparams: Dict[str, float]
+                ) -> Tuple[Dict[str, Dict[str, int]], _Collector, _Collector]:
+    """One pass over the shards: per-split row counts and the (N, C) aggregates of the eval and the
+    pseudo-label rows (rules applied shard by shard; they are row-wise)."""
+    m = store.manifest
+    if m.get("score_format", "dense") != "dense":
+        raise NotImplementedError(f"{store.root}: score_format {m.get('score_format')!r}; evaluate reads dense stores")
+    splits = list(dict.fromkeys([cfg.split, cfg.pseudo_split]))
+    rows = {s: {"total": 0, "failed": 0, "labels_unknown": 0, "used": 0} for s in splits}
+    ev, ps = _Collector(), _Collector()
+    C, nv, nview = store.num_classes, store.n_variants, store.n_views
+    for k, shard in enumerate(m["shards"]):
+        sub = ScoreStore(store.root, manifest={**m, "shards": [shard]})
+        a = sub.arrays(("split", "observed", "labels", "scores", "status"))
+        split = a["split"].astype(str)
+        ok = a["status"].astype(str) == STATUS_OK
+        known = a["labels_known"]
+        for s in splits:
+            in_s = split == s
+            rows[s]["total"] += int(in_s.sum())
+            rows[s]["failed"] += int((in_s & ~ok).sum())
+            rows[s]["labels_unknown"] += int((in_s & ok & ~known).sum())
+            rows[s]["used"] += int((in_s & ok & known).sum())
+        use = ok & known
+        for coll, s, with_rules in ((ev, cfg.split, False), (ps, cfg.pseudo_split, True)):
+            sel = np.nonzero(use & (split == s))[0]
+            if sel.size == 0:
+                continue
+            full = torch.from_numpy(np.asarray(a["scores"][sel], dtype=np.float32).reshape(len(sel), nv, nview, C))
+            obs = torch.from_numpy(np.asarray(a["observed"][sel], dtype=np.int8))
+            unflipped = full[:, 0]
+            coll.add("labels", a["labels"][sel].astype(np.int8))
+            coll.add("observed", obs)
+            coll.add("global_cos", unflipped[:, 0])
+            coll.add("global_soft", aggregate_scores(unflipped, score="softmax", temp=_ZS_TEMP, view="global"))
+            phi, _ = damp_scores(unflipped, obs, **dparams)
+            coll.add("phi", phi)
+            if not with_rules:
+                every = full.reshape(len(sel), nv * nview, C)
+                coll.add("mean_cos", aggregate_scores(every, score="cosine", view="mean"))
+                coll.add("mean_soft", aggregate_scores(every, score="softmax", temp=_ZS_TEMP, view="mean"))
+            else:
+                for name, kwargs in cfg.rules.items():
+                    coll.add(f"rule:{name}", apply_rule(name, full, obs, dynamic=False, **(kwargs or {})))
+        log.info("store: shard %d/%d read", k + 1, len(m["shards"]))
+    return rows, ev, ps
+
+
+def _evaluate_store(root: Path, cfg: EvaluateConfig) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    _check_rules(cfg.rules)
+    store = ScoreStore(root)
+    C = store.num_classes
+    dparams = _damp_params(cfg)
+    log.info("store %s: %d rows, %d views x %d classes; evaluating split %r, pseudo-labels on %r",
+             root, store.num_rows, store.n_variants * store.n_views, C, cfg.split, cfg.pseudo_split)
+    rows, ev, ps = _scan_store(store, cfg, dparams)
+    if rows[cfg.split]["used"] == 0:
+        have = store.manifest.get("splits", {})
+        raise ValueError(
+            f"{root}: no row of split {cfg.split!r} has known labels and status ok "
+            f"({rows[cfg.split]}); the store's splits: {have}"
+        )
+    labels = ev.get("labels", (C,), np.int8)
+    zs_scores: Dict[str, Any] = {
+        "global": evaluate_predictions(labels, ev.get("global_cos", (C,), np.float32),
+                                       ev.get("global_soft", (C,), np.float32), cfg.f1_threshold, cfg.top_k),
+        "mean": evaluate_predictions(labels, ev.get("mean_cos", (C,), np.float32),
+                                     ev.get("mean_soft", (C,), np.float32), cfg.f1_threshold, cfg.top_k),
+        "damp": evaluate_predictions(labels, ev.get("phi", (C,), np.float32), None, cfg.f1_threshold, cfg.top_k),
+    }
+    for name, met in zs_scores.items():
+        log.info("zero-shot %s: mAP %.2f, CF1 %.3f, OF1 %.3f", name, met["map"], met["f1"]["CF1"], met["f1"]["OF1"])
+    section: Dict[str, Any] = {
+        "path": str(root.resolve()),
+        "model": store.manifest.get("model"),
+        "templates": store.manifest.get("templates"),
+        "templates_sha256": store.manifest.get("templates_sha256"),
+        "views": store.manifest.get("views"),
+        "dataset": store.manifest.get("dataset"),
+        "score_kind": store.manifest.get("score_kind"),
+        "logit_scale": store.manifest.get("logit_scale"),
+        "num_rows": store.num_rows,
+        "rows": rows,
+        "zero_shot": {
+            "split": cfg.split,
+            "num_images": int(labels.shape[0]),
+            "num_pos_per_class": labels.sum(axis=0).astype(int).tolist(),
+            "temp": _ZS_TEMP,
+            "damp_params": dparams,
+            "score_definitions": {
+                "global": "AP: raw cosine of the unflipped global view; F1: its softmax over classes (cos / temp)",
+                "mean": "AP: mean raw cosine over all cached views (flips included); F1: mean per-view softmax",
+                "damp": "DAMP positive score phi (unflipped views, gate on observed labels), for AP and F1",
+            },
+            "scores": zs_scores,
+        },
+        "pseudo_labels": None,
+    }
+    arrays: Dict[str, Any] = {"labels": labels, "phi": ev.get("phi", (C,), np.float32), "classes": store.classes}
+
+    n_ps = rows[cfg.pseudo_split]["used"]
+    if n_ps == 0:
+        log.warning("store %s: no row of split %r has known labels: pseudo-label quality skipped", root,
+                    cfg.pseudo_split)
+    else:
+        pl_labels = ps.get("labels", (C,), np.int8)
+        pl_obs = ps.get("observed", (C,), np.int8)
+        rules_out = {}
+        for name, kwargs in cfg.rules.items():
+            pseudo = ps.get(f"rule:{name}", (C,), np.int8)
+            q = pseudo_label_quality(pseudo, pl_labels, pl_obs)
+            new_pos = (pseudo == 1) & (pl_obs == 0)
+            rules_out[name] = {
+                "options": dict(kwargs or {}),
+                "quality": q,
+                "images_without_pseudo_positive": float((~new_pos.any(axis=1)).mean()),
+            }
+            ex = q["excluding_observed"]
+            log.info("rule %s on %s: pseudo-positives P %.3f R %.3f F1 %.3f, %.2f per image", name,
+                     cfg.pseudo_split, ex["precision"], ex["recall"], ex["f1"], ex["per_image"])
+        sweeps = {}
+        if cfg.thresholds:
+            sweeps = {
+                "damp_phi": threshold_sweep(ps.get("phi", (C,), np.float32), pl_labels, pl_obs, cfg.thresholds),
+                "global_softmax": threshold_sweep(ps.get("global_soft", (C,), np.float32), pl_labels, pl_obs,
+                                                  cfg.thresholds),
+            }
+        section["pseudo_labels"] = {
+            "split": cfg.pseudo_split,
+            "num_images": int(pl_labels.shape[0]),
+            "dynamic": False,
+            "observed_per_image": float((pl_obs == 1).sum(axis=1).mean()),
+            "rules": rules_out,
+            "threshold_sweep": sweeps,
+        }
+    return section, arrays
+
+
+# --------------------------------------------------------------------------------------------------
+# plots and the stage function
+# --------------------------------------------------------------------------------------------------
+
+
+def _make_plots(out: Path, run_section: Optional[Dict[str, Any]], run_arr: Optional[Dict[str, Any]],
+                store_section: Optional[Dict[str, Any]], store_arr: Optional[Dict[str, Any]]) -> Dict[str, str]:
+    pdir = out / "plots"
+    made: Dict[str, Path] = {}
+    if run_section is not None and run_arr is not None:
+        name = Path(run_section["path"]).name
+        met, cl = run_section["metrics"], run_arr["classes"]
+        if run_section["epochs"]:
+            made["training_curve"] = P.plot_training_curve(run_section["epochs"], pdir / "training_curve.png",
+                                                           f"{name}: mAP by epoch", run_section.get("best_epoch"))
+        made["run_per_class_ap"] = P.plot_per_class_ap(met["per_class_ap"], cl, pdir / "run_per_class_ap.png",
+                                                       f"{name}: per-class AP", run_section["num_pos_per_class"])
+        made["run_pr_curves"] = P.plot_pr_curves(run_arr["labels"], run_arr["probs"], cl, pdir / "run_pr_curves.png",
+                                                 f"{name}: precision-recall", ap=met["per_class_ap"])
+        made["run_score_histograms"] = P.plot_score_histograms(
+            run_arr["labels"], run_arr["probs"], cl, pdir / "run_score_histograms.png",
+            f"{name}: predicted probabilities, positives vs negatives")
+    if store_section is not None and store_arr is not None:
+        zs = store_section["zero_shot"]
+        met, cl = zs["scores"]["damp"], store_arr["classes"]
+        made["zeroshot_per_class_ap"] = P.plot_per_class_ap(met["per_class_ap"], cl, pdir / "zeroshot_per_class_ap.png",
+                                                            "zero-shot DAMP phi: per-class AP", zs["num_pos_per_class"])
+        made["zeroshot_pr_curves"] = P.plot_pr_curves(store_arr["labels"], store_arr["phi"], cl,
+                                                      pdir / "zeroshot_pr_curves.png",
+                                                      "zero-shot DAMP phi: precision-recall", ap=met["per_class_ap"])
+        made["zeroshot_score_histograms"] = P.plot_score_histograms(
+            store_arr["labels"], store_arr["phi"], cl, pdir / "zeroshot_score_histograms.png",
+            "zero-shot DAMP phi, positives vs negatives")
+        pl = store_section.get("pseudo_labels")
+        if pl and pl["threshold_sweep"]:
+            made["pseudo_threshold_sweep"] = P.plot_threshold_sweep(
+                pl["threshold_sweep"], pdir / "pseudo_threshold_sweep.png",
+                f"pseudo-label quality against threshold (split {pl['split']}, excl. observed)")
+    # a plot of an earlier evaluation that this one did not redraw would be stale: remove it
+    for key in PLOT_NAMES:
+        stale = pdir / f"{key}.png"
+        if key not in made and stale.exists():
+            stale.unlink()
+    log.info("%d plots in %s", len(made), pdir)
+    return {k: str(p.relative_to(out)) for k, p in made.items()}
+
+
+def _model_identity(store_section: Optional[Dict[str, Any]], run_section: Optional[Dict[str, Any]]
+                    ) -> Optional[Dict[str, Any]]:
+    """The VLM identity of the store used (the store given, else the one the run was trained from)."""
+    if store_section is not None:
+        return store_section.get("model")
+    store = ((run_section or {}).get("summary") or {}).get("store")
+    if store and (Path(store) / "manifest.json").is_file():
+        try:
+            return json.loads((Path(store) / "manifest.json").read_text()).get("model")
+        except (OSError, json.JSONDecodeError):
+            log.warning("%s: unreadable manifest; model identity not recorded", store)
+    return None
+
+
+def run_evaluate(cfg: EvaluateConfig) -> Path:
+    """Evaluate a training run and/or a score store; write the report; return the output directory."""
+    if not cfg.run and not cfg.store:
+        raise ConfigError("evaluate: nothing to evaluate; set run=RUN_DIR (a `vlpl train` output) and/or "
+                          "store=STORE_DIR (a score store)")
+    if cfg.top_k < 0:
+        raise ConfigError(f"top_k: expected a non-negative integer, got {cfg.top_k}")
+    run = Path(cfg.run) if cfg.run else None
+    store = Path(cfg.store) if cfg.store else None
+    out = Path(cfg.out) if cfg.out else (run if run is not None else store) / "eval"  # type: ignore[operator]
+
+    run_section = run_arr = store_section = store_arr = None
+    if run is not None:
+        run_section, run_arr = _evaluate_run(run, cfg)
+    if store is not None:
+        if store.resolve() == out.resolve():
+            raise ConfigError(f"out: {out} is the store directory itself; choose another output directory")
+        store_section, store_arr = _evaluate_store(store, cfg)
+
+    classes = (run_arr or store_arr or {})["classes"]
+    if run_arr is not None and store_arr is not None and list(run_arr["classes"]) != list(store_arr["classes"]):
+        log.warning("the run's classes differ from the store's; the report lists the run's")
+
+    headline: List[Dict[str, Any]] = []
+    if run_section is not None:
+        headline.append(metric_row(Path(run_section["path"]).name, "run", cfg.split, run_section["metrics"],
+                                   run_section["num_images"]))
+    if store_section is not None:
+        zs = store_section["zero_shot"]
+        for view, met in zs["scores"].items():
+            headline.append(metric_row(Path(store_section["path"]).name, f"zero-shot:{view}", cfg.split, met,
+                                       zs["num_images"]))
+    # the row compare_runs shows: the trained model, else DAMP (the primary pseudo-label score)
+    summary = headline[0] if run_section is not None else next(r for r in headline if r["kind"] == "zero-shot:damp")
+    name = summary["name"]
+    kind = "+".join(k for k, s in (("run", run_section), ("store", store_section)) if s is not None)
+
+    out.mkdir(parents=True, exist_ok=True)
+    plots = _make_plots(out, run_section, run_arr, store_section, store_arr) if cfg.plots else {}
+    report = jsonable({
+        "schema": REPORT_SCHEMA,
+        "created": utc_now(),
+        "name": name,
+        "kind": kind,
+        "split": cfg.split,
+        "summary": summary,
+        "headline": headline,
+        "classes": list(classes),
+        "run": run_section,
+        "store": store_section,
+        "model": _model_identity(store_section, run_section),
+        "plots": plots,
+        "config": to_dict(cfg),
+        "versions": package_versions(),
+    })
+    save_resolved(cfg, out / "config.yaml")
+    atomic_write_json(out / "report.json", report)
+    atomic_write_text(out / "report.md", render_markdown(report))
+    log.info("evaluation report: %s (%s)", out / "report.md", ", ".join(
+        f"{r['kind']} mAP {r['map']:.2f}" for r in headline))
+    return out
+
+
+def compare_runs(paths: List[str]) -> str:
+    """A Markdown table across evaluations, one row each (name, kind, split, mAP, mAP over classes with
+    positives, CF1, OF1, CF1/OF1 at top-k), from their ``report.json``. A path may be a report file, an
+    eval directory, or a run / store directory that has ``eval/report.json``."""
+    if not paths:
+        raise ValueError("compare_runs: give at least one report, eval directory or run directory")
+    return compare_table([load_report(p) for p in paths])
