@@ -68,6 +68,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from vlpl.eval.stage import compare_runs, run_evaluate
+
+    if args.compare:
+        print(compare_runs(args.compare))
+        return 0
+    from vlpl.config import EvaluateConfig, load_config
+
+    cfg = load_config(EvaluateConfig, args.config, args.overrides)
+    out = run_evaluate(cfg)
+    print((out / "report.md").read_text())
+    print(f"report: {out / 'report.md'}  {out / 'report.json'}  plots: {out / 'plots'}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from vlpl.demo import run_demo
+
+    run_demo(args.out, offline=args.offline, epochs=args.epochs)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from vlpl import __version__
 
@@ -90,6 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--list", action="store_true", help="list methods, pseudo-label rules and losses")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="mAP, F1, pseudo-label quality: report.json, report.md and plots",
+                       description="e.g. vlpl evaluate run=RUN store=STORE; vlpl evaluate --compare RUN1 RUN2")
+    _add_config_args(p)
+    p.add_argument("--compare", nargs="+", metavar="RUN", help="one table across runs / eval folders")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="pseudolabel -> train -> evaluate on an embedded default (skimage photos)")
+    p.add_argument("--offline", action="store_true", help="use tiny random models (no download; numbers meaningless)")
+    p.add_argument("--out", default=None, help="output folder (default runs/demo)")
+    p.add_argument("--epochs", type=int, default=6)
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from vlpl.store.atomic import atomic_path
 
@@ -68,6 +69,13 @@ def precision_recall_curve(y_true: np.ndarray, scores: np.ndarray) -> Tuple[np.n
     return np.r_[1.0, precision], np.r_[0.0, recall]
 
 
+def _ap_steps(p: np.ndarray, r: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Keep the start and the points where recall grows (the tie groups holding a positive): drawn
+    with ``where="pre"`` the area under the steps is then exactly the AP."""
+    keep = np.r_[True, r[1:] > r[:-1]]
+    return p[keep], r[keep]
+
+
 def _frequent_classes(labels: np.ndarray, n: int) -> List[int]:
     """Indices of the ``n`` classes with most positives (ties: lower index first), positives only."""
     counts = np.asarray(labels).sum(axis=0)
@@ -120,10 +128,10 @@ def plot_pr_curves(labels: np.ndarray, scores: np.ndarray, classes: Sequence[str
     fig = _new_figure(6.0, 5.0)
     ax = fig.add_subplot(1, 1, 1)
     for c in _frequent_classes(y, num_classes):
-        p, r = precision_recall_curve(y[:, c], s[:, c])
+        p, r = _ap_steps(*precision_recall_curve(y[:, c], s[:, c]))
         label = classes[c] if ap is None else f"{classes[c]} (AP {100 * ap[c]:.1f})"
         ax.step(r, p, where="pre", linewidth=1.2, label=label)
-    p, r = precision_recall_curve(y, s)
+    p, r = _ap_steps(*precision_recall_curve(y, s))
     ax.step(r, p, where="pre", color="black", linewidth=2.0, linestyle="--", label="micro-average")
     ax.set_xlabel("recall")
     ax.set_ylabel("precision")
@@ -170,7 +178,7 @@ def plot_score_histograms(labels: np.ndarray, scores: np.ndarray, classes: Seque
     y = np.asarray(labels).astype(bool)
     s = np.asarray(scores, dtype=np.float64)
     chosen = _frequent_classes(y, num_classes)
-    ncols = 4
+    ncols = max(1, min(4, len(chosen)))
     nrows = max(1, int(np.ceil(len(chosen) / ncols)))
     fig = _new_figure(3.2 * ncols, 2.4 * nrows + 0.6)
     fig.suptitle(title)
@@ -207,6 +215,7 @@ def plot_training_curve(epochs: List[Dict[str, Any]], path: Path, title: str,
     if best_epoch is not None:
         ax.axvline(best_epoch, color="grey", linestyle=":", label=f"best epoch {best_epoch}")
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("mAP (%)")
     ax.set_title(title)
     losses = [(e, r.get("train_loss")) for e, r in zip(x, epochs) if r.get("train_loss") is not None]

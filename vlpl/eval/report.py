@@ -125,16 +125,14 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> List[str]:
     return out
 
 
-def _headline_table(rows: List[Dict[str, Any]], with_name: bool = False) -> List[str]:
+def _headline_table(rows: List[Dict[str, Any]]) -> List[str]:
     ks = {r["top_k"] for r in rows}
     k = f"top{ks.pop()}" if len(ks) == 1 else "top-k"
-    header = (["name"] if with_name else []) + ["scores" if not with_name else "kind", "split", "images", "mAP",
-                                                "mAP (pos classes)", "CF1", "OF1", f"CF1@{k}", f"OF1@{k}"]
+    header = ["name", "kind", "split", "images", "mAP", "mAP (pos classes)", "CF1", "OF1", f"CF1@{k}", f"OF1@{k}"]
     body = []
     for r in rows:
-        body.append(([r["name"]] if with_name else []) + [
-            r["kind"], r["split"], r.get("num_images", "n/a"), _f(r["map"]), _f(r["map_pos"]),
-            _pct(r["CF1"]), _pct(r["OF1"]), _pct(r["CF1_topk"]), _pct(r["OF1_topk"])])
+        body.append([r["name"], r["kind"], r["split"], r.get("num_images", "n/a"), _f(r["map"]), _f(r["map_pos"]),
+                     _pct(r["CF1"]), _pct(r["OF1"]), _pct(r["CF1_topk"]), _pct(r["OF1_topk"])])
     return _table(header, body)
 
 
@@ -147,20 +145,27 @@ def _per_class_tables(metrics: Dict[str, Any], classes: Sequence[str], num_pos: 
     order = np.argsort(-ap, kind="stable")
     n = min(TOP_N, ap.size)
 
-    def rows(idx: Sequence[int]) -> List[List[Any]]:
-        return [[int(np.nonzero(order == i)[0][0]) + 1, classes[i], int(num_pos[i]), _pct(ap[i]),
-                 _pct(p[i]), _pct(r[i])] for i in idx]
+    def rows(ranks: Sequence[int]) -> List[List[Any]]:
+        return [[k + 1, classes[i], int(num_pos[i]), _pct(ap[i]), _pct(p[i]), _pct(r[i])]
+                for k, i in ((k, int(order[k])) for k in ranks)]
 
     header = ["rank", "class", "positives", "AP", f"P@{t:g}", f"R@{t:g}"]
+    if ap.size <= 2 * TOP_N:
+        out = [f"### {title}: per-class AP", ""] + _table(header, rows(range(ap.size)))
+        return out + _empty_note(num_pos)
     out = [f"### {title}: top {n} classes by AP", ""]
-    out += _table(header, rows([int(i) for i in order[:n]]))
+    out += _table(header, rows(range(n)))
     out += ["", f"### {title}: bottom {n} classes by AP", ""]
-    out += _table(header, rows([int(i) for i in order[::-1][:n]]))
+    out += _table(header, rows(range(ap.size - 1, ap.size - 1 - n, -1)))
+    return out + _empty_note(num_pos)
+
+
+def _empty_note(num_pos: Sequence[int]) -> List[str]:
     empty = int((np.asarray(num_pos) == 0).sum())
-    if empty:
-        out += ["", f"{empty} class(es) have no positive in this split: their AP is 0 and they still count "
-                    "in mAP (Cole et al.); *mAP (pos classes)* leaves them out."]
-    return out
+    if not empty:
+        return []
+    return ["", f"{empty} class(es) have no positive in this split: their AP is 0 and they still count in mAP "
+                "(Cole et al.); *mAP (pos classes)* leaves them out."]
 
 
 def _plot_links(plots: Dict[str, str], names: Sequence[str]) -> List[str]:
@@ -171,7 +176,8 @@ def _plot_links(plots: Dict[str, str], names: Sequence[str]) -> List[str]:
     return out
 
 
-def _run_section(run: Dict[str, Any], classes: Sequence[str], plots: Dict[str, str]) -> List[str]:
+def _run_section(run: Dict[str, Any], plots: Dict[str, str]) -> List[str]:
+    classes = run["classes"]
     s = run.get("summary") or {}
     out = ["## Training run", "", f"Run directory: `{run['path']}`; predictions: `{run['predictions_file']}` "
            f"({run['num_images']} images).", ""]
@@ -192,7 +198,8 @@ def _run_section(run: Dict[str, Any], classes: Sequence[str], plots: Dict[str, s
     return out
 
 
-def _store_section(store: Dict[str, Any], classes: Sequence[str], plots: Dict[str, str]) -> List[str]:
+def _store_section(store: Dict[str, Any], plots: Dict[str, str]) -> List[str]:
+    classes = store["classes"]
     zs = store["zero_shot"]
     model = store.get("model") or {}
     out = ["## Zero-shot scores of the score store", "",
@@ -257,9 +264,9 @@ def render_markdown(report: Dict[str, Any]) -> str:
             f"predict `score >= {report['config']['f1_threshold']}` (sigmoid for the trained model, softmax over "
             "classes or DAMP phi for zero-shot scores); @top-k predicts each image's k best classes.", ""]
     if report.get("run"):
-        out += _run_section(report["run"], classes, plots) + [""]
+        out += _run_section(report["run"], plots) + [""]
     if report.get("store"):
-        out += _store_section(report["store"], classes, plots) + [""]
+        out += _store_section(report["store"], plots) + [""]
     out += ["## Files", "", "* `report.json`: every number above and more (per-class lists, resolved config, "
             "versions, model identity)", "* `config.yaml`: the resolved evaluate config"]
     out += [f"* `{p}`" for p in plots.values()]
@@ -300,4 +307,4 @@ def compare_table(reports: Sequence[Dict[str, Any]]) -> str:
         if names.count(name) > 1:  # same directory name from two places: show where each comes from
             row["name"] = f"{name} ({Path(rep['_path']).parent})"
         rows.append(row)
-    return "\n".join(_headline_table(rows, with_name=True)) + "\n"
+    return "\n".join(_headline_table(rows)) + "\n"

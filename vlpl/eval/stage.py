@@ -17,6 +17,7 @@ Outputs in ``cfg.out`` (default ``<run>/eval``, else ``<store>/eval``): ``report
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
@@ -28,7 +29,6 @@ import torch
 import yaml
 
 from vlpl.config import ConfigError, EvaluateConfig, save_resolved, to_dict
-from vlpl.eval import plots as P
 from vlpl.eval.metrics import f1_metrics, f1_metrics_topk, mean_average_precision
 from vlpl.eval.quality import pseudo_label_quality, threshold_sweep
 from vlpl.eval.report import (
@@ -182,6 +182,7 @@ def _evaluate_run(run: Path, cfg: EvaluateConfig) -> Tuple[Dict[str, Any], Dict[
         "path": str(run.resolve()),
         "predictions_file": str(pred["path"].relative_to(run)),
         "num_images": int(probs.shape[0]),
+        "classes": list(pred["classes"]),
         "num_pos_per_class": labels.sum(axis=0).astype(int).tolist(),
         "summary": summary,
         "train_config": train_config,
@@ -310,6 +311,7 @@ def _evaluate_store(root: Path, cfg: EvaluateConfig) -> Tuple[Dict[str, Any], Di
         "score_kind": store.manifest.get("score_kind"),
         "logit_scale": store.manifest.get("logit_scale"),
         "num_rows": store.num_rows,
+        "classes": list(store.classes),
         "rows": rows,
         "zero_shot": {
             "split": cfg.split,
@@ -373,6 +375,8 @@ def _evaluate_store(root: Path, cfg: EvaluateConfig) -> Tuple[Dict[str, Any], Di
 
 def _make_plots(out: Path, run_section: Optional[Dict[str, Any]], run_arr: Optional[Dict[str, Any]],
                 store_section: Optional[Dict[str, Any]], store_arr: Optional[Dict[str, Any]]) -> Dict[str, str]:
+    from vlpl.eval import plots as P  # matplotlib is only imported when plots are drawn
+
     pdir = out / "plots"
     made: Dict[str, Path] = {}
     if run_section is not None and run_arr is not None:
@@ -438,17 +442,21 @@ def run_evaluate(cfg: EvaluateConfig) -> Path:
     store = Path(cfg.store) if cfg.store else None
     out = Path(cfg.out) if cfg.out else (run if run is not None else store) / "eval"  # type: ignore[operator]
 
+    for what, d in (("run", run), ("store", store)):
+        if d is not None and d.resolve() == out.resolve():  # its config.yaml would be overwritten
+            raise ConfigError(f"out: {out} is the {what} directory itself; choose another output directory")
+
     run_section = run_arr = store_section = store_arr = None
     if run is not None:
         run_section, run_arr = _evaluate_run(run, cfg)
     if store is not None:
-        if store.resolve() == out.resolve():
-            raise ConfigError(f"out: {out} is the store directory itself; choose another output directory")
         store_section, store_arr = _evaluate_store(store, cfg)
 
     classes = (run_arr or store_arr or {})["classes"]
     if run_arr is not None and store_arr is not None and list(run_arr["classes"]) != list(store_arr["classes"]):
-        log.warning("the run's classes differ from the store's; the report lists the run's")
+        log.warning("the run's classes differ from the store's (%d vs %d): is this the store the run was trained "
+                    "from? Each section of the report lists its own classes", len(run_arr["classes"]),
+                    len(store_arr["classes"]))
 
     headline: List[Dict[str, Any]] = []
     if run_section is not None:
@@ -464,6 +472,7 @@ def run_evaluate(cfg: EvaluateConfig) -> Path:
     name = summary["name"]
     kind = "+".join(k for k, s in (("run", run_section), ("store", store_section)) if s is not None)
 
+    resolved = dataclasses.replace(cfg, out=str(out))
     out.mkdir(parents=True, exist_ok=True)
     plots = _make_plots(out, run_section, run_arr, store_section, store_arr) if cfg.plots else {}
     report = jsonable({
@@ -479,10 +488,10 @@ def run_evaluate(cfg: EvaluateConfig) -> Path:
         "store": store_section,
         "model": _model_identity(store_section, run_section),
         "plots": plots,
-        "config": to_dict(cfg),
+        "config": to_dict(resolved),
         "versions": package_versions(),
     })
-    save_resolved(cfg, out / "config.yaml")
+    save_resolved(resolved, out / "config.yaml")
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", render_markdown(report))
     log.info("evaluation report: %s (%s)", out / "report.md", ", ".join(
