@@ -151,6 +151,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     _setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # e.g. `vlpl train --list | head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("vlpl: interrupted; completed shards/checkpoints are kept, re-run to resume", file=sys.stderr)
         return 130

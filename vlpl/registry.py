@@ -9,8 +9,9 @@ A user adds an entry with a decorator and never edits a switch::
 """
 from __future__ import annotations
 
+import importlib
 import inspect
-from typing import Any, Callable, Dict, Generic, List, TypeVar
+from typing import Any, Callable, Dict, Generic, List, Sequence, TypeVar
 
 T = TypeVar("T")
 
@@ -23,9 +24,17 @@ class RegistryError(KeyError):
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str) -> None:
+    """``modules``: where the built-in entries are defined; imported on first lookup, so an entry is
+    found whichever part of vlpl was imported first."""
+
+    def __init__(self, kind: str, modules: Sequence[str] = ()) -> None:
         self.kind = kind
         self._entries: Dict[str, T] = {}
+        self._modules = list(modules)
+
+    def _load_builtins(self) -> None:
+        while self._modules:
+            importlib.import_module(self._modules.pop(0))
 
     def register(self, name: str) -> Callable[[T], T]:
         def deco(obj: T) -> T:
@@ -37,6 +46,7 @@ class Registry(Generic[T]):
         return deco
 
     def get(self, name: str) -> T:
+        self._load_builtins()
         try:
             return self._entries[name]
         except KeyError:
@@ -45,9 +55,11 @@ class Registry(Generic[T]):
             ) from None
 
     def names(self) -> List[str]:
+        self._load_builtins()
         return sorted(self._entries)
 
     def __contains__(self, name: str) -> bool:
+        self._load_builtins()
         return name in self._entries
 
     def create(self, name: str, *args: Any, **kwargs: Any) -> Any:
@@ -71,9 +83,9 @@ def check_kwargs(fn: Callable[..., Any], kwargs: Dict[str, Any], what: str) -> N
         )
 
 
-LOSSES: Registry[Any] = Registry("loss")
-RULES: Registry[Any] = Registry("pseudo-label rule")
-HEADS: Registry[Any] = Registry("head")
+LOSSES: Registry[Any] = Registry("loss", ["vlpl.train.losses"])
+RULES: Registry[Any] = Registry("pseudo-label rule", ["vlpl.pseudolabel.rules"])
+HEADS: Registry[Any] = Registry("head", ["vlpl.train.model"])
 
 
 def list_losses() -> List[str]:

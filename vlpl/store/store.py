@@ -294,7 +294,7 @@ class ScoreStore:
                 flat = col
                 for _ in shape:
                     flat = _flatten_keep(flat)
-                arr = flat.to_numpy(zero_copy_only=False).reshape((n, *shape))
+                arr = np.array(flat.to_numpy(zero_copy_only=False)).reshape((n, *shape))  # writable copy
                 if not valid.all():
                     arr = arr.astype(np.float32) if name != "labels" else arr.copy()
                     arr[~valid] = np.nan if name != "labels" else -1
