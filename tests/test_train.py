@@ -144,11 +144,39 @@ def test_two_process_torchrun_matches_one_process(store, tmp_path):
                         "29547", "-m", "vlpl", *_cli_train(store, two, *args)[3:]],
                        env=_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
-    s1 = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines() if '"step"' in x]
-    s2 = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines() if '"step"' in x]
+    s1 = [r for r in map(json.loads, (one / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "step"]
+    s2 = [r for r in map(json.loads, (two / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "step"]
     # same global batches; BatchNorm sees half-batches per process, hence a tolerance, not equality
     assert len(s1) == len(s2)
     assert abs(s1[0]["loss"] - s2[0]["loss"]) < 0.02 * s1[0]["loss"]
     p1 = np.load(one / "predictions" / "test.npz")["probs"]
     p2 = np.load(two / "predictions" / "test.npz")["probs"]
     assert p1.shape == p2.shape and np.abs(p1 - p2).max() < 0.05
+
+
+def test_open_clip_tower_backbone_and_grad_accum(store, tmp_path):
+    out = tmp_path / "oc"
+    cfg = load_train_config([], _train_args(store, out, "method=aevlp", "dataset=coco2014", "model.kind=open_clip",
+                                            "model.name=vlpl-tiny", "model.image_size=64", "model.normalization=model",
+                                            "epochs=1", "batch_size=8", "grad_accum=2", "max_steps_per_epoch=4",
+                                            "num_workers=0"))
+    run_train(cfg)
+    from vlpl.train.loop import load_best
+
+    model, classes = load_best(out)
+    assert len(classes) == 80 and model.num_features == 32  # vlpl-tiny's embedding width
+    with torch.no_grad():
+        assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 80)
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in recs if r["kind"] == "step"]) == 4  # micro-batches, logged every step
+
+
+def test_bad_training_configs_are_clear_errors(store, tmp_path):
+    with pytest.raises(ConfigError, match="needs pseudo-labels"):
+        run_train(load_train_config([TINY_NET], _train_args(store, tmp_path / "a", "loss.name=gpr", "pseudo.rule=null")))
+    from vlpl.registry import RegistryError
+
+    with pytest.raises(RegistryError, match="unknown option.*'tmep'"):
+        run_train(load_train_config([TINY_NET], _train_args(store, tmp_path / "b", "pseudo.params.tmep=0.1")))
+    with pytest.raises(RegistryError, match="unknown loss 'gpx'"):
+        run_train(load_train_config([TINY_NET], _train_args(store, tmp_path / "c", "loss.name=gpx")))

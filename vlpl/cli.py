@@ -12,13 +12,13 @@ log = logging.getLogger("vlpl")
 
 
 def _setup_logging(verbose: int) -> None:
-    level = logging.DEBUG if verbose > 0 else logging.INFO
+    """vlpl's own loggers at INFO; other libraries (open_clip logs on the root logger, accelerate,
+    faiss) only from WARNING unless -v."""
     rank = os.environ.get("RANK", "0")
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s" if rank == "0" else \
         f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s"
-    logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S")
-    for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock", "datasets", "root"):
-        logging.getLogger(noisy).setLevel(logging.WARNING if verbose <= 0 else logging.INFO)
+    logging.basicConfig(level=logging.INFO if verbose > 0 else logging.WARNING, format=fmt, datefmt="%H:%M:%S")
+    logging.getLogger("vlpl").setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -90,6 +90,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from vlpl.pipeline import run_pipeline
+
+    run_pipeline(args.pipeline, args.overrides)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from vlpl import __version__
 
@@ -118,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--compare", nargs="+", metavar="RUN", help="one table across runs / eval folders")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("run", help="run a multi-stage pipeline (pipelines/*.yaml)")
+    p.add_argument("pipeline")
+    p.add_argument("overrides", nargs="*", metavar="VAR=VALUE", help="set the pipeline's vars")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="pseudolabel -> train -> evaluate on an embedded default (skimage photos)")
     p.add_argument("--offline", action="store_true", help="use tiny random models (no download; numbers meaningless)")

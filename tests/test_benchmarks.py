@@ -1,0 +1,65 @@
+"""Smoke tests of the benchmark scripts (benchmarks/*.py) at the tiniest settings, so they do not rot.
+
+They run the real code paths (timm ``test_resnet`` at 64 px, the bundled random ``vlpl-tiny`` CLIP, 1 step,
+1 round) and check the result JSON's fields; the numbers themselves mean nothing here.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _check_env(res: dict) -> None:
+    env = res["environment"]
+    for k in ("device", "device_type", "torch", "timm", "open_clip", "vlpl"):
+        assert env[k], k
+    assert res["date"] and res["args"] and res["notes"]
+
+
+def test_train_throughput_smoke(tmp_path: Path) -> None:
+    mod = _load("train_throughput")
+    out = tmp_path / "train.json"
+    res = mod.main(["--backbone", "test_resnet", "--image-size", "64", "--clip", "vlpl-tiny", "--grid", "2",
+                    "--batch-size", "2", "--steps", "1", "--warmup", "0", "--rounds", "1", "--num-batches", "1",
+                    "--classes", "10", "--device", "cpu", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    _check_env(saved)
+    assert saved["config"]["views_per_image"] == 5
+    for v in ("cached", "clip"):
+        assert saved["variants"][v]["images_per_s_median"] > 0
+        assert len(saved["variants"][v]["images_per_s_rounds"]) == 1
+    assert saved["ratio"] > 0 and saved["expected_ratio"] > 1
+    assert saved["flops"]["backbone_forward_per_image"] > 0 and saved["flops"]["clip_forward_per_view"] > 0
+    assert res["ratio"] == pytest.approx(saved["ratio"])
+
+
+def test_pseudolabel_throughput_smoke(tmp_path: Path) -> None:
+    mod = _load("pseudolabel_throughput")
+    out = tmp_path / "pl.json"
+    mod.main(["--clip", "vlpl-tiny", "--grid", "2", "--num-images", "2", "--batch-size", "2", "--rounds", "1",
+              "--classes", "10", "--device", "cpu", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    _check_env(saved)
+    assert saved["config"]["views_per_image"] == 10  # (1 + 2*2) x 2 flip variants
+    for v in ("scorer", "naive"):
+        assert saved["variants"][v]["images_per_s_median"] > 0
+    assert saved["ratio"] > 0
+    ag = saved["agreement"]
+    assert ag["shape"] == [2, 10, 10]
+    assert ag["agree"], ag  # both paths score the same views

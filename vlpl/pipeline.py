@@ -1,0 +1,101 @@
+"""``vlpl run PIPELINE.yaml``: several stages in one recipe.
+
+A pipeline file::
+
+    vars: {work: runs/coco256}                      # ${work} is substituted in every string below
+    stages:
+      - pseudolabel: {config: [datasets/coco256.yaml, models/tiny.yaml], set: {out: "${work}/store"}}
+      - train: {config: [models/tiny_classifier.yaml], set: {method: aevlp, store: "${work}/store", out: "${work}/run"}}
+      - evaluate: {set: {run: "${work}/run", store: "${work}/store"}}
+
+``config`` lists config files (as ``-c``), ``set`` holds dotted overrides (as ``key=value``). Command-line
+``KEY=VALUE`` arguments of ``vlpl run`` set ``vars``. Every stage is resumable, so re-running a pipeline
+after an interruption continues it (training stages get ``resume=true``).
+"""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+import yaml
+
+from vlpl.config import ConfigError
+
+log = logging.getLogger(__name__)
+STAGES = ("pseudolabel", "train", "evaluate")
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _subst(value: Any, env: Dict[str, Any], where: str) -> Any:
+    if isinstance(value, str):
+        def rep(m: re.Match) -> str:
+            if m.group(1) not in env:
+                raise ConfigError(f"{where}: unknown variable ${{{m.group(1)}}}; defined: {', '.join(env) or 'none'}")
+            return str(env[m.group(1)])
+        return _VAR.sub(rep, value)
+    if isinstance(value, list):
+        return [_subst(v, env, where) for v in value]
+    if isinstance(value, dict):
+        return {k: _subst(v, env, f"{where}.{k}") for k, v in value.items()}
+    return value
+
+
+def _flatten(d: Dict[str, Any], prefix: str = "") -> List[str]:
+    out: List[str] = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and key not in ("loss.params", "pseudo.params", "rules"):
+            out += _flatten(v, f"{key}.")
+        else:
+            out.append(f"{key}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+                       if not isinstance(v, str) else f"{key}={v}")
+    return out
+
+
+def load_pipeline(path: str, variables: Sequence[str] = ()) -> List[Dict[str, Any]]:
+    p = Path(path)
+    try:
+        doc = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read pipeline {p}: {e}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("stages"), list):
+        raise ConfigError(f"{p}: expected a mapping with a 'stages' list")
+    env = {str(k): v for k, v in (doc.get("vars") or {}).items()}
+    for v in variables:
+        if "=" not in v:
+            raise ConfigError(f"vlpl run: expected NAME=VALUE, got {v!r}")
+        k, val = v.split("=", 1)
+        env[k] = val
+    stages = []
+    for i, st in enumerate(doc["stages"]):
+        where = f"{p} stages[{i}]"
+        if not isinstance(st, dict) or len(st) != 1 or next(iter(st)) not in STAGES:
+            raise ConfigError(f"{where}: expected one of {', '.join(STAGES)} as the only key, got {st!r}")
+        name, body = next(iter(st.items()))
+        body = _subst(body or {}, env, where)
+        unknown = set(body) - {"config", "set"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; expected config, set")
+        stages.append({"stage": name, "config": list(body.get("config") or []),
+                       "overrides": _flatten(body.get("set") or {})})
+    return stages
+
+
+def run_pipeline(path: str, variables: Sequence[str] = ()) -> None:
+    from vlpl.config import EvaluateConfig, PseudolabelConfig, load_config
+    from vlpl.eval.stage import run_evaluate
+    from vlpl.pseudolabel.stage import run_pseudolabel
+    from vlpl.train.loop import run_train
+    from vlpl.train.recipes import load_train_config
+
+    stages = load_pipeline(path, variables)
+    for i, st in enumerate(stages):
+        log.info("pipeline stage %d/%d: %s %s", i + 1, len(stages), st["stage"], " ".join(st["overrides"]))
+        if st["stage"] == "pseudolabel":
+            run_pseudolabel(load_config(PseudolabelConfig, st["config"], st["overrides"]))
+        elif st["stage"] == "train":
+            run_train(load_train_config(st["config"], ["resume=true", *st["overrides"]]))
+        else:
+            run_evaluate(load_config(EvaluateConfig, st["config"], st["overrides"]))
