@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence, Tuple
 
 import pytest
 
@@ -24,3 +25,31 @@ def coco256_root() -> Path:
     if not (root / "labels.csv").is_file():
         pytest.skip(f"../shared/data/coco256 not found: {root} is absent (real test data lives outside the repo)")
     return root
+
+
+def make_subset_dataset(src: Path, dst: Path, n_train: int, n_test: int = 0,
+                        bad: Sequence[Tuple[int, str, bytes, str, str]] = ()) -> Path:
+    """A folder-format dataset with the first ``n_train`` train and ``n_test`` test images of coco256.
+
+    ``bad``: (position in labels.csv, file name, file bytes, split, labels) rows to insert, e.g. corrupt
+    or truncated images.
+    """
+    import csv
+
+    rows = list(csv.DictReader(open(src / "labels.csv")))
+    keep = [r for r in rows if r["split"] == "train"][:n_train] + [r for r in rows if r["split"] == "test"][:n_test]
+    (dst / "images").mkdir(parents=True)
+    out = []
+    for r in keep:
+        name = Path(r["image"]).name
+        (dst / "images" / name).write_bytes((src / r["image"]).read_bytes())
+        out.append({"image": f"images/{name}", "split": r["split"], "labels": r["labels"]})
+    for pos, name, data, split, labels in bad:
+        (dst / "images" / name).write_bytes(data)
+        out.insert(pos, {"image": f"images/{name}", "split": split, "labels": labels})
+    with open(dst / "labels.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["image", "split", "labels"])
+        w.writeheader()
+        w.writerows(out)
+    (dst / "classes.txt").write_text((src / "classes.txt").read_text())
+    return dst

@@ -1,7 +1,6 @@
 """``vlpl evaluate`` (store mode, run mode, both), ``compare_runs``, and the demo dataset."""
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import make_subset_dataset
 from PIL import Image
 
 from vlpl.config import DataConfig, EvaluateConfig, PseudolabelConfig, load_config
@@ -26,23 +26,9 @@ REPORT_KEYS = {"schema", "created", "name", "kind", "split", "summary", "headlin
 
 
 def _subset(src: Path, dst: Path, n_train: int = 18, n_test: int = 12) -> Path:
-    """A folder dataset with the first coco256 train and test images, plus one corrupt test image."""
-    rows = list(csv.DictReader(open(src / "labels.csv")))
-    keep = [r for r in rows if r["split"] == "train"][:n_train] + [r for r in rows if r["split"] == "test"][:n_test]
-    (dst / "images").mkdir(parents=True)
-    out = []
-    for r in keep:
-        name = Path(r["image"]).name
-        (dst / "images" / name).write_bytes((src / r["image"]).read_bytes())
-        out.append({"image": f"images/{name}", "split": r["split"], "labels": r["labels"]})
-    (dst / "images" / "broken.jpg").write_bytes(b"not a jpeg" * 20)
-    out.append({"image": "images/broken.jpg", "split": "test", "labels": "person"})
-    with open(dst / "labels.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["image", "split", "labels"])
-        w.writeheader()
-        w.writerows(out)
-    (dst / "classes.txt").write_text((src / "classes.txt").read_text())
-    return dst
+    """The first coco256 train and test images, plus one corrupt test image."""
+    return make_subset_dataset(src, dst, n_train, n_test,
+                               bad=[(n_train + n_test, "broken.jpg", b"not a jpeg" * 20, "test", "person")])
 
 
 @pytest.fixture(scope="module")

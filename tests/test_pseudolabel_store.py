@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import make_subset_dataset
 
 from vlpl.config import ConfigError, PseudolabelConfig, load_config
 from vlpl.pseudolabel.stage import run_pseudolabel
@@ -22,28 +23,13 @@ REPO = Path(__file__).resolve().parent.parent
 TINY = str(REPO / "configs" / "models" / "tiny.yaml")
 
 
-def _mini_dataset(src: Path, dst: Path, n: int = 24, corrupt: bool = True) -> Path:
-    """A folder dataset with the first n coco256 train images (+ a corrupt and a truncated JPEG)."""
-    rows = list(csv.DictReader(open(src / "labels.csv")))
-    train = [r for r in rows if r["split"] == "train"][:n]
-    (dst / "images").mkdir(parents=True)
-    out = []
-    for r in train:
-        name = Path(r["image"]).name
-        (dst / "images" / name).write_bytes((src / r["image"]).read_bytes())
-        out.append({"image": f"images/{name}", "split": "train", "labels": r["labels"]})
-    if corrupt:
-        (dst / "images" / "corrupt.jpg").write_bytes(b"this is not a jpeg" * 10)
-        data = (src / train[0]["image"]).read_bytes()
-        (dst / "images" / "truncated.jpg").write_bytes(data[: len(data) // 3])
-        out.insert(5, {"image": "images/corrupt.jpg", "split": "train", "labels": "person"})
-        out.insert(9, {"image": "images/truncated.jpg", "split": "test", "labels": "person|dog"})
-    with open(dst / "labels.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["image", "split", "labels"])
-        w.writeheader()
-        w.writerows(out)
-    (dst / "classes.txt").write_text((src / "classes.txt").read_text())
-    return dst
+def _mini_dataset(src: Path, dst: Path, n: int = 24) -> Path:
+    """The first n coco256 train images, plus a corrupt and a truncated JPEG."""
+    first = next(r for r in csv.DictReader(open(src / "labels.csv")) if r["split"] == "train")
+    data = (src / first["image"]).read_bytes()
+    return make_subset_dataset(src, dst, n_train=n, bad=[
+        (5, "corrupt.jpg", b"this is not a jpeg" * 10, "train", "person"),
+        (9, "truncated.jpg", data[: len(data) // 3], "test", "person|dog")])
 
 
 def _cfg(data: Path, out: Path, *extra: str) -> PseudolabelConfig:
