@@ -174,15 +174,29 @@ def predict(accelerator: Any, model: torch.nn.Module, loader: DataLoader, n: int
     return probs
 
 
+def _terms_over_processes(accelerator: Any, terms: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """Loss terms of the global batch for the log: the mean over processes of each process's batch mean
+    (equal slices), and the sum for counts (``num_*``). A collective: every process calls it."""
+    vals = torch.stack([v.detach().float().reshape(()) for v in terms.values()]).to(accelerator.device)
+    if accelerator.num_processes > 1:
+        vals = accelerator.reduce(vals, reduction="mean")
+    return {n: v * accelerator.num_processes if n.startswith("num_") else v for n, v in zip(terms, vals.tolist())}
+
+
 def run_train(cfg: TrainConfig) -> Path:
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     out = Path(cfg.out)
-    # split_batches: batch_size is the global batch (the papers' number) whatever the process count
+    # split_batches: batch_size is the global batch (the papers' number) whatever the process count. It must go
+    # through DataLoaderConfiguration: Accelerator(split_batches=True) is accepted and silently ignored
+    # (huggingface/accelerate#3177), which left every process with a whole batch.
     accelerator = Accelerator(mixed_precision=_mixed_precision(cfg), gradient_accumulation_steps=cfg.grad_accum,
-                              cpu=not torch.cuda.is_available(), split_batches=True)
+                              cpu=not torch.cuda.is_available(),
+                              dataloader_config=DataLoaderConfiguration(split_batches=True))
+    if not accelerator.split_batches:  # guard against the option being dropped again
+        raise RuntimeError("accelerate did not enable split_batches; vlpl's global batch size depends on it")
     if cfg.batch_size % accelerator.num_processes:
         raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the {accelerator.num_processes} processes")
     if cfg.deterministic:
@@ -238,6 +252,7 @@ def run_train(cfg: TrainConfig) -> Path:
     if pass_loader is not None:
         pass_loader = accelerator.prepare(pass_loader)
     loss_fn.to(accelerator.device)
+    loss_fn.set_distributed(accelerator.num_processes > 1)  # global-batch statistics, synced loss state
     progress = Progress()
     accelerator.register_for_checkpointing(loss_fn, progress)
 
@@ -292,6 +307,8 @@ def run_train(cfg: TrainConfig) -> Path:
                     logits = model(x)
                 terms = loss_fn(LossBatch(logits=logits.float(), index=k.to(accelerator.device), pseudo=pseudo))
                 accelerator.backward(terms["loss"])
+                if accelerator.sync_gradients:
+                    loss_fn.average_gradients()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             progress.step += 1
@@ -304,7 +321,7 @@ def run_train(cfg: TrainConfig) -> Path:
                 now = time.perf_counter()
                 ips = n_img_log / max(now - t_last, 1e-9)
                 rec: Dict[str, Any] = {"kind": "step", "epoch": epoch, "step": progress.step,
-                                       **{n: float(v.detach()) for n, v in terms.items()},
+                                       **_terms_over_processes(accelerator, terms),
                                        "lr": optimizer.param_groups[0]["lr"], "head_lr": optimizer.param_groups[1]["lr"],
                                        "images_per_s": ips, "data_wait_frac": wait / max(now - t_epoch, 1e-9)}
                 if pseudo is not None:
@@ -321,6 +338,7 @@ def run_train(cfg: TrainConfig) -> Path:
             t_fetch = time.perf_counter()
         bar.close()
         train_time = time.perf_counter() - t_epoch
+        loss_fn.sync_state()
 
         extra: Dict[str, float] = {}
         if pass_loader is not None:
@@ -344,7 +362,8 @@ def run_train(cfg: TrainConfig) -> Path:
                 _save_best(accelerator, model, out, preds, evals)
         else:
             progress.since_best += 1
-        rec = {"kind": "epoch", "epoch": epoch, "step": progress.step, "train_loss": loss_sum / max(n_steps, 1),
+        train_loss = _terms_over_processes(accelerator, {"loss": torch.tensor(loss_sum / max(n_steps, 1))})["loss"]
+        rec = {"kind": "epoch", "epoch": epoch, "step": progress.step, "train_loss": train_loss,
                "val_map": val_map, "test_map": maps.get(cfg.test_split), "epoch_time_s": train_time,
                "images_per_s": n_img / max(train_time, 1e-9), "best_epoch": progress.best_epoch, **extra}
         progress.history.append(rec)
