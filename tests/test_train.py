@@ -193,6 +193,12 @@ def test_two_process_loss_state_matches_one_process(method, extra, port, store, 
         assert abs(w2 - w1) <= 0.1 * w1, (w1, w2)
 
 
+@pytest.mark.slow
+def test_batches_not_divisible_by_the_process_count_are_clear_errors(store, tmp_path):
+    r = _torchrun(29550, _cli_train(store, tmp_path / "odd", "eval_batch_size=33"))
+    assert r.returncode != 0 and "eval_batch_size=33 must be divisible by the 2 processes" in r.stderr
+
+
 def test_open_clip_tower_backbone_and_grad_accum(store, tmp_path):
     out = tmp_path / "oc"
     cfg = load_train_config([], _train_args(store, out, "method=aevlp", "dataset=coco2014", "model.kind=open_clip",

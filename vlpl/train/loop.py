@@ -197,8 +197,10 @@ def run_train(cfg: TrainConfig) -> Path:
                               dataloader_config=DataLoaderConfiguration(split_batches=True))
     if not accelerator.split_batches:  # guard against the option being dropped again
         raise RuntimeError("accelerate did not enable split_batches; vlpl's global batch size depends on it")
-    if cfg.batch_size % accelerator.num_processes:
-        raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the {accelerator.num_processes} processes")
+    for key in ("batch_size", "eval_batch_size"):  # both are global batches, split across processes
+        if getattr(cfg, key) % accelerator.num_processes:
+            raise ConfigError(f"{key}={getattr(cfg, key)} must be divisible by the {accelerator.num_processes} "
+                              f"processes")
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
