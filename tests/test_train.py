@@ -138,7 +138,7 @@ def test_killed_run_resumes_to_the_same_weights(store, tmp_path):
 @pytest.mark.slow
 def test_two_process_torchrun_matches_one_process(store, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    args = ("epochs=1", "max_steps_per_epoch=3", "pseudo.dynamic=false", "batch_size=16")
+    args = ("epochs=1", "max_steps_per_epoch=3", "pseudo.dynamic=true", "batch_size=16")
     subprocess.run(_cli_train(store, one, *args), check=True, env=_env(), capture_output=True)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                         "29547", "-m", "vlpl", *_cli_train(store, two, *args)[3:]],
@@ -149,6 +149,8 @@ def test_two_process_torchrun_matches_one_process(store, tmp_path):
     # same global batches; BatchNorm sees half-batches per process, hence a tolerance, not equality
     assert len(s1) == len(s2)
     assert abs(s1[0]["loss"] - s2[0]["loss"]) < 0.02 * s1[0]["loss"]
+    # the rule runs on the global batch in each process: the same dynamic flips and pseudo-labels as 1 process
+    assert [r["pseudo_pos_per_image"] for r in s1] == [r["pseudo_pos_per_image"] for r in s2]
     p1 = np.load(one / "predictions" / "test.npz")["probs"]
     p2 = np.load(two / "predictions" / "test.npz")["probs"]
     assert p1.shape == p2.shape and np.abs(p1 - p2).max() < 0.05

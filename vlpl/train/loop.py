@@ -301,9 +301,13 @@ def run_train(cfg: TrainConfig) -> Path:
             kc = k.cpu()
             pseudo = None
             if use_rule:
-                pseudo = apply_rule(cfg.pseudo.rule, train_scores[kc].float(), train_obs[kc],
-                                    dynamic=cfg.pseudo.dynamic, generator=rule_gen, **cfg.pseudo.params)
-                pseudo = pseudo.to(accelerator.device)
+                # the rule runs on the whole global batch in every process (it is cheap), so the dynamic
+                # flip draws are those of a 1-process run; each process keeps its own slice
+                k_all = accelerator.gather(k).cpu() if accelerator.num_processes > 1 else kc
+                pseudo_all = apply_rule(cfg.pseudo.rule, train_scores[k_all].float(), train_obs[k_all],
+                                        dynamic=cfg.pseudo.dynamic, generator=rule_gen, **cfg.pseudo.params)
+                start = accelerator.process_index * len(kc)
+                pseudo = pseudo_all[start:start + len(kc)].to(accelerator.device)
             with accelerator.accumulate(model):
                 with accelerator.autocast():
                     logits = model(x)
@@ -326,10 +330,10 @@ def run_train(cfg: TrainConfig) -> Path:
                                        **_terms_over_processes(accelerator, terms),
                                        "lr": optimizer.param_groups[0]["lr"], "head_lr": optimizer.param_groups[1]["lr"],
                                        "images_per_s": ips, "data_wait_frac": wait / max(now - t_epoch, 1e-9)}
-                if pseudo is not None:
-                    unk = train_obs[kc] == 0
-                    rec["pseudo_pos_per_image"] = float(((pseudo.cpu() == 1) & unk).sum() / len(k))
-                    rec["pseudo_neg_per_image"] = float(((pseudo.cpu() == -1) & unk).sum() / len(k))
+                if pseudo is not None:  # over the global batch
+                    unk = train_obs[k_all] == 0
+                    rec["pseudo_pos_per_image"] = float(((pseudo_all == 1) & unk).sum() / len(k_all))
+                    rec["pseudo_neg_per_image"] = float(((pseudo_all == -1) & unk).sum() / len(k_all))
                 if flops:
                     rec["tflops_per_s"] = 3 * flops * ips / 1e12  # forward + backward ~ 3x forward
                     if peak:
