@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
     from vlpl.config import ModelConfig
     from vlpl.pseudolabel.stage import Scorer
+    from vlpl.train.flops import forward_flops, peak_flops
     from vlpl.vlm.backend import create_backend
     from vlpl.vlm.views import ViewSpec, tile_boxes
 
@@ -116,7 +117,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
     # FLOPs of one view, for the FLOP-limited rate on a GPU
     h, w = pp.image_size
-    f_view = C.frozen_forward_flops(backend.model.encode_image, torch.zeros(1, 3, h, w, device=device))
+    f_view = forward_flops(backend.model, torch.zeros(1, 3, h, w, device=device), backend.model.encode_image)
     V = spec.num_views
 
     log.info("warmup")
@@ -144,7 +145,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         "shape": list(a.shape),
     }
     med = {k: C.median(v) for k, v in per_round.items()}
-    peak = C.peak_flops(device)
+    peak = peak_flops(device)
     limit = peak / (V * f_view) if peak else None
     variants_out = {k: {"images_per_s_median": med[k], "images_per_s_rounds": per_round[k],
                         "views_per_s_median": med[k] * V,
@@ -167,7 +168,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         "by PIL vs torch interpolation and the float16 store format. Random weights give cosines of small spread "
         "(score_std), so also compare max_abs_diff to score_std.",
         "FLOPs: FlopCounterMode (matmuls only; attention counted on SDPA's math path, off nn.MultiheadAttention's fused no-grad fast path, which the counter misses) on one view; flop_limited_images_per_s = peak / (V x F_view) with "
-        "vlpl.train.loop.PEAK_FLOPS (dense bf16), GPU only.",
+        "vlpl.train.flops.PEAK_FLOPS (dense bf16), GPU only.",
         "Weights are random (speed does not depend on them).",
     ]
     if device.type == "cpu":

@@ -69,6 +69,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     from vlpl.config import BackboneConfig, ModelConfig
     from vlpl.pseudolabel.rules import apply_rule
     from vlpl.train.data import image_transform
+    from vlpl.train.flops import count_flops, forward_flops, peak_flops
     from vlpl.train.losses import LossBatch, create_loss
     from vlpl.train.model import create_classifier
     from vlpl.vlm.backend import create_backend
@@ -154,15 +155,12 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     variants: Dict[str, Callable[[int], float]] = {"cached": step_cached, "clip": step_clip}
 
     # ---- FLOPs (one sample each) ---------------------------------------------------------------
-    model.eval()
-    with torch.no_grad():
-        f_bb = C.forward_flops(lambda: model(torch.zeros(1, 3, args.image_size, args.image_size, device=device)))
-    model.train()
-    f_bb_train = C.forward_flops(
+    f_bb = forward_flops(model, torch.zeros(1, 3, args.image_size, args.image_size, device=device))
+    f_bb_train = count_flops(
         lambda: model(torch.zeros(2, 3, args.image_size, args.image_size, device=device)).sum().backward()) / 2
     opt.zero_grad(set_to_none=True)
     h, w = backend.preprocess.image_size
-    f_clip = C.frozen_forward_flops(backend.model.encode_image, torch.zeros(1, 3, h, w, device=device))
+    f_clip = forward_flops(backend.model, torch.zeros(1, 3, h, w, device=device), backend.model.encode_image)
     expected_ratio = (3 * f_bb + V * f_clip) / (3 * f_bb)
     if args.flops_only:
         return {"flops_only": True, "args": vars(args), "expected_ratio": expected_ratio,
@@ -204,7 +202,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     ratio = med["cached"] / med["clip"]
     clip_ms = 1e3 * B / med["clip"]
     ratio_views_hidden = (clip_ms - views_ms) / (1e3 * B / med["cached"]) if clip_ms > views_ms else None
-    peak = C.peak_flops(device)
+    peak = peak_flops(device)
     flops_per_image = {"cached": 3 * f_bb, "clip": 3 * f_bb + V * f_clip}
     variants_out: Dict[str, Any] = {}
     for k in variants:

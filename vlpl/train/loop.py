@@ -35,14 +35,11 @@ from vlpl.registry import RULES, check_kwargs
 from vlpl.store.atomic import atomic_path, atomic_write_json, atomic_write_text
 from vlpl.store.store import ScoreStore
 from vlpl.train.data import EpochShuffle, ImageRows, SplitData, image_transform, load_split
+from vlpl.train.flops import forward_flops, peak_flops
 from vlpl.train.losses import LossBatch, create_loss
 from vlpl.train.model import Classifier, create_classifier
 
 log = logging.getLogger(__name__)
-
-# Dense bf16 peak FLOP/s of the GPUs we report MFU for (vendor datasheets).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
-
 
 class Progress:
     """Training progress that is checkpointed with the model (accelerate custom object)."""
@@ -111,23 +108,12 @@ def _scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer) -> torch.optim.lr_s
 
 
 def _flops_per_image(model: Classifier, size: int) -> Optional[float]:
-    """Forward FLOPs of one image (torch's FLOP counter), for throughput and MFU reporting."""
+    """Forward FLOPs of one image, for throughput and MFU reporting (None if they cannot be counted)."""
     try:
-        from torch.utils.flop_counter import FlopCounterMode
-
         dev = next(model.parameters()).device
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
-            model(torch.zeros(1, 3, size, size, device=dev))
-        return float(fc.get_total_flops())
+        return forward_flops(model, torch.zeros(1, 3, size, size, device=dev))
     except Exception:  # noqa: BLE001 - reporting only
         return None
-
-
-def _peak_flops(device: torch.device) -> Optional[float]:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
 def _save_npz(path: Path, **arrays: Any) -> None:
@@ -276,7 +262,7 @@ def run_train(cfg: TrainConfig) -> Path:
     metrics = JsonlLog(out / "metrics.jsonl", main)
     train_obs = torch.from_numpy(train.observed)
     train_scores = torch.from_numpy(train.scores) if use_rule else None
-    peak = _peak_flops(accelerator.device)
+    peak = peak_flops(accelerator.device)
     show = cfg.progress and main and sys.stderr.isatty()
     steps_per_epoch = len(train_loader) if cfg.max_steps_per_epoch is None \
         else min(len(train_loader), cfg.max_steps_per_epoch)
