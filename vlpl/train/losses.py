@@ -336,13 +336,15 @@ class SPMLLoss(nn.Module):
             masks = _Masks(pos=(z == 1).float(), neg=(z == -1).float(), unk=(z == 0).float())
         return s, p, z, masks
 
-    def _pseudo(self, batch: LossBatch, like: torch.Tensor) -> torch.Tensor:
+    def _pseudo_masks(self, batch: LossBatch, like: torch.Tensor,
+                      m: _Masks) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Float masks of the unknown entries whose pseudo-label is ``+1``, ``-1`` and ``0``."""
         if batch.pseudo is None:
             raise ValueError(f"loss {type(self).__name__} requires batch.pseudo (pseudo-labels)")
         pseudo = batch.pseudo.to(like.device)
         if pseudo.shape != like.shape:
             raise ValueError(f"pseudo must have shape {tuple(like.shape)}, got {tuple(pseudo.shape)}")
-        return pseudo
+        return m.unk * (pseudo == 1).float(), m.unk * (pseudo == -1).float(), m.unk * (pseudo == 0).float()
 
     @staticmethod
     def _finish(
@@ -1017,10 +1019,7 @@ class GPRLoss(_GRScheduled):
 
     def forward(self, batch: LossBatch) -> Dict[str, torch.Tensor]:
         _, p, _, m = self._prepare(batch)
-        pseudo = self._pseudo(batch, p)
-        pp = m.unk * (pseudo == 1).float()
-        pn = m.unk * (pseudo == -1).float()
-        neutral = m.unk * (pseudo == 0).float()
+        pp, pn, neutral = self._pseudo_masks(batch, p, m)
         gr_term, v = self._gr_unknown(p)
         lpos, lneg = neg_log_pos(p, self.eps), neg_log_neg(p, self.eps)
         omega = self.pseudo_pos_weight(v)
@@ -1083,10 +1082,7 @@ class VLPLLoss(SPMLLoss):
 
     def forward(self, batch: LossBatch) -> Dict[str, torch.Tensor]:
         _, p, _, m = self._prepare(batch)
-        pseudo = self._pseudo(batch, p)
-        pp = m.unk * (pseudo == 1).float()
-        pn = m.unk * (pseudo == -1).float()
-        neutral = m.unk * (pseudo == 0).float()
+        pp, pn, neutral = self._pseudo_masks(batch, p, m)
         lpos, lneg = neg_log_pos(p, self.eps), neg_log_neg(p, self.eps)
         t = self.pseudo_pos_target
         terms = {
