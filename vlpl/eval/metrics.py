@@ -13,7 +13,7 @@ scale (mAP in percent); precision/recall/F1 values are fractions in [0, 1].
 """
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, NamedTuple
 
 import numpy as np
 
@@ -37,7 +37,7 @@ def _as_2d(y_true: Any, scores: Any) -> tuple[np.ndarray, np.ndarray]:
     return y.astype(bool), s
 
 
-def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+def safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     """``num / den`` elementwise, 0 where ``den == 0``."""
     num = np.asarray(num, dtype=np.float64)
     den = np.asarray(den, dtype=np.float64)
@@ -79,7 +79,7 @@ def average_precision(y_true: Any, scores: Any) -> np.ndarray:
     end_idx = np.minimum.accumulate(end_idx[::-1], axis=0)[::-1]
     precision_at_end = np.take_along_axis(tp / rank, end_idx, axis=0)
     n_pos = tp[-1]
-    return _safe_div((y_sorted * precision_at_end).sum(axis=0), n_pos)
+    return safe_div((y_sorted * precision_at_end).sum(axis=0), n_pos)
 
 
 def mean_average_precision(y_true: Any, scores: Any) -> Dict[str, Any]:
@@ -105,6 +105,38 @@ def mean_average_precision(y_true: Any, scores: Any) -> Dict[str, Any]:
     }
 
 
+class PRF(NamedTuple):
+    """Precision / recall / F1 of a boolean prediction mask, per class (``*_c``, arrays) and micro."""
+
+    tp_c: np.ndarray
+    pred_c: np.ndarray
+    true_c: np.ndarray
+    p_c: np.ndarray
+    r_c: np.ndarray
+    f1_c: np.ndarray
+    p: float
+    r: float
+    f1: float
+
+
+def prf(truth: np.ndarray, pred: np.ndarray) -> PRF:
+    """Per-class and micro precision / recall / F1 of boolean ``pred`` against boolean ``truth`` (N, C).
+
+    ``P_c = TP_c / #pred_c``, ``R_c = TP_c / #true_c``, micro ``P = sum TP / sum #pred``,
+    ``R = sum TP / sum #true``, F1 = ``2 P R / (P + R)``; every 0/0 is 0. Shared by the ML-GCN metrics
+    below and the pseudo-label quality of :mod:`vlpl.eval.quality`.
+    """
+    tp_c = (truth & pred).sum(axis=0).astype(np.float64)
+    pred_c = pred.sum(axis=0).astype(np.float64)
+    true_c = truth.sum(axis=0).astype(np.float64)
+    p_c = safe_div(tp_c, pred_c)
+    r_c = safe_div(tp_c, true_c)
+    p = float(safe_div(tp_c.sum(), pred_c.sum()))
+    r = float(safe_div(tp_c.sum(), true_c.sum()))
+    return PRF(tp_c, pred_c, true_c, p_c, r_c, safe_div(2 * p_c * r_c, p_c + r_c), p, r,
+               float(safe_div(2 * p * r, p + r)))
+
+
 def _prf_from_predictions(y: np.ndarray, pred: np.ndarray) -> Dict[str, Any]:
     """Per-class and overall precision / recall / F1 from boolean predictions (ML-GCN definitions).
 
@@ -115,25 +147,19 @@ def _prf_from_predictions(y: np.ndarray, pred: np.ndarray) -> Dict[str, Any]:
     a class without positives, P + R = 0) is defined as 0, and such a class still counts in the
     class average.
     """
-    tp = (y & pred).sum(axis=0).astype(np.float64)
-    n_pred = pred.sum(axis=0).astype(np.float64)
-    n_true = y.sum(axis=0).astype(np.float64)
-    p_c = _safe_div(tp, n_pred)
-    r_c = _safe_div(tp, n_true)
-    cp = float(p_c.mean()) if p_c.size else 0.0
-    cr = float(r_c.mean()) if r_c.size else 0.0
-    op = float(_safe_div(tp.sum(), n_pred.sum()))
-    orr = float(_safe_div(tp.sum(), n_true.sum()))
+    c = prf(y, pred)
+    cp = float(c.p_c.mean()) if c.p_c.size else 0.0
+    cr = float(c.r_c.mean()) if c.r_c.size else 0.0
     return {
         "CP": cp,
         "CR": cr,
-        "CF1": float(_safe_div(2 * cp * cr, cp + cr)),
-        "OP": op,
-        "OR": orr,
-        "OF1": float(_safe_div(2 * op * orr, op + orr)),
-        "per_class_precision": p_c.tolist(),
-        "per_class_recall": r_c.tolist(),
-        "per_class_f1": _safe_div(2 * p_c * r_c, p_c + r_c).tolist(),
+        "CF1": float(safe_div(2 * cp * cr, cp + cr)),
+        "OP": c.p,
+        "OR": c.r,
+        "OF1": c.f1,
+        "per_class_precision": c.p_c.tolist(),
+        "per_class_recall": c.r_c.tolist(),
+        "per_class_f1": c.f1_c.tolist(),
     }
 
 

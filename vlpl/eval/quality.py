@@ -21,15 +21,9 @@ from typing import Any, Dict, List, Sequence
 
 import numpy as np
 
+from vlpl.eval.metrics import prf, safe_div
+
 __all__ = ["pseudo_label_quality", "threshold_sweep"]
-
-
-def _safe_div(num: Any, den: Any) -> np.ndarray:
-    num = np.asarray(num, dtype=np.float64)
-    den = np.asarray(den, dtype=np.float64)
-    out = np.zeros(np.broadcast(num, den).shape, dtype=np.float64)
-    np.divide(num, den, out=out, where=den != 0)
-    return out
 
 
 def _check(labels: Any, observed: Any, other: Any, other_name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -50,28 +44,22 @@ def _check(labels: Any, observed: Any, other: Any, other_name: str) -> tuple[np.
 
 def _prf(pred: np.ndarray, truth: np.ndarray, num_images: int) -> Dict[str, Any]:
     """Per-class and micro (overall) precision / recall / true F1 of a boolean prediction mask."""
-    tp_c = (pred & truth).sum(axis=0)
-    pred_c = pred.sum(axis=0)
-    true_c = truth.sum(axis=0)
-    p_c = _safe_div(tp_c, pred_c)
-    r_c = _safe_div(tp_c, true_c)
-    tp, n_pred, n_true = int(tp_c.sum()), int(pred_c.sum()), int(true_c.sum())
-    p = float(_safe_div(tp, n_pred))
-    r = float(_safe_div(tp, n_true))
+    c = prf(truth, pred)
+    tp, n_pred, n_true = int(c.tp_c.sum()), int(c.pred_c.sum()), int(c.true_c.sum())
     return {
-        "precision": p,
-        "recall": r,
-        "f1": float(_safe_div(2 * p * r, p + r)),
+        "precision": c.p,
+        "recall": c.r,
+        "f1": c.f1,
         "tp": tp,
         "num_pred": n_pred,
         "num_true": n_true,
-        "per_image": float(_safe_div(n_pred, num_images)),
+        "per_image": float(safe_div(n_pred, num_images)),
         "per_class": {
-            "precision": p_c.tolist(),
-            "recall": r_c.tolist(),
-            "f1": _safe_div(2 * p_c * r_c, p_c + r_c).tolist(),
-            "num_pred": pred_c.astype(int).tolist(),
-            "num_true": true_c.astype(int).tolist(),
+            "precision": c.p_c.tolist(),
+            "recall": c.r_c.tolist(),
+            "f1": c.f1_c.tolist(),
+            "num_pred": c.pred_c.astype(int).tolist(),
+            "num_true": c.true_c.astype(int).tolist(),
         },
     }
 
@@ -110,9 +98,9 @@ def pseudo_label_quality(pseudo: Any, labels: Any, observed: Any) -> Dict[str, A
         "including_observed": incl,
         "negatives": {
             "count": n_neg,
-            "per_image": float(_safe_div(n_neg, n)),
+            "per_image": float(safe_div(n_neg, n)),
             "num_truly_negative": n_true_neg,
-            "precision": float(_safe_div(n_true_neg, n_neg)),
+            "precision": float(safe_div(n_true_neg, n_neg)),
         },
         "num_images": n,
     }
@@ -145,15 +133,15 @@ def threshold_sweep(
     for t in thresholds:
         n_pred = int(all_sorted.size - np.searchsorted(all_sorted, t, side="left"))
         tp = int(n_true - np.searchsorted(pos_sorted, t, side="left"))
-        p = float(_safe_div(tp, n_pred))
-        r = float(_safe_div(tp, n_true))
+        p = float(safe_div(tp, n_pred))
+        r = float(safe_div(tp, n_true))
         out.append(
             {
                 "threshold": float(t),
                 "precision": p,
                 "recall": r,
-                "f1": float(_safe_div(2 * p * r, p + r)),
-                "per_image": float(_safe_div(n_pred, n)),
+                "f1": float(safe_div(2 * p * r, p + r)),
+                "per_image": float(safe_div(n_pred, n)),
                 "num_pred": n_pred,
                 "tp": tp,
             }
