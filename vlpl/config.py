@@ -294,7 +294,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             raise bad()
         return value
     if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+        if isinstance(value, str):  # a quoted number ("1e-5") is that number
             try:
                 return float(value)
             except ValueError:
@@ -374,6 +374,20 @@ def _resolve_config_path(name: str, relative_to: Optional[Path]) -> Path:
     raise ConfigError(f"config file {name!r} not found (looked in: {', '.join(str(c) for c in candidates)})")
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that YAML 1.2 floats without a dot (``1e-5``) are floats, not strings."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+0123456789."))
+
+
+def yaml_load(stream: Any) -> Any:
+    """Parse YAML text or a stream with the safe loader; every config, recipe and pipeline goes through it,
+    so ``temp: 1e-2`` in a file and ``pseudo.params.temp=1e-2`` on the command line are the same float."""
+    return yaml.load(stream, Loader=_YamlLoader)
+
+
 def load_yaml_file(path: Union[str, Path], _stack: Tuple[Path, ...] = ()) -> Tuple[Dict[str, Any], Dict[str, str]]:
     """Read a YAML config (safe loader) with its ``include:`` list; returns (data, key sources)."""
     path = Path(path).resolve()
@@ -381,7 +395,7 @@ def load_yaml_file(path: Union[str, Path], _stack: Tuple[Path, ...] = ()) -> Tup
         raise ConfigError(f"config include cycle: {' -> '.join(str(p) for p in _stack + (path,))}")
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
+            data = yaml_load(f) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     except OSError as e:
@@ -403,9 +417,6 @@ def load_yaml_file(path: Union[str, Path], _stack: Tuple[Path, ...] = ()) -> Tup
     return merged, sources
 
 
-_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-
-
 def parse_override(text: str) -> Tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected key.sub=value")
@@ -414,11 +425,9 @@ def parse_override(text: str) -> Tuple[str, Any]:
     if not key:
         raise ConfigError(f"override {text!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw != "" else None
+        value = yaml_load(raw) if raw != "" else None
     except yaml.YAMLError:
         value = raw
-    if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
-        value = float(value)  # YAML 1.1 leaves 1e-5 (no dot) a string; free-form params need the number
     return key, value
 
 

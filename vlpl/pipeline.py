@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Sequence
 
 import yaml
 
-from vlpl.config import ConfigError
+from vlpl.config import ConfigError, yaml_load
 
 log = logging.getLogger(__name__)
 STAGES = ("pseudolabel", "train", "evaluate")
@@ -57,7 +57,7 @@ def _flatten(d: Dict[str, Any], prefix: str = "") -> List[str]:
 def load_pipeline(path: str, variables: Sequence[str] = ()) -> List[Dict[str, Any]]:
     p = Path(path)
     try:
-        doc = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        doc = yaml_load(p.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"cannot read pipeline {p}: {e}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("stages"), list):

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import yaml
 
-from vlpl.config import ConfigError, EvaluateConfig, save_resolved, to_dict
+from vlpl.config import ConfigError, EvaluateConfig, save_resolved, to_dict, yaml_load
 from vlpl.eval.metrics import f1_metrics, f1_metrics_topk, mean_average_precision
 from vlpl.eval.quality import pseudo_label_quality, threshold_sweep
 from vlpl.eval.report import (
@@ -173,7 +173,7 @@ def _evaluate_run(run: Path, cfg: EvaluateConfig) -> Tuple[Dict[str, Any], Dict[
     train_config = None
     if (run / "config.yaml").is_file():
         try:
-            train_config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+            train_config = yaml_load((run / "config.yaml").read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
             log.warning("%s: not valid YAML (%s)", run / "config.yaml", e)
     epochs = _read_epochs(run / "metrics.jsonl")

@@ -9,8 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import yaml
-
 from vlpl.config import (
     CONFIG_DIRS,
     ConfigError,
@@ -20,6 +18,7 @@ from vlpl.config import (
     load_config,
     load_yaml_file,
     parse_override,
+    yaml_load,
 )
 
 
@@ -33,7 +32,7 @@ def recipe(method: str, dataset: Optional[str]) -> Tuple[Dict[str, Any], Path]:
     if path is None:
         raise ConfigError(f"method: unknown method {method!r}; expected one of: {', '.join(list_methods())}")
     with open(path, encoding="utf-8") as f:
-        doc = yaml.safe_load(f) or {}
+        doc = yaml_load(f) or {}
     unknown = set(doc) - {"defaults", "datasets", "description", "source"}
     if unknown:
         raise ConfigError(f"{path}: unknown top-level key(s) {sorted(unknown)}; expected defaults, datasets")
