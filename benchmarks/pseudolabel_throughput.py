@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     from PIL import Image
     from torchvision.transforms import Compose
 
-    from vlpl.config import ModelConfig
+    from vlpl.config import TeacherConfig
     from vlpl.pseudolabel.stage import Scorer
     from vlpl.train.flops import forward_flops, peak_flops
     from vlpl.vlm.backend import create_backend
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         raw = [r.pin_memory() for r in raw]
 
     pretrained = None if str(args.clip_pretrained).lower() in ("none", "") else args.clip_pretrained
-    backend = create_backend(ModelConfig(name=args.clip, pretrained=pretrained, device=str(device)), device)
+    backend = create_backend(TeacherConfig(name=args.clip, pretrained=pretrained, device=str(device)), device)
     text = backend.encode_text(C.class_names(args.classes), "a photo of a {}.").to(device)
     pp = backend.preprocess
     mean, std = backend.normalization()

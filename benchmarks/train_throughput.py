@@ -66,7 +66,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
-    from vlpl.config import BackboneConfig, ModelConfig
+    from vlpl.config import StudentConfig, TeacherConfig
     from vlpl.pseudolabel.rules import apply_rule
     from vlpl.train.data import image_transform
     from vlpl.train.flops import count_flops, forward_flops, peak_flops
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     pil, source = C.load_images(n_img, args.seed)
 
     # ---- trainable classifier, loss, optimizer (as vlpl.train.loop) ---------------------------
-    model = create_classifier(BackboneConfig(kind="timm", name=args.backbone, pretrained=False,
+    model = create_classifier(StudentConfig(kind="timm", name=args.backbone, pretrained=False,
                                              image_size=args.image_size), Ncls).to(device)
     tf = image_transform(args.image_size, model.mean, model.std, train=True, hflip=True)
     x_batches = [torch.stack([tf(im) for im in pil[b * B:(b + 1) * B]]) for b in range(args.num_batches)]
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
     # ---- frozen CLIP (what AEVLP runs every step) --------------------------------------------
     pretrained = None if str(args.clip_pretrained).lower() in ("none", "") else args.clip_pretrained
-    backend = create_backend(ModelConfig(name=args.clip, pretrained=pretrained, device=str(device)), device)
+    backend = create_backend(TeacherConfig(name=args.clip, pretrained=pretrained, device=str(device)), device)
     text = backend.encode_text(C.class_names(Ncls), "a photo of a {}.").to(device)  # once, outside the steps
     spec = ViewSpec(g, False, backend.preprocess.image_size, "squash", backend.preprocess.interpolation)
     mean, std = backend.normalization()

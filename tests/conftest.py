@@ -53,3 +53,21 @@ def make_subset_dataset(src: Path, dst: Path, n_train: int, n_test: int = 0,
         w.writerows(out)
     (dst / "classes.txt").write_text((src / "classes.txt").read_text())
     return dst
+
+
+TINY_TEACHER = REPO_ROOT / "configs" / "models" / "tiny.yaml"
+
+
+@pytest.fixture(scope="session")
+def coco256_store(coco256_root, tmp_path_factory) -> Path:
+    """One score store over all of coco256 (tiny random teacher, grid 2 with flips: V = 10), built once per
+    session and shared by every test that only READS a store. A test that writes to a store (resume,
+    corruption, overwrite) must build its own."""
+    from vlpl.config import PseudolabelConfig, load_config
+    from vlpl.pseudolabel.stage import run_pseudolabel
+
+    out = tmp_path_factory.mktemp("coco256") / "store"
+    run_pseudolabel(load_config(PseudolabelConfig, [TINY_TEACHER], [
+        f"data.root={coco256_root}", f"out={out}", "shard_size=128", "num_workers=0", "progress=false",
+        "views.grid=2"]))
+    return out

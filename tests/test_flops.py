@@ -4,13 +4,13 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vlpl.config import BackboneConfig
+from vlpl.config import StudentConfig
 from vlpl.train.flops import forward_flops, peak_flops
 from vlpl.train.model import create_classifier
 
 
 def test_counting_leaves_batchnorm_statistics_and_mode_alone():
-    model = create_classifier(BackboneConfig(kind="timm", name="test_resnet", pretrained=False, image_size=32), 5)
+    model = create_classifier(StudentConfig(kind="timm", name="test_resnet", pretrained=False, image_size=32), 5)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     # a 32x32 conv net: its convolutions alone are well over a MFLOP
     assert forward_flops(model, torch.zeros(1, 3, 32, 32)) > 1e6
@@ -20,7 +20,7 @@ def test_counting_leaves_batchnorm_statistics_and_mode_alone():
 
 
 def test_vit_attention_is_counted_on_the_fast_path_too():
-    model = create_classifier(BackboneConfig(kind="open_clip", name="vlpl-tiny", pretrained=False, image_size=64,
+    model = create_classifier(StudentConfig(kind="open_clip", name="vlpl-tiny", pretrained=False, image_size=64,
                                              normalization="model"), 5)
     x = torch.zeros(1, 3, 64, 64)
     model.eval()

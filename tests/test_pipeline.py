@@ -17,7 +17,7 @@ def test_bundled_pipeline_resolves_to_stage_configs():
     assert "out=/tmp/w/store" in stages[0]["overrides"] and "views.grid=4" in stages[0]["overrides"]
     assert "views.flips=true" in stages[0]["overrides"]
     cfg = load_config(PseudolabelConfig, stages[0]["config"], stages[0]["overrides"])
-    assert cfg.out == "/tmp/w/store" and cfg.views.grid == 4 and cfg.model.name == "vlpl-tiny"
+    assert cfg.out == "/tmp/w/store" and cfg.views.grid == 4 and cfg.teacher.name == "vlpl-tiny"
     assert "epochs=3" in stages[1]["overrides"] and "method=aevlp" in stages[1]["overrides"]
 
 

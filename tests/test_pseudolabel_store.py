@@ -86,7 +86,7 @@ def test_scores_are_the_cosines_of_the_views(mini, mini_store):
 
     cfg = _cfg(mini, mini_store)
     ds = load_dataset(cfg.data)
-    b = create_backend(cfg.model, torch.device("cpu"))
+    b = create_backend(cfg.teacher, torch.device("cpu"))
     text = b.encode_text(ds.classes, "a photo of a {}.")
     img = torch.from_numpy(np.array(ds.open_image(0))).permute(2, 0, 1)
     spec = ViewSpec(4, True, b.preprocess.image_size)

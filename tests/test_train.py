@@ -14,8 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vlpl.config import ConfigError, PseudolabelConfig, load_config
-from vlpl.pseudolabel.stage import run_pseudolabel
+from vlpl.config import ConfigError
 from vlpl.train.loop import run_train
 from vlpl.train.recipes import load_train_config
 
@@ -25,12 +24,8 @@ TINY_NET = str(REPO / "configs" / "models" / "tiny_classifier.yaml")
 
 
 @pytest.fixture(scope="module")
-def store(coco256_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("train") / "store"
-    run_pseudolabel(load_config(PseudolabelConfig, [TINY_CLIP], [
-        f"data.root={coco256_root}", f"out={out}", "shard_size=128", "num_workers=0", "progress=false",
-        "views.grid=2"]))
-    return out
+def store(coco256_store):
+    return coco256_store
 
 
 def _train_args(store: Path, out: Path, *extra: str) -> list:
@@ -93,7 +88,7 @@ def test_training_lowers_loss_and_beats_untrained_map_on_train_images(store, tmp
     train = load_split(st, st.arrays(("sample_id", "image", "split", "observed", "labels", "scores", "status")),
                        "train", False)
     torch.manual_seed(cfg.seed)
-    untrained = create_classifier(cfg.model, 80).eval()
+    untrained = create_classifier(cfg.student, 80).eval()
     ds = ImageRows(Path(st.manifest["dataset"]["root"]), train.images,
                    image_transform(64, untrained.mean, untrained.std, False, False))
     with torch.no_grad():

@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from vlpl.config import ConfigError, ModelConfig
+from vlpl.config import ConfigError, TeacherConfig
 from vlpl.vlm.backend import OpenClipBackend, create_backend, template_strings
 from vlpl.vlm.views import ViewSpec, make_views, tile_boxes
 
-TINY = ModelConfig(name="vlpl-tiny", pretrained=None)
+TINY = TeacherConfig(name="vlpl-tiny", pretrained=None)
 
 
 @pytest.fixture(scope="module")
@@ -95,12 +95,12 @@ def test_local_checkpoint_file_loads(tiny, tmp_path):
     first = next(k for k in sd if k.endswith("proj") or "proj" in k)
     sd[first] = sd[first] + 0.5
     torch.save(sd, ckpt)
-    loaded = OpenClipBackend(ModelConfig(name="vlpl-tiny", pretrained=str(ckpt)), torch.device("cpu"))
+    loaded = OpenClipBackend(TeacherConfig(name="vlpl-tiny", pretrained=str(ckpt)), torch.device("cpu"))
     assert loaded.identity()["checkpoint_sha256"] and loaded.identity()["pretrained"] is None
     for k, v in loaded.model.state_dict().items():
         assert torch.equal(v, sd[k]), k
     with pytest.raises(ConfigError, match="does not exist"):
-        OpenClipBackend(ModelConfig(name="vlpl-tiny", pretrained=str(tmp_path / "missing.pt")), torch.device("cpu"))
+        OpenClipBackend(TeacherConfig(name="vlpl-tiny", pretrained=str(tmp_path / "missing.pt")), torch.device("cpu"))
 
 
 def _save_tiny_hf_clip(path):
@@ -132,7 +132,7 @@ def test_hf_clip_backend_round_trip(tmp_path):
     from transformers import CLIPModel
 
     _save_tiny_hf_clip(tmp_path)
-    b = create_backend(ModelConfig(backend="hf", name=str(tmp_path)), torch.device("cpu"))
+    b = create_backend(TeacherConfig(backend="hf", name=str(tmp_path)), torch.device("cpu"))
     assert b.preprocess.image_size == (32, 32) and b.embed_dim == 16
     t = b.encode_text(["cat", "dog"], "a photo of a {}.")
     assert t.shape == (2, 16) and torch.allclose(t.norm(dim=-1), torch.ones(2))
@@ -147,6 +147,6 @@ def test_hf_clip_backend_round_trip(tmp_path):
 
 def test_bad_backend_names_are_clear_errors(tmp_path):
     with pytest.raises(ConfigError, match="model.backend"):
-        create_backend(ModelConfig(backend="nope"), torch.device("cpu"))
+        create_backend(TeacherConfig(backend="nope"), torch.device("cpu"))
     with pytest.raises(ConfigError, match="cannot create open_clip model"):
-        create_backend(ModelConfig(name="no-such-model", pretrained=None), torch.device("cpu"))
+        create_backend(TeacherConfig(name="no-such-model", pretrained=None), torch.device("cpu"))

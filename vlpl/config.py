@@ -15,17 +15,19 @@ the project's ``configs/`` folder): the included files are merged first, the inc
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, TypeVar, Union
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple, Type, TypeVar, Union
 
 import yaml
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 CONFIG_DIRS = [Path(__file__).resolve().parent.parent / "configs"]
 
@@ -69,6 +71,21 @@ class ObservedConfig:
 
 
 @dataclass
+class ImageConfig:
+    """How images are opened, in every stage (``vlpl.data.images.open_image``; issue 9 decode rules).
+
+    ``max_pixels``: decoded images larger than this (width x height) are refused as a failed row
+    (decompression-bomb guard; PIL's own guard is kept on as well). ``allow_outside_root``: file lists may
+    name absolute paths, ``..`` or symlinks that resolve outside the data root only when this is true.
+    ``exif_transpose``: apply the EXIF orientation (what a viewer shows).
+    """
+
+    max_pixels: int = 89_478_485  # PIL's MAX_IMAGE_PIXELS: about 9459 x 9459
+    allow_outside_root: bool = False
+    exif_transpose: bool = True
+
+
+@dataclass
 class DataConfig:
     """Where the images and labels are, and in which format.
 
@@ -98,10 +115,11 @@ class DataConfig:
     split_seed: int = 1200
     observed: ObservedConfig = field(default_factory=ObservedConfig)
     max_samples: Optional[int] = None  # per official split, for quick runs (first N in file order)
+    images: ImageConfig = field(default_factory=ImageConfig)
 
 
 @dataclass
-class ModelConfig:
+class TeacherConfig:
     """The frozen vision-language model.
 
     ``backend``: ``open_clip`` (``name`` is an open_clip model name or ``hf-hub:...``; ``pretrained``
@@ -130,8 +148,11 @@ class ViewsConfig:
 
 @dataclass
 class PseudolabelConfig:
+    # "model" was the teacher's key before 0.2; it is still read, with a deprecation message
+    RENAMED: ClassVar[Dict[str, str]] = {"model": "teacher"}
+
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     views: ViewsConfig = field(default_factory=ViewsConfig)
     out: str = required()
     batch_size: int = 32  # images per forward (x views each)
@@ -140,10 +161,28 @@ class PseudolabelConfig:
     overwrite: bool = False
     index: bool = True  # build the FAISS index over image embeddings
     progress: bool = True
+    # stop (after writing what is done) when more than this share of the images so far failed to decode
+    max_failed_fraction: float = 0.1
 
 
 @dataclass
-class BackboneConfig:
+class HeadConfig:
+    """The classifier head: a registered head (``vlpl train --list``) and its parameters.
+
+    A head is built from this config and a *class context* (class names + class text embeddings, from the
+    store by default, ``text_embeddings: student`` = the student's own open_clip text tower where it has
+    one). ``student.head=linear`` (a bare name) is read as ``{name: linear}``.
+    """
+
+    FROM_STR: ClassVar[str] = "name"
+
+    name: str = "linear"
+    params: Dict[str, Any] = field(default_factory=dict)
+    text_embeddings: str = "store"  # store | student
+
+
+@dataclass
+class StudentConfig:
     """The trainable classifier: a timm model by name, or an open_clip image tower."""
 
     kind: str = "timm"  # timm | open_clip
@@ -152,7 +191,7 @@ class BackboneConfig:
     open_clip_pretrained: Optional[str] = None  # kind=open_clip: a pretrained tag or a local checkpoint
     image_size: int = 448
     normalization: str = "imagenet"  # imagenet | model (the backbone's own mean/std)
-    head: str = "linear"
+    head: HeadConfig = field(default_factory=HeadConfig)
 
 
 @dataclass
@@ -172,23 +211,29 @@ class PseudoConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adam"  # adam | adamw
+    """The optimizer, by timm name (``timm.optim.create_optimizer_v2``: adam, adamw, sgd, lamb, ...)."""
+
+    name: str = "adam"  # any timm optimizer name
     lr: float = 1e-5  # backbone
     head_lr: Optional[float] = 1e-4  # head (null: same as lr)
     weight_decay: float = 0.0
     scheduler: str = "none"  # none | cosine | step
     step_size: int = 10
     gamma: float = 0.1
+    params: Dict[str, Any] = field(default_factory=dict)  # extra optimizer arguments (momentum, betas, ...)
 
 
 @dataclass
 class TrainConfig:
+    # "model" was the student's key before 0.2; it is still read, with a deprecation message
+    RENAMED: ClassVar[Dict[str, str]] = {"model": "student"}
+
     store: str = required()
     out: str = required()
     method: Optional[str] = None  # configs/methods/<method>.yaml: the recipe, with per-dataset tables
     dataset: Optional[str] = None  # which per-dataset row of the recipe (voc2012, coco2014, nuswide, cub)
     data_root: Optional[str] = None  # default: the dataset root recorded in the store
-    model: BackboneConfig = field(default_factory=BackboneConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     pseudo: PseudoConfig = field(default_factory=PseudoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -207,6 +252,11 @@ class TrainConfig:
     max_steps_per_epoch: Optional[int] = None  # for quick runs
     resume: bool = False
     keep_checkpoints: int = 2
+    # besides the end of every epoch: a checkpoint every N optimizer steps and/or every M minutes (null: off),
+    # so that a kill loses at most that much work; a mid-epoch resume continues at the exact next batch
+    checkpoint_every_steps: Optional[int] = None
+    checkpoint_every_minutes: Optional[float] = 30.0
+    images: ImageConfig = field(default_factory=ImageConfig)
     deterministic: bool = False
     log_every: int = 10
     progress: bool = True
@@ -220,7 +270,9 @@ class EvaluateConfig:
     store: Optional[str] = None  # a score store: zero-shot scores and pseudo-label rules, no training
     split: str = "test"
     out: Optional[str] = None  # default: <run>/eval or <store>/eval
-    rules: Dict[str, Dict[str, Any]] = field(default_factory=lambda: {"damp": {}, "vlpl": {}})
+    # pseudo-label rules to measure, name -> parameters; null: the run's own rule and parameters (or, for a
+    # store alone, damp and vlpl with their defaults)
+    rules: Optional[Dict[str, Dict[str, Any]]] = None
     pseudo_split: str = "train"  # pseudo-label quality is measured where pseudo-labels are used
     thresholds: List[float] = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 20)])
     f1_threshold: float = 0.5
@@ -311,10 +363,32 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     return value
 
 
+def _apply_renames(cls: Any, data: Dict[str, Any], sources: Dict[str, str], prefix: str) -> Dict[str, Any]:
+    """Old key names (``cls.RENAMED``: old -> new) are read as the new ones, with a deprecation message;
+    a value given under both names is an error (which one would win is not obvious)."""
+    renamed: Dict[str, str] = getattr(cls, "RENAMED", {})
+    if not any(k in data for k in renamed):
+        return data
+    data = dict(data)
+    for old, new in renamed.items():
+        if old not in data:
+            continue
+        src = sources.get(f"{prefix}{old}", "the configuration")
+        if new in data:
+            raise ConfigError(f"both {prefix}{old!r} (deprecated) and {prefix}{new!r} are set (the first in {src}); "
+                              f"use only {prefix}{new!r}")
+        log.warning("config key %r (in %s) is deprecated: it is now %r", f"{prefix}{old}", src, f"{prefix}{new}")
+        data[new] = data.pop(old)
+        for k in [k for k in sources if k == f"{prefix}{old}" or k.startswith(f"{prefix}{old}.")]:
+            sources[f"{prefix}{new}{k[len(prefix) + len(old):]}"] = sources[k]
+    return data
+
+
 def _build(cls: Type[T], data: Dict[str, Any], sources: Dict[str, str], prefix: str = "") -> T:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: Dict[str, Any] = {}
+    data = _apply_renames(cls, data, sources, prefix)
     for k, v in data.items():
         key = f"{prefix}{k}"
         if k not in fields:
@@ -325,6 +399,8 @@ def _build(cls: Type[T], data: Dict[str, Any], sources: Dict[str, str], prefix: 
         tp = hints[k]
         src = sources.get(key, sources.get(prefix.rstrip("."), "the configuration"))
         if dataclasses.is_dataclass(tp):
+            if isinstance(v, str) and getattr(tp, "FROM_STR", None):  # e.g. head=linear -> {name: linear}
+                v = {tp.FROM_STR: v}
             if not isinstance(v, dict):
                 raise ConfigError(f"{key}: expected a mapping, got {v!r} from {src}")
             kwargs[k] = _build(tp, v, sources, prefix=f"{key}.")

@@ -51,8 +51,8 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def choose_models(offline: bool) -> DemoModels:
-    tiny = DemoModels(False, "", ["model.name=vlpl-tiny", "model.pretrained=null"],
-                      ["model.kind=timm", "model.name=test_resnet", "model.pretrained=false", "model.image_size=64"])
+    tiny = DemoModels(False, "", ["teacher.name=vlpl-tiny", "teacher.pretrained=null"],
+                      ["student.kind=timm", "student.name=test_resnet", "student.pretrained=false", "student.image_size=64"])
     if offline:
         tiny.why = "--offline was given"
         return tiny
@@ -70,10 +70,10 @@ def choose_models(offline: bool) -> DemoModels:
                     f"and {HUB_HOST[0]} cannot be reached")
         return tiny
     return DemoModels(True, "cached" if cached else "downloaded",
-                      [f"model.name={REAL_CLIP[0]}", f"model.pretrained={REAL_CLIP[1]}",
-                       "model.templates=a photo of a {}."],
-                      ["model.kind=timm", f"model.name={REAL_BACKBONE}", "model.pretrained=true",
-                       "model.image_size=224"])
+                      [f"teacher.name={REAL_CLIP[0]}", f"teacher.pretrained={REAL_CLIP[1]}",
+                       "teacher.templates=a photo of a {}."],
+                      ["student.kind=timm", f"student.name={REAL_BACKBONE}", "student.pretrained=true",
+                       "student.image_size=224"])
 
 
 def run_demo(out: Optional[str] = None, offline: bool = False, epochs: int = 6) -> Path:

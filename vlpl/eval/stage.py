@@ -431,6 +431,18 @@ def _model_identity(store_section: Optional[Dict[str, Any]], run_section: Option
     return None
 
 
+def _default_rules(run: Optional[Path]) -> Dict[str, Dict[str, Any]]:
+    """The rules to measure when the config names none: the run's own rule with the run's own parameters
+    (so a VOC run's DAMP quality uses VOC's eta, not the defaults), else damp and vlpl with their defaults."""
+    if run is not None and (run / "config.yaml").is_file():
+        from vlpl.config import yaml_load
+
+        pseudo = (yaml_load((run / "config.yaml").read_text()) or {}).get("pseudo") or {}
+        if pseudo.get("rule"):
+            return {str(pseudo["rule"]): dict(pseudo.get("params") or {})}
+    return {"damp": {}, "vlpl": {}}
+
+
 def run_evaluate(cfg: EvaluateConfig) -> Path:
     """Evaluate a training run and/or a score store; write the report; return the output directory."""
     if not cfg.run and not cfg.store:
@@ -446,6 +458,8 @@ def run_evaluate(cfg: EvaluateConfig) -> Path:
         if d is not None and d.resolve() == out.resolve():  # its config.yaml would be overwritten
             raise ConfigError(f"out: {out} is the {what} directory itself; choose another output directory")
 
+    if cfg.rules is None:
+        cfg = dataclasses.replace(cfg, rules=_default_rules(run))
     run_section = run_arr = store_section = store_arr = None
     if run is not None:
         run_section, run_arr = _evaluate_run(run, cfg)

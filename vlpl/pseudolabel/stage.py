@@ -136,14 +136,14 @@ def run_pseudolabel(cfg: PseudolabelConfig) -> Path:
     """Build (or resume) the score store at ``cfg.out``; returns its path."""
     from accelerate import PartialState
 
-    state = PartialState(cpu=resolve_device(cfg.model.device).type == "cpu")
+    state = PartialState(cpu=resolve_device(cfg.teacher.device).type == "cpu")
     out = Path(cfg.out)
     ds = load_dataset(cfg.data)
     if not ds.samples:
         raise ValueError(f"dataset at {cfg.data.root} has no samples")
-    device = state.device if cfg.model.device == "auto" else torch.device(cfg.model.device)
-    backend = create_backend(cfg.model, device)
-    templates = template_strings(cfg.model.templates)
+    device = state.device if cfg.teacher.device == "auto" else torch.device(cfg.teacher.device)
+    backend = create_backend(cfg.teacher, device)
+    templates = template_strings(cfg.teacher.templates)
     text = backend.encode_text(ds.classes, templates)
     spec = ViewSpec(cfg.views.grid, cfg.views.flips, backend.preprocess.image_size, cfg.views.resize_mode,
                     backend.preprocess.interpolation)

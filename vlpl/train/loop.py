@@ -212,7 +212,7 @@ def run_train(cfg: TrainConfig) -> Path:
 
     # ---- model, loss, rule, optimiser ---------------------------------------------------------------
     set_seed(cfg.seed)
-    model = create_classifier(cfg.model, C)
+    model = create_classifier(cfg.student, C)
     loss_fn = create_loss(cfg.loss.name, torch.from_numpy(train.observed), **cfg.loss.params)
     if loss_fn.requires_pseudo and not use_rule:
         raise ConfigError(f"loss {cfg.loss.name!r} needs pseudo-labels: set pseudo.rule (e.g. damp)")
@@ -220,10 +220,10 @@ def run_train(cfg: TrainConfig) -> Path:
         check_kwargs(RULES.get(cfg.pseudo.rule), cfg.pseudo.params, f"pseudo-label rule {cfg.pseudo.rule!r}")
     optimizer = _optimizer(cfg, model, loss_fn.param_groups(cfg.optim.lr))
     scheduler = _scheduler(cfg, optimizer)
-    flops = _flops_per_image(model, cfg.model.image_size)
+    flops = _flops_per_image(model, cfg.student.image_size)
 
-    tf_train = image_transform(cfg.model.image_size, model.mean, model.std, train=True, hflip=cfg.hflip)
-    tf_eval = image_transform(cfg.model.image_size, model.mean, model.std, train=False, hflip=False)
+    tf_train = image_transform(cfg.student.image_size, model.mean, model.std, train=True, hflip=cfg.hflip)
+    tf_eval = image_transform(cfg.student.image_size, model.mean, model.std, train=False, hflip=False)
     sampler = EpochShuffle(len(train), cfg.seed)
     pin = accelerator.device.type == "cuda"
     train_loader = DataLoader(ImageRows(data_root, train.images, tf_train), batch_size=cfg.batch_size,
@@ -378,7 +378,7 @@ def run_train(cfg: TrainConfig) -> Path:
         best = next((h for h in progress.history if h["epoch"] == progress.best_epoch), {})
         summary = {
             "method": cfg.method, "dataset": cfg.dataset, "loss": cfg.loss.name, "rule": cfg.pseudo.rule,
-            "store": str(Path(cfg.store).resolve()), "backbone": f"{cfg.model.kind}:{cfg.model.name}",
+            "store": str(Path(cfg.store).resolve()), "backbone": f"{cfg.student.kind}:{cfg.student.name}",
             "epochs_run": len(progress.history), "best_epoch": progress.best_epoch,
             "best_val_map": best.get("val_map"), "test_map_at_best": best.get("test_map"),
             "stop_reason": stop_reason, "num_train": len(train),
@@ -411,8 +411,8 @@ def load_best(run: Path) -> Tuple[Classifier, List[str]]:
     from vlpl.config import load_config
 
     cfg = load_config(TrainConfig, [Path(run) / "config.yaml"])
-    cfg.model.pretrained = False  # the run's weights replace them anyway
+    cfg.student.pretrained = False  # the run's weights replace them anyway
     classes = (Path(run) / "classes.txt").read_text().splitlines()
-    model = create_classifier(cfg.model, len(classes))
+    model = create_classifier(cfg.student, len(classes))
     model.load_state_dict(torch.load(Path(run) / "best" / "model.pt", map_location="cpu", weights_only=True))
     return model.eval(), classes

@@ -13,7 +13,7 @@ from typing import Iterator, Tuple
 import torch
 from torch import nn
 
-from vlpl.config import BackboneConfig, ConfigError
+from vlpl.config import ConfigError, StudentConfig
 from vlpl.registry import HEADS
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class _OpenClipTower(nn.Module):
         return out[0] if isinstance(out, tuple) else out
 
 
-def _timm_backbone(cfg: BackboneConfig) -> Tuple[nn.Module, int, Tuple[float, ...], Tuple[float, ...]]:
+def _timm_backbone(cfg: StudentConfig) -> Tuple[nn.Module, int, Tuple[float, ...], Tuple[float, ...]]:
     import timm
 
     if cfg.name not in timm.list_models(pretrained=False) and not timm.is_model(cfg.name):
@@ -85,7 +85,7 @@ def _timm_backbone(cfg: BackboneConfig) -> Tuple[nn.Module, int, Tuple[float, ..
     return model, int(model.num_features), mean, std
 
 
-def _open_clip_backbone(cfg: BackboneConfig) -> Tuple[nn.Module, int, Tuple[float, ...], Tuple[float, ...]]:
+def _open_clip_backbone(cfg: StudentConfig) -> Tuple[nn.Module, int, Tuple[float, ...], Tuple[float, ...]]:
     import open_clip
 
     from vlpl.vlm.backend import register_bundled_configs
@@ -97,7 +97,7 @@ def _open_clip_backbone(cfg: BackboneConfig) -> Tuple[nn.Module, int, Tuple[floa
     return _OpenClipTower(model.visual), dim, tuple(pp["mean"]), tuple(pp["std"])
 
 
-def create_classifier(cfg: BackboneConfig, num_classes: int) -> Classifier:
+def create_classifier(cfg: StudentConfig, num_classes: int) -> Classifier:
     if cfg.kind == "timm":
         backbone, nf, mean, std = _timm_backbone(cfg)
     elif cfg.kind == "open_clip":
@@ -108,5 +108,5 @@ def create_classifier(cfg: BackboneConfig, num_classes: int) -> Classifier:
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     elif cfg.normalization != "model":
         raise ConfigError(f"model.normalization: expected 'imagenet' or 'model', got {cfg.normalization!r}")
-    head = HEADS.create(cfg.head, nf, num_classes)
+    head = HEADS.create(cfg.head.name, nf, num_classes, **cfg.head.params)
     return Classifier(backbone, head, nf, mean, std)

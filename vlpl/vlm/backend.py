@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from vlpl.config import ConfigError, ModelConfig
+from vlpl.config import ConfigError, TeacherConfig
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class VLMBackend:
     logit_scale: float
     device: torch.device
 
-    def __init__(self, cfg: ModelConfig, device: torch.device) -> None:
+    def __init__(self, cfg: TeacherConfig, device: torch.device) -> None:
         self.cfg = cfg
         self.device = device
         self.amp_dtype = autocast_dtype(cfg.precision, device)
@@ -177,7 +177,7 @@ class VLMBackend:
 class OpenClipBackend(VLMBackend):
     backend = "open_clip"
 
-    def __init__(self, cfg: ModelConfig, device: torch.device, seed: int = 0) -> None:
+    def __init__(self, cfg: TeacherConfig, device: torch.device, seed: int = 0) -> None:
         super().__init__(cfg, device)
         import open_clip
 
@@ -249,7 +249,7 @@ class HFBackend(VLMBackend):
 
     backend = "hf"
 
-    def __init__(self, cfg: ModelConfig, device: torch.device) -> None:
+    def __init__(self, cfg: TeacherConfig, device: torch.device) -> None:
         super().__init__(cfg, device)
         import transformers
         from transformers import AutoConfig, AutoModel, AutoTokenizer
@@ -319,7 +319,7 @@ class HFBackend(VLMBackend):
         }
 
 
-def create_backend(cfg: ModelConfig, device: Optional[torch.device] = None) -> VLMBackend:
+def create_backend(cfg: TeacherConfig, device: Optional[torch.device] = None) -> VLMBackend:
     device = device or resolve_device(cfg.device)
     if cfg.backend == "open_clip":
         return OpenClipBackend(cfg, device)
