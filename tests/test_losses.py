@@ -637,3 +637,93 @@ def test_gradients_flow(name):
     out["loss"].backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
     assert float(logits.grad.abs().sum()) > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Values that a planted bug changes (issue 8 item 16): Large Loss's K on a non-integer B x C x rate,
+# and the GR/GPR eps at a small p
+# ------------------------------------------------------------------------------------------------
+
+# The real case of §3b/§3c: batch 16, 80 COCO classes, the default Delta_rel = 0.002 (the CLI's 0.2%):
+# B x C x rate = 2.56 at epoch 2 and 5.12 at epoch 3, so K = ceil(.) = 3 and 6 (rounding down or to the
+# nearest integer gives 2 or 5).
+LL_B, LL_C = 16, 80
+# one observed positive per row (the single-positive setting), every other entry unknown
+LL_REAL_OBS = torch.zeros(LL_B, LL_C, dtype=torch.int8)
+for _n in range(LL_B):
+    LL_REAL_OBS[_n, (5 * _n) % LL_C] = 1
+# 1280 distinct logits in [-4, 4): a permutation of a regular grid, so the unknown losses have no ties
+LL_REAL_S = [[((n * LL_C + c) * 37 % (LL_B * LL_C)) / (LL_B * LL_C) * 8.0 - 4.0 for c in range(LL_C)]
+             for n in range(LL_B)]
+
+
+def _ll_real_unknown_ranked() -> List[tuple]:
+    """The unknown entries ``(n, c)`` by decreasing ``U = BCE(s, 0) = softplus(s)``."""
+    unk = [(n, c) for n in range(LL_B) for c in range(LL_C) if LL_REAL_OBS[n, c] == 0]
+    return sorted(unk, key=lambda nc: -softplus(LL_REAL_S[nc[0]][nc[1]]))
+
+
+@pytest.mark.parametrize("name,epoch,k", [("ll_r", 2, 3), ("ll_ct", 2, 3), ("ll_r", 3, 6), ("ll_ct", 3, 6),
+                                          ("ll_cp", 2, 3), ("ll_cp", 3, 3)])
+def test_ll_k_rounds_up_on_the_real_batch(name, epoch, k):
+    # §3b: K = ceil(B C (1 - r_t)) for LL-R/LL-Ct (1280 x 0.002 = 2.56 -> 3; 1280 x 0.004 = 5.12 -> 6) and
+    # K = ceil(B C Delta_rel) = 3 at every epoch >= 2 for LL-Cp
+    loss = create_loss(name, LL_REAL_OBS, delta_rel=0.002)
+    loss.set_epoch(epoch, 10)
+    out = loss(make_batch(LL_REAL_S, list(range(LL_B))))
+    assert float(out["num_modified"]) == k
+    top = set(_ll_real_unknown_ranked()[:k])
+
+    def f(n: int, c: int) -> float:
+        s = LL_REAL_S[n][c]
+        if LL_REAL_OBS[n, c] == 1:
+            return bce_logit(s, 1)
+        if (n, c) in top:
+            return 0.0 if name == "ll_r" else bce_logit(s, 1)  # rejected, or corrected toward 1
+        return bce_logit(s, 0)
+
+    expected = sum(f(n, c) for n in range(LL_B) for c in range(LL_C)) / (LL_B * LL_C)
+    assert close(out["loss"], expected)
+    if name == "ll_cp":  # the K - 1 entries strictly above tau are written as positives
+        assert float(out["num_written"]) == k - 1
+        written = {tuple(rc) for rc in (loss.state != LL_REAL_OBS.float()).nonzero().tolist()}
+        assert written == set(_ll_real_unknown_ranked()[: k - 1])
+        assert bool((loss.state[tuple(zip(*written))] == 1).all())
+
+
+# GR and AEVLP use eps = 1e-7 inside l+(p) = -log(p + eps) (§1, §5a, §7d). The value tests above use logits
+# in [-4.5, 3], where p >> eps and a 10x change of eps moves the loss by < 1e-5 relative. At a logit of -12
+# (p = 6.144e-6, the scale of a confident wrong prediction) eps is 1.6% of p + eps: l+ = 11.98386 with
+# eps = 1e-7, 11.84921 with 1e-6 and 11.99838 with 1e-8.
+SMALL_LOGIT = -12.0
+
+
+def _eps_from_lpos(lpos: float, p: float) -> float:
+    """The ``eps`` that ``l+(p) = lpos`` implies: ``exp(-lpos) - p``."""
+    return math.exp(-lpos) - p
+
+
+def test_gr_eps_at_a_small_probability():
+    p = sig(SMALL_LOGIT)
+    assert p == pytest.approx(6.1442e-6, rel=1e-4)
+    loss = create_loss("gr", torch.tensor([[1, 0]], dtype=torch.int8))
+    loss.set_epoch(1, 8)
+    out = loss(make_batch([[SMALL_LOGIT, 0.0]], [0]))
+    lpos = float(out["obs_pos"]) * 2  # the batch mean over B x C = 2 entries
+    assert lpos == pytest.approx(lp(p, EPS7), rel=1e-6)  # float32 resolution; eps 1e-6 / 1e-8 is 1e-2 / 1e-3 off
+    assert _eps_from_lpos(lpos, p) == pytest.approx(1e-7, abs=2e-9)
+
+
+def test_gpr_eps_at_a_small_probability():
+    p = sig(SMALL_LOGIT)
+    # row: an observed positive (L1), a pseudo-positive (L2) and a neutral entry, all with the COCO defaults
+    loss = create_loss("gpr", torch.tensor([[1, 0, 0]], dtype=torch.int8))
+    loss.set_epoch(8, 8)
+    out = loss(make_batch([[SMALL_LOGIT, SMALL_LOGIT, 0.0]], [0], [[0, 1, 0]]))
+    lpos = float(out["obs_pos"]) * 3
+    assert lpos == pytest.approx(lp(p, EPS7), rel=1e-6)
+    assert _eps_from_lpos(lpos, p) == pytest.approx(1e-7, abs=2e-9)
+    # L2 = omega(p) [rho l+(p) + (1 - rho) l-(p)], v(p) = 0.278 < 1 - lambda1 = 0.3 -> omega = lambda1 = 0.7
+    assert _v(p) < 0.3
+    l2 = 0.7 * (0.9 * lp(p, EPS7) + 0.1 * ln(p, EPS7))
+    assert float(out["pseudo_pos"]) * 3 == pytest.approx(l2, rel=1e-6)
