@@ -114,8 +114,9 @@ def test_store_mode_end_to_end(small_store, tmp_path):
     expect = pseudo_label_quality(pseudo.numpy(), a["labels"][tr], a["observed"][tr])
     got = pl["rules"]["damp"]["quality"]
     for part in ("excluding_observed", "including_observed"):
-        for key in ("precision", "recall", "f1", "per_image"):
-            assert got[part][key] == pytest.approx(expect[part][key])
+        for key in ("precision", "recall", "f1"):  # report.json is in percent, the quality function in fractions
+            assert got[part][key] == pytest.approx(100 * expect[part][key])
+        assert got[part]["per_image"] == pytest.approx(expect[part]["per_image"])
     assert pl["rules"]["topk"]["options"] == {"k": 2}
     assert [r["threshold"] for r in pl["threshold_sweep"]["damp_phi"]] == [0.1, 0.3, 0.5, 0.9]
 
@@ -148,14 +149,14 @@ def test_run_mode_hand_checked(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert REPORT_KEYS <= set(report) and report["kind"] == "run" and report["store"] is None
     m = report["run"]["metrics"]
-    assert m["per_class_ap"] == pytest.approx([5 / 6, 1.0, 0.0])
+    assert m["per_class_ap"] == pytest.approx([500 / 6, 100.0, 0.0])  # report.json: percent
     assert m["map"] == pytest.approx(100 * (5 / 6 + 1.0 + 0.0) / 3)
     assert m["map_pos"] == pytest.approx(100 * (5 / 6 + 1.0) / 2)
     # threshold 0.5: a -> {0, 1} (P 1/2, R 1/2), b -> {1, 2} (P 1, R 1), c -> {3} (P 0, R 0)
     f1 = m["f1"]
-    assert f1["CP"] == pytest.approx(0.5) and f1["CR"] == pytest.approx(0.5) and f1["CF1"] == pytest.approx(0.5)
-    assert f1["OP"] == pytest.approx(3 / 5) and f1["OR"] == pytest.approx(3 / 4)
-    assert f1["per_class_precision"] == pytest.approx([0.5, 1.0, 0.0])
+    assert f1["CP"] == pytest.approx(50) and f1["CR"] == pytest.approx(50) and f1["CF1"] == pytest.approx(50)
+    assert f1["OP"] == pytest.approx(60) and f1["OR"] == pytest.approx(75)
+    assert f1["per_class_precision"] == pytest.approx([50, 100, 0.0])
     assert m["f1_topk"]["k"] == 3
     assert [e["epoch"] for e in report["run"]["epochs"]] == [1, 2, 3]  # step records left out
     assert report["run"]["best_epoch"] == 2 and report["summary"]["kind"] == "run"

@@ -4,11 +4,17 @@
 Everything here works on plain dicts (as ``report.json`` holds them), so a report can be re-rendered
 or compared without recomputing anything.
 
-Units: mAP / AP are in percent (Cole et al.); the metric functions return precision / recall / F1 as
-fractions in [0, 1], and the Markdown tables print them in percent too.
+Units: every metric in a report is in **percent** (0-100), as the papers report them: mAP, per-class
+AP, CP/CR/CF1/OP/OR/OF1 (and their per-class lists), pseudo-label precision / recall / F1, the precision
+of pseudo-negatives and the share of images without a pseudo-positive. The metric functions
+(:mod:`vlpl.eval.metrics`, :mod:`vlpl.eval.quality`) compute precision / recall / F1 and per-class AP
+as fractions in [0, 1] (sklearn's scale); :func:`finalize_report` turns them into percent once, when the
+report is assembled, and records the unit of every field in ``report["units"]``. Counts per image
+(``per_image``) and thresholds stay as they are.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -24,6 +30,10 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "REPORT_SCHEMA",
+    "UNITS",
+    "finalize_report",
+    "random_model_notice",
+    "summary_text",
     "jsonable",
     "package_versions",
     "utc_now",
@@ -33,8 +43,28 @@ __all__ = [
     "compare_table",
 ]
 
-REPORT_SCHEMA = "vlpl.evaluate/1"
+# /1: precision / recall / F1 / per-class AP as fractions; /2: every metric in percent, with "units"
+REPORT_SCHEMA = "vlpl.evaluate/2"
 TOP_N = 10
+
+# The unit of every number-valued field of the report, by key (the same key means the same unit
+# wherever it appears).
+UNITS: Dict[str, str] = {
+    "map": "percent", "map_pos": "percent", "per_class_ap": "percent",
+    "CP": "percent", "CR": "percent", "CF1": "percent", "OP": "percent", "OR": "percent", "OF1": "percent",
+    "CF1_topk": "percent", "OF1_topk": "percent",
+    "per_class_precision": "percent", "per_class_recall": "percent", "per_class_f1": "percent",
+    "precision": "percent", "recall": "percent", "f1": "percent",
+    "images_without_pseudo_positive": "percent of images",
+    "best_val_map": "percent", "test_map_at_best": "percent", "val_map": "percent", "test_map": "percent",
+    "per_image": "count per image", "observed_per_image": "count per image",
+    "threshold": "score (the scale of the thresholded score)", "f1_threshold": "probability",
+    "top_k": "classes per image", "k": "classes per image",
+}
+
+_F1_SCALARS = ("CP", "CR", "CF1", "OP", "OR", "OF1")
+_F1_LISTS = ("per_class_precision", "per_class_recall", "per_class_f1")
+_ROW_FRACTIONS = ("CF1", "OF1", "CF1_topk", "OF1_topk")
 
 _PACKAGES = {"vlpl": "vlpl", "torch": "torch", "numpy": "numpy", "open_clip": "open_clip_torch",
              "matplotlib": "matplotlib"}
@@ -83,6 +113,118 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+# --------------------------------------------------------------------------------------------------
+# units: fractions -> percent, once
+# --------------------------------------------------------------------------------------------------
+
+
+def _x100(v: Any) -> Any:
+    """``100 * v`` for a number or a list of numbers; ``None`` (a non-finite value) stays ``None``."""
+    if v is None:
+        return None
+    if isinstance(v, (list, tuple)):
+        return [_x100(x) for x in v]
+    return 100.0 * float(v)
+
+
+def _scale(d: Optional[Dict[str, Any]], keys: Sequence[str]) -> None:
+    if not d:
+        return
+    for k in keys:
+        if k in d:
+            d[k] = _x100(d[k])
+
+
+def _metrics_to_percent(m: Optional[Dict[str, Any]]) -> None:
+    """A metrics dict of ``evaluate_predictions`` (``map`` already in percent)."""
+    if not m:
+        return
+    _scale(m, ("per_class_ap",))
+    for part in ("f1", "f1_topk"):
+        _scale(m.get(part), _F1_SCALARS + _F1_LISTS)
+
+
+def _pseudo_to_percent(pl: Optional[Dict[str, Any]]) -> None:
+    """The ``store.pseudo_labels`` section: rule quality (``vlpl.eval.quality``) and threshold sweeps."""
+    if not pl:
+        return
+    for r in (pl.get("rules") or {}).values():
+        q = r.get("quality") or {}
+        for part in ("excluding_observed", "including_observed"):
+            _scale(q.get(part), ("precision", "recall", "f1"))
+            _scale((q.get(part) or {}).get("per_class"), ("precision", "recall", "f1"))
+        _scale(q.get("negatives"), ("precision",))
+        _scale(r, ("images_without_pseudo_positive",))
+    for rows in (pl.get("threshold_sweep") or {}).values():
+        for row in rows or []:
+            _scale(row, ("precision", "recall", "f1"))
+
+
+def finalize_report(report: Dict[str, Any]) -> Dict[str, Any]:
+    """The report with every metric in percent, ``schema`` set to :data:`REPORT_SCHEMA` and ``units`` added.
+
+    ``report`` is the plain dict the evaluate stage assembles (``vlpl.evaluate/1`` layout): mAP in
+    percent, every other ratio a fraction as the metric functions return it. Returns a new dict (the
+    input is not modified). A report that already has ``units`` is returned unchanged, so a report is
+    never scaled twice.
+    """
+    if "units" in report:
+        return report
+    out = copy.deepcopy(report)
+    for row in out.get("headline") or []:
+        _scale(row, _ROW_FRACTIONS)
+    _scale(out.get("summary"), _ROW_FRACTIONS)
+    if out.get("run"):
+        _metrics_to_percent(out["run"].get("metrics"))
+    store = out.get("store")
+    if store:
+        for m in ((store.get("zero_shot") or {}).get("scores") or {}).values():
+            _metrics_to_percent(m)
+        _pseudo_to_percent(store.get("pseudo_labels"))
+    out["schema"] = REPORT_SCHEMA
+    out["units"] = dict(UNITS)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# random models
+# --------------------------------------------------------------------------------------------------
+
+
+def _teacher_is_random(model: Optional[Dict[str, Any]]) -> bool:
+    """An open_clip teacher loaded without a pretrained tag or checkpoint is random-initialised
+    (``vlpl-tiny``, ``vlpl demo --offline``). A Hugging Face teacher is always loaded from weights."""
+    if not model:
+        return False
+    if model.get("name") == "vlpl-tiny":
+        return True
+    return model.get("backend", "open_clip") == "open_clip" and not model.get("pretrained") \
+        and not model.get("checkpoint_sha256")
+
+
+def _student_is_random(report: Dict[str, Any]) -> bool:
+    student = (((report.get("run") or {}).get("train_config")) or {}).get("student") or {}
+    return bool(student) and not student.get("pretrained")
+
+
+def random_model_notice(report: Dict[str, Any]) -> Optional[str]:
+    """One sentence saying that the numbers mean nothing, when the teacher had random weights; else None.
+
+    A random-initialised teacher's zero-shot scores, and therefore its pseudo-labels and every
+    model trained on them, carry no information about the images (the offline demo runs this way).
+    """
+    model = report.get("model") or ((report.get("store") or {}).get("model"))
+    if not _teacher_is_random(model):
+        return None
+    what = f"the teacher `{model.get('name')}` has random weights (no pretrained tag or checkpoint)"
+    if _student_is_random(report):
+        student = report["run"]["train_config"]["student"]
+        what += f" and the student `{student.get('name')}` started from random weights"
+    return (f"RANDOM MODELS: {what}, as in `vlpl demo --offline`. Every step ran for real, but these numbers "
+            "mean nothing about the images; use a pretrained teacher (e.g. teacher.name=ViT-B-32 "
+            "teacher.pretrained=laion2b_s34b_b79k) for meaningful results.")
+
+
 def metric_row(name: str, kind: str, split: str, metrics: Dict[str, Any], num_images: int) -> Dict[str, Any]:
     """One headline row from a metrics dict (``map``, ``map_pos``, ``f1``, ``f1_topk``)."""
     f1, topk = metrics["f1"], metrics["f1_topk"]
@@ -116,7 +258,8 @@ def _f(v: Any, digits: int = 2) -> str:
 
 
 def _pct(v: Any, digits: int = 2) -> str:
-    return "n/a" if v is None else f"{100.0 * float(v):.{digits}f}"
+    """A value already in percent, printed with ``digits`` decimals (no ``%`` sign: the header says it)."""
+    return "n/a" if v is None else f"{float(v):.{digits}f}"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> List[str]:
@@ -128,10 +271,11 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> List[str]:
 def _headline_table(rows: List[Dict[str, Any]]) -> List[str]:
     ks = {r["top_k"] for r in rows}
     k = f"top{ks.pop()}" if len(ks) == 1 else "top-k"
-    header = ["name", "kind", "split", "images", "mAP", "mAP (pos classes)", "CF1", "OF1", f"CF1@{k}", f"OF1@{k}"]
+    header = ["name", "kind", "split", "images", "mAP (%)", "mAP pos. classes (%)", "CF1 (%)", "OF1 (%)",
+              f"CF1@{k} (%)", f"OF1@{k} (%)"]
     body = []
     for r in rows:
-        body.append([r["name"], r["kind"], r["split"], r.get("num_images", "n/a"), _f(r["map"]), _f(r["map_pos"]),
+        body.append([r["name"], r["kind"], r["split"], r.get("num_images", "n/a"), _pct(r["map"]), _pct(r["map_pos"]),
                      _pct(r["CF1"]), _pct(r["OF1"]), _pct(r["CF1_topk"]), _pct(r["OF1_topk"])])
     return _table(header, body)
 
@@ -149,7 +293,7 @@ def _per_class_tables(metrics: Dict[str, Any], classes: Sequence[str], num_pos: 
         return [[k + 1, classes[i], int(num_pos[i]), _pct(ap[i]), _pct(p[i]), _pct(r[i])]
                 for k, i in ((k, int(order[k])) for k in ranks)]
 
-    header = ["rank", "class", "positives", "AP", f"P@{t:g}", f"R@{t:g}"]
+    header = ["rank", "class", "positives", "AP (%)", f"P@{t:g} (%)", f"R@{t:g} (%)"]
     if ap.size <= 2 * TOP_N:
         out = [f"### {title}: per-class AP", ""] + _table(header, rows(range(ap.size)))
         return out + _empty_note(num_pos)
@@ -183,13 +327,13 @@ def _run_section(run: Dict[str, Any], plots: Dict[str, str]) -> List[str]:
            f"({run['num_images']} images).", ""]
     facts = [("method", s.get("method")), ("loss", s.get("loss")), ("pseudo-label rule", s.get("rule")),
              ("backbone", s.get("backbone")), ("store", s.get("store")), ("epochs run", s.get("epochs_run")),
-             ("best epoch", s.get("best_epoch")), ("best val mAP", s.get("best_val_map")),
-             ("test mAP at best", s.get("test_map_at_best")), ("stop reason", s.get("stop_reason"))]
+             ("best epoch", s.get("best_epoch")), ("best val mAP (%)", s.get("best_val_map")),
+             ("test mAP at best (%)", s.get("test_map_at_best")), ("stop reason", s.get("stop_reason"))]
     out += _table(["", ""], [[k, _f(v)] for k, v in facts])
     epochs = run.get("epochs") or []
     if epochs:
         out += ["", "### Training curve", ""]
-        out += _table(["epoch", "val mAP", "test mAP", "train loss"],
+        out += _table(["epoch", "val mAP (%)", "test mAP (%)", "train loss"],
                       [[e.get("epoch"), _f(e.get("val_map")), _f(e.get("test_map")), _f(e.get("train_loss"), 4)]
                        for e in epochs])
         out += [""] + _plot_links(plots, ["training_curve"])
@@ -223,7 +367,7 @@ def _store_section(store: Dict[str, Any], plots: Dict[str, str]) -> List[str]:
         out += ["", f"## Pseudo-label quality (split `{pl['split']}`, {pl['num_images']} images)", "",
                 "Rules run on the cached unflipped views (dynamic=False, deterministic). *excl. observed*: only "
                 "unobserved entries count; *incl. observed*: the positives the trainer uses (observed + pseudo) "
-                "against all ground-truth positives. P / R / F1 in percent; F1 is the true 2PR/(P+R).", ""]
+                "against all ground-truth positives. F1 is the true 2PR/(P+R).", ""]
         rows = []
         for name, r in pl["rules"].items():
             q = r["quality"]
@@ -234,15 +378,17 @@ def _store_section(store: Dict[str, Any], plots: Dict[str, str]) -> List[str]:
                          _f(inc["per_image"]), _f(neg["per_image"]),
                          _pct(neg["precision"]) if neg["count"] else "n/a",
                          _pct(r["images_without_pseudo_positive"])])
-        out += _table(["rule", "options", "P excl.", "R excl.", "F1 excl.", "pos/img excl.", "P incl.", "R incl.",
-                       "F1 incl.", "pos/img incl.", "neg/img", "neg precision", "% images w/o pseudo-pos"], rows)
+        out += _table(["rule", "options", "P excl. (%)", "R excl. (%)", "F1 excl. (%)", "pos/img excl.",
+                       "P incl. (%)", "R incl. (%)", "F1 incl. (%)", "pos/img incl.", "neg/img",
+                       "neg precision (%)", "images w/o pseudo-pos (%)"], rows)
         sweeps = pl.get("threshold_sweep") or {}
         phi = sweeps.get("damp_phi") or []
         if phi:
             best = max(phi, key=lambda r: r["f1"])
             out += ["", "### Threshold sweep of DAMP phi (excluding observed entries)", "",
-                    f"Best F1 {_pct(best['f1'])} at threshold {best['threshold']:g}.", ""]
-            out += _table(["threshold", "precision", "recall", "F1", "pseudo-pos / image", "pseudo-pos", "TP"],
+                    f"Best F1 {_pct(best['f1'])} % at threshold {best['threshold']:g}.", ""]
+            out += _table(["threshold", "precision (%)", "recall (%)", "F1 (%)", "pseudo-pos / image", "pseudo-pos",
+                           "TP"],
                           [[f"{r['threshold']:g}", _pct(r["precision"]), _pct(r["recall"]), _pct(r["f1"]),
                             _f(r["per_image"]), r["num_pred"], r["tp"]] for r in phi])
             out += [""] + _plot_links(plots, ["pseudo_threshold_sweep"])
@@ -254,13 +400,16 @@ def render_markdown(report: Dict[str, Any]) -> str:
     v = report["versions"]
     plots = report.get("plots") or {}
     classes = report["classes"]
-    out = [f"# vlpl evaluation: {report['name']}", "",
-           f"{report['created']} · split `{report['split']}` · {len(classes)} classes · vlpl {v.get('vlpl')}, "
-           f"torch {v.get('torch')}, open_clip {v.get('open_clip')}, numpy {v.get('numpy')}", "",
-           "## Headline", ""]
+    out = [f"# vlpl evaluation: {report['name']}", ""]
+    notice = random_model_notice(report)
+    if notice:
+        out += [f"> **{notice}**", ""]
+    out += [f"{report['created']} · split `{report['split']}` · {len(classes)} classes · vlpl {v.get('vlpl')}, "
+            f"torch {v.get('torch')}, open_clip {v.get('open_clip')}, numpy {v.get('numpy')}", ""]
+    out += ["## Headline", "", "Every metric in this report is in percent (0-100).", ""]
     out += _headline_table(report["headline"])
     out += ["", "mAP: Cole et al.'s definition (per-class step-wise AP, AP = 0 for a class without positives, "
-            "still in the mean); *mAP (pos classes)* averages only classes with a positive. CF1/OF1 (in percent) "
+            "still in the mean); *mAP pos. classes* averages only classes with a positive. CF1/OF1 "
             f"predict `score >= {report['config']['f1_threshold']}` (sigmoid for the trained model, softmax over "
             "classes or DAMP phi for zero-shot scores); @top-k predicts each image's k best classes.", ""]
     if report.get("run"):
@@ -271,6 +420,62 @@ def render_markdown(report: Dict[str, Any]) -> str:
             "versions, model identity)", "* `config.yaml`: the resolved evaluate config"]
     out += [f"* `{p}`" for p in plots.values()]
     return "\n".join(out).rstrip() + "\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# the short summary the CLI prints
+# --------------------------------------------------------------------------------------------------
+
+_VIEW_NAMES = {"global": "global view", "mean": "mean of views", "damp": "DAMP phi"}
+
+
+def _row_label(row: Dict[str, Any]) -> str:
+    kind = str(row.get("kind", ""))
+    if kind == "run":
+        return f"trained model ({row.get('name')})"
+    if kind.startswith("zero-shot:"):
+        view = kind.split(":", 1)[1]
+        return f"zero-shot, {_VIEW_NAMES.get(view, view)}"
+    return f"{kind} ({row.get('name')})"
+
+
+def summary_text(report: Dict[str, Any], out_dir: Optional[str | Path] = None) -> str:
+    """A short plain-text summary of a report: what ``vlpl evaluate`` prints instead of all of report.md.
+
+    Lines: the random-model notice (when it applies), the headline (the trained model's and the
+    zero-shot scores' mAP, CF1, OF1 on the evaluated split), each rule's pseudo-label precision /
+    recall / F1 on unobserved entries, and, with ``out_dir``, where the full report and plots are.
+    Every metric is in percent and labelled so.
+    """
+    rows = report.get("headline") or []
+    out = [f"vlpl evaluate: {report.get('name')}, split {report.get('split')}, "
+           f"{len(report.get('classes') or [])} classes"]
+    notice = random_model_notice(report)
+    if notice:
+        out += ["", "NOTE: " + notice, ""]
+    if rows:
+        labels = [_row_label(r) for r in rows]
+        w = max(len(lb) for lb in labels)
+        out.append(f"  {'':{w}s}  {'images':>6s}  {'mAP (%)':>8s}  {'CF1 (%)':>8s}  {'OF1 (%)':>8s}")
+        for lb, r in zip(labels, rows):
+            out.append(f"  {lb:{w}s}  {r.get('num_images', 'n/a')!s:>6s}  {_pct(r.get('map')):>8s}  "
+                       f"{_pct(r.get('CF1')):>8s}  {_pct(r.get('OF1')):>8s}")
+    pl = (report.get("store") or {}).get("pseudo_labels")
+    if pl and pl.get("rules"):
+        out.append(f"Pseudo-labels on split {pl['split']} ({pl['num_images']} images), unobserved entries only:")
+        names = list(pl["rules"])
+        w = max(len(n) for n in names)
+        out.append(f"  {'rule':{w}s}  {'precision (%)':>13s}  {'recall (%)':>10s}  {'F1 (%)':>7s}  "
+                   f"{'pseudo-pos / image':>18s}")
+        for name in names:
+            ex = pl["rules"][name]["quality"]["excluding_observed"]
+            out.append(f"  {name:{w}s}  {_pct(ex.get('precision')):>13s}  {_pct(ex.get('recall')):>10s}  "
+                       f"{_pct(ex.get('f1')):>7s}  {_f(ex.get('per_image')):>18s}")
+    if out_dir is not None:
+        d = Path(out_dir)
+        out.append(f"Full report: {d / 'report.md'}  (every number: {d / 'report.json'}"
+                   + (f"; plots: {d / 'plots'}" if report.get("plots") else "") + ")")
+    return "\n".join(out) + "\n"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -290,6 +495,7 @@ def load_report(path: str | Path) -> Dict[str, Any]:
                 raise ValueError(f"{c}: not valid JSON ({e})") from None
             if not isinstance(data, dict) or "summary" not in data:
                 raise ValueError(f"{c}: not a vlpl evaluate report (no 'summary' key; expected {REPORT_SCHEMA})")
+            data = finalize_report(data)  # a /1 report (fractions) is read in percent like a /2 one
             data["_path"] = str(c)
             return data
     raise FileNotFoundError(

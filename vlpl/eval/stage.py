@@ -34,6 +34,7 @@ from vlpl.eval.quality import pseudo_label_quality, threshold_sweep
 from vlpl.eval.report import (
     REPORT_SCHEMA,
     compare_table,
+    finalize_report,
     jsonable,
     load_report,
     metric_row,
@@ -190,8 +191,8 @@ def _evaluate_run(run: Path, cfg: EvaluateConfig) -> Tuple[Dict[str, Any], Dict[
         "epochs": epochs,
         "metrics": metrics,
     }
-    log.info("run %s: mAP %.2f (classes with positives %.2f), CF1 %.3f, OF1 %.3f", run.name, metrics["map"],
-             metrics["map_pos"], metrics["f1"]["CF1"], metrics["f1"]["OF1"])
+    log.info("run %s: mAP %.2f %% (classes with positives %.2f %%), CF1 %.2f %%, OF1 %.2f %%", run.name,
+             metrics["map"], metrics["map_pos"], 100 * metrics["f1"]["CF1"], 100 * metrics["f1"]["OF1"])
     return section, {"labels": labels, "probs": probs, "classes": pred["classes"]}
 
 
@@ -300,7 +301,8 @@ def _evaluate_store(root: Path, cfg: EvaluateConfig) -> Tuple[Dict[str, Any], Di
         "damp": evaluate_predictions(labels, ev.get("phi", (C,), np.float32), None, cfg.f1_threshold, cfg.top_k),
     }
     for name, met in zs_scores.items():
-        log.info("zero-shot %s: mAP %.2f, CF1 %.3f, OF1 %.3f", name, met["map"], met["f1"]["CF1"], met["f1"]["OF1"])
+        log.info("zero-shot %s: mAP %.2f %%, CF1 %.2f %%, OF1 %.2f %%", name, met["map"], 100 * met["f1"]["CF1"],
+                 100 * met["f1"]["OF1"])
     section: Dict[str, Any] = {
         "path": str(root.resolve()),
         "model": store.manifest.get("model"),
@@ -348,8 +350,8 @@ def _evaluate_store(root: Path, cfg: EvaluateConfig) -> Tuple[Dict[str, Any], Di
                 "images_without_pseudo_positive": float((~new_pos.any(axis=1)).mean()),
             }
             ex = q["excluding_observed"]
-            log.info("rule %s on %s: pseudo-positives P %.3f R %.3f F1 %.3f, %.2f per image", name,
-                     cfg.pseudo_split, ex["precision"], ex["recall"], ex["f1"], ex["per_image"])
+            log.info("rule %s on %s: pseudo-positives P %.2f %% R %.2f %% F1 %.2f %%, %.2f per image", name,
+                     cfg.pseudo_split, 100 * ex["precision"], 100 * ex["recall"], 100 * ex["f1"], ex["per_image"])
         sweeps = {}
         if cfg.thresholds:
             sweeps = {
@@ -489,7 +491,7 @@ def run_evaluate(cfg: EvaluateConfig) -> Path:
     resolved = dataclasses.replace(cfg, out=str(out))
     out.mkdir(parents=True, exist_ok=True)
     plots = _make_plots(out, run_section, run_arr, store_section, store_arr) if cfg.plots else {}
-    report = jsonable({
+    report = finalize_report(jsonable({  # metrics in percent, with their units
         "schema": REPORT_SCHEMA,
         "created": utc_now(),
         "name": name,
@@ -504,12 +506,12 @@ def run_evaluate(cfg: EvaluateConfig) -> Path:
         "plots": plots,
         "config": to_dict(resolved),
         "versions": package_versions(),
-    })
+    }))
     save_resolved(resolved, out / "config.yaml")
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", render_markdown(report))
     log.info("evaluation report: %s (%s)", out / "report.md", ", ".join(
-        f"{r['kind']} mAP {r['map']:.2f}" for r in headline))
+        f"{r['kind']} mAP {r['map']:.2f} %" for r in headline))
     return out
 
 
