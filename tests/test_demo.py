@@ -40,8 +40,8 @@ def test_demo_falls_back_plainly_without_weights_or_network(monkeypatch):
     monkeypatch.setattr(demo, "_hub_reachable", lambda timeout=3.0: False)
     m = demo.choose_models(offline=False)
     assert not m.real and "not cached" in m.why and "cannot be reached" in m.why
-    assert "model.name=vlpl-tiny" in m.clip_overrides
+    assert "teacher.name=vlpl-tiny" in m.clip_overrides
     monkeypatch.setattr(demo, "_hub_file_cached", lambda repo, files: True)
     m = demo.choose_models(offline=False)
-    assert m.real and m.why == "cached" and "model.name=ViT-B-32" in m.clip_overrides
+    assert m.real and m.why == "cached" and "teacher.name=ViT-B-32" in m.clip_overrides
     assert demo.choose_models(offline=True).why == "--offline was given"

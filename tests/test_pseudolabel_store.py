@@ -136,7 +136,7 @@ def test_mismatched_store_is_refused_unless_overwrite(mini, mini_store, tmp_path
     with pytest.raises(StoreError, match="different views"):
         run_pseudolabel(_cfg(mini, mini_store, "views.grid=2"))
     with pytest.raises(StoreError, match="different templates"):
-        run_pseudolabel(_cfg(mini, mini_store, "model.templates=a picture of {}."))
+        run_pseudolabel(_cfg(mini, mini_store, "teacher.templates=a picture of {}."))
     out = tmp_path / "s2"
     run_pseudolabel(_cfg(mini, out))
     run_pseudolabel(_cfg(mini, out, "views.grid=2", "overwrite=true"))

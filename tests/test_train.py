@@ -198,8 +198,8 @@ def test_batches_not_divisible_by_the_process_count_are_clear_errors(store, tmp_
 
 def test_open_clip_tower_backbone_and_grad_accum(store, tmp_path):
     out = tmp_path / "oc"
-    cfg = load_train_config([], _train_args(store, out, "method=aevlp", "dataset=coco2014", "model.kind=open_clip",
-                                            "model.name=vlpl-tiny", "model.image_size=64", "model.normalization=model",
+    cfg = load_train_config([], _train_args(store, out, "method=aevlp", "dataset=coco2014", "student.kind=open_clip",
+                                            "student.name=vlpl-tiny", "student.image_size=64", "student.normalization=model",
                                             "epochs=1", "batch_size=8", "grad_accum=2", "max_steps_per_epoch=4",
                                             "num_workers=0"))
     run_train(cfg)

@@ -527,16 +527,23 @@ def load_config(
     base_source: str = "the built-in defaults",
 ) -> T:
     """Build a ``cls`` config from defaults, ``base``, YAML files (later win) and dotted overrides."""
-    data: Dict[str, Any] = dict(base or {})
+    # Deprecated key names are renamed layer by layer (defaults, each file, each override) before merging, so
+    # that a recipe's new key and a user's old-style override of the same thing merge as the user means.
     sources: Dict[str, str] = {}
-    _record_sources(data, base_source, sources)
+    _record_sources(dict(base or {}), base_source, sources)
+    data: Dict[str, Any] = _apply_renames(cls, dict(base or {}), sources, "")
     for f in files:
         path = _resolve_config_path(str(f), None)
         d, s = load_yaml_file(path)
-        data = deep_merge(data, d)
         sources.update(s)
+        data = deep_merge(data, _apply_renames(cls, d, sources, ""))
+    renamed: Dict[str, str] = getattr(cls, "RENAMED", {})
     for o in overrides:
         key, value = parse_override(o)
+        head, _, rest = key.partition(".")
+        if head in renamed:
+            log.warning("config key %r (in the override %r) is deprecated: it is now %r", head, o, renamed[head])
+            key = renamed[head] + (f".{rest}" if rest else "")
         _set_dotted(data, key, value)
         sources[key] = f"the override {o!r}"
         _record_sources(value, f"the override {o!r}", sources, f"{key}.")
