@@ -26,7 +26,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -79,6 +79,7 @@ class OfficialSplits:
             ``observed.file`` is not set (``cole``: ``formatted_{train,val}_labels_obs.npy``).
         hf: the Hugging Face DatasetDict that ``hf://`` images are decoded from.
         hf_image_column: its image column.
+        hf_path: where ``hf`` was loaded from (absolute local path or hub id).
         default_name: the dataset name used when ``cfg.name`` is not set.
     """
 
@@ -89,6 +90,7 @@ class OfficialSplits:
     carved_val: Optional[np.ndarray] = None
     given_observed: Dict[str, Path] = field(default_factory=dict)
     hf: Any = None
+    hf_path: Optional[str] = None
     hf_image_column: str = "image"
     default_name: Optional[str] = None
 
@@ -108,8 +110,7 @@ def read_class_list(path: Path) -> List[str]:
     """Read a class list: one name per line, blank lines ignored, names stripped, no duplicates."""
     if not path.is_file():
         raise DatasetFormatError(f"class list {path} not found (expected one class name per line)")
-    with open(path, encoding="utf-8") as f:
-        names = [line.strip() for line in f]
+    names = [line.strip() for _, line in _text_lines(path)]
     names = [n for n in names if n]
     if not names:
         raise DatasetFormatError(f"class list {path} is empty")
@@ -223,48 +224,100 @@ def read_folder(cfg: DataConfig) -> OfficialSplits:
                           default_name=root.name)
 
 
+def _text_lines(path: Path) -> Iterator[Tuple[int, str]]:
+    """``(line number, text)`` of a UTF-8 text file, a leading BOM dropped; a line that is not UTF-8 is an
+    error naming the file and the line (a Latin-1 file, say)."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                yield line_no, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DatasetFormatError(
+                    f"{path}, line {line_no}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                    f"save the file as UTF-8"
+                ) from None
+
+
 def _read_csv_rows(path: Path) -> List[Tuple[int, str, str, List[str]]]:
+    """Rows of a ``image,split,labels`` CSV: exactly these columns (any order), every row with 3 fields."""
+    lines = _text_lines(path)
+    counter = {"line": 0}
+
+    def text() -> Iterator[str]:
+        for line_no, line in lines:
+            counter["line"] = line_no
+            yield line
+
+    reader = csv.reader(text())
+    try:
+        header = [h.strip() for h in next(reader)]
+    except StopIteration:
+        raise DatasetFormatError(f"{path}: empty file; expected a header line {','.join(FOLDER_COLUMNS)}") from None
+    except csv.Error as e:
+        raise DatasetFormatError(f"{path}, line {counter['line']}: {e}") from None
+    expected = ", ".join(FOLDER_COLUMNS)
+    missing = [c for c in FOLDER_COLUMNS if c not in header]
+    extra = [c for c in header if c not in FOLDER_COLUMNS]
+    dup = sorted({c for c in header if header.count(c) > 1})
+    if missing or extra or dup:
+        what = "; ".join(x for x in (
+            f"missing column(s) {', '.join(missing)}" if missing else "",
+            f"unexpected column(s) {', '.join(repr(c) for c in extra)}" if extra else "",
+            f"repeated column(s) {', '.join(dup)}" if dup else "") if x)
+        raise DatasetFormatError(
+            f"{path}, line 1: {what}; expected exactly the columns {','.join(FOLDER_COLUMNS)} (found: {','.join(header) or 'none'})"
+        )
+    col = {c: header.index(c) for c in FOLDER_COLUMNS}
     out = []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        missing = [c for c in FOLDER_COLUMNS if c not in header]
-        if missing:
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            raise DatasetFormatError(f"{path}, line {counter['line']}: {e}") from None
+        line_no = counter["line"]
+        if not fields or all(not v.strip() for v in fields) and len(fields) <= 1:
+            continue  # blank line
+        if len(fields) != len(header):
             raise DatasetFormatError(
-                f"{path}: missing column(s) {', '.join(missing)}; expected columns "
-                f"{','.join(FOLDER_COLUMNS)} (found: {','.join(header) or 'none'})"
+                f"{path}, line {line_no}: {len(fields)} field(s), expected {len(header)} ({expected})"
             )
-        reader.fieldnames = header
-        for row in reader:
-            line_no = reader.line_num
-            if all((v or "").strip() == "" for k, v in row.items() if k is not None):
-                continue  # blank line
-            raw = (row.get("labels") or "").strip()
-            names = [n.strip() for n in raw.split("|")] if raw else []
-            out.append((line_no, (row.get("image") or "").strip(), (row.get("split") or "").strip(),
-                        [n for n in names if n]))
+        raw = fields[col["labels"]].strip()
+        names = [n.strip() for n in raw.split("|")] if raw else []
+        out.append((line_no, fields[col["image"]].strip(), fields[col["split"]].strip(), [n for n in names if n]))
     return out
 
 
 def _read_jsonl_rows(path: Path) -> List[Tuple[int, str, str, List[str]]]:
+    """Rows of a JSON-lines file: one object per line with exactly the keys image, split, labels."""
     out = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DatasetFormatError(f"{path}, line {line_no}: not valid JSON: {e}") from None
-            if not isinstance(obj, dict) or any(k not in obj for k in FOLDER_COLUMNS):
-                raise DatasetFormatError(
-                    f"{path}, line {line_no}: expected an object with keys {', '.join(FOLDER_COLUMNS)}"
-                )
-            labels = obj["labels"]
-            if not isinstance(labels, list) or not all(isinstance(n, str) for n in labels):
-                raise DatasetFormatError(f"{path}, line {line_no}: 'labels' must be a list of class names")
-            out.append((line_no, str(obj["image"]).strip(), str(obj["split"]).strip(),
-                        [n.strip() for n in labels if n.strip()]))
+    expected = ", ".join(FOLDER_COLUMNS)
+    for line_no, line in _text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DatasetFormatError(f"{path}, line {line_no}: not valid JSON: {e}") from None
+        if not isinstance(obj, dict):
+            raise DatasetFormatError(f"{path}, line {line_no}: expected an object with keys {expected}")
+        missing = [k for k in FOLDER_COLUMNS if k not in obj]
+        extra = [k for k in obj if k not in FOLDER_COLUMNS]
+        if missing or extra:
+            what = "; ".join(x for x in (f"missing key(s) {', '.join(missing)}" if missing else "",
+                                         f"unexpected key(s) {', '.join(repr(k) for k in extra)}" if extra else "")
+                             if x)
+            raise DatasetFormatError(f"{path}, line {line_no}: {what}; expected exactly the keys {expected}")
+        for key in ("image", "split"):
+            if not isinstance(obj[key], str):
+                raise DatasetFormatError(f"{path}, line {line_no}: {key!r} must be a string, got {obj[key]!r}")
+        labels = obj["labels"]
+        if not isinstance(labels, list) or not all(isinstance(n, str) for n in labels):
+            raise DatasetFormatError(f"{path}, line {line_no}: 'labels' must be a list of class names")
+        out.append((line_no, obj["image"].strip(), obj["split"].strip(), [n.strip() for n in labels if n.strip()]))
     return out
 
 
@@ -470,25 +523,37 @@ def read_cole(cfg: DataConfig) -> OfficialSplits:
 # --------------------------------------------------------------------------------------------------
 
 
-def _open_hf(cfg: DataConfig) -> Any:
-    import datasets
-
+def hf_location(cfg: DataConfig) -> str:
+    """Where ``cfg.hf_path`` points: the absolute local path when it exists, else the hub id as given."""
     if not cfg.hf_path:
         raise ConfigError("data.hf_path: format 'hf' needs a save_to_disk folder or a hub dataset id")
     local = resolve_path(cfg.root, cfg.hf_path)
     assert local is not None
+    return str(local.resolve()) if local.exists() else cfg.hf_path
+
+
+def open_hf_dict(location: str) -> Any:
+    """Open a Hugging Face ``DatasetDict``: a ``save_to_disk`` folder, another local path, or a hub id.
+
+    Raises:
+        DatasetFormatError: it is a single ``Dataset`` (no splits).
+    """
+    import datasets
+
+    local = Path(location)
     if local.is_dir() and ((local / "dataset_dict.json").is_file() or (local / "state.json").is_file()):
         ds = datasets.load_from_disk(str(local))
-    elif local.exists():
-        ds = datasets.load_dataset(str(local))
     else:
-        ds = datasets.load_dataset(cfg.hf_path)
+        ds = datasets.load_dataset(location)
     if isinstance(ds, datasets.Dataset):
         raise DatasetFormatError(
-            f"{cfg.hf_path}: a single Dataset has no splits; save a DatasetDict with the splits named "
-            f"in data.hf_splits ({cfg.hf_splits})"
+            f"{location}: a single Dataset has no splits; save a DatasetDict whose splits data.hf_splits names"
         )
     return ds
+
+
+def _open_hf(cfg: DataConfig) -> Any:
+    return open_hf_dict(hf_location(cfg))
 
 
 def _hf_label_names(feature: Any) -> Optional[List[str]]:
@@ -606,7 +671,7 @@ def read_hf(cfg: DataConfig) -> OfficialSplits:
             labels = [None] * n
         out[ours] = [RawItem(f"{name}/{i}", f"{HF_PREFIX}{name}/{i}", labels[i]) for i in range(n)]
     return OfficialSplits(root=root, classes=classes, train=out["train"], test=out["test"], hf=ds,
-                          hf_image_column=cfg.hf_image_column,
+                          hf_image_column=cfg.hf_image_column, hf_path=hf_location(cfg),
                           default_name=Path(str(cfg.hf_path)).name or "hf")
 
 
@@ -715,7 +780,8 @@ def build_dataset(raw: OfficialSplits, cfg: DataConfig) -> LabelledDataset:
         seen[s.sample_id] = s.image
     name = cfg.name or raw.default_name or cfg.format
     ds = LabelledDataset(root=raw.root, classes=list(raw.classes), samples=samples, name=name,
-                         _hf=raw.hf, _hf_image_column=raw.hf_image_column)
+                         _hf=raw.hf, _hf_image_column=raw.hf_image_column, hf_path=raw.hf_path,
+                         image_config=cfg.images)
     logger.info(
         "dataset %s (%s): %d classes, train %d / val %d / test %d, observed mode %s",
         name, cfg.format, C, len(train_idx), len(val_idx), len(official["test"]), cfg.observed.mode,

@@ -1,8 +1,9 @@
 """In-memory records of a labelled multi-label dataset.
 
 A :class:`LabelledDataset` is what every reader in :mod:`vlpl.data.readers` returns: the class list,
-one :class:`Sample` per image (full labels when known, observed labels always) and a way to decode an
-image. Samples are ordered ``train`` (sorted original indices), then ``val`` (sorted), then ``test``,
+one :class:`Sample` per image (full labels when known, observed labels always) and its
+:class:`~vlpl.data.images.ImageSource` (how its images are opened, the one way of
+:mod:`vlpl.data.images`). Samples are ordered ``train`` (sorted original indices), then ``val`` (sorted), then ``test``,
 as in Cole et al.'s protocol (ALGORITHMS.md 2b), so split indices are stable across runs.
 """
 from __future__ import annotations
@@ -14,15 +15,16 @@ from typing import TYPE_CHECKING, Any, List, Optional
 
 import numpy as np
 
+from vlpl.config import ImageConfig
+from vlpl.data.images import HF_PREFIX, ImageLoadError, ImageSource
+
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image as PILImage
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-HF_PREFIX = "hf://"
-
-_warned_truncated_flag = False
+__all__ = ["SPLITS", "HF_PREFIX", "ImageLoadError", "LabelledDataset", "Sample"]
 
 
 @dataclass
@@ -46,10 +48,6 @@ class Sample:
     observed: np.ndarray
 
 
-class ImageLoadError(Exception):
-    """An image could not be decoded; the message names the file (or HF row) and the reason."""
-
-
 @dataclass
 class LabelledDataset:
     """A multi-label dataset: classes, samples in a fixed order, and image decoding.
@@ -67,6 +65,9 @@ class LabelledDataset:
     name: str
     _hf: Any = field(default=None, repr=False, compare=False)  # datasets.DatasetDict for hf:// images
     _hf_image_column: str = field(default="image", repr=False, compare=False)
+    hf_path: Optional[str] = field(default=None, repr=False, compare=False)  # where _hf was loaded from
+    image_config: ImageConfig = field(default_factory=ImageConfig, repr=False, compare=False)
+    _source: Optional[ImageSource] = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -80,65 +81,22 @@ class LabelledDataset:
         """Absolute path of sample ``i``'s image (not meaningful for ``hf://`` images)."""
         return Path(self.root) / self.samples[i].image
 
-    def open_image(self, i: int) -> "PILImage.Image":
-        """Decode sample ``i``'s image fully, as RGB.
+    @property
+    def image_source(self) -> ImageSource:
+        """How this dataset's images are opened (root, decode rules, the Hugging Face dataset if any)."""
+        if self._source is None:
+            self._source = ImageSource(Path(self.root), self.image_config, hf=self._hf,
+                                       hf_image_column=self._hf_image_column, hf_path=self.hf_path)
+        return self._source
 
-        The whole file is decoded (``Image.load()``), so a truncated or corrupt file fails here and
-        not later in a transform.
+    def open_image(self, i: int) -> "PILImage.Image":
+        """Decode sample ``i``'s image fully, as RGB, under the decode rules of :mod:`vlpl.data.images`.
 
         Raises:
-            ImageLoadError: the file is missing, unreadable, not an image, or truncated.
+            ImageLoadError: the file is missing, outside the root, unreadable, not an image, truncated or
+                over the pixel budget; the message names it.
         """
-        from PIL import Image, ImageFile
-
-        global _warned_truncated_flag
-        if ImageFile.LOAD_TRUNCATED_IMAGES and not _warned_truncated_flag:
-            logger.warning(
-                "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True somewhere in this process: "
-                "truncated images will be padded silently instead of raising ImageLoadError"
-            )
-            _warned_truncated_flag = True
-        sample = self.samples[i]
-        if sample.image.startswith(HF_PREFIX):
-            return self._open_hf_image(sample)
-        path = Path(self.root) / sample.image
-        if not path.is_file():
-            raise ImageLoadError(f"cannot open image {path}: file not found (sample {sample.sample_id})")
-        try:
-            with Image.open(path) as im:
-                im.load()
-                return im.convert("RGB")
-        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... by format
-            raise ImageLoadError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
-
-    def _open_hf_image(self, sample: Sample) -> "PILImage.Image":
-        from PIL import Image
-
-        if self._hf is None:
-            raise ImageLoadError(f"cannot open {sample.image}: no Hugging Face dataset is attached")
-        try:
-            hf_split, index = sample.image[len(HF_PREFIX):].rsplit("/", 1)
-            value = self._hf[hf_split][int(index)][self._hf_image_column]
-        except Exception as e:
-            raise ImageLoadError(f"cannot read {sample.image}: {type(e).__name__}: {e}") from e
-        try:
-            if isinstance(value, dict):  # an Image(decode=False) column: {"bytes": ..., "path": ...}
-                import io
-
-                if value.get("bytes") is not None:
-                    im = Image.open(io.BytesIO(value["bytes"]))
-                elif value.get("path"):
-                    im = Image.open(value["path"])
-                else:
-                    raise ValueError("the image cell has neither bytes nor a path")
-            elif isinstance(value, Image.Image):
-                im = value
-            else:
-                raise ValueError(f"column {self._hf_image_column!r} holds {type(value).__name__}, not an image")
-            im.load()
-            return im.convert("RGB")
-        except Exception as e:
-            raise ImageLoadError(f"cannot decode image {sample.image}: {type(e).__name__}: {e}") from e
+        return self.image_source.open(self.samples[i].image)
 
     def split_indices(self, split: str) -> np.ndarray:
         """Indices (into :attr:`samples`, increasing) of the samples of ``split``."""
