@@ -1,15 +1,35 @@
-"""The trainable classifier: a backbone (timm by name, or an open_clip image tower) + a head.
+"""The trainable classifier (the *student*): a backbone chosen by name + a registered head.
 
-Heads are registry entries (``HEADS``), so label-graph heads (SigRL's GMC / SVFR, roadmap) plug in
-without touching the trainer: a head is built as ``HEADS.create(name, in_features, num_classes, **kw)``
-and maps pooled features (B, F) to logits (B, C).
+The contract (docs: DESIGN.md "Contracts between the parts", issue 8 item 2):
+
+* a **backbone** maps images (B, 3, H, W) to a :class:`ModelOutput`: the pooled feature (B, F) and the
+  token map (B, N, F) in the same space as the pooled feature (after the final norm, and after the
+  projection where the backbone has one). Backbones come from the libraries' own factories by name:
+  ``timm.create_model(name, num_classes=0)`` (CNNs: the last feature map as H*W tokens; ViTs: the patch
+  tokens, prefix tokens dropped) or an open_clip image tower (``open_clip.create_model``; its patch tokens
+  after ``ln_post`` and ``@ proj``, which open_clip's own ``output_tokens=True`` leaves unprojected);
+* a **class context** (:class:`ClassContext`: class names + class text embeddings) is built once per run,
+  from the score store by default, or from the open_clip student's own text tower
+  (``student.head.text_embeddings: student``);
+* a **head** is a registry entry (``vlpl.registry.HEADS``, built-ins in :mod:`vlpl.train.heads`) built as
+  ``HEADS.create(name, in_features=F, context=ctx, **params)``; it maps a :class:`ModelOutput` to logits
+  (B, C) with C = ``len(ctx.names)``. Label-graph heads (SigRL's GMC / SVFR) read ``tokens`` and
+  ``context.text_embeddings``; a head that does not read tokens says so (``uses_tokens = False``) and the
+  backbone then skips computing them.
+
+:func:`create_classifier` puts the parts together; :mod:`vlpl.train.model_io` saves a classifier and
+rebuilds it from its files alone.
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import logging
 import os
-from typing import Iterator, Tuple
+from dataclasses import dataclass
+from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -21,53 +41,193 @@ log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+#: The prompt the open_clip student's own text tower embeds each class name with
+#: (``student.head.text_embeddings: student``; AEVLP's and SigRL's prompt).
+STUDENT_PROMPT = "a photo of a {}."
 
-@HEADS.register("linear")
-class LinearHead(nn.Module):
-    """``Linear(F, C)``: the papers' head on globally pooled features (ALGORITHMS.md 2c)."""
+TEXT_EMBEDDING_SOURCES = ("store", "student")
 
-    def __init__(self, in_features: int, num_classes: int) -> None:
+
+# --------------------------------------------------------------------------------------------------
+# What flows between the parts
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelOutput:
+    """A backbone's output: ``pooled`` (B, F) and ``tokens`` (B, N, F) in the same feature space.
+
+    ``tokens`` is None where the backbone has no token map, or where the caller asked for the pooled
+    feature only (``with_tokens=False``).
+    """
+
+    pooled: torch.Tensor
+    tokens: Optional[torch.Tensor] = None
+
+
+@dataclass
+class ClassContext:
+    """What a head may know about the classes: their names and text embeddings (C, D) float32.
+
+    ``text_embeddings`` is None only where no embeddings exist (e.g. a benchmark with synthetic classes);
+    a head that needs them asks through :meth:`require_embeddings`, which then raises a clear error.
+    """
+
+    names: List[str]
+    text_embeddings: Optional[np.ndarray] = None
+
+    def __post_init__(self) -> None:
+        self.names = [str(n) for n in self.names]
+        if not self.names:
+            raise ValueError("class context: no class names")
+        if self.text_embeddings is not None:
+            emb = np.asarray(self.text_embeddings)
+            if emb.ndim != 2 or emb.shape[0] != len(self.names):
+                raise ValueError(f"class context: text embeddings of shape {emb.shape}, expected "
+                                 f"({len(self.names)}, D) for {len(self.names)} class names")
+            if not np.issubdtype(emb.dtype, np.floating):
+                raise ValueError(f"class context: text embeddings of dtype {emb.dtype}, expected floats")
+            self.text_embeddings = np.ascontiguousarray(emb, dtype=np.float32)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.names)
+
+    @property
+    def embedding_dim(self) -> Optional[int]:
+        return None if self.text_embeddings is None else int(self.text_embeddings.shape[1])
+
+    def require_embeddings(self, who: str) -> np.ndarray:
+        """The (C, D) embeddings, or a clear error naming ``who`` needed them."""
+        if self.text_embeddings is None:
+            raise ConfigError(f"{who} needs class text embeddings, but this class context has none "
+                              f"(build it with ClassContext.from_store(store))")
+        return self.text_embeddings
+
+    @classmethod
+    def from_store(cls, store: Any) -> "ClassContext":
+        """Names and prompt-ensembled text embeddings of a score store (``classes``, ``text_embeddings()``)."""
+        return cls(list(store.classes), store.text_embeddings())
+
+    @classmethod
+    def from_names(cls, names: Sequence[str]) -> "ClassContext":
+        """A context without text embeddings (heads that do not read them, e.g. ``linear``)."""
+        return cls(list(names), None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Backbones
+# --------------------------------------------------------------------------------------------------
+
+
+class Backbone(nn.Module):
+    """Images (B, 3, H, W) -> :class:`ModelOutput`; ``num_features`` = F; ``mean``/``std`` = the input
+    normalisation the backbone was trained with (its own; the classifier may override it)."""
+
+    num_features: int
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+
+    def forward(self, x: torch.Tensor, with_tokens: bool = True) -> ModelOutput:  # pragma: no cover
+        raise NotImplementedError
+
+
+class TimmBackbone(Backbone):
+    """A timm model created with ``num_classes=0``.
+
+    pooled = ``forward_head(forward_features(x), pre_logits=True)`` (the model's own pooling and head
+    norm). tokens: a CNN's last feature map (B, F, H, W) as (B, H*W, F) (NHWC maps likewise), passed
+    through the head's norm / pre-logits layers where the model has them (ConvNeXt-style heads); a ViT's
+    sequence without its ``num_prefix_tokens`` class/register tokens, through ``fc_norm`` where the model
+    pools before its norm.
+    """
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
-        self.fc = nn.Linear(in_features, num_classes)
+        self.model = model
+        self.num_features = int(model.num_features)
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.fc(feats)
+    def _tokens(self, feats: torch.Tensor) -> Optional[torch.Tensor]:
+        m = self.model
+        if feats.ndim == 4:
+            if getattr(m, "output_fmt", "NCHW") == "NHWC":
+                return feats.flatten(1, 2)
+            head = getattr(m, "head", None)
+            norm = getattr(head, "norm", None)
+            if isinstance(norm, nn.Module):  # NormMlpClassifierHead: pool -> norm -> pre_logits
+                feats = norm(feats)
+            tokens = feats.flatten(2).transpose(1, 2)
+            pre = getattr(head, "pre_logits", None)
+            if isinstance(pre, nn.Module):
+                tokens = pre(tokens)
+            return tokens
+        if feats.ndim == 3:
+            tokens = feats[:, int(getattr(m, "num_prefix_tokens", 0) or 0):]
+            fc_norm = getattr(m, "fc_norm", None)
+            if isinstance(fc_norm, nn.Module) and not isinstance(fc_norm, nn.Identity):
+                tokens = fc_norm(tokens)
+            return tokens
+        return None
+
+    def forward(self, x: torch.Tensor, with_tokens: bool = True) -> ModelOutput:
+        feats = self.model.forward_features(x)
+        pooled = self.model.forward_head(feats, pre_logits=True)
+        return ModelOutput(pooled, self._tokens(feats) if with_tokens else None)
 
 
-class Classifier(nn.Module):
-    def __init__(self, backbone: nn.Module, head: nn.Module, num_features: int,
-                 mean: Tuple[float, ...], std: Tuple[float, ...]) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-        self.num_features = num_features
-        self.mean, self.std = tuple(mean), tuple(std)
+class OpenClipBackbone(Backbone):
+    """An open_clip image tower (``model.visual``).
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
+    For open_clip's ``VisionTransformer`` the forward pass is open_clip's own, step by step
+    (``_embeds`` -> ``transformer`` -> ``_pool`` -> ``@ proj``), so that the patch tokens come out of the
+    same pass in the pooled feature's space: after ``ln_post`` (also where the tower norms only the
+    pooled token, ``final_ln_after_pool``) and after ``proj``. Other towers (ModifiedResNet, timm trunks)
+    give the pooled feature only (``tokens`` None).
+    """
 
-    def backbone_parameters(self) -> Iterator[nn.Parameter]:
-        return (p for p in self.backbone.parameters() if p.requires_grad)
-
-    def head_parameters(self) -> Iterator[nn.Parameter]:
-        return (p for p in self.head.parameters() if p.requires_grad)
-
-
-class _OpenClipTower(nn.Module):
-    def __init__(self, visual: nn.Module) -> None:
+    def __init__(self, visual: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         self.visual = visual
+        self.num_features = int(visual.output_dim)
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        v = visual
+        self._vit = all(hasattr(v, a) for a in ("_embeds", "transformer", "_pool", "ln_post", "proj")) \
+            and getattr(v, "attn_pool", None) is None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.visual(x)
-        return out[0] if isinstance(out, tuple) else out
+    def project_tokens(self, tokens: torch.Tensor, normed: bool) -> torch.Tensor:
+        """Tokens of the transformer's output into the pooled space: ``ln_post`` (unless already applied)
+        then ``@ proj``. Applied to the class token of a CLS-pooled tower it gives the pooled feature."""
+        v = self.visual
+        if not normed:
+            tokens = v.ln_post(tokens)
+        return tokens @ v.proj if v.proj is not None else tokens
+
+    def forward(self, x: torch.Tensor, with_tokens: bool = True) -> ModelOutput:
+        v = self.visual
+        if not self._vit:
+            out = v(x)
+            return ModelOutput(out[0] if isinstance(out, tuple) else out, None)
+        h = v.transformer(v._embeds(x))
+        pooled, tokens = v._pool(h)  # ln_post already applied to tokens unless final_ln_after_pool
+        if v.proj is not None:
+            pooled = pooled @ v.proj
+        if not with_tokens:
+            return ModelOutput(pooled, None)
+        return ModelOutput(pooled, self.project_tokens(tokens, normed=not v.final_ln_after_pool))
 
 
-def _timm_backbone(cfg: StudentConfig) -> Tuple[nn.Module, int, Tuple[float, ...], Tuple[float, ...]]:
+def _close(name: str, names: Sequence[str]) -> str:
+    m = difflib.get_close_matches(name, list(names), n=5, cutoff=0.6)
+    return f"; close matches: {', '.join(m)}" if m else ""
+
+
+def _timm_backbone(cfg: StudentConfig) -> TimmBackbone:
     import timm
 
-    if cfg.name not in timm.list_models(pretrained=False) and not timm.is_model(cfg.name):
-        raise ConfigError(f"model.name: {cfg.name!r} is not a timm model (see timm.list_models())")
+    if not timm.is_model(cfg.name) and not cfg.name.startswith(("hf-hub:", "hf_hub:", "local-dir:")):
+        raise ConfigError(f"student.name: {cfg.name!r} is not a timm model (see timm.list_models())"
+                          + _close(cfg.name, timm.list_models()))
     model = None
     if cfg.pretrained:
         if os.environ.get("HF_HUB_OFFLINE") == "1":
@@ -81,32 +241,136 @@ def _timm_backbone(cfg: StudentConfig) -> Tuple[nn.Module, int, Tuple[float, ...
     if model is None:
         model = timm.create_model(cfg.name, pretrained=False, num_classes=0)
     pc = getattr(model, "pretrained_cfg", {}) or {}
-    mean, std = tuple(pc.get("mean", IMAGENET_MEAN)), tuple(pc.get("std", IMAGENET_STD))
-    return model, int(model.num_features), mean, std
+    return TimmBackbone(model, pc.get("mean", IMAGENET_MEAN), pc.get("std", IMAGENET_STD))
 
 
-def _open_clip_backbone(cfg: StudentConfig) -> Tuple[nn.Module, int, Tuple[float, ...], Tuple[float, ...]]:
+def _open_clip_model(cfg: StudentConfig, pretrained: Optional[str]) -> nn.Module:
     import open_clip
 
     from vlpl.vlm.backend import register_bundled_configs
 
     register_bundled_configs()
-    model = open_clip.create_model(cfg.name, pretrained=cfg.open_clip_pretrained, weights_only=True)
-    pp = open_clip.get_model_preprocess_cfg(model)
-    dim = int(model.visual.output_dim)
-    return _OpenClipTower(model.visual), dim, tuple(pp["mean"]), tuple(pp["std"])
+    if not cfg.name.startswith(("hf-hub:", "local-dir:")) and cfg.name not in open_clip.list_models():
+        raise ConfigError(f"student.name: {cfg.name!r} is not an open_clip model (see open_clip.list_models())"
+                          + _close(cfg.name, open_clip.list_models()))
+    try:
+        return open_clip.create_model(cfg.name, pretrained=pretrained, weights_only=True)
+    except RuntimeError as e:
+        raise ConfigError(f"student: cannot create open_clip model {cfg.name!r} with "
+                          f"open_clip_pretrained={pretrained!r}: {e}") from e
 
 
-def create_classifier(cfg: StudentConfig, num_classes: int) -> Classifier:
+def student_text_embeddings(clip_model: nn.Module, model_name: str, names: Sequence[str]) -> np.ndarray:
+    """Class embeddings (C, D) float32, unit norm, from an open_clip model's own text tower (prompt
+    :data:`STUDENT_PROMPT`, open_clip's tokenizer and ``build_zero_shot_classifier``)."""
+    import open_clip
+
+    tokenizer = open_clip.get_tokenizer(model_name)
+    was_training = clip_model.training
+    clip_model.eval()
+    try:
+        with torch.no_grad():
+            clf = open_clip.build_zero_shot_classifier(
+                clip_model, tokenizer=tokenizer, classnames=list(names),
+                templates=[lambda c: STUDENT_PROMPT.format(c)], num_classes_per_batch=256,
+                device=next(clip_model.parameters()).device, use_tqdm=False)
+    finally:
+        clip_model.train(was_training)
+    return clf.T.float().cpu().numpy()  # build_zero_shot_classifier gives (D, C), normalised
+
+
+# --------------------------------------------------------------------------------------------------
+# The classifier
+# --------------------------------------------------------------------------------------------------
+
+
+class Classifier(nn.Module):
+    """backbone + head. ``forward(x)`` -> logits (B, C); ``features(x)`` -> :class:`ModelOutput`.
+
+    ``mean``/``std``: the input normalisation to use (``student.normalization``); ``context``: the class
+    context the head was built with (saved with the model by :func:`vlpl.train.model_io.save_model`).
+    """
+
+    def __init__(self, backbone: Backbone, head: nn.Module, context: ClassContext,
+                 mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.context = context
+        self.num_features = int(backbone.num_features)
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+    @property
+    def num_classes(self) -> int:
+        return self.context.num_classes
+
+    def features(self, x: torch.Tensor) -> ModelOutput:
+        """The backbone's pooled feature and token map."""
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x, with_tokens=bool(getattr(self.head, "uses_tokens", True))))
+
+    def backbone_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for p in self.backbone.parameters() if p.requires_grad)
+
+    def head_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for p in self.head.parameters() if p.requires_grad)
+
+
+def create_backbone(cfg: StudentConfig, pretrained: bool = True) -> Tuple[Backbone, Optional[nn.Module]]:
+    """The student's backbone by name; with it, for ``kind=open_clip``, the whole open_clip model (its
+    text tower can embed the class names), else None. ``pretrained=False`` never fetches weights."""
     if cfg.kind == "timm":
-        backbone, nf, mean, std = _timm_backbone(cfg)
-    elif cfg.kind == "open_clip":
-        backbone, nf, mean, std = _open_clip_backbone(cfg)
-    else:
-        raise ConfigError(f"model.kind: expected 'timm' or 'open_clip', got {cfg.kind!r}")
+        if not pretrained and cfg.pretrained:
+            cfg = dataclasses.replace(cfg, pretrained=False)
+        return _timm_backbone(cfg), None
+    if cfg.kind == "open_clip":
+        import open_clip
+
+        clip = _open_clip_model(cfg, cfg.open_clip_pretrained if pretrained else None)
+        pp = open_clip.get_model_preprocess_cfg(clip)
+        return OpenClipBackbone(clip.visual, pp["mean"], pp["std"]), clip
+    raise ConfigError(f"student.kind: expected 'timm' or 'open_clip', got {cfg.kind!r}")
+
+
+def _normalization(cfg: StudentConfig, backbone: Backbone) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
     if cfg.normalization == "imagenet":
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
-    elif cfg.normalization != "model":
-        raise ConfigError(f"model.normalization: expected 'imagenet' or 'model', got {cfg.normalization!r}")
-    head = HEADS.create(cfg.head.name, nf, num_classes, **cfg.head.params)
-    return Classifier(backbone, head, nf, mean, std)
+        return IMAGENET_MEAN, IMAGENET_STD
+    if cfg.normalization == "model":
+        return backbone.mean, backbone.std
+    raise ConfigError(f"student.normalization: expected 'imagenet' or 'model', got {cfg.normalization!r}")
+
+
+def create_classifier(cfg: StudentConfig, context: Union[ClassContext, int], *,
+                      pretrained: bool = True, use_student_text: bool = True) -> Classifier:
+    """Backbone by name, then the head ``HEADS.create(cfg.head.name, in_features=F, context=ctx,
+    **cfg.head.params)`` (in this order: a seeded run initialises the same weights as before).
+
+    ``context``: the class context (:meth:`ClassContext.from_store`); an int C (the form before class
+    contexts) is read as C unnamed classes without text embeddings. With
+    ``cfg.head.text_embeddings == "student"`` (open_clip students only) the context's embeddings are
+    replaced by the student's own text-tower embeddings of the same names; ``use_student_text=False``
+    keeps the given ones (used when rebuilding a saved model, whose saved embeddings are final).
+    ``pretrained=False``: no pretrained weights are fetched (they are replaced by saved weights).
+    """
+    if isinstance(context, int):
+        context = ClassContext.from_names([f"class_{i}" for i in range(context)])
+    if cfg.head.text_embeddings not in TEXT_EMBEDDING_SOURCES:
+        raise ConfigError(f"student.head.text_embeddings: expected one of {', '.join(TEXT_EMBEDDING_SOURCES)}, "
+                          f"got {cfg.head.text_embeddings!r}")
+    if cfg.head.text_embeddings == "student" and cfg.kind != "open_clip":
+        raise ConfigError(f"student.head.text_embeddings: 'student' needs an open_clip student with a text "
+                          f"tower, but student.kind is {cfg.kind!r}; use 'store' (the score store's embeddings)")
+    HEADS.get(cfg.head.name)  # an unknown head fails before any model is built
+    backbone, clip = create_backbone(cfg, pretrained=pretrained)
+    mean, std = _normalization(cfg, backbone)
+    if cfg.head.text_embeddings == "student" and use_student_text:
+        assert clip is not None
+        emb = student_text_embeddings(clip, cfg.name, context.names)
+        log.info("class text embeddings from the student's own text tower (%s, %d x %d)",
+                 cfg.name, *emb.shape)
+        context = ClassContext(context.names, emb)
+    del clip  # the text tower is not part of the classifier
+    head = HEADS.create(cfg.head.name, in_features=backbone.num_features, context=context, **cfg.head.params)
+    return Classifier(backbone, head, context, mean, std)
