@@ -53,8 +53,6 @@ __all__ = ["run_evaluate", "compare_runs", "evaluate_predictions", "load_predict
 
 _DAMP_DEFAULTS = {k: inspect.signature(damp_scores).parameters[k].default for k in ("temp", "eta")}
 _ZS_TEMP = float(inspect.signature(aggregate_scores).parameters["temp"].default)
-PLOT_NAMES = ("training_curve", "run_per_class_ap", "run_pr_curves", "run_score_histograms",
-              "zeroshot_per_class_ap", "zeroshot_pr_curves", "zeroshot_score_histograms", "pseudo_threshold_sweep")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -375,48 +373,11 @@ def _evaluate_store(root: Path, cfg: EvaluateConfig) -> Tuple[Dict[str, Any], Di
 # --------------------------------------------------------------------------------------------------
 
 
-def _make_plots(out: Path, run_section: Optional[Dict[str, Any]], run_arr: Optional[Dict[str, Any]],
+def _make_plots(out: Path, split: str, run_section: Optional[Dict[str, Any]], run_arr: Optional[Dict[str, Any]],
                 store_section: Optional[Dict[str, Any]], store_arr: Optional[Dict[str, Any]]) -> Dict[str, str]:
-    from vlpl.eval import plots as P  # matplotlib is only imported when plots are drawn
+    from vlpl.eval.plots import draw_report_plots  # matplotlib is only imported when plots are drawn
 
-    pdir = out / "plots"
-    made: Dict[str, Path] = {}
-    if run_section is not None and run_arr is not None:
-        name = Path(run_section["path"]).name
-        met, cl = run_section["metrics"], run_arr["classes"]
-        if run_section["epochs"]:
-            made["training_curve"] = P.plot_training_curve(run_section["epochs"], pdir / "training_curve.png",
-                                                           f"{name}: mAP by epoch", run_section.get("best_epoch"))
-        made["run_per_class_ap"] = P.plot_per_class_ap(met["per_class_ap"], cl, pdir / "run_per_class_ap.png",
-                                                       f"{name}: per-class AP", run_section["num_pos_per_class"])
-        made["run_pr_curves"] = P.plot_pr_curves(run_arr["labels"], run_arr["probs"], cl, pdir / "run_pr_curves.png",
-                                                 f"{name}: precision-recall", ap=met["per_class_ap"])
-        made["run_score_histograms"] = P.plot_score_histograms(
-            run_arr["labels"], run_arr["probs"], cl, pdir / "run_score_histograms.png",
-            f"{name}: predicted probabilities, positives vs negatives")
-    if store_section is not None and store_arr is not None:
-        zs = store_section["zero_shot"]
-        met, cl = zs["scores"]["damp"], store_arr["classes"]
-        made["zeroshot_per_class_ap"] = P.plot_per_class_ap(met["per_class_ap"], cl, pdir / "zeroshot_per_class_ap.png",
-                                                            "zero-shot DAMP phi: per-class AP", zs["num_pos_per_class"])
-        made["zeroshot_pr_curves"] = P.plot_pr_curves(store_arr["labels"], store_arr["phi"], cl,
-                                                      pdir / "zeroshot_pr_curves.png",
-                                                      "zero-shot DAMP phi: precision-recall", ap=met["per_class_ap"])
-        made["zeroshot_score_histograms"] = P.plot_score_histograms(
-            store_arr["labels"], store_arr["phi"], cl, pdir / "zeroshot_score_histograms.png",
-            "zero-shot DAMP phi, positives vs negatives")
-        pl = store_section.get("pseudo_labels")
-        if pl and pl["threshold_sweep"]:
-            made["pseudo_threshold_sweep"] = P.plot_threshold_sweep(
-                pl["threshold_sweep"], pdir / "pseudo_threshold_sweep.png",
-                f"pseudo-label quality against threshold (split {pl['split']}, excl. observed)")
-    # a plot of an earlier evaluation that this one did not redraw would be stale: remove it
-    for key in PLOT_NAMES:
-        stale = pdir / f"{key}.png"
-        if key not in made and stale.exists():
-            stale.unlink()
-    log.info("%d plots in %s", len(made), pdir)
-    return {k: str(p.relative_to(out)) for k, p in made.items()}
+    return draw_report_plots(out, split, run_section, run_arr, store_section, store_arr)
 
 
 def _model_identity(store_section: Optional[Dict[str, Any]], run_section: Optional[Dict[str, Any]]
@@ -490,7 +451,7 @@ def run_evaluate(cfg: EvaluateConfig) -> Path:
 
     resolved = dataclasses.replace(cfg, out=str(out))
     out.mkdir(parents=True, exist_ok=True)
-    plots = _make_plots(out, run_section, run_arr, store_section, store_arr) if cfg.plots else {}
+    plots = _make_plots(out, cfg.split, run_section, run_arr, store_section, store_arr) if cfg.plots else {}
     report = finalize_report(jsonable({  # metrics in percent, with their units
         "schema": REPORT_SCHEMA,
         "created": utc_now(),
