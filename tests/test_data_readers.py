@@ -169,6 +169,69 @@ def test_folder_bad_split_value(tmp_path: Path) -> None:
         load_dataset(DataConfig(root=str(root)))
 
 
+def _format_error(root: Path) -> str:
+    with pytest.raises(DatasetFormatError) as e:
+        load_dataset(DataConfig(root=str(root)))
+    return str(e.value)
+
+
+def test_folder_csv_is_strict(tmp_path: Path) -> None:
+    """Issue 9.9: extra columns, a missing labels column and ragged rows are errors with the line number."""
+    csv_path = str(tmp_path / "labels.csv")
+    msg = _format_error(_folder(tmp_path, "image,split,labels,comment\na.jpg,train,cat,hi\n"))
+    assert csv_path in msg and "line 1" in msg and "unexpected column(s) 'comment'" in msg
+    assert "image,split,labels" in msg
+    msg = _format_error(_folder(tmp_path, "image,split\na.jpg,train\n"))
+    assert "line 1" in msg and "missing column(s) labels" in msg and "image,split,labels" in msg
+    msg = _format_error(_folder(tmp_path, "image,split,labels\na.jpg,train,cat\nb.jpg,train,dog,extra\n"))
+    assert csv_path in msg and "line 3: 4 field(s), expected 3" in msg
+    msg = _format_error(_folder(tmp_path, "image,split,labels\na.jpg,train,cat\n\nb.jpg,train\n"))
+    assert "line 4: 2 field(s), expected 3" in msg
+    msg = _format_error(_folder(tmp_path, "image,split,image,labels\na.jpg,train,b.jpg,cat\n"))
+    assert "repeated column(s) image" in msg
+    # columns in another order are fine; a quoted field spanning two lines keeps the line numbers right
+    ds = load_dataset(DataConfig(root=str(_folder(tmp_path, 'labels,image,split\n"cat|\ndog",a.jpg,train\n'
+                                                            'bird,b.jpg,test\n')), val_fraction=0.0))
+    assert [(s.image, s.split) for s in ds.samples] == [("a.jpg", "train"), ("b.jpg", "test")]
+    np.testing.assert_array_equal(ds.label_matrix(), [[1, 1, 0], [0, 0, 1]])
+    msg = _format_error(_folder(tmp_path, 'image,split,labels\n"a.jpg",train,"cat|\ndog"\nb.jpg,train,zebra\n'))
+    assert "line 4" in msg and "'zebra'" in msg
+
+
+def test_folder_utf8_bom_accepted_latin1_named(tmp_path: Path) -> None:
+    (tmp_path / "classes.txt").write_bytes("\ufeffcat\ndog\nbird\n".encode("utf-8"))
+    (tmp_path / "labels.csv").write_bytes("\ufeffimage,split,labels\ncafé.jpg,train,cat\n".encode("utf-8"))
+    ds = load_dataset(DataConfig(root=str(tmp_path), val_fraction=0.0))
+    assert ds.classes == ["cat", "dog", "bird"] and ds.samples[0].image == "café.jpg"
+    (tmp_path / "labels.csv").write_bytes("image,split,labels\na.jpg,train,cat\ncafé.jpg,train,cat\n".encode("latin-1"))
+    msg = _format_error(tmp_path)
+    assert str(tmp_path / "labels.csv") in msg and "line 3" in msg and "not valid UTF-8" in msg
+    (tmp_path / "labels.csv").unlink()
+    (tmp_path / "labels.jsonl").write_bytes(b'{"image": "a.jpg", "split": "train", "labels": ["cat"]}\n'
+                                            b'{"image": "caf\xe9.jpg", "split": "train", "labels": []}\n')
+    msg = _format_error(tmp_path)
+    assert str(tmp_path / "labels.jsonl") in msg and "line 2" in msg and "not valid UTF-8" in msg
+    (tmp_path / "labels.jsonl").write_bytes(b'\xef\xbb\xbf{"image": "a.jpg", "split": "train", "labels": ["cat"]}\n')
+    assert load_dataset(DataConfig(root=str(tmp_path), val_fraction=0.0)).samples[0].image == "a.jpg"
+
+
+def test_folder_jsonl_is_strict(tmp_path: Path) -> None:
+    (tmp_path / "classes.txt").write_text("cat\ndog\n")
+    path = tmp_path / "labels.jsonl"
+    path.write_text('{"image": "a.jpg", "split": "train", "labels": ["cat"]}\n\n'
+                    '{"image": "b.jpg", "split": "train", "labels": ["dog"], "note": 1}\n')
+    msg = _format_error(tmp_path)
+    assert str(path) in msg and "line 3" in msg and "unexpected key(s) 'note'" in msg and "image, split, labels" in msg
+    path.write_text('{"image": "a.jpg", "split": "train"}\n')
+    assert "line 1: missing key(s) labels" in _format_error(tmp_path)
+    path.write_text('{"image": 7, "split": "train", "labels": []}\n')
+    assert "line 1: 'image' must be a string" in _format_error(tmp_path)
+    path.write_text('{"image": "a.jpg", "split": "train", "labels": ["cat"]}\n{"image": "b.jpg", "split": "train", '
+                    '"labels": ["cow"]}\n')
+    msg = _format_error(tmp_path)
+    assert "line 2" in msg and "'cow'" in msg
+
+
 def test_folder_jsonl_with_carved_val(tmp_path: Path) -> None:
     (tmp_path / "classes.txt").write_text("cat\ndog\nbird\n")
     rows = [

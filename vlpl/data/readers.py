@@ -177,6 +177,8 @@ def read_folder(cfg: DataConfig) -> OfficialSplits:
     * ``cfg.labels`` chooses the file (``.jsonl`` suffix: JSON lines, else CSV); by default
       ``labels.csv``, else ``labels.jsonl``. ``cfg.classes`` defaults to ``classes.txt``.
     * ``sample_id`` is the image path without its extension.
+    * Strict: exactly the three columns (keys), every CSV row with three fields, UTF-8 text (a leading
+      BOM is accepted); every error names the file and the line.
     """
     root = Path(cfg.root)
     classes = read_class_list(_classes_path(cfg, root))
