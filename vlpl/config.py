@@ -294,6 +294,11 @@ def _type_name(tp: Any) -> str:
         return f"a list of {_type_name(a)}"
     if origin in (dict, Dict):
         return "a mapping"
+    if origin in (tuple, Tuple):
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_type_name(args[0])}"
+        return f"a list of {len(args)} values ({', '.join(_type_name(a) for a in args)})"
     if tp is type(None):
         return "null"
     return getattr(tp, "__name__", str(tp))
@@ -328,6 +333,15 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if not isinstance(value, list):
             raise bad()
         return [_coerce(v, a, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin in (tuple, Tuple):
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise bad()
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value))
+        if args and len(args) != len(value):
+            raise bad()
+        return tuple(_coerce(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args or [Any] * len(value))))
     if origin in (dict, Dict):
         kt, vt = typing.get_args(tp) or (Any, Any)
         if not isinstance(value, dict):

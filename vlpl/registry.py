@@ -136,7 +136,7 @@ class Registry(Generic[T]):
             check_kwargs(obj, kwargs, f"{self.kind} {name!r}")
             return obj(*args, **kwargs)
         fixed = {k: kwargs.pop(k) for k in self.fixed if k in kwargs}
-        params = self.schema(name).from_dict(kwargs, where="params", what=f"{self.kind} {name!r}")
+        params = self.schema(name).from_dict(kwargs, what=f"{self.kind} {name!r}")
         return obj(*args, **fixed, **params.kwargs(), **params.extras(kwargs))
 
 

@@ -18,6 +18,10 @@ observed entry never reaches the loss.
 :func:`apply_rule` is the entry point used on batches read from the store: it first draws one
 cached flip variant per (image, view) with :func:`select_variants` (Decision 4), then calls the
 named rule.
+
+Parameters: every rule's defaults, meanings and validation live in one torch-free home,
+:mod:`vlpl.pseudolabel.params` (``DampParams``, ...; ``rule_params(name, values)``); the functions here take
+their defaults from those schemas and validate their options through them.
 """
 from __future__ import annotations
 
@@ -26,7 +30,18 @@ from typing import Any, Optional, Tuple
 
 import torch
 
-from vlpl.registry import RULES, check_kwargs
+from vlpl.pseudolabel.params import (
+    NEGATIVE_MODES,
+    SCORE_KINDS,
+    TEMP,
+    VIEW_AGGREGATES,
+    DampParams,
+    ThresholdParams,
+    TopkParams,
+    VLPLParams,
+    rule_params,
+)
+from vlpl.registry import RULES
 
 __all__ = [
     "select_variants",
@@ -38,11 +53,12 @@ __all__ = [
     "threshold",
     "topk",
     "apply_rule",
+    "rule_params",
 ]
 
-_NEGATIVE_MODES = ("neutral", "pseudo")
-_SCORE_KINDS = ("softmax", "cosine")
-_VIEW_AGGREGATES = ("global", "mean", "max")
+_NEGATIVE_MODES = NEGATIVE_MODES
+_SCORE_KINDS = SCORE_KINDS
+_VIEW_AGGREGATES = VIEW_AGGREGATES
 
 
 # --------------------------------------------------------------------------------------------
@@ -61,16 +77,6 @@ def _check_scores(scores: torch.Tensor, observed: Optional[torch.Tensor] = None)
             )
 
 
-def _check_temp(temp: float) -> None:
-    if not temp > 0:
-        raise ValueError(f"temp must be > 0; got {temp}")
-
-
-def _check_ratio(negative_ratio: float) -> None:
-    if not 0.0 <= negative_ratio <= 1.0:
-        raise ValueError(f"negative_ratio must lie in [0, 1]; got {negative_ratio}")
-
-
 def _num_bottom(negative_ratio: float, num_classes: int) -> int:
     """``floor(negative_ratio * C)``, as the released code's ``int(r * C)`` (§6b step 5, §7c step 5).
 
@@ -84,9 +90,11 @@ def view_softmax(scores: torch.Tensor, temp: float) -> torch.Tensor:
     """Per-view distribution over classes, ``softmax_c(cos / temp)`` (§6b step 3, §7c step 2).
 
     Computed in float32 at least (the store may cache float16 cosines). The released codes apply no
-    CLIP logit scale; ``temp = 0.01`` plays the role of CLIP's x100 (§7g.3).
+    CLIP logit scale; ``temp = 0.01`` plays the role of CLIP's x100 (§7g.3). ``temp`` must be > 0
+    (the rules validate it through their schemas; this helper only guards against a division by zero).
     """
-    _check_temp(temp)
+    if not temp > 0:
+        raise ValueError(f"temp must be > 0; got {temp}")
     x = scores if scores.dtype in (torch.float32, torch.float64) else scores.float()
     return torch.softmax(x / temp, dim=-1)
 
@@ -151,7 +159,7 @@ def select_variants(
 # DAMP (§7c)
 # --------------------------------------------------------------------------------------------
 def damp_scores(
-    scores: torch.Tensor, observed: torch.Tensor, *, temp: float = 0.01, eta: float = 0.3
+    scores: torch.Tensor, observed: torch.Tensor, *, temp: float = DampParams.temp, eta: float = DampParams.eta
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """DAMP's positive score ``phi`` and negative score ``psi`` (§7c steps 2-3).
 
@@ -168,9 +176,12 @@ def damp_scores(
     With ``n_views == 1`` (no grid) there are no tiles; DAMP then degrades to
     ``phi = psi = pi_glob`` (a global-only softmax, as VLPL's score).
 
+    ``temp`` and ``eta`` are validated through :class:`DampParams`.
+
     Returns:
         ``(phi, psi)``, each ``(B, C)`` float.
     """
+    DampParams(temp=temp, eta=eta)
     _check_scores(scores, observed)
     pi = view_softmax(scores, temp)
     pi_glob = pi[:, 0]
@@ -195,12 +206,12 @@ def damp(
     scores: torch.Tensor,
     observed: torch.Tensor,
     *,
-    temp: float = 0.01,
-    eta: float = 0.3,
-    threshold: float = 0.5,
-    top_k: int = 3,
-    negative_ratio: float = 0.3,
-    negatives: str = "neutral",
+    temp: float = DampParams.temp,
+    eta: float = DampParams.eta,
+    threshold: float = DampParams.threshold,
+    top_k: int = DampParams.top_k,
+    negative_ratio: float = DampParams.negative_ratio,
+    negatives: str = DampParams.negatives,
 ) -> torch.Tensor:
     """AEVLP's DAMP pseudo-labels from cached cosines (§7c; defaults = COCO column of §7e).
 
@@ -222,23 +233,21 @@ def damp(
     Args:
         scores: ``(B, n_views, C)`` raw cosines, one flip variant per view already chosen.
         observed: ``(B, C)`` in {-1, 0, 1}; only its +1 entries are read (the gate).
+        temp, eta, threshold, top_k, negative_ratio, negatives: see :class:`DampParams` (validated there).
 
     Returns:
         ``(B, C)`` int8 in {-1, 0, 1} (in {0, 1} with ``negatives="neutral"``).
     """
-    if negatives not in _NEGATIVE_MODES:
-        raise ValueError(f"negatives must be one of {_NEGATIVE_MODES}; got {negatives!r}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0; got {top_k}")
-    _check_ratio(negative_ratio)
-    phi, psi = damp_scores(scores, observed, temp=temp, eta=eta)
+    p = DampParams(temp=temp, eta=eta, threshold=threshold, top_k=top_k, negative_ratio=negative_ratio,
+                   negatives=negatives)
+    phi, psi = damp_scores(scores, observed, temp=p.temp, eta=p.eta)
     num_classes = phi.shape[1]
     positive = torch.zeros_like(phi, dtype=torch.bool)
-    k = min(int(top_k), num_classes)
+    k = min(p.top_k, num_classes)
     if k > 0:
         values, idx = torch.topk(phi, k=k, dim=1)
-        positive.scatter_(1, idx, values >= threshold)
-    return _pseudo_from_ranks(positive, psi, negative_ratio, 0 if negatives == "neutral" else -1)
+        positive.scatter_(1, idx, values >= p.threshold)
+    return _pseudo_from_ranks(positive, psi, p.negative_ratio, 0 if p.negatives == "neutral" else -1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,9 +258,9 @@ def vlpl(
     scores: torch.Tensor,
     observed: torch.Tensor,
     *,
-    temp: float = 0.01,
-    threshold: float = 0.3,
-    negative_ratio: float = 0.0,
+    temp: float = VLPLParams.temp,
+    threshold: float = VLPLParams.threshold,
+    negative_ratio: float = VLPLParams.negative_ratio,
 ) -> torch.Tensor:
     """VLPL pseudo-labels (§6b): global-view softmax, strict threshold, optional bottom negatives.
 
@@ -259,22 +268,22 @@ def vlpl(
     the bottom ``floor(negative_ratio * C)`` classes by ``pi`` get -1 (default ratio 0.0: none, the
     ResNet-50 path of the released code). The negatives are written after the positives, as in the
     released ``clip_vision`` path, so with an overlap -1 wins. Only view 0 is read; ``observed`` is
-    not used (VLPL does not look at the observed label when labelling).
+    not used (VLPL does not look at the observed label when labelling). Options: :class:`VLPLParams`.
 
     Returns:
         ``(B, C)`` int8 in {-1, 0, 1}.
     """
+    p = VLPLParams(temp=temp, threshold=threshold, negative_ratio=negative_ratio)
     _check_scores(scores, observed)
-    _check_ratio(negative_ratio)
-    pi = view_softmax(scores[:, 0], temp)
-    return _pseudo_from_ranks(pi > threshold, pi, negative_ratio, -1)
+    pi = view_softmax(scores[:, 0], p.temp)
+    return _pseudo_from_ranks(pi > p.threshold, pi, p.negative_ratio, -1)
 
 
 # --------------------------------------------------------------------------------------------
 # generic baselines on an aggregated score
 # --------------------------------------------------------------------------------------------
 def aggregate_scores(
-    scores: torch.Tensor, *, score: str = "softmax", temp: float = 0.01, view: str = "global"
+    scores: torch.Tensor, *, score: str = ThresholdParams.score, temp: float = TEMP, view: str = ThresholdParams.view
 ) -> torch.Tensor:
     """A per-class score from the cached views, for the simple ``threshold`` / ``topk`` rules.
 
@@ -285,14 +294,14 @@ def aggregate_scores(
         view: ``"global"`` = view 0 only; ``"mean"`` / ``"max"`` = mean / max of the per-view score
             over **all** views, global included (with ``n_views == 1`` all three coincide).
 
+    ``score``, ``temp`` and ``view`` are validated through :class:`TopkParams` (the same three options as
+    the ``threshold`` and ``topk`` rules).
+
     Returns:
         ``(B, C)`` float.
     """
+    TopkParams(score=score, temp=temp, view=view)
     _check_scores(scores)
-    if score not in _SCORE_KINDS:
-        raise ValueError(f"score must be one of {_SCORE_KINDS}; got {score!r}")
-    if view not in _VIEW_AGGREGATES:
-        raise ValueError(f"view must be one of {_VIEW_AGGREGATES}; got {view!r}")
     s = view_softmax(scores, temp) if score == "softmax" else scores.float()
     if view == "global":
         return s[:, 0]
@@ -306,22 +315,23 @@ def threshold(
     scores: torch.Tensor,
     observed: torch.Tensor,
     *,
-    score: str = "softmax",
-    temp: float = 0.01,
-    view: str = "global",
-    threshold: float = 0.3,
+    score: str = ThresholdParams.score,
+    temp: float = ThresholdParams.temp,
+    view: str = ThresholdParams.view,
+    threshold: float = ThresholdParams.threshold,
 ) -> torch.Tensor:
     """Fixed-threshold positives on :func:`aggregate_scores`: +1 iff ``score >= threshold``.
 
     A baseline rule (no negatives, ``observed`` unused). With the defaults it differs from
-    :func:`vlpl` only in ``>=`` versus ``>``.
+    :func:`vlpl` only in ``>=`` versus ``>``. Options: :class:`ThresholdParams`.
 
     Returns:
         ``(B, C)`` int8 in {0, 1}.
     """
+    p = ThresholdParams(score=score, temp=temp, view=view, threshold=threshold)
     _check_scores(scores, observed)
-    agg = aggregate_scores(scores, score=score, temp=temp, view=view)
-    return (agg >= threshold).to(torch.int8)
+    agg = aggregate_scores(scores, score=p.score, temp=p.temp, view=p.view)
+    return (agg >= p.threshold).to(torch.int8)
 
 
 @RULES.register("topk")
@@ -329,25 +339,24 @@ def topk(
     scores: torch.Tensor,
     observed: torch.Tensor,
     *,
-    score: str = "softmax",
-    temp: float = 0.01,
-    view: str = "global",
-    k: int = 3,
+    score: str = TopkParams.score,
+    temp: float = TopkParams.temp,
+    view: str = TopkParams.view,
+    k: int = TopkParams.k,
 ) -> torch.Tensor:
     """Top-``k`` positives per image on :func:`aggregate_scores` (no threshold, no negatives).
 
     ``k`` counts observed positives like DAMP's ``top_k`` (§7g.5); it is clamped to C; ties are
-    broken by ``torch.topk``; ``observed`` is unused.
+    broken by ``torch.topk``; ``observed`` is unused. Options: :class:`TopkParams`.
 
     Returns:
         ``(B, C)`` int8 in {0, 1}.
     """
+    p = TopkParams(score=score, temp=temp, view=view, k=k)
     _check_scores(scores, observed)
-    if k < 0:
-        raise ValueError(f"k must be >= 0; got {k}")
-    agg = aggregate_scores(scores, score=score, temp=temp, view=view)
+    agg = aggregate_scores(scores, score=p.score, temp=p.temp, view=p.view)
     out = torch.zeros_like(agg, dtype=torch.int8)
-    kk = min(int(k), agg.shape[1])
+    kk = min(p.k, agg.shape[1])
     if kk > 0:
         idx = torch.topk(agg, k=kk, dim=1).indices
         out.scatter_(1, idx, torch.ones_like(idx, dtype=torch.int8))
@@ -374,13 +383,15 @@ def apply_rule(
         observed: ``(B, C)`` in {-1, 0, 1}.
         dynamic: per-(image, view) random variant (True) or always variant 0 (False).
         generator: RNG for the variant draws.
-        **kwargs: the rule's options; an option the rule does not declare raises
-            :class:`vlpl.registry.RegistryError` naming it.
+        **kwargs: the rule's options, validated through its schema (:func:`rule_params`): an option the
+            rule does not declare raises :class:`vlpl.params.UnknownParamError` (a
+            :class:`vlpl.registry.RegistryError`) naming it, a bad value a :class:`ValueError`.
 
     Returns:
         ``(B, C)`` int8 in {-1, 0, 1}. The caller uses ``observed`` where ``observed != 0``.
     """
-    # unknown names and options fail before any RNG draw
-    check_kwargs(RULES.get(name), kwargs, f"{RULES.kind} {name!r}")
+    # unknown names and bad options fail before any RNG draw
+    fn = RULES.get(name)
+    params = rule_params(name, kwargs)
     scores = select_variants(scores_full, generator, dynamic=dynamic)
-    return RULES.create(name, scores, observed, **kwargs)
+    return fn(scores, observed, **params.kwargs(), **params.extras(kwargs))

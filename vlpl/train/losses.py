@@ -46,11 +46,15 @@ the loss's own parameters (ROLE) with :meth:`SPMLLoss.average_gradients`, and :m
 merges LL-Cp's writes once per epoch (each row is seen by one process once per epoch); EM+APL's epoch-end
 update reads the gathered predictions and is identical everywhere.
 
+**Parameters.** Each loss's defaults, one-line meanings and validation live in one torch-free home,
+:mod:`vlpl.train.loss_params` (``GPRParams``, ...): the constructors here take their defaults from those
+schemas, and :func:`create_loss` / ``LOSSES.create`` validate the hyper-parameters through them (the
+training config is checked with the same schemas before torch is imported).
+
 Importing this module registers the entries in :data:`vlpl.registry.LOSSES`.
 """
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -63,6 +67,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlpl.registry import LOSSES
+from vlpl.train import loss_params as P
+from vlpl.train.loss_params import EPS_COLE, EPS_GR  # noqa: F401  (re-exported)
 from vlpl.train.schedules import gr_mu_sigma, gr_wb, ll_clean_rate
 
 __all__ = [
@@ -75,10 +81,7 @@ __all__ = [
     "neg_log_neg",
 ]
 
-#: ``eps`` of Cole, EM and VLPL (ALGORITHMS.md §1).
-EPS_COLE = 1e-5
-#: ``eps`` of GR and AEVLP (ALGORITHMS.md §1).
-EPS_GR = 1e-7
+# ``EPS_COLE`` (Cole, EM, VLPL: 1e-5) and ``EPS_GR`` (GR, AEVLP: 1e-7) come from vlpl.train.loss_params.
 
 # ROLE estimator initialisation (ALGORITHMS.md §2e).
 _ROLE_UNKNOWN_P = 0.6
@@ -389,7 +392,7 @@ class FullLabelBCELoss(SPMLLoss):
         eps: inside ``l+``/``l-``; Cole's 1e-5.
     """
 
-    def __init__(self, observed: Any, *, eps: float = EPS_COLE) -> None:
+    def __init__(self, observed: Any, *, eps: float = P.BCEParams.eps) -> None:
         super().__init__(observed, eps)
 
     def forward(self, batch: LossBatch) -> Dict[str, torch.Tensor]:
@@ -411,7 +414,7 @@ class AssumeNegativeLoss(SPMLLoss):
         eps: inside ``l+``/``l-``; Cole's 1e-5.
     """
 
-    def __init__(self, observed: Any, *, eps: float = EPS_COLE) -> None:
+    def __init__(self, observed: Any, *, eps: float = P.ANParams.eps) -> None:
         super().__init__(observed, eps)
 
     def forward(self, batch: LossBatch) -> Dict[str, torch.Tensor]:
@@ -438,7 +441,8 @@ class AssumeNegativeLabelSmoothingLoss(SPMLLoss):
         eps: inside ``l+``/``l-``; Cole's 1e-5.
     """
 
-    def __init__(self, observed: Any, *, label_smoothing: float = 0.1, eps: float = EPS_COLE) -> None:
+    def __init__(self, observed: Any, *, label_smoothing: float = P.ANLSParams.label_smoothing,
+                 eps: float = P.ANLSParams.eps) -> None:
         super().__init__(observed, eps)
         self.label_smoothing = float(label_smoothing)
 
@@ -465,7 +469,7 @@ class WeakAssumeNegativeLoss(SPMLLoss):
         eps: inside ``l+``/``l-``; Cole's 1e-5.
     """
 
-    def __init__(self, observed: Any, *, eps: float = EPS_COLE) -> None:
+    def __init__(self, observed: Any, *, eps: float = P.WANParams.eps) -> None:
         super().__init__(observed, eps)
 
     def forward(self, batch: LossBatch) -> Dict[str, torch.Tensor]:
@@ -493,7 +497,8 @@ class ExpectedPositiveRegularizerLoss(SPMLLoss):
         eps: inside ``l+``/``l-``; Cole's 1e-5.
     """
 
-    def __init__(self, observed: Any, *, expected_positives: float = 2.9, eps: float = EPS_COLE) -> None:
+    def __init__(self, observed: Any, *, expected_positives: float = P.EPRParams.expected_positives,
+                 eps: float = P.EPRParams.eps) -> None:
         super().__init__(observed, eps)
         self.expected_positives = float(expected_positives)
 
@@ -535,10 +540,10 @@ class ROLELoss(SPMLLoss):
         self,
         observed: Any,
         *,
-        expected_positives: float = 2.9,
-        lr_mult: float = 10.0,
-        seed: int = 0,
-        eps: float = EPS_COLE,
+        expected_positives: float = P.ROLEParams.expected_positives,
+        lr_mult: float = P.ROLEParams.lr_mult,
+        seed: int = P.ROLEParams.seed,
+        eps: float = P.ROLEParams.eps,
     ) -> None:
         super().__init__(observed, eps)
         self.expected_positives = float(expected_positives)
@@ -596,7 +601,7 @@ class EntropyMaximizationLoss(SPMLLoss):
         eps: inside ``l+``/``l-``; EM's 1e-5.
     """
 
-    def __init__(self, observed: Any, *, alpha: float = 0.1, eps: float = EPS_COLE) -> None:
+    def __init__(self, observed: Any, *, alpha: float = P.EMParams.alpha, eps: float = P.EMParams.eps) -> None:
         super().__init__(observed, eps)
         self.alpha = float(alpha)
 
@@ -646,11 +651,11 @@ class EMAPLLoss(EntropyMaximizationLoss):
         self,
         observed: Any,
         *,
-        alpha: float = 0.1,
-        beta: float = 0.9,
-        warmup_epoch: int = 5,
-        neg_proportion: float = 0.9,
-        eps: float = EPS_COLE,
+        alpha: float = P.EMAPLParams.alpha,
+        beta: float = P.EMAPLParams.beta,
+        warmup_epoch: int = P.EMAPLParams.warmup_epoch,
+        neg_proportion: float = P.EMAPLParams.neg_proportion,
+        eps: float = P.EMAPLParams.eps,
     ) -> None:
         super().__init__(observed, alpha=alpha, eps=eps)
         self.beta = float(beta)
@@ -735,11 +740,9 @@ class _LargeLossBase(SPMLLoss):
 
     scheme: str = ""
 
-    def __init__(self, observed: Any, *, delta_rel: float = 0.002) -> None:
+    def __init__(self, observed: Any, *, delta_rel: float = P.LLRParams.delta_rel) -> None:
         super().__init__(observed, 0.0)
-        if delta_rel < 0:
-            raise ValueError(f"delta_rel must be >= 0, got {delta_rel}")
-        self.delta_rel = float(delta_rel)
+        self.delta_rel = float(P.LLRParams(delta_rel=delta_rel).delta_rel)  # validated: in [0, 1]
 
     def extra_repr(self) -> str:
         return f"N={self.num_examples}, C={self.num_classes}, delta_rel={self.delta_rel:g}"
@@ -835,7 +838,8 @@ class LargeLossPermanentCorrectionLoss(_LargeLossBase):
 
     scheme = "cp"
 
-    def __init__(self, observed: Any, *, delta_rel: float = 0.002, released_is_bug: bool = False) -> None:
+    def __init__(self, observed: Any, *, delta_rel: float = P.LLCpParams.delta_rel,
+                 released_is_bug: bool = P.LLCpParams.released_is_bug) -> None:
         super().__init__(observed, delta_rel=delta_rel)
         self.released_is_bug = bool(released_is_bug)
 
@@ -873,8 +877,7 @@ class _GRScheduled(SPMLLoss):
         eps: float,
     ) -> None:
         super().__init__(observed, eps)
-        if len(beta) != 4 or len(alpha) != 4:
-            raise ValueError("beta = [w0, wT, b0, bT] and alpha = [mu0, sigma0, muT, sigmaT] need 4 values")
+        P.GRParams(beta=tuple(beta), alpha=tuple(alpha), q2=q2, q3=q3, linear_init=linear_init, eps=eps)  # validate
         self.beta = tuple(float(v) for v in beta)
         self.alpha = tuple(float(v) for v in alpha)
         self.q2 = float(q2)
@@ -933,12 +936,12 @@ class GRLoss(_GRScheduled):
         self,
         observed: Any,
         *,
-        beta: Sequence[float] = (0.0, 2.0, -2.0, -2.0),
-        alpha: Sequence[float] = (0.5, 2.0, 0.8, 0.5),
-        q2: float = 0.01,
-        q3: float = 1.0,
-        linear_init: int = 0,
-        eps: float = EPS_GR,
+        beta: Sequence[float] = P.GRParams.beta,
+        alpha: Sequence[float] = P.GRParams.alpha,
+        q2: float = P.GRParams.q2,
+        q3: float = P.GRParams.q3,
+        linear_init: int = P.GRParams.linear_init,
+        eps: float = P.GRParams.eps,
     ) -> None:
         super().__init__(
             observed, beta=beta, alpha=alpha, q2=q2, q3=q3, linear_init=linear_init, eps=eps
@@ -984,29 +987,29 @@ class GPRLoss(_GRScheduled):
         eps: inside ``l+``/``l-``; AEVLP's 1e-7.
     """
 
-    requires_pseudo = True
+    requires_pseudo = P.GPRParams.requires_pseudo
 
     def __init__(
         self,
         observed: Any,
         *,
-        beta: Sequence[float] = (0.0, 10.0, -2.0, -8.0),
-        alpha: Sequence[float] = (0.5, 2.0, 0.8, 0.5),
-        q2: float = 0.01,
-        q3: float = 1.0,
-        lambda1: float = 0.7,
-        lambda2: float = 0.5,
-        rho: float = 0.9,
-        reg: float = 0.001,
-        expected_positives: float = 2.9,
-        linear_init: int = 0,
-        eps: float = EPS_GR,
+        beta: Sequence[float] = P.GPRParams.beta,
+        alpha: Sequence[float] = P.GPRParams.alpha,
+        q2: float = P.GPRParams.q2,
+        q3: float = P.GPRParams.q3,
+        lambda1: float = P.GPRParams.lambda1,
+        lambda2: float = P.GPRParams.lambda2,
+        rho: float = P.GPRParams.rho,
+        reg: float = P.GPRParams.reg,
+        expected_positives: float = P.GPRParams.expected_positives,
+        linear_init: int = P.GPRParams.linear_init,
+        eps: float = P.GPRParams.eps,
     ) -> None:
         super().__init__(
             observed, beta=beta, alpha=alpha, q2=q2, q3=q3, linear_init=linear_init, eps=eps
         )
-        if lambda2 > lambda1:
-            raise ValueError(f"lambda2 ({lambda2}) must not exceed lambda1 ({lambda1})")
+        P.GPRParams(beta=tuple(beta), alpha=tuple(alpha), q2=q2, q3=q3, lambda1=lambda1, lambda2=lambda2, rho=rho,
+                    reg=reg, expected_positives=expected_positives, linear_init=linear_init, eps=eps)  # validate
         self.lambda1 = float(lambda1)
         self.lambda2 = float(lambda2)
         self.rho = float(rho)
@@ -1062,17 +1065,17 @@ class VLPLLoss(SPMLLoss):
         eps: inside ``l+``/``l-``; VLPL's 1e-5.
     """
 
-    requires_pseudo = True
+    requires_pseudo = P.VLPLLossParams.requires_pseudo
 
     def __init__(
         self,
         observed: Any,
         *,
-        alpha: float = 0.1,
-        beta_pos: float = 0.7,
-        pseudo_pos_target: float = 0.9,
-        beta_neg: float = 0.0,
-        eps: float = EPS_COLE,
+        alpha: float = P.VLPLLossParams.alpha,
+        beta_pos: float = P.VLPLLossParams.beta_pos,
+        pseudo_pos_target: float = P.VLPLLossParams.pseudo_pos_target,
+        beta_neg: float = P.VLPLLossParams.beta_neg,
+        eps: float = P.VLPLLossParams.eps,
     ) -> None:
         super().__init__(observed, eps)
         self.alpha = float(alpha)
@@ -1103,25 +1106,18 @@ class VLPLLoss(SPMLLoss):
 def create_loss(name: str, observed: Any, **hparams: Any) -> SPMLLoss:
     """Build the registered loss ``name`` on the ``(N, C)`` observed labels.
 
-    Unknown hyper-parameters raise :class:`vlpl.registry.RegistryError` naming them.
+    The hyper-parameters are validated through the loss's schema (:mod:`vlpl.train.loss_params`): an
+    unknown one raises :class:`vlpl.params.UnknownParamError` (a :class:`vlpl.registry.RegistryError`)
+    naming it, a bad value a :class:`vlpl.params.ParamValueError` (a ``ValueError``).
     """
     return LOSSES.create(name, observed, **hparams)
 
 
 def loss_defaults(name: str) -> Dict[str, Any]:
-    """The hyper-parameters of loss ``name`` with their defaults (for docs / ``--list-losses``).
-
-    Tuple defaults are returned as lists (YAML/JSON friendly).
-    """
-    sig = inspect.signature(LOSSES.get(name))
-    return {
-        n: list(prm.default) if isinstance(prm.default, tuple) else prm.default
-        for n, prm in sig.parameters.items()
-        if n != "observed" and prm.default is not inspect.Parameter.empty
-    }
+    """The hyper-parameters of loss ``name`` with their defaults, from its schema (tuples as lists)."""
+    return LOSSES.schema(name).defaults()
 
 
 def loss_description(name: str) -> str:
-    """First line of the docstring of loss ``name``."""
-    doc = inspect.getdoc(LOSSES.get(name)) or ""
-    return doc.splitlines()[0] if doc else ""
+    """The one-line summary of loss ``name`` (its schema's)."""
+    return LOSSES.schema(name).one_line()

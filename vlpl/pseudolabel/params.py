@@ -1,0 +1,107 @@
+"""The pseudo-label rules' parameters: defaults, meanings and validation, in one home (torch-free).
+
+Each rule of :mod:`vlpl.pseudolabel.rules` takes its defaults from the schema here and validates through
+it; the training config (``pseudo.params``), ``vlpl evaluate`` (``rules``), the demo and the docs all read
+them from here. ``rule_params("damp", {"eta": 0.0})`` gives the validated :class:`DampParams`.
+
+Defaults are the papers' COCO settings (AEVLP for DAMP, VLPL for vlpl); the per-dataset values live in
+the method recipes (``configs/methods/*.yaml``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+from vlpl.params import Params, ParamValueError, param
+from vlpl.registry import RULE_PARAMS, RULES
+
+__all__ = ["DampParams", "VLPLParams", "ThresholdParams", "TopkParams", "rule_params", "TEMP",
+           "NEGATIVE_MODES", "SCORE_KINDS", "VIEW_AGGREGATES"]
+
+#: softmax temperature of every rule: ``softmax_c(cos / temp)``; 0.01 plays the role of CLIP's x100 (§7g.3)
+TEMP = 0.01
+NEGATIVE_MODES = ("neutral", "pseudo")
+SCORE_KINDS = ("softmax", "cosine")
+VIEW_AGGREGATES = ("global", "mean", "max")
+
+_TEMP_HELP = "softmax temperature over classes per view, softmax(cos / temp); 0.01 plays CLIP's x100"
+_RATIO_HELP = "the bottom floor(ratio x C) classes become negatives (0: none)"
+_SCORE_HELP = "softmax: per-view softmax(cos / temp); cosine: the raw cached cosine"
+_VIEW_HELP = "global: view 0 only; mean / max: over all views, global included"
+
+
+@RULE_PARAMS.register("damp")
+@dataclass(frozen=True)
+class DampParams(Params):
+    """AEVLP's DAMP: gated max/min tile aggregation of multi-crop scores, top-K + threshold positives."""
+
+    see = "AEVLP (ICCV'25); configs/methods/aevlp.yaml"
+
+    temp: float = param(TEMP, _TEMP_HELP, gt=0)
+    eta: float = param(0.3, "gate cap: a class takes its best tile when that beats min(global score of the "
+                            "observed positive, eta), else its worst tile", ge=0, le=1)
+    threshold: float = param(0.5, "a top-K class is pseudo-positive only if its score phi >= threshold",
+                             ge=0, le=1)
+    top_k: int = param(3, "at most this many pseudo-positives per image (the observed positive counts)", ge=0)
+    negative_ratio: float = param(0.3, _RATIO_HELP + ", ranked by the mean-tile score psi", ge=0, le=1)
+    negatives: str = param("neutral", "what the bottom classes become: neutral (0, the released code) or "
+                                      "pseudo (-1, the paper)", choices=NEGATIVE_MODES)
+
+
+@RULE_PARAMS.register("vlpl")
+@dataclass(frozen=True)
+class VLPLParams(Params):
+    """VLPL: global-view softmax, strict threshold positives, optional bottom-ranked negatives."""
+
+    see = "Xing et al., VLPL (CVPRW'24); configs/methods/vlpl.yaml"
+
+    temp: float = param(TEMP, _TEMP_HELP, gt=0)
+    threshold: float = param(0.3, "a class is pseudo-positive iff its global softmax score > threshold",
+                             ge=0, le=1)
+    negative_ratio: float = param(0.0, _RATIO_HELP + " (-1), ranked by the global softmax score", ge=0, le=1)
+
+
+@RULE_PARAMS.register("threshold")
+@dataclass(frozen=True)
+class ThresholdParams(Params):
+    """Fixed threshold on an aggregated score: +1 iff score >= threshold (no negatives)."""
+
+    see = "vlpl/pseudolabel/rules.py (a baseline)"
+
+    score: str = param("softmax", _SCORE_HELP, choices=SCORE_KINDS)
+    temp: float = param(TEMP, _TEMP_HELP + " (softmax only)", gt=0)
+    view: str = param("global", _VIEW_HELP, choices=VIEW_AGGREGATES)
+    threshold: float = param(0.3, "a class is pseudo-positive iff its score >= threshold "
+                                  "(softmax: in [0, 1]; cosine: in [-1, 1])")
+
+    def check(self) -> None:
+        lo = 0.0 if self.score == "softmax" else -1.0
+        if not lo <= self.threshold <= 1.0:
+            raise ParamValueError("threshold", f"must be in [{lo:g}, 1] for score={self.score}; got {self.threshold!r}")
+
+
+@RULE_PARAMS.register("topk")
+@dataclass(frozen=True)
+class TopkParams(Params):
+    """Top-k classes per image on an aggregated score are pseudo-positive (no threshold, no negatives)."""
+
+    see = "vlpl/pseudolabel/rules.py (a baseline)"
+
+    score: str = param("softmax", _SCORE_HELP, choices=SCORE_KINDS)
+    temp: float = param(TEMP, _TEMP_HELP + " (softmax only)", gt=0)
+    view: str = param("global", _VIEW_HELP, choices=VIEW_AGGREGATES)
+    k: int = param(3, "pseudo-positives per image (observed positives count)", ge=0)
+
+
+def rule_params(name: str, values: Optional[Mapping[str, Any]] = None, *, where: Optional[str] = None,
+                source: Optional[str] = None, sources: Optional[Mapping[str, str]] = None) -> Params:
+    """The validated parameters of rule ``name`` (defaults for what ``values`` leaves out).
+
+    ``where``: the config key holding ``values`` (e.g. ``pseudo.params``, ``rules.damp``), for messages;
+    ``source`` / ``sources``: where the values came from. Torch-free for the built-in rules. Raises
+    :class:`vlpl.params.UnknownNameError` for an unknown rule, :class:`vlpl.params.UnknownParamError` for
+    an unknown option, :class:`vlpl.params.ParamValueError` for a bad value (all ConfigErrors).
+    """
+    schema = RULES.schema(name)
+    return schema.from_dict(values, where=where, source=source, sources=sources,
+                            what=f"pseudo-label rule {name!r}")
