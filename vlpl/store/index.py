@@ -25,22 +25,23 @@ INDEX_FILE = "index/image_embeddings.faiss"
 def build_index(store: "ScoreStore") -> Dict[str, Any]:
     import faiss
 
-    emb = store.arrays(("image_embedding",))["image_embedding"].astype(np.float32)
-    ok = ~np.isnan(emb).any(axis=1) if len(emb) else np.zeros(0, bool)
-    ids = np.nonzero(ok)[0].astype(np.int64)
-    vecs = np.ascontiguousarray(emb[ok])
-    if len(vecs):
-        vecs /= np.linalg.norm(vecs, axis=1, keepdims=True).clip(min=1e-12)
-    dim = emb.shape[1] if emb.ndim == 2 and emb.shape[1] else int(store.manifest["embedding_dim"])
+    dim = int(store.manifest["embedding_dim"])
     index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-    if len(vecs):
-        index.add_with_ids(vecs, ids)
+    n = 0
+    for start, a in store.iter_shards(("image_embedding",)):  # one shard in memory at a time
+        ok = a["image_embedding_valid"]
+        ids = (start + np.nonzero(ok)[0]).astype(np.int64)
+        vecs = np.ascontiguousarray(a["image_embedding"][ok], dtype=np.float32)
+        if len(vecs):
+            vecs /= np.linalg.norm(vecs, axis=1, keepdims=True).clip(min=1e-12)
+            index.add_with_ids(vecs, ids)
+            n += len(ids)
     path = Path(store.root) / INDEX_FILE
     with atomic_path(path) as tmp:
         faiss.write_index(index, str(tmp))
-    log.info("FAISS index: %d vectors of dim %d -> %s", len(ids), dim, path)
+    log.info("FAISS index: %d vectors of dim %d -> %s", n, dim, path)
     return {"file": INDEX_FILE, "type": "IndexIDMap2(IndexFlatIP)", "metric": "inner_product",
-            "num_vectors": int(len(ids)), "dim": int(dim)}
+            "num_vectors": int(n), "dim": int(dim)}
 
 
 def load_index(root: Path) -> Any:

@@ -2,24 +2,33 @@
 
 A directory::
 
-    manifest.json            identity (model, preprocessing, templates, classes, views), shards, completion
+    manifest.json            identity (model, preprocessing, templates, classes, views), shards, completion,
+                             and ``manifest_sha256``, a checksum of its own content
     classes.txt              one class name a line
     text_embeddings.npy      (C, D) float32, unit-norm, prompt-ensembled
     config.yaml              the resolved config of the run that made it
-    shards/part-NNNNN.parquet  one row per image (schema below)
+    shards/part-NNNNN.parquet  one row per image (schema below), row groups of ROW_GROUP_SIZE rows,
+                             every page with a CRC checksum
     shards/part-NNNNN.json   the shard's completion mark: rows, failed rows, sha256
     index/image_embeddings.faiss  inner-product index over image embeddings, ids = row numbers
+    .lock                    present while a run writes the store (:mod:`vlpl.store.lock`)
 
 Row schema: ``sample_id`` (string), ``image`` (path relative to the dataset root), ``split``,
 ``observed`` (C x int8 in {-1,0,1}), ``labels`` (C x int8 in {0,1}, null when unknown),
 ``scores`` (V x C float16 raw cosine, null for a failed row), ``image_embedding`` (D float16, null for
 a failed row), ``status`` ("ok" | "failed"), ``error`` (null or the reason).
 
-Every file is written to a temporary name and renamed. A shard is complete when its ``.json`` mark
-exists and the shard's sha256 matches it; a re-run skips complete shards. The manifest is written
-last, by the main process, and says ``complete: true`` only when every shard is.
-Nothing in the store depends on timing or on the number of processes, so a killed-and-resumed run
-and a multi-process run give byte-identical files.
+Writing: every file is written to a temporary name and renamed. A shard is complete when its ``.json``
+mark exists and the shard's sha256 matches it; a re-run skips complete shards and re-does the others
+(the process that owns a shard hashes it; nothing else does). The manifest is written last, by the main
+process, and says ``complete: true`` only when every shard is. Nothing in the store depends on timing or
+on the number of processes, so a killed-and-resumed run and a multi-process run give byte-identical files.
+
+Reading (:class:`ScoreStore`): the manifest's checksum is checked on open; every Parquet page read is
+checked against its CRC, and every shard's schema and row count against the manifest, so a flipped bit
+raises a :class:`StoreError` naming the shard instead of changing the data. :meth:`ScoreStore.verify`
+checks the full sha256 of every shard on demand. Callers read through :meth:`ScoreStore.split`
+(:class:`SplitReader`: ids, labels, and batch-wise scores) and never parse the manifest or the shards.
 """
 from __future__ import annotations
 
@@ -27,28 +36,43 @@ import hashlib
 import json
 import logging
 import shutil
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vlpl.store.atomic import atomic_path, atomic_write_json, atomic_write_text
+from vlpl.store.atomic import (
+    WriteError,
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    remove_stale_temps,
+)
+from vlpl.store.lock import StoreLock, StoreLockedError
+from vlpl.store.views import ViewSpec
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# 1: no manifest checksum, no page checksums, one row group per shard (still readable)
+READABLE_SCHEMAS = (1, 2)
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
+ROW_GROUP_SIZE = 256
+MANIFEST_CHECKSUM_KEY = "manifest_sha256"
+DEFAULT_CACHE_BYTES = 512 << 20
 # Keys of the manifest whose values must match for a run to add to (resume) an existing store.
 IDENTITY_KEYS = ("model", "templates_sha256", "classes_sha256", "views", "samples_sha256", "shard_size",
-                 "score_kind", "score_format")
+                 "score_kind", "score_format", "decode")
+_RESUME_HINT = "free space (or fix the permission) and re-run the same command: completed shards are kept"
 
 
 class StoreError(Exception):
-    """A store that is missing, incomplete, corrupt, or does not match the run."""
+    """A store that is missing, incomplete, corrupt, locked, or does not match the run."""
 
 
 def shard_name(i: int) -> str:
@@ -65,6 +89,47 @@ def sha256_file(path: Path) -> str:
 
 def sha256_lines(lines: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
+
+
+def manifest_checksum(manifest: Dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON (sorted keys, no spaces) without its checksum field."""
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_CHECKSUM_KEY}
+    canon = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return hashlib.sha256(canon.encode("utf-8")).hexdigest()
+
+
+def write_manifest(path: Path, manifest: Dict[str, Any]) -> Dict[str, Any]:
+    """Write ``manifest`` atomically with its checksum; returns what was written."""
+    out = {**{k: v for k, v in manifest.items() if k != MANIFEST_CHECKSUM_KEY}}
+    out[MANIFEST_CHECKSUM_KEY] = manifest_checksum(out)
+    atomic_write_json(path, out, hint=_RESUME_HINT)
+    return out
+
+
+def read_manifest(path: Path) -> Dict[str, Any]:
+    """Read and check a manifest: valid JSON, a known schema, and (schema >= 2) its own checksum."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise StoreError(f"{path.parent} is not a score store: manifest.json not found") from None
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StoreError(f"{path}: not valid JSON ({e}); the manifest is corrupt") from None
+    if not isinstance(manifest, dict):
+        raise StoreError(f"{path}: expected a JSON object, got {type(manifest).__name__}; the manifest is corrupt")
+    version = manifest.get("schema_version")
+    if version not in READABLE_SCHEMAS:
+        raise StoreError(f"{path}: schema_version {version!r}; this vlpl reads {', '.join(map(str, READABLE_SCHEMAS))}")
+    if version >= 2:
+        want = manifest.get(MANIFEST_CHECKSUM_KEY)
+        if not isinstance(want, str):
+            raise StoreError(f"{path}: '{MANIFEST_CHECKSUM_KEY}' is missing; the manifest is corrupt")
+        got = manifest_checksum(manifest)
+        if got != want:
+            raise StoreError(f"{path}: checksum mismatch (content sha256 {got[:16]}..., recorded {want[:16]}...): "
+                             f"the manifest was changed or corrupted after it was written")
+    return manifest
 
 
 def row_schema(num_classes: int, num_views: int, dim: int) -> pa.Schema:
@@ -109,61 +174,116 @@ class ShardRows:
         n, c = self.observed.shape
         v, d = self.scores.shape[1], self.image_embedding.shape[1]
         labels = self.labels if self.labels is not None else np.zeros((n, c), np.int8)
+        scores = np.where(self.ok[:, None, None], self.scores, 0).astype(np.float16)  # null rows: zeros
+        emb = np.where(self.ok[:, None], self.image_embedding, 0).astype(np.float16)
         cols = [
             pa.array(self.sample_id, pa.string()),
             pa.array(self.image, pa.string()),
             pa.array(self.split, pa.string()),
             _fixed(self.observed, np.ones(n, bool), (c,), np.int8),
             _fixed(labels, self.labels_known, (c,), np.int8),
-            _fixed(self.scores, self.ok, (v, c), np.float16),
-            _fixed(self.image_embedding, self.ok, (d,), np.float16),
+            _fixed(scores, self.ok, (v, c), np.float16),
+            _fixed(emb, self.ok, (d,), np.float16),
             pa.array([STATUS_OK if o else STATUS_FAILED for o in self.ok], pa.string()),
             pa.array(self.error, pa.string()),
         ]
         return pa.Table.from_arrays(cols, schema=row_schema(c, v, d))
 
 
+def write_parquet(table: pa.Table, path: Path) -> None:
+    """The store's Parquet settings: zstd, no statistics, row groups of ROW_GROUP_SIZE, page CRCs."""
+    pq.write_table(table, path, compression="zstd", write_statistics=False, row_group_size=ROW_GROUP_SIZE,
+                   write_page_checksum=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# writing
+# --------------------------------------------------------------------------------------------------
+
+
 class StoreWriter:
-    """Creates or resumes a store. Only the main process calls :meth:`prepare` and :meth:`finalize`."""
+    """Creates or resumes a store. Only the main process calls :meth:`prepare` and :meth:`finalize`;
+    :meth:`prepare` takes the store lock (``STORE/.lock``) and :meth:`finalize` (or :meth:`close`)
+    gives it back."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.shard_dir = self.root / "shards"
+        self._lock: Optional[StoreLock] = None
+
+    # -- lock ---------------------------------------------------------------------------------------
+    def lock(self) -> StoreLock:
+        """Take the store's writer lock (idempotent); raises :class:`StoreError` naming the owner when
+        another live run holds it. Usable as a context manager: ``with writer.lock(): ...``."""
+        if self._lock is None or not self._lock.held:
+            lk = StoreLock(self.root)
+            try:
+                lk.acquire()
+            except StoreLockedError as e:
+                raise StoreError(str(e)) from None
+            self._lock = lk
+        return self._lock
+
+    def close(self) -> None:
+        """Give the lock back (idempotent)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     # -- set-up -------------------------------------------------------------------------------------
     def prepare(self, identity: Dict[str, Any], classes: Sequence[str], text_embeddings: np.ndarray,
                 overwrite: bool = False) -> None:
-        """Check an existing store against ``identity`` (refuse a mismatch unless ``overwrite``),
-        then write the identity files and an incomplete manifest."""
+        """Lock the store, check an existing store against ``identity`` (refuse a mismatch unless
+        ``overwrite``, saying what differs) BEFORE writing anything, remove temporary files of an
+        interrupted run, then write the identity files and an incomplete manifest."""
+        self.lock()
+        try:
+            self._prepare(identity, classes, text_embeddings, overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    def _prepare(self, identity: Dict[str, Any], classes: Sequence[str], text_embeddings: np.ndarray,
+                 overwrite: bool) -> None:
         manifest_path = self.root / "manifest.json"
         if manifest_path.exists():
             try:
-                old = json.loads(manifest_path.read_text())
-            except (OSError, json.JSONDecodeError) as e:
-                raise StoreError(f"{manifest_path}: unreadable manifest ({e}); pass overwrite=true to rebuild") from e
+                old = read_manifest(manifest_path)
+            except StoreError as e:
+                if not overwrite:
+                    raise StoreError(f"{e}; pass overwrite=true to rebuild the store") from None
+                old = {}
             diffs = [k for k in IDENTITY_KEYS if old.get(k) != identity.get(k)]
             if diffs and not overwrite:
                 detail = "; ".join(f"{k}: store has {_short(old.get(k))}, run has {_short(identity.get(k))}"
                                    for k in diffs)
                 raise StoreError(
-                    f"{self.root} was built with a different {', '.join(diffs)} ({detail}). "
-                    f"Use another output directory, or overwrite=true to replace it."
+                    f"{self.root} was built with a different {', '.join(diffs)} ({detail}). Nothing was "
+                    f"changed. Use another output directory, or overwrite=true to replace it."
                 )
             if diffs:
                 log.warning("overwriting %s (different %s)", self.root, ", ".join(diffs))
                 self._clear()
         elif overwrite:
             self._clear()
-        elif self.shard_dir.exists() and any(self.shard_dir.iterdir()):
+        elif self.shard_dir.exists() and any(p.suffix == ".parquet" for p in self.shard_dir.iterdir()):
             raise StoreError(f"{self.root} has shards but no manifest.json; use overwrite=true to rebuild")
         self.root.mkdir(parents=True, exist_ok=True)
+        for folder in (self.root, self.shard_dir, self.root / "index"):
+            remove_stale_temps(folder, recursive=False)
         self.shard_dir.mkdir(exist_ok=True)
-        atomic_write_text(self.root / "classes.txt", "".join(f"{c}\n" for c in classes))
-        with atomic_path(self.root / "text_embeddings.npy") as tmp:
+        atomic_write_text(self.root / "classes.txt", "".join(f"{c}\n" for c in classes), hint=_RESUME_HINT)
+        with atomic_path(self.root / "text_embeddings.npy", hint=_RESUME_HINT) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, np.asarray(text_embeddings, np.float32))
         if not manifest_path.exists() or overwrite:
-            atomic_write_json(manifest_path, {**identity, "complete": False, "shards": []})
+            write_manifest(manifest_path, {**identity, "complete": False, "shards": []})
 
     def _clear(self) -> None:
         for name in ("shards", "index"):
@@ -173,33 +293,47 @@ class StoreWriter:
 
     # -- shards -------------------------------------------------------------------------------------
     def shard_complete(self, i: int, expected_rows: int) -> bool:
+        """Whether shard ``i`` is done: its mark says ``expected_rows`` rows and the file's full sha256
+        matches the mark (a shard changed on disk is re-done, not skipped)."""
         mark = self.shard_dir / f"{shard_name(i)}.json"
         path = self.shard_dir / f"{shard_name(i)}.parquet"
         if not mark.exists() or not path.exists():
             return False
         try:
             meta = json.loads(mark.read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            log.warning("%s: unreadable completion mark; shard %d will be re-done", mark, i)
             return False
-        return meta.get("rows") == expected_rows and meta.get("sha256") == sha256_file(path)
+        if not isinstance(meta, dict) or meta.get("rows") != expected_rows:
+            log.warning("%s: mark does not say %d rows; shard %d will be re-done", mark, expected_rows, i)
+            return False
+        if meta.get("sha256") != sha256_file(path):
+            log.warning("%s: sha256 does not match its completion mark (changed or corrupted on disk); "
+                        "shard %d will be re-done", path, i)
+            return False
+        return True
 
     def write_shard(self, i: int, rows: ShardRows) -> Dict[str, Any]:
         path = self.shard_dir / f"{shard_name(i)}.parquet"
-        with atomic_path(path) as tmp:
-            pq.write_table(rows.to_table(), tmp, compression="zstd", write_statistics=False)
-        meta = {
-            "file": f"shards/{path.name}",
-            "index": i,
-            "rows": len(rows.sample_id),
-            "failed": int((~rows.ok).sum()),
-            "sha256": sha256_file(path),
-            "complete": True,
-        }
-        atomic_write_json(self.shard_dir / f"{shard_name(i)}.json", meta)
+        try:
+            with atomic_path(path, hint=_RESUME_HINT) as tmp:
+                write_parquet(rows.to_table(), tmp)
+            meta = {
+                "file": f"shards/{path.name}",
+                "index": i,
+                "rows": len(rows.sample_id),
+                "failed": int((~rows.ok).sum()),
+                "sha256": sha256_file(path),
+                "complete": True,
+            }
+            atomic_write_json(self.shard_dir / f"{shard_name(i)}.json", meta, hint=_RESUME_HINT)
+        except WriteError as e:
+            raise StoreError(str(e)) from e
         return meta
 
     # -- finish -------------------------------------------------------------------------------------
     def finalize(self, identity: Dict[str, Any], num_shards: int, build_index: bool = True) -> Dict[str, Any]:
+        """Write the complete manifest (and the FAISS index) and give the lock back."""
         shards = []
         for i in range(num_shards):
             mark = self.shard_dir / f"{shard_name(i)}.json"
@@ -207,18 +341,22 @@ class StoreWriter:
                 raise StoreError(f"{mark} is missing: shard {i} was not completed")
             shards.append(json.loads(mark.read_text()))
         manifest = {
-            **identity,
+            **{k: v for k, v in identity.items() if k != MANIFEST_CHECKSUM_KEY},
             "num_rows": sum(s["rows"] for s in shards),
             "num_failed": sum(s["failed"] for s in shards),
             "shards": shards,
             "complete": True,
         }
-        if build_index:
-            from vlpl.store.index import build_index as _build
+        try:
+            if build_index:
+                from vlpl.store.index import build_index as _build
 
-            store = ScoreStore(self.root, manifest=manifest)
-            manifest["index"] = _build(store)
-        atomic_write_json(self.root / "manifest.json", manifest)
+                store = ScoreStore(self.root, manifest=manifest)
+                manifest["index"] = _build(store)
+            manifest = write_manifest(self.root / "manifest.json", manifest)
+        except WriteError as e:
+            raise StoreError(str(e)) from e
+        self.close()
         return manifest
 
 
@@ -227,29 +365,161 @@ def _short(v: Any, n: int = 80) -> str:
     return s if len(s) <= n else s[: n - 3] + "..."
 
 
-class ScoreStore:
-    """Read-only view of a complete store (pyarrow only; ``datasets.load_dataset('parquet')`` also works)."""
+# --------------------------------------------------------------------------------------------------
+# reading
+# --------------------------------------------------------------------------------------------------
 
-    def __init__(self, root: Path, manifest: Optional[Dict[str, Any]] = None, require_complete: bool = True) -> None:
+
+def _flatten_keep(arr: pa.FixedSizeListArray) -> pa.Array:
+    """Flatten a fixed-size list array keeping every row's slots, null rows included
+    (pyarrow's ``flatten`` drops the children of null rows, which would break the reshape)."""
+    return arr.values.slice(arr.offset * arr.type.list_size, len(arr) * arr.type.list_size)
+
+
+def _decode_fixed(col: Any) -> Tuple[np.ndarray, np.ndarray]:
+    """A fixed-size list column -> (dense (n, *shape) array, valid (n,) bool)."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    n = len(col)
+    shape = []
+    ty = col.type
+    while pa.types.is_fixed_size_list(ty):
+        shape.append(ty.list_size)
+        ty = ty.value_type
+    valid = ~np.asarray(col.is_null().to_numpy(zero_copy_only=False), bool)
+    flat = col
+    for _ in shape:
+        flat = _flatten_keep(flat)
+    arr = np.array(flat.to_numpy(zero_copy_only=False)).reshape((n, *shape))  # writable copy
+    return arr, valid
+
+
+def _strings(col: Any) -> np.ndarray:
+    return np.asarray(col.to_pylist(), dtype=object)
+
+
+class _LRU:
+    """A byte-bounded LRU of numpy arrays (always keeps the newest entry)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.items: "OrderedDict[Any, np.ndarray]" = OrderedDict()
+        self.nbytes = 0
+
+    def get(self, key: Any) -> Optional[np.ndarray]:
+        v = self.items.get(key)
+        if v is not None:
+            self.items.move_to_end(key)
+        return v
+
+    def put(self, key: Any, value: np.ndarray) -> None:
+        self.items[key] = value
+        self.nbytes += value.nbytes
+        while self.nbytes > self.max_bytes and len(self.items) > 1:
+            _, old = self.items.popitem(last=False)
+            self.nbytes -= old.nbytes
+
+
+class SplitReader:
+    """The rows of one split: ids, image refs, observed and full labels in memory (``(N, C)`` int8),
+    and the cached view scores read batch-wise on demand.
+
+    Positions ``0..len-1`` index the split; ``rows`` maps them to store row numbers. Failed rows
+    (status not ok) are left out unless the split was opened with ``include_failed=True`` (then ``ok``
+    says which rows failed and their scores are NaN).
+    """
+
+    def __init__(self, store: "ScoreStore", name: str, rows: np.ndarray, sample_ids: List[str], images: List[str],
+                 observed: np.ndarray, labels_dense: np.ndarray, labels_known: np.ndarray, ok: np.ndarray,
+                 include_failed: bool) -> None:
+        self.store = store
+        self.name = name
+        self.rows = rows
+        self.sample_ids = sample_ids
+        self.images = images
+        self.observed = observed
+        self.labels_known = labels_known
+        self.labels: Optional[np.ndarray] = labels_dense if len(rows) and labels_known.all() else None
+        self._labels_dense = labels_dense
+        self.ok = ok
+        self.include_failed = include_failed
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def view_spec(self) -> ViewSpec:
+        return self.store.view_spec
+
+    def known_labels(self) -> Tuple[np.ndarray, np.ndarray]:
+        """(positions whose labels are known, their (n, C) int8 labels), for splits with some unknown."""
+        pos = np.nonzero(self.labels_known)[0]
+        return pos, self._labels_dense[pos]
+
+    def scores(self, idx: Any) -> np.ndarray:
+        """``(B, n_variants, n_views, C)`` float32 raw cosine scores of the rows at positions ``idx``."""
+        pos = np.asarray(idx, dtype=np.int64).reshape(-1)
+        if len(pos) and (pos.min() < 0 or pos.max() >= len(self.rows)):
+            raise IndexError(f"split {self.name!r}: positions must be in [0, {len(self.rows)}); got "
+                             f"{int(pos.min())}..{int(pos.max())}")
+        flat = self.store._read_scores(self.rows[pos])
+        return self.store.view_spec.split_variants(flat)
+
+    def iter_scores(self, batch_size: int, positions: Optional[Any] = None
+                    ) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+        """``(positions, scores)`` batches in order, over ``positions`` (default: the whole split)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        pos = np.arange(len(self.rows)) if positions is None else np.asarray(positions, dtype=np.int64).reshape(-1)
+        for k in range(0, len(pos), batch_size):
+            p = pos[k : k + batch_size]
+            yield p, self.scores(p)
+
+
+class ScoreStore:
+    """Read-only view of a store: identity, splits and batch-wise readers (pyarrow only; the shards are
+    also readable by ``datasets.load_dataset('parquet')``).
+
+    Decoded score row groups are kept in a byte-bounded LRU (``cache_bytes``); nothing reads the whole
+    store at once unless asked (:meth:`arrays`, kept for callers not yet moved).
+    """
+
+    def __init__(self, root: Path, manifest: Optional[Dict[str, Any]] = None, require_complete: bool = True,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         self.root = Path(root)
         path = self.root / "manifest.json"
         if manifest is None:
-            if not path.exists():
-                raise StoreError(f"{self.root} is not a score store: manifest.json not found")
-            try:
-                manifest = json.loads(path.read_text())
-            except json.JSONDecodeError as e:
-                raise StoreError(f"{path}: not valid JSON ({e})") from e
+            manifest = read_manifest(path)
         self.manifest = manifest
-        if manifest.get("schema_version") != SCHEMA_VERSION:
-            raise StoreError(f"{path}: schema_version {manifest.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+        if manifest.get("schema_version") not in READABLE_SCHEMAS:
+            raise StoreError(f"{path}: schema_version {manifest.get('schema_version')!r}, this vlpl reads "
+                             f"{', '.join(map(str, READABLE_SCHEMAS))}")
         if require_complete and not manifest.get("complete"):
             raise StoreError(f"{self.root} is incomplete (an interrupted run?): run `vlpl pseudolabel` again to resume")
-        self.classes: List[str] = list(manifest["classes"])
-        views = manifest["views"]
-        self.n_variants: int = views["n_variants"]
-        self.n_views: int = views["n_views"]
-        self.grid: int = views["grid"]
+        try:
+            self.classes: List[str] = list(manifest["classes"])
+            self.view_spec: ViewSpec = ViewSpec.from_manifest(manifest)
+        except (KeyError, TypeError, ValueError) as e:
+            raise StoreError(f"{path}: {e}") from None
+        shards = manifest.get("shards", [])
+        self._shard_rows = np.array([int(s["rows"]) for s in shards], np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(self._shard_rows)]).astype(np.int64)
+        self._rg_starts: Dict[int, np.ndarray] = {}
+        self._cache = _LRU(cache_bytes)
+        self._meta: Optional[Dict[str, np.ndarray]] = None
+
+    # -- identity -------------------------------------------------------------------------------------
+    @property
+    def n_variants(self) -> int:
+        return self.view_spec.n_variants
+
+    @property
+    def n_views(self) -> int:
+        return self.view_spec.n_views
+
+    @property
+    def grid(self) -> int:
+        return self.view_spec.grid
 
     @property
     def num_classes(self) -> int:
@@ -257,44 +527,235 @@ class ScoreStore:
 
     @property
     def num_rows(self) -> int:
-        return int(self.manifest.get("num_rows", 0))
+        return int(self._starts[-1])
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.manifest.get("embedding_dim") or 0)
+
+    @property
+    def dataset_info(self) -> Dict[str, Any]:
+        """The manifest's ``dataset`` entry (name, format, root)."""
+        return dict(self.manifest.get("dataset") or {})
 
     def shard_paths(self) -> List[Path]:
-        return [self.root / s["file"] for s in self.manifest["shards"]]
+        return [self.root / s["file"] for s in self.manifest.get("shards", [])]
 
     def text_embeddings(self) -> np.ndarray:
-        return np.load(self.root / "text_embeddings.npy", allow_pickle=False)
+        """(C, D) float32 class text embeddings."""
+        path = self.root / "text_embeddings.npy"
+        try:
+            te = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise StoreError(f"{path}: unreadable ({e})") from None
+        if te.ndim != 2 or te.shape[0] != self.num_classes:
+            raise StoreError(f"{path}: shape {te.shape}, expected ({self.num_classes}, D) for the store's classes")
+        return te
 
+    # -- shard access ---------------------------------------------------------------------------------
+    def _expected_type(self, column: str) -> pa.DataType:
+        return row_schema(self.num_classes, self.view_spec.num_views, max(self.embedding_dim, 1)).field(column).type
+
+    def _parquet(self, k: int) -> pq.ParquetFile:
+        path = self.shard_paths()[k]
+        try:
+            pf = pq.ParquetFile(path, page_checksum_verification=True)
+            rows = pf.metadata.num_rows
+        except FileNotFoundError:
+            raise StoreError(f"{path}: shard file missing (listed in {self.root / 'manifest.json'})") from None
+        except Exception as e:  # noqa: BLE001 - any decoder error is a corrupt shard
+            raise self._corrupt(k, e) from None
+        if rows != self._shard_rows[k]:
+            raise StoreError(f"{path}: {rows} rows, the manifest says {self._shard_rows[k]}; the shard is corrupt "
+                             f"or from another run")
+        return pf
+
+    def _corrupt(self, k: int, e: BaseException) -> StoreError:
+        path = self.shard_paths()[k]
+        return StoreError(f"{path}: corrupt shard ({type(e).__name__}: {e}). Check the store with "
+                          f"`vlpl inspect --verify {self.root}`; re-running `vlpl pseudolabel` with the same config "
+                          f"re-does shards whose sha256 no longer matches")
+
+    def _read(self, k: int, columns: Sequence[str], row_groups: Optional[Sequence[int]] = None) -> pa.Table:
+        """Columns of shard ``k`` (optionally some row groups), CRC-checked, schema-checked."""
+        pf = self._parquet(k)
+        try:
+            t = pf.read(columns=list(columns)) if row_groups is None else \
+                pf.read_row_groups(list(row_groups), columns=list(columns))
+        except Exception as e:  # noqa: BLE001
+            raise self._corrupt(k, e) from None
+        for name in columns:
+            want = self._expected_type(name) if name != "image_embedding" or self.embedding_dim else None
+            if name not in t.column_names or (want is not None and t.schema.field(name).type != want):
+                got = t.schema.field(name).type if name in t.column_names else "missing"
+                raise StoreError(f"{self.shard_paths()[k]}: column {name!r} is {got}, expected {want}; the shard "
+                                 f"is corrupt or from another store")
+        return t
+
+    def _row_groups(self, k: int) -> np.ndarray:
+        """First row of each row group of shard k, plus the end."""
+        rg = self._rg_starts.get(k)
+        if rg is None:
+            md = self._parquet(k).metadata
+            rg = np.concatenate([[0], np.cumsum([md.row_group(i).num_rows for i in range(md.num_row_groups)])])
+            self._rg_starts[k] = rg.astype(np.int64)
+            rg = self._rg_starts[k]
+        return rg
+
+    def _group_scores(self, k: int, g: int) -> np.ndarray:
+        """(rows of the group, V, C) float16 scores of row group g of shard k; NaN for failed rows."""
+        key = (k, g)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        arr, valid = _decode_fixed(self._read(k, ["scores"], [g]).column("scores"))
+        arr = arr.astype(np.float16, copy=False)
+        if not valid.all():
+            arr[~valid] = np.nan
+        self._cache.put(key, arr)
+        return arr
+
+    def _read_scores(self, rows: np.ndarray) -> np.ndarray:
+        """(B, V, C) float32 scores of store rows (any order)."""
+        rows = np.asarray(rows, np.int64)
+        out = np.empty((len(rows), self.view_spec.num_views, self.num_classes), np.float32)
+        if not len(rows):
+            return out
+        if rows.min() < 0 or rows.max() >= self.num_rows:
+            raise IndexError(f"store rows must be in [0, {self.num_rows})")
+        shard = np.searchsorted(self._starts, rows, side="right") - 1
+        for k in np.unique(shard):
+            sel = np.nonzero(shard == k)[0]
+            local = rows[sel] - self._starts[k]
+            rg = self._row_groups(int(k))
+            group = np.searchsorted(rg, local, side="right") - 1
+            for g in np.unique(group):
+                gsel = np.nonzero(group == g)[0]
+                out[sel[gsel]] = self._group_scores(int(k), int(g))[local[gsel] - rg[g]]
+        return out
+
+    def iter_shards(self, columns: Sequence[str]) -> Iterator[Tuple[int, Dict[str, np.ndarray]]]:
+        """``(first store row, decoded columns)`` per shard: fixed-size lists as dense arrays plus
+        ``<name>_valid`` (bool), strings as object arrays. One shard in memory at a time."""
+        for k in range(len(self._shard_rows)):
+            t = self._read(k, columns)
+            out: Dict[str, np.ndarray] = {}
+            for name in columns:
+                col = t.column(name)
+                if pa.types.is_fixed_size_list(col.type):
+                    out[name], out[f"{name}_valid"] = _decode_fixed(col)
+                else:
+                    out[name] = _strings(col)
+            yield int(self._starts[k]), out
+
+    # -- row metadata and splits ----------------------------------------------------------------------
+    def _row_meta(self) -> Dict[str, np.ndarray]:
+        if self._meta is None:
+            parts: Dict[str, List[np.ndarray]] = {c: [] for c in ("sample_id", "image", "split", "status")}
+            for _, a in self.iter_shards(tuple(parts)):
+                for c in parts:
+                    parts[c].append(a[c])
+            self._meta = {c: np.concatenate(v) if v else np.zeros(0, object) for c, v in parts.items()}
+            self._meta["ok"] = self._meta["status"] == STATUS_OK
+        return self._meta
+
+    def splits(self) -> Dict[str, int]:
+        """Usable (status ok) rows per split, in first-seen order."""
+        m = self._row_meta()
+        names = list(dict.fromkeys(m["split"].tolist()))
+        return {s: int(((m["split"] == s) & m["ok"]).sum()) for s in names}
+
+    def split_counts(self) -> Dict[str, Dict[str, int]]:
+        """Per split: ``total`` rows, ``failed`` rows."""
+        m = self._row_meta()
+        names = list(dict.fromkeys(m["split"].tolist()))
+        return {s: {"total": int((m["split"] == s).sum()), "failed": int(((m["split"] == s) & ~m["ok"]).sum())}
+                for s in names}
+
+    def split(self, name: str, include_failed: bool = False) -> SplitReader:
+        """A :class:`SplitReader` over split ``name`` (an unknown split is an empty reader)."""
+        m = self._row_meta()
+        sel = m["split"] == name
+        if not include_failed:
+            sel &= m["ok"]
+        rows = np.nonzero(sel)[0].astype(np.int64)
+        C = self.num_classes
+        observed = np.zeros((len(rows), C), np.int8)
+        labels = np.zeros((len(rows), C), np.int8)
+        known = np.zeros(len(rows), bool)
+        if len(rows):
+            shard = np.searchsorted(self._starts, rows, side="right") - 1
+            for k in np.unique(shard):
+                at = np.nonzero(shard == k)[0]
+                local = rows[at] - self._starts[k]
+                t = self._read(int(k), ["observed", "labels"])
+                obs, _ = _decode_fixed(t.column("observed"))
+                lab, lvalid = _decode_fixed(t.column("labels"))
+                observed[at] = obs[local]
+                labels[at] = lab[local]
+                known[at] = lvalid[local]
+        labels[~known] = 0
+        return SplitReader(self, name, rows, [str(x) for x in m["sample_id"][rows]], [str(x) for x in m["image"][rows]],
+                           observed, labels, known, m["ok"][rows].copy(), include_failed)
+
+    def failures(self, limit: Optional[int] = None) -> List[Dict[str, Any]]:
+        """Failed rows: ``row``, ``sample_id``, ``split``, ``image``, ``error`` (at most ``limit``)."""
+        out: List[Dict[str, Any]] = []
+        for start, a in self.iter_shards(("sample_id", "image", "split", "status", "error")):
+            for r in np.nonzero(a["status"] != STATUS_OK)[0]:
+                if limit is not None and len(out) >= limit:
+                    return out
+                out.append({"row": int(start + r), "sample_id": a["sample_id"][r], "split": a["split"][r],
+                            "image": a["image"][r], "error": a["error"][r]})
+        return out
+
+    # -- integrity ------------------------------------------------------------------------------------
+    def verify(self) -> Dict[str, Any]:
+        """Full check on demand: every shard's sha256 against the manifest (and its mark), and every
+        page's CRC by decoding it. Raises :class:`StoreError` listing every bad shard; returns a summary."""
+        bad: List[str] = []
+        nbytes = 0
+        for k, (entry, path) in enumerate(zip(self.manifest.get("shards", []), self.shard_paths())):
+            if not path.is_file():
+                bad.append(f"{path}: missing")
+                continue
+            nbytes += path.stat().st_size
+            digest = sha256_file(path)
+            if digest != entry.get("sha256"):
+                bad.append(f"{path}: sha256 {digest[:16]}... does not match the manifest's {str(entry.get('sha256'))[:16]}...")
+                continue
+            try:
+                self._read(k, row_schema(1, 1, 1).names)
+            except StoreError as e:
+                bad.append(str(e))
+        if bad:
+            raise StoreError(f"{self.root}: {len(bad)} of {len(self._shard_rows)} shard(s) failed verification:\n  "
+                             + "\n  ".join(bad) + "\nre-run `vlpl pseudolabel` with the same config to re-do them")
+        return {"shards": len(self._shard_rows), "bytes": nbytes, "ok": True}
+
+    # -- whole-store reads (kept for callers not yet on the split readers) ----------------------------
     def table(self, columns: Optional[Sequence[str]] = None) -> pa.Table:
-        paths = self.shard_paths()
-        if not paths:
-            return row_schema(self.num_classes, self.n_variants * self.n_views, 1).empty_table()
-        return pa.concat_tables([pq.read_table(p, columns=list(columns) if columns else None) for p in paths])
+        cols = list(columns) if columns else row_schema(1, 1, 1).names
+        if not len(self._shard_rows):
+            return row_schema(self.num_classes, self.view_spec.num_views, max(self.embedding_dim, 1)).empty_table().select(cols)
+        return pa.concat_tables([self._read(k, cols) for k in range(len(self._shard_rows))])
 
     def iter_tables(self, columns: Optional[Sequence[str]] = None) -> Iterator[pa.Table]:
-        for p in self.shard_paths():
-            yield pq.read_table(p, columns=list(columns) if columns else None)
+        cols = list(columns) if columns else row_schema(1, 1, 1).names
+        for k in range(len(self._shard_rows)):
+            yield self._read(k, cols)
 
     def arrays(self, columns: Sequence[str] = ("sample_id", "split", "observed", "labels", "scores", "status")
                ) -> Dict[str, np.ndarray]:
-        """Columns as numpy. Fixed-size lists become dense arrays; null rows become NaN (floats) or
-        -1 (``labels``: unknown); ``labels_known`` is added when ``labels`` is asked for."""
+        """Columns of the WHOLE store as numpy (prefer :meth:`split`). Fixed-size lists become dense
+        arrays; null rows become NaN (floats) or -1 (``labels``: unknown); ``labels_known`` is added
+        when ``labels`` is asked for."""
         t = self.table(columns)
         out: Dict[str, np.ndarray] = {}
-        n = t.num_rows
         for name in columns:
-            col = t.column(name).combine_chunks()
+            col = t.column(name)
             if pa.types.is_fixed_size_list(col.type):
-                shape = []
-                ty = col.type
-                while pa.types.is_fixed_size_list(ty):
-                    shape.append(ty.list_size)
-                    ty = ty.value_type
-                valid = ~np.asarray(col.is_null().to_numpy(zero_copy_only=False), bool)
-                flat = col
-                for _ in shape:
-                    flat = _flatten_keep(flat)
-                arr = np.array(flat.to_numpy(zero_copy_only=False)).reshape((n, *shape))  # writable copy
+                arr, valid = _decode_fixed(col)
                 if not valid.all():
                     arr = arr.astype(np.float32) if name != "labels" else arr.copy()
                     arr[~valid] = np.nan if name != "labels" else -1
@@ -302,16 +763,9 @@ class ScoreStore:
                 if name == "labels":
                     out["labels_known"] = valid
             else:
-                out[name] = np.asarray(col.to_pylist(), dtype=object)
+                out[name] = _strings(col)
         return out
 
     def scores(self, dtype: Any = np.float32) -> np.ndarray:
-        """(N, n_variants, n_views, C) raw cosine scores; NaN for failed rows."""
-        s = self.arrays(("scores",))["scores"].astype(dtype)
-        return s.reshape(len(s), self.n_variants, self.n_views, self.num_classes)
-
-
-def _flatten_keep(arr: pa.FixedSizeListArray) -> pa.Array:
-    """Flatten a fixed-size list array keeping every row's slots, null rows included
-    (pyarrow's ``flatten`` drops the children of null rows, which would break the reshape)."""
-    return arr.values.slice(arr.offset * arr.type.list_size, len(arr) * arr.type.list_size)
+        """(N, n_variants, n_views, C) raw cosine scores of the whole store; NaN for failed rows."""
+        return self.view_spec.split_variants(self.arrays(("scores",))["scores"].astype(dtype))

@@ -12,65 +12,21 @@ Layout of the ``V = n_variants x (1 + g^2)`` views, variant-major::
     v = variant * (1 + g^2) + view,   variant 0 = unflipped, 1 = flipped,
     view 0 = global, view 1 + i*g + j = tile (i, j)
 
+The layout arithmetic (indices, reshapes, names) is :class:`vlpl.store.views.ViewSpec`.
+
 No PIL work per crop: the resize is ``torch.nn.functional.interpolate`` (bicubic, antialiased, rounded
 to uint8 levels as PIL does) so it runs on the GPU.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from vlpl.store.views import ViewSpec  # the layout itself (torch-free); re-exported here
 
-@dataclass(frozen=True)
-class ViewSpec:
-    grid: int
-    flips: bool
-    image_size: Tuple[int, int]
-    resize_mode: str = "squash"
-    interpolation: str = "bicubic"
-
-    def __post_init__(self) -> None:
-        if self.grid < 0:
-            raise ValueError(f"views.grid must be >= 0, got {self.grid}")
-        if self.resize_mode not in ("squash", "shortest"):
-            raise ValueError(f"views.resize_mode must be 'squash' or 'shortest', got {self.resize_mode!r}")
-
-    @property
-    def n_views(self) -> int:
-        """Views per variant: global + g^2 tiles."""
-        return 1 + self.grid * self.grid
-
-    @property
-    def n_variants(self) -> int:
-        return 2 if self.flips else 1
-
-    @property
-    def num_views(self) -> int:
-        return self.n_variants * self.n_views
-
-    def names(self) -> List[str]:
-        base = ["global"] + [f"tile_{i}_{j}" for i in range(self.grid) for j in range(self.grid)]
-        out = list(base)
-        if self.flips:
-            out += [f"flip/{n}" for n in base]
-        return out
-
-    def to_dict(self) -> dict:
-        return {
-            "grid": self.grid,
-            "flips": self.flips,
-            "n_variants": self.n_variants,
-            "n_views": self.n_views,
-            "num_views": self.num_views,
-            "image_size": list(self.image_size),
-            "resize_mode": self.resize_mode,
-            "interpolation": self.interpolation,
-            "layout": "variant-major: v = variant*(1+g^2) + view; view 0 global, 1+i*g+j tile (i,j)",
-            "names": self.names(),
-        }
+__all__ = ["ViewSpec", "tile_boxes", "make_views", "make_views_batch"]
 
 
 def tile_boxes(height: int, width: int, grid: int) -> List[Tuple[int, int, int, int]]:
