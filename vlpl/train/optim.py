@@ -48,7 +48,7 @@ def create_optimizer(cfg: OptimConfig, model: Any,
     """The optimizer ``cfg.name`` over :func:`param_groups` (``model``: a
     :class:`~vlpl.train.model.Classifier`, or anything with ``backbone_parameters()`` and
     ``head_parameters()``), through ``timm.optim.create_optimizer_v2``."""
-    from timm.optim import create_optimizer_v2
+    from timm.optim import create_optimizer_v2, get_optimizer_info
 
     _check_name(cfg.name)
     groups = param_groups(cfg, model, extra_groups)
@@ -57,6 +57,12 @@ def create_optimizer(cfg: OptimConfig, model: Any,
         if reserved in kwargs:
             raise ConfigError(f"optim.params.{reserved}: set optim.{'name' if reserved == 'opt' else reserved} "
                               f"instead (optim.params holds the optimizer's other arguments)")
+    # timm drops these silently for an optimizer without them: a misspelt intent is an error here
+    info = get_optimizer_info(cfg.name.lower().split("_")[-1])
+    for key, has in (("momentum", info.has_momentum), ("eps", info.has_eps), ("betas", info.has_betas)):
+        if key in kwargs and not has:
+            raise ConfigError(f"optim.params.{key}: optimizer {cfg.name!r} has no {key!r} argument "
+                              f"({info.description})")
     try:
         return create_optimizer_v2(groups, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
     except TypeError as e:  # an argument this optimizer does not take
