@@ -1,26 +1,39 @@
-"""``vlpl train``: one training function, readable top to bottom (accelerate's examples' style).
+"""``vlpl train``: a short loop over named parts, readable top to bottom (accelerate's examples' style)::
 
-Observed labels and cached CLIP scores come from the score store; pseudo-labels are derived from
-the cached scores at every step by a registered rule (no CLIP forward pass in the loop). The loss is a
-registered :class:`~vlpl.train.losses.SPMLLoss` that owns its label state (ROLE estimates, APL soft
-negatives, LL-Cp corrections), checkpointed with the model.
+    run = setup(cfg)                      # accelerator, resume checks, data, model, loss, rule, optimizer
+    for epoch in ...:
+        train_epoch(run, epoch)           # train_step per batch; a checkpoint every N steps / M minutes
+        validate(run, epoch)              # EM+APL pass, scheduler, val/test mAP, best/
+        checkpoint(run)                   # end of every epoch
+    finish(run)                           # summary.json
+
+Observed labels and cached CLIP scores come from the score store; pseudo-labels are derived from the cached
+scores at every step by a registered rule (no CLIP forward pass in the loop). The loss is a registered
+:class:`~vlpl.train.losses.SPMLLoss` that owns its label state (ROLE estimates, APL soft negatives, LL-Cp
+corrections), checkpointed with the model.
+
+Exact resume: vlpl owns the data order (:class:`~vlpl.train.data.EpochOrder`: permutation and flips from
+``(seed, epoch)``; the training DataLoader is not handed to accelerate) and every random draw is re-seeded
+from ``(seed, epoch, step)`` (:mod:`vlpl.train.step`), so a run killed at any point and resumed from its
+last checkpoint ends with the weights of an uninterrupted run, byte for byte.
 
 Run directory::
 
-    config.yaml  classes.txt  metrics.jsonl  summary.json
-    checkpoints/epoch_NNN/     accelerate state (model, optimizer, scheduler, RNG, loss state, progress)
-    best/model.pt              weights at the best clean-val mAP
-    predictions/<split>.npz    probs, labels, sample_ids of val and test at the best epoch
+    config.yaml  classes.txt  store.json  metrics.jsonl  summary.json
+    checkpoints/step_NNNNNNNNN/   vlpl checkpoint (vlpl/train/checkpoint.py: safetensors + plain data, hashed)
+    best/                         the model at the best clean-val mAP
+    predictions/<split>.npz       probs, labels, sample_ids of val and test at the best epoch
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
-import math
 import os
-import shutil
-import sys
 import time
+import zipfile
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -28,38 +41,70 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from vlpl.config import ConfigError, TrainConfig, save_resolved
+from vlpl.config import ConfigError, TrainConfig, save_resolved, to_dict, yaml_load
 from vlpl.eval.metrics import mean_average_precision
-from vlpl.pseudolabel.rules import apply_rule
-from vlpl.registry import RULES, check_kwargs
+from vlpl.progress import progress as progress_bar
 from vlpl.store.atomic import atomic_path, atomic_write_json, atomic_write_text
-from vlpl.store.store import ScoreStore
-from vlpl.train.data import EpochShuffle, ImageRows, SplitData, image_transform, load_split
+from vlpl.store.store import IDENTITY_KEYS, ScoreStore
+from vlpl.train.checkpoint import (
+    CheckpointContent,
+    fault_point,
+    foreign_entries,
+    list_checkpoints,
+    load_latest,
+    remove_orphans,
+    save_checkpoint,
+    set_rng_state,
+)
+from vlpl.train.data import EpochOrder, FlippedRows, ImageRows, SplitData, image_transform, load_split
 from vlpl.train.flops import forward_flops, peak_flops
-from vlpl.train.losses import LossBatch, create_loss
-from vlpl.train.model import Classifier, create_classifier
+from vlpl.train.losses import SPMLLoss, create_loss
+from vlpl.train.model import ClassContext, Classifier, create_classifier
+from vlpl.train.model_io import load_model, save_model
+from vlpl.train.optim import create_optimizer, create_scheduler
+from vlpl.train.step import RuleRunner, StepState, TrainBatch, train_step
 
 log = logging.getLogger(__name__)
 
+# keys that may differ between a run and its resumption (everything else must match: see _check_resume)
+RESUME_MAY_CHANGE = ("epochs", "progress", "num_workers", "log_every", "checkpoint_every_steps",
+                     "checkpoint_every_minutes", "resume", "keep_checkpoints", "store", "out")
+
+
+@dataclass
 class Progress:
-    """Training progress that is checkpointed with the model (accelerate custom object)."""
+    """Where the run is; saved as plain JSON in every checkpoint.
 
-    def __init__(self) -> None:
-        self.epoch = 0
-        self.step = 0
-        self.best_map = -math.inf
-        self.best_epoch = 0
-        self.since_best = 0
-        self.history: List[Dict[str, Any]] = []
+    ``epoch``: the last completed epoch; ``step``: micro-steps done in the run; ``epoch_step``: micro-steps
+    done in epoch ``epoch + 1`` (0 at an epoch boundary: a mid-epoch checkpoint resumes at the next batch);
+    ``epoch_*``: the running sums of the epoch in progress; ``metrics_bytes``: the length of metrics.jsonl
+    when the checkpoint was written (a resumed run truncates it there: no duplicate records).
+    """
 
-    def state_dict(self) -> Dict[str, Any]:
-        return dict(epoch=self.epoch, step=self.step, best_map=self.best_map, best_epoch=self.best_epoch,
-                    since_best=self.since_best, history=json.dumps(self.history))
+    epoch: int = 0
+    step: int = 0
+    epoch_step: int = 0
+    best_map: Optional[float] = None
+    best_epoch: int = 0
+    since_best: int = 0
+    stop_reason: Optional[str] = None
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    epoch_loss_sum: float = 0.0
+    epoch_images: int = 0
+    epoch_time_s: float = 0.0
+    metrics_bytes: int = 0
+    last_checkpoint_step: int = 0
 
-    def load_state_dict(self, d: Dict[str, Any]) -> None:
-        self.epoch, self.step = int(d["epoch"]), int(d["step"])
-        self.best_map, self.best_epoch = float(d["best_map"]), int(d["best_epoch"])
-        self.since_best, self.history = int(d["since_best"]), json.loads(d["history"])
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "Progress":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"progress.json: unknown keys {unknown}")
+        return cls(**d)
 
 
 class JsonlLog:
@@ -72,6 +117,46 @@ class JsonlLog:
                 f.write(json.dumps(rec) + "\n")
                 f.flush()
 
+    def size(self) -> int:
+        return self.path.stat().st_size if self.enabled and self.path.exists() else 0
+
+    def truncate(self, size: int) -> None:
+        """Drop what was logged after a checkpoint (a resumed run logs those steps again)."""
+        if self.enabled and self.path.exists() and self.path.stat().st_size > size:
+            with open(self.path, "r+b") as f:
+                f.truncate(size)
+
+
+@dataclass
+class Run:
+    """Everything :func:`setup` builds; the named parts read and update it."""
+
+    cfg: TrainConfig
+    accelerator: Any
+    out: Path
+    store: ScoreStore
+    train: SplitData
+    evals: Dict[str, SplitData]
+    model: torch.nn.Module
+    loss: SPMLLoss
+    rule: Optional[RuleRunner]
+    optimizer: Any
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    order: EpochOrder
+    train_images: FlippedRows
+    eval_loaders: Dict[str, DataLoader]
+    pass_loader: Optional[DataLoader]
+    state: StepState
+    progress: Progress
+    metrics: JsonlLog
+    flops: Optional[float]
+    peak: Optional[float]
+    main: bool
+    last_checkpoint_time: float = field(default_factory=time.monotonic)
+
+
+# ---- helpers -------------------------------------------------------------------------------------------
+
 
 def _mixed_precision(cfg: TrainConfig) -> str:
     if cfg.mixed_precision == "auto":
@@ -81,33 +166,7 @@ def _mixed_precision(cfg: TrainConfig) -> str:
     return cfg.mixed_precision
 
 
-def _optimizer(cfg: TrainConfig, model: Classifier, extra_groups: List[dict]) -> torch.optim.Optimizer:
-    o = cfg.optim
-    groups = [{"params": list(model.backbone_parameters()), "lr": o.lr, "name": "backbone"},
-              {"params": list(model.head_parameters()), "lr": o.head_lr if o.head_lr is not None else o.lr,
-               "name": "head"}] + extra_groups
-    if o.name == "adam":
-        return torch.optim.Adam(groups, lr=o.lr, weight_decay=o.weight_decay)
-    if o.name == "adamw":
-        return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
-    raise ConfigError(f"optim.name: expected 'adam' or 'adamw', got {o.name!r}")
-
-
-def _scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-    """Stepped once per epoch."""
-    o, E = cfg.optim, cfg.epochs
-    if o.scheduler == "none":
-        fn = lambda e: 1.0  # noqa: E731
-    elif o.scheduler == "cosine":
-        fn = lambda e: 0.5 * (1 + math.cos(math.pi * min(e, E) / E))  # noqa: E731
-    elif o.scheduler == "step":
-        fn = lambda e: o.gamma ** (e // o.step_size)  # noqa: E731
-    else:
-        raise ConfigError(f"optim.scheduler: expected none, cosine or step, got {o.scheduler!r}")
-    return torch.optim.lr_scheduler.LambdaLR(opt, fn)
-
-
-def _flops_per_image(model: Classifier, size: int) -> Optional[float]:
+def _flops_per_image(model: torch.nn.Module, size: int) -> Optional[float]:
     """Forward FLOPs of one image, for throughput and MFU reporting (None if they cannot be counted)."""
     try:
         dev = next(model.parameters()).device
@@ -117,34 +176,71 @@ def _flops_per_image(model: Classifier, size: int) -> Optional[float]:
 
 
 def _save_npz(path: Path, **arrays: Any) -> None:
+    """``np.savez`` with fixed zip timestamps, so identical runs write identical bytes."""
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:
+            for name, arr in arrays.items():
+                buf = io.BytesIO()
+                np.lib.format.write_array(buf, np.asanyarray(arr), allow_pickle=False)
+                z.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buf.getvalue())
 
 
-def _checkpoint_dirs(out: Path) -> List[Path]:
-    d = out / "checkpoints"
-    return sorted(p for p in d.glob("epoch_*") if (p / "complete.json").exists()) if d.exists() else []
+def store_identity(store: ScoreStore) -> Dict[str, Any]:
+    """What makes a store the same training data: the manifest's identity keys and its shards' sha256."""
+    m = store.manifest
+    ident = {k: m.get(k) for k in IDENTITY_KEYS}
+    shards = "\n".join(f"{s.get('file')}:{s.get('sha256')}" for s in m.get("shards", []))
+    ident["shards_sha256"] = hashlib.sha256(shards.encode()).hexdigest()
+    ident["num_rows"] = m.get("num_rows")
+    return json.loads(json.dumps(ident))  # plain JSON types, as read back from store.json
 
 
-def _save_checkpoint(accelerator: Any, out: Path, epoch: int, keep: int) -> None:
-    """Save to a temporary directory, mark it complete, rename; then prune to the newest ``keep``
-    (accelerate's own rotation deletes the old checkpoint before the new one is written)."""
-    ckdir = out / "checkpoints"
-    final = ckdir / f"epoch_{epoch:03d}"
-    tmp = ckdir / f".tmp-epoch_{epoch:03d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        atomic_write_json(tmp / "complete.json", {"epoch": epoch})
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in _checkpoint_dirs(out)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
+    if isinstance(d, dict) and d:
+        out: Dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def _short(v: Any, n: int = 60) -> str:
+    s = json.dumps(v, default=str)
+    return s if len(s) <= n else s[:n - 3] + "..."
+
+
+def _check_resume(cfg: TrainConfig, out: Path, ident: Dict[str, Any]) -> None:
+    """Before anything is written: the resumed run's config and store must be the run's own (issue 9.4)."""
+    saved_path = out / "config.yaml"
+    if saved_path.exists():
+        try:
+            saved = yaml_load(saved_path.read_text(encoding="utf-8")) or {}
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(f"{saved_path}: cannot read the run's saved config ({e})") from e
+        old, new = _flatten(saved), _flatten(json.loads(json.dumps(to_dict(cfg))))
+        diffs = [k for k in sorted(set(old) | set(new))
+                 if k.split(".")[0] not in RESUME_MAY_CHANGE and old.get(k) != new.get(k)]
+        if diffs:
+            detail = "; ".join(f"{k}: run has {_short(old.get(k))}, now {_short(new.get(k))}" for k in diffs)
+            raise ConfigError(f"resume=true: the config differs from the run's {saved_path} ({detail}). Only "
+                              f"{', '.join(RESUME_MAY_CHANGE)} may change on resume; use another out= for a new run")
+    saved_store = out / "store.json"
+    if saved_store.exists():
+        old_ident = json.loads(saved_store.read_text(encoding="utf-8"))
+        diffs = [k for k in sorted(set(old_ident) | set(ident)) if old_ident.get(k) != ident.get(k)]
+        if diffs:
+            detail = "; ".join(f"{k}: run has {_short(old_ident.get(k))}, store {cfg.store} has {_short(ident.get(k))}"
+                               for k in diffs)
+            raise ConfigError(f"resume=true: the store is not the one this run trained on ({detail})")
+
+
+def _terms_over_processes(accelerator: Any, terms: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """Loss terms of the global batch for the log: the mean over processes of each process's batch mean
+    (equal slices), and the sum for counts (``num_*``). A collective: every process calls it."""
+    vals = torch.stack([v.detach().float().reshape(()) for v in terms.values()]).to(accelerator.device)
+    if accelerator.num_processes > 1:
+        vals = accelerator.reduce(vals, reduction="mean")
+    return {n: v * accelerator.num_processes if n.startswith("num_") else v for n, v in zip(terms, vals.tolist())}
 
 
 @torch.no_grad()
@@ -160,259 +256,324 @@ def predict(accelerator: Any, model: torch.nn.Module, loader: DataLoader, n: int
     return probs
 
 
-def _terms_over_processes(accelerator: Any, terms: Dict[str, torch.Tensor]) -> Dict[str, float]:
-    """Loss terms of the global batch for the log: the mean over processes of each process's batch mean
-    (equal slices), and the sum for counts (``num_*``). A collective: every process calls it."""
-    vals = torch.stack([v.detach().float().reshape(()) for v in terms.values()]).to(accelerator.device)
-    if accelerator.num_processes > 1:
-        vals = accelerator.reduce(vals, reduction="mean")
-    return {n: v * accelerator.num_processes if n.startswith("num_") else v for n, v in zip(terms, vals.tolist())}
+def _fmt(v: Optional[float]) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
 
 
-def run_train(cfg: TrainConfig) -> Path:
+# ---- the named parts ------------------------------------------------------------------------------------
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Accelerator, resume checks (before anything is written), data, model, loss, rule, optimizer, state."""
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
     out = Path(cfg.out)
-    # split_batches: batch_size is the global batch (the papers' number) whatever the process count. It must go
-    # through DataLoaderConfiguration: Accelerator(split_batches=True) is accepted and silently ignored
-    # (huggingface/accelerate#3177), which left every process with a whole batch.
-    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg), gradient_accumulation_steps=cfg.grad_accum,
-                              cpu=not torch.cuda.is_available(),
+    # split_batches: eval_batch_size is a global batch whatever the process count (the prepared eval loaders).
+    # It must go through DataLoaderConfiguration: Accelerator(split_batches=True) is silently ignored
+    # (huggingface/accelerate#3177). The training loader is vlpl's own (EpochOrder), never prepared.
+    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg), cpu=not torch.cuda.is_available(),
                               dataloader_config=DataLoaderConfiguration(split_batches=True))
-    if not accelerator.split_batches:  # guard against the option being dropped again
-        raise RuntimeError("accelerate did not enable split_batches; vlpl's global batch size depends on it")
+    W = accelerator.num_processes
     for key in ("batch_size", "eval_batch_size"):  # both are global batches, split across processes
-        if getattr(cfg, key) % accelerator.num_processes:
-            raise ConfigError(f"{key}={getattr(cfg, key)} must be divisible by the {accelerator.num_processes} "
-                              f"processes")
+        if getattr(cfg, key) % W:
+            raise ConfigError(f"{key}={getattr(cfg, key)} must be divisible by the {W} processes")
+    if cfg.grad_accum < 1:
+        raise ConfigError(f"grad_accum must be >= 1, got {cfg.grad_accum}")
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     main = accelerator.is_main_process
 
-    # ---- data from the store ------------------------------------------------------------------------
+    # ---- the store, and the resume checks: nothing is written before they pass --------------------------
     store = ScoreStore(Path(cfg.store))
-    C = store.num_classes
-    arrays = store.arrays(("sample_id", "image", "split", "observed", "labels", "scores", "status"))
+    ident = store_identity(store)
+    ckdir = out / "checkpoints"
+    held = list_checkpoints(ckdir) + foreign_entries(ckdir)
+    if held and not cfg.resume:
+        raise ConfigError(f"{out} already holds a run ({held[-1].name}); pass resume=true to continue it, "
+                          f"or choose another out=")
+    content: Optional[CheckpointContent] = None
+    if cfg.resume and held:
+        _check_resume(cfg, out, ident)
+        content = load_latest(ckdir)  # verified; foreign files refused unread
     data_root = Path(cfg.data_root or store.manifest["dataset"]["root"])
     if not data_root.is_dir():
         raise FileNotFoundError(f"data_root {data_root} (images of the store {cfg.store}) does not exist; "
                                 f"set data_root=...")
+
+    # ---- data ----------------------------------------------------------------------------------------
     use_rule = cfg.pseudo.rule is not None
+    arrays = store.arrays(("sample_id", "image", "split", "observed", "labels", "scores", "status"))
     train = load_split(store, arrays, "train", with_scores=use_rule)
     evals = {s: load_split(store, arrays, s, with_scores=False) for s in (cfg.val_split, cfg.test_split)}
     evals = {s: d for s, d in evals.items() if len(d) and d.labels is not None}
+    del arrays
     if not len(train):
         raise ValueError(f"store {cfg.store} has no usable 'train' rows")
     if cfg.val_split not in evals:
         log.warning("no labelled '%s' split: the last epoch is kept instead of the best by val mAP", cfg.val_split)
-    del arrays
 
-    # ---- model, loss, rule, optimiser ---------------------------------------------------------------
+    # ---- model, loss, rule, optimizer ---------------------------------------------------------------
     set_seed(cfg.seed)
-    model = create_classifier(cfg.student, C)
-    loss_fn = create_loss(cfg.loss.name, torch.from_numpy(train.observed), **cfg.loss.params)
+    model = create_classifier(cfg.student, ClassContext.from_store(store))
+    train_obs = torch.from_numpy(train.observed)
+    loss_fn = create_loss(cfg.loss.name, train_obs, **cfg.loss.params)
     if loss_fn.requires_pseudo and not use_rule:
         raise ConfigError(f"loss {cfg.loss.name!r} needs pseudo-labels: set pseudo.rule (e.g. damp)")
-    if use_rule:
-        check_kwargs(RULES.get(cfg.pseudo.rule), cfg.pseudo.params, f"pseudo-label rule {cfg.pseudo.rule!r}")
-    optimizer = _optimizer(cfg, model, loss_fn.param_groups(cfg.optim.lr))
-    scheduler = _scheduler(cfg, optimizer)
+    rule = RuleRunner(cfg.pseudo.rule, cfg.pseudo.params, cfg.pseudo.dynamic, train.batch_scores, train_obs) \
+        if use_rule else None
+    optimizer = create_optimizer(cfg.optim, model, loss_fn.param_groups(cfg.optim.lr))
+    scheduler = create_scheduler(cfg.optim, optimizer, cfg.epochs)  # per epoch; not prepared: we step it
     flops = _flops_per_image(model, cfg.student.image_size)
 
-    tf_train = image_transform(cfg.student.image_size, model.mean, model.std, train=True, hflip=cfg.hflip)
-    tf_eval = image_transform(cfg.student.image_size, model.mean, model.std, train=False, hflip=False)
-    sampler = EpochShuffle(len(train), cfg.seed)
+    tf = image_transform(cfg.student.image_size, model.mean, model.std, train=False, hflip=False)
     pin = accelerator.device.type == "cuda"
-    train_loader = DataLoader(ImageRows(data_root, train.images, tf_train), batch_size=cfg.batch_size,
-                              sampler=sampler, num_workers=cfg.num_workers, pin_memory=pin, drop_last=False)
-    eval_loaders = {s: DataLoader(ImageRows(data_root, d.images, tf_eval), batch_size=cfg.eval_batch_size,
+    order = EpochOrder(len(train), cfg.batch_size, cfg.seed, cfg.hflip, W, accelerator.process_index,
+                       cfg.max_steps_per_epoch)
+    train_images = FlippedRows(ImageRows(data_root, train.images, tf))
+    eval_loaders = {s: DataLoader(ImageRows(data_root, d.images, tf), batch_size=cfg.eval_batch_size,
                                   shuffle=False, num_workers=cfg.num_workers, pin_memory=pin)
                     for s, d in evals.items()}
-    pass_loader = DataLoader(ImageRows(data_root, train.images, tf_train), batch_size=cfg.eval_batch_size,
-                             shuffle=False, num_workers=cfg.num_workers, pin_memory=pin) \
-        if loss_fn.needs_train_pass else None
-
-    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    pass_loader = DataLoader(ImageRows(data_root, train.images, tf), batch_size=cfg.eval_batch_size, shuffle=False,
+                             num_workers=cfg.num_workers, pin_memory=pin) if loss_fn.needs_train_pass else None
+    model, optimizer = accelerator.prepare(model, optimizer)
     eval_loaders = {s: accelerator.prepare(dl) for s, dl in eval_loaders.items()}
     if pass_loader is not None:
         pass_loader = accelerator.prepare(pass_loader)
     loss_fn.to(accelerator.device)
-    loss_fn.set_distributed(accelerator.num_processes > 1)  # global-batch statistics, synced loss state
-    progress = Progress()
-    accelerator.register_for_checkpointing(loss_fn, progress)
+    loss_fn.set_distributed(W > 1)  # global-batch statistics, synced loss state
+    state = StepState(optimizer=optimizer, device=accelerator.device, seed=cfg.seed, grad_accum=cfg.grad_accum,
+                      num_processes=W, process_index=accelerator.process_index, autocast=accelerator.autocast,
+                      backward=accelerator.backward, no_sync=accelerator.no_sync)
 
-    # ---- outputs and resume -------------------------------------------------------------------------
-    ckpts = _checkpoint_dirs(out)
-    if ckpts and not cfg.resume:
-        raise ConfigError(f"{out} already holds a run ({ckpts[-1].name}); pass resume=true to continue it, "
-                          f"or choose another out=")
+    # ---- outputs, then the checkpoint's state -------------------------------------------------------
+    metrics = JsonlLog(out / "metrics.jsonl", main)
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        for orphan in remove_orphans(ckdir):
+            log.info("removed %s (a checkpoint write that did not finish)", orphan)
         save_resolved(cfg, out / "config.yaml")
         atomic_write_text(out / "classes.txt", "".join(f"{c}\n" for c in store.classes))
-    if ckpts and cfg.resume:
-        accelerator.load_state(str(ckpts[-1]))
-        log.info("resumed from %s (epoch %d done, best val mAP %.2f at epoch %d)", ckpts[-1], progress.epoch,
-                 progress.best_map, progress.best_epoch)
-    elif main and (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()
-    metrics = JsonlLog(out / "metrics.jsonl", main)
-    train_obs = torch.from_numpy(train.observed)
-    train_scores = torch.from_numpy(train.scores) if use_rule else None
-    peak = peak_flops(accelerator.device)
-    show = cfg.progress and main and sys.stderr.isatty()
-    steps_per_epoch = len(train_loader) if cfg.max_steps_per_epoch is None \
-        else min(len(train_loader), cfg.max_steps_per_epoch)
+        atomic_write_json(out / "store.json", ident)
+    prog = Progress()
+    if content is not None:
+        accelerator.unwrap_model(model).load_state_dict(content.model)
+        loss_fn.load_state_dict(content.loss)
+        optimizer.load_state_dict(content.optimizer)
+        scheduler.load_state_dict(content.scheduler)
+        set_rng_state(content.rng)
+        prog = Progress.from_dict(content.progress)
+        metrics.truncate(prog.metrics_bytes)
+        log.info("resumed from %s (epoch %d done, %d steps into epoch %d)", content.path, prog.epoch,
+                 prog.epoch_step, prog.epoch + 1)
+    elif main and metrics.path.exists():
+        metrics.path.unlink()
+    accelerator.wait_for_everyone()
+    return Run(cfg=cfg, accelerator=accelerator, out=out, store=store, train=train, evals=evals, model=model,
+               loss=loss_fn, rule=rule, optimizer=optimizer, scheduler=scheduler, order=order,
+               train_images=train_images, eval_loaders=eval_loaders, pass_loader=pass_loader, state=state,
+               progress=prog, metrics=metrics, flops=flops, peak=peak_flops(accelerator.device), main=main)
 
-    # ---- epochs -------------------------------------------------------------------------------------
-    stop_reason = None
-    for epoch in range(progress.epoch + 1, cfg.epochs + 1):
-        set_seed(cfg.seed * 1000 + epoch)  # an epoch's randomness does not depend on what ran before
-        sampler.set_epoch(epoch)
-        rule_gen = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
-        loss_fn.set_epoch(epoch, cfg.epochs)
-        model.train()
-        loss_fn.train()
-        t_epoch = t_last = time.perf_counter()
-        wait, n_img, n_img_log, loss_sum, n_steps = 0.0, 0, 0, 0.0, 0
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", disable=not show, dynamic_ncols=True)
+
+def _checkpoint_due(run: Run, log_step: bool) -> bool:
+    """Every ``checkpoint_every_steps`` micro-steps and/or ``checkpoint_every_minutes`` minutes. The time
+    test runs on the main process at log steps and is broadcast, so all processes agree."""
+    cfg, p = run.cfg, run.progress
+    if cfg.checkpoint_every_steps and p.step - p.last_checkpoint_step >= cfg.checkpoint_every_steps:
+        return True
+    if cfg.checkpoint_every_minutes is None:
+        return False
+    due = time.monotonic() - run.last_checkpoint_time >= 60.0 * cfg.checkpoint_every_minutes
+    if run.accelerator.num_processes == 1:
+        return due
+    if not log_step:
+        return False
+    from accelerate.utils import broadcast
+
+    flag = broadcast(torch.tensor([int(due)], device=run.accelerator.device), from_process=0)
+    return bool(flag.item())
+
+
+def train_epoch(run: Run, epoch: int) -> None:
+    """The training batches of ``epoch`` (from the checkpoint's position when resuming mid-epoch)."""
+    cfg, p, acc, order = run.cfg, run.progress, run.accelerator, run.order
+    start = p.epoch_step
+    run.loss.set_epoch(epoch, cfg.epochs)
+    run.model.train()
+    run.loss.train()
+    loader = DataLoader(run.train_images, batch_sampler=order.batches(epoch, start), num_workers=cfg.num_workers,
+                        pin_memory=acc.device.type == "cuda")
+    steps = order.steps_per_epoch
+    loss_sum = torch.tensor(p.epoch_loss_sum, dtype=torch.float64, device=acc.device)
+    t_epoch = t_last = time.perf_counter()
+    wait, n_img_log = 0.0, 0
+    W = acc.num_processes
+    with progress_bar(total=steps - start, desc=f"epoch {epoch}/{cfg.epochs}", unit="step",
+                      enabled=cfg.progress and run.main) as bar:
         t_fetch = time.perf_counter()
-        for step, (x, k) in enumerate(train_loader):
-            if step >= steps_per_epoch:
-                break
+        for s, (x, k, flip) in enumerate(loader, start=start):
             wait += time.perf_counter() - t_fetch
-            kc = k.cpu()
-            pseudo = None
-            if use_rule:
-                # the rule runs on the whole global batch in every process (it is cheap), so the dynamic
-                # flip draws are those of a 1-process run; each process keeps its own slice
-                k_all = accelerator.gather(k).cpu() if accelerator.num_processes > 1 else kc
-                pseudo_all = apply_rule(cfg.pseudo.rule, train_scores[k_all].float(), train_obs[k_all],
-                                        dynamic=cfg.pseudo.dynamic, generator=rule_gen, **cfg.pseudo.params)
-                start = accelerator.process_index * len(kc)
-                pseudo = pseudo_all[start:start + len(kc)].to(accelerator.device)
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    logits = model(x)
-                terms = loss_fn(LossBatch(logits=logits.float(), index=k.to(accelerator.device), pseudo=pseudo))
-                accelerator.backward(terms["loss"])
-                if accelerator.sync_gradients:
-                    loss_fn.average_gradients()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            progress.step += 1
-            n_steps += 1
-            loss_sum += float(terms["loss"].detach())
-            n_img += len(k) * accelerator.num_processes
-            n_img_log += len(k) * accelerator.num_processes  # k is this process's share of the batch
+            batch = TrainBatch(images=x.to(acc.device, non_blocking=True), index=k, flip=flip, epoch=epoch,
+                               step=p.step, global_index=order.global_batch(epoch, s) if W > 1 else None,
+                               sync=(s + 1) % cfg.grad_accum == 0 or s == steps - 1)
+            out = train_step(batch, run.model, run.loss, run.rule, run.state)
+            p.step += 1
+            p.epoch_step = s + 1
+            loss_sum += out.terms["loss"].double()
+            n = len(out.global_index)
+            p.epoch_images += n
+            n_img_log += n
             bar.update(1)
-            if progress.step % cfg.log_every == 0 or step == steps_per_epoch - 1:
+            fault_point("step")
+            log_step = p.step % cfg.log_every == 0 or s == steps - 1
+            if log_step:
                 now = time.perf_counter()
                 ips = n_img_log / max(now - t_last, 1e-9)
-                rec: Dict[str, Any] = {"kind": "step", "epoch": epoch, "step": progress.step,
-                                       **_terms_over_processes(accelerator, terms),
-                                       "lr": optimizer.param_groups[0]["lr"], "head_lr": optimizer.param_groups[1]["lr"],
-                                       "images_per_s": ips, "data_wait_frac": wait / max(now - t_epoch, 1e-9)}
-                if pseudo is not None:  # over the global batch
-                    unk = train_obs[k_all] == 0
-                    rec["pseudo_pos_per_image"] = float(((pseudo_all == 1) & unk).sum() / len(k_all))
-                    rec["pseudo_neg_per_image"] = float(((pseudo_all == -1) & unk).sum() / len(k_all))
-                if flops:
-                    rec["tflops_per_s"] = 3 * flops * ips / 1e12  # forward + backward ~ 3x forward
-                    if peak:
-                        rec["mfu"] = 3 * flops * ips / peak
-                metrics.write(rec)
+                rec = _step_record(run, epoch, out, ips, wait / max(now - t_epoch, 1e-9))
+                run.metrics.write(rec)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{ips:.1f}")
                 t_last, n_img_log = now, 0
+            if out.stepped and s < steps - 1 and _checkpoint_due(run, log_step):
+                p.epoch_loss_sum = float(loss_sum)
+                p.epoch_time_s += time.perf_counter() - t_epoch
+                t_epoch = time.perf_counter()
+                checkpoint(run)
             t_fetch = time.perf_counter()
-        bar.close()
-        train_time = time.perf_counter() - t_epoch
-        loss_fn.sync_state()
+    p.epoch_loss_sum = float(loss_sum)
+    p.epoch_time_s += time.perf_counter() - t_epoch
+    run.loss.sync_state()
 
-        extra: Dict[str, float] = {}
-        if pass_loader is not None:
-            probs = predict(accelerator, model, pass_loader, len(train), C)
-            extra = loss_fn.end_epoch(torch.from_numpy(probs).to(accelerator.device),
-                                      torch.arange(len(train), device=accelerator.device), epoch)
-        scheduler.step()
 
-        maps: Dict[str, float] = {}
-        preds: Dict[str, np.ndarray] = {}
-        for s, dl in eval_loaders.items():
-            preds[s] = predict(accelerator, model, dl, len(evals[s]), C)
-            maps[s] = mean_average_precision(evals[s].labels, preds[s])["map"]
-        val_map = maps.get(cfg.val_split)
-        improved = val_map is None or val_map > progress.best_map
-        progress.epoch = epoch
-        if improved:
-            progress.best_map = val_map if val_map is not None else progress.best_map
-            progress.best_epoch, progress.since_best = epoch, 0
-            if main:
-                _save_best(accelerator, model, out, preds, evals)
-        else:
-            progress.since_best += 1
-        train_loss = _terms_over_processes(accelerator, {"loss": torch.tensor(loss_sum / max(n_steps, 1))})["loss"]
-        rec = {"kind": "epoch", "epoch": epoch, "step": progress.step, "train_loss": train_loss,
-               "val_map": val_map, "test_map": maps.get(cfg.test_split), "epoch_time_s": train_time,
-               "images_per_s": n_img / max(train_time, 1e-9), "best_epoch": progress.best_epoch, **extra}
-        progress.history.append(rec)
-        metrics.write(rec)
-        log.info("epoch %d: train loss %.4f, val mAP %s, test mAP %s, %.1f img/s", epoch, rec["train_loss"],
-                 _fmt(val_map), _fmt(rec["test_map"]), rec["images_per_s"])
+def _step_record(run: Run, epoch: int, out: Any, ips: float, wait_frac: float) -> Dict[str, Any]:
+    opt = run.optimizer
+    rec: Dict[str, Any] = {"kind": "step", "epoch": epoch, "step": run.progress.step,
+                           **_terms_over_processes(run.accelerator, out.terms),
+                           "lr": opt.param_groups[0]["lr"], "head_lr": opt.param_groups[1]["lr"],
+                           "images_per_s": ips, "data_wait_frac": wait_frac}
+    if out.pseudo is not None:  # over the global batch
+        idx = torch.from_numpy(np.asarray(out.global_index)).long()
+        unk = run.rule.observed[idx] == 0
+        rec["pseudo_pos_per_image"] = float(((out.pseudo == 1) & unk).sum() / len(idx))
+        rec["pseudo_neg_per_image"] = float(((out.pseudo == -1) & unk).sum() / len(idx))
+    if run.flops:
+        rec["tflops_per_s"] = 3 * run.flops * ips / 1e12  # forward + backward ~ 3x forward
+        if run.peak:
+            rec["mfu"] = 3 * run.flops * ips / run.peak
+    return rec
 
-        if val_map is not None and cfg.early_stop_drop is not None and val_map < progress.best_map - cfg.early_stop_drop:
-            stop_reason = f"val mAP {val_map:.2f} fell more than {cfg.early_stop_drop} below the best {progress.best_map:.2f}"
-        if cfg.early_stop_patience is not None and progress.since_best >= cfg.early_stop_patience:
-            stop_reason = f"no better val mAP for {progress.since_best} epoch(s)"
-        if stop_reason:
-            progress.epoch = cfg.epochs  # a resumed run does not train past an early stop
-        _save_checkpoint(accelerator, out, epoch, cfg.keep_checkpoints)
-        if stop_reason:
-            log.info("early stop after epoch %d: %s", epoch, stop_reason)
-            break
 
-    if main:
-        best = next((h for h in progress.history if h["epoch"] == progress.best_epoch), {})
+def validate(run: Run, epoch: int) -> None:
+    """End of ``epoch``: EM+APL's pass over the training set, the scheduler, val/test mAP, best/, early stop."""
+    cfg, p, acc = run.cfg, run.progress, run.accelerator
+    C = run.store.num_classes
+    extra: Dict[str, float] = {}
+    if run.pass_loader is not None:
+        probs = predict(acc, run.model, run.pass_loader, len(run.train), C)
+        extra = run.loss.end_epoch(torch.from_numpy(probs).to(acc.device),
+                                   torch.arange(len(run.train), device=acc.device), epoch)
+    run.scheduler.step()
+    maps: Dict[str, float] = {}
+    preds: Dict[str, np.ndarray] = {}
+    for s, dl in run.eval_loaders.items():
+        preds[s] = predict(acc, run.model, dl, len(run.evals[s]), C)
+        maps[s] = mean_average_precision(run.evals[s].labels, preds[s])["map"]
+        fault_point("validate")
+    val_map = maps.get(cfg.val_split)
+    improved = val_map is None or p.best_map is None or val_map > p.best_map
+    if improved:
+        p.best_map = val_map if val_map is not None else p.best_map
+        p.best_epoch, p.since_best = epoch, 0
+        if run.main:
+            _save_best(run, preds)
+    else:
+        p.since_best += 1
+    n_steps = max(p.epoch_step, 1)
+    train_loss = _terms_over_processes(acc, {"loss": torch.tensor(p.epoch_loss_sum / n_steps)})["loss"]
+    rec = {"kind": "epoch", "epoch": epoch, "step": p.step, "train_loss": train_loss,
+           "val_map": val_map, "test_map": maps.get(cfg.test_split), "epoch_time_s": p.epoch_time_s,
+           "images_per_s": p.epoch_images / max(p.epoch_time_s, 1e-9), "best_epoch": p.best_epoch, **extra}
+    p.history.append(rec)
+    run.metrics.write(rec)
+    log.info("epoch %d: train loss %.4f, val mAP %s, test mAP %s, %.1f img/s", epoch, train_loss,
+             _fmt(val_map), _fmt(rec["test_map"]), rec["images_per_s"])
+    if val_map is not None and cfg.early_stop_drop is not None and p.best_map is not None \
+            and val_map < p.best_map - cfg.early_stop_drop:
+        p.stop_reason = f"val mAP {val_map:.2f} fell more than {cfg.early_stop_drop} below the best {p.best_map:.2f}"
+    if cfg.early_stop_patience is not None and p.since_best >= cfg.early_stop_patience:
+        p.stop_reason = f"no better val mAP for {p.since_best} epoch(s)"
+    p.epoch, p.epoch_step = epoch, 0
+    p.epoch_loss_sum, p.epoch_images, p.epoch_time_s = 0.0, 0, 0.0
+    fault_point("epoch_end")
+
+
+def checkpoint(run: Run) -> None:
+    """Save the run's state (a collective: every process calls it; the main process writes)."""
+    acc, p = run.accelerator, run.progress
+    run.loss.sync_state()  # LL-Cp writes of every process, before the main process saves them
+    model_state = acc.get_state_dict(run.model)
+    acc.wait_for_everyone()
+    if run.main:
+        p.last_checkpoint_step = p.step
+        p.metrics_bytes = run.metrics.size()
+        save_checkpoint(run.out / "checkpoints", p.step, model_state, run.loss.state_dict(),
+                        run.optimizer.state_dict(), run.scheduler.state_dict(), p.to_dict(),
+                        run.cfg.keep_checkpoints)
+    p.last_checkpoint_step = p.step
+    run.last_checkpoint_time = time.monotonic()
+    acc.wait_for_everyone()
+
+
+def finish(run: Run) -> None:
+    """summary.json, and the accelerator's end."""
+    cfg, p = run.cfg, run.progress
+    if run.main:
+        best = next((h for h in p.history if h["epoch"] == p.best_epoch), {})
         summary = {
             "method": cfg.method, "dataset": cfg.dataset, "loss": cfg.loss.name, "rule": cfg.pseudo.rule,
             "store": str(Path(cfg.store).resolve()), "backbone": f"{cfg.student.kind}:{cfg.student.name}",
-            "epochs_run": len(progress.history), "best_epoch": progress.best_epoch,
+            "epochs_run": len(p.history), "best_epoch": p.best_epoch,
             "best_val_map": best.get("val_map"), "test_map_at_best": best.get("test_map"),
-            "stop_reason": stop_reason, "num_train": len(train),
-            "num_eval": {s: len(d) for s, d in evals.items()}, "flops_per_image_forward": flops,
+            "stop_reason": p.stop_reason, "num_train": len(run.train),
+            "num_eval": {s: len(d) for s, d in run.evals.items()}, "flops_per_image_forward": run.flops,
         }
-        atomic_write_json(out / "summary.json", summary)
-        log.info("best epoch %d: val mAP %s, test mAP %s -> %s", progress.best_epoch, _fmt(summary["best_val_map"]),
-                 _fmt(summary["test_map_at_best"]), out)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return out
+        atomic_write_json(run.out / "summary.json", summary)
+        log.info("best epoch %d: val mAP %s, test mAP %s -> %s", p.best_epoch, _fmt(summary["best_val_map"]),
+                 _fmt(summary["test_map_at_best"]), run.out)
+    run.accelerator.wait_for_everyone()
+    run.accelerator.end_training()
 
 
-def _fmt(v: Optional[float]) -> str:
-    return "n/a" if v is None else f"{v:.2f}"
+def run_train(cfg: TrainConfig) -> Path:
+    """Train a classifier on a score store (see the module docstring); returns the run directory."""
+    run = setup(cfg)
+    for epoch in range(run.progress.epoch + 1, cfg.epochs + 1):
+        if run.progress.stop_reason:
+            break
+        train_epoch(run, epoch)
+        validate(run, epoch)
+        checkpoint(run)
+        if run.progress.stop_reason:
+            log.info("early stop after epoch %d: %s", epoch, run.progress.stop_reason)
+    finish(run)
+    return run.out
 
 
-def _save_best(accelerator: Any, model: torch.nn.Module, out: Path, preds: Dict[str, np.ndarray],
-               evals: Dict[str, SplitData]) -> None:
-    state = accelerator.get_state_dict(model)
-    with atomic_path(out / "best" / "model.pt") as tmp:
-        torch.save(state, tmp)
-    for s, p in preds.items():
-        _save_npz(out / "predictions" / f"{s}.npz", probs=p, labels=evals[s].labels,
-                  sample_ids=np.asarray(evals[s].sample_ids))
+# ---- the best model -------------------------------------------------------------------------------------
+
+
+def _save_best(run: Run, preds: Dict[str, np.ndarray]) -> None:
+    """best/ (vlpl.train.model_io: safetensors + JSON, byte-identical for identical weights) and the
+    predictions of the eval splits."""
+    model = run.accelerator.unwrap_model(run.model)
+    save_model(run.out / "best", model, run.cfg.student, state_dict=run.accelerator.get_state_dict(run.model))
+    for s, pr in preds.items():
+        _save_npz(run.out / "predictions" / f"{s}.npz", probs=pr, labels=run.evals[s].labels,
+                  sample_ids=np.asarray(run.evals[s].sample_ids, dtype=str))
 
 
 def load_best(run: Path) -> Tuple[Classifier, List[str]]:
-    """The best model of a finished run, ready for inference."""
-    from vlpl.config import load_config
-
-    cfg = load_config(TrainConfig, [Path(run) / "config.yaml"])
-    cfg.student.pretrained = False  # the run's weights replace them anyway
-    classes = (Path(run) / "classes.txt").read_text().splitlines()
-    model = create_classifier(cfg.student, len(classes))
-    model.load_state_dict(torch.load(Path(run) / "best" / "model.pt", map_location="cpu", weights_only=True))
-    return model.eval(), classes
+    """The best model of a finished run, rebuilt from best/ alone (no pickle, nothing imported by name
+    from the files), in eval mode, with its class names."""
+    model = load_model(Path(run) / "best")
+    return model.eval(), list(model.context.names)

@@ -1,0 +1,137 @@
+"""THE training step: :func:`train_step`, used by ``run_train``, ``benchmarks/train_throughput.py`` and the tests.
+
+One call = one micro-batch: pseudo-labels of the global batch from the cached scores (the rule runs on the
+whole global batch in every process, so the dynamic flip draws are those of a 1-process run; each process
+keeps its slice), the forward pass under autocast, the loss, the backward pass, and - at the end of an
+accumulation group - the loss's own gradient averaging, the optimizer step and ``zero_grad``.
+
+Every random draw is a function of ``(seed, epoch, step)``: the rule's flip draws use a generator seeded
+from them, and the global torch RNG (dropout, stochastic depth) is re-seeded from them before the forward
+pass. A run resumed at any step therefore draws what an uninterrupted run draws.
+
+No host synchronisation happens here: the loss terms are returned as (detached) device tensors; the loop
+reads them every ``log_every`` steps.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager, Dict, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from vlpl.pseudolabel.rules import apply_rule
+from vlpl.registry import RULES, check_kwargs
+from vlpl.train.data import SEED_RULE, SEED_STEP, generator, mix_seed
+from vlpl.train.losses import LossBatch, SPMLLoss
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainBatch:
+    """One micro-batch of this process, and where it sits in the run.
+
+    ``images`` (b, 3, H, W) on the device; ``index`` (b,) positions of the samples in the training split;
+    ``flip`` (b,) bool, whether each image was mirrored (drawn by the data order, recorded so that a rule
+    can follow the student's augmentation); ``global_index`` (B,) positions of the whole global batch of
+    all processes (the rule runs on it; ``None``: this process's batch is the global batch); ``epoch``
+    (1-based) and ``step`` (the run's global micro-step, 0-based) seed the step's random draws;
+    ``sync``: this micro-batch ends a gradient-accumulation group (the optimizer steps).
+    """
+
+    images: torch.Tensor
+    index: torch.Tensor
+    flip: torch.Tensor
+    epoch: int
+    step: int
+    global_index: Optional[np.ndarray] = None
+    sync: bool = True
+
+
+@dataclass
+class StepOutput:
+    """What a step returns: ``terms`` (detached loss terms, device tensors; ``loss`` is the total),
+    ``pseudo`` (B, C) int8 pseudo-labels of the global batch (``None`` without a rule), ``global_index``
+    (B,) the global batch's positions, ``stepped`` whether the optimizer stepped."""
+
+    terms: Dict[str, torch.Tensor]
+    pseudo: Optional[torch.Tensor]
+    global_index: np.ndarray
+    stepped: bool
+
+
+@dataclass
+class StepState:
+    """The machinery a step needs, independent of accelerate (the benchmark uses the defaults).
+
+    ``autocast()``, ``backward(loss)`` and ``no_sync(model)`` default to plain torch; ``run_train`` passes
+    accelerate's (mixed precision, DDP gradient sync, fp16 loss scaling).
+    """
+
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    seed: int = 0
+    grad_accum: int = 1
+    num_processes: int = 1
+    process_index: int = 0
+    autocast: Callable[[], ContextManager[Any]] = nullcontext
+    backward: Callable[[torch.Tensor], None] = field(default=lambda loss: loss.backward())
+    no_sync: Callable[[nn.Module], ContextManager[Any]] = field(default=lambda model: nullcontext())
+
+
+class RuleRunner:
+    """A registered pseudo-label rule bound to its parameters and to the training split's cached scores.
+
+    ``scores(positions)`` returns ``(B, n_variants, n_views, C)`` float32 scores of those positions of the
+    training split (a store reader); ``observed`` is the split's ``(N, C)`` observed-label matrix.
+    """
+
+    def __init__(self, name: str, params: Dict[str, Any], dynamic: bool,
+                 scores: Callable[[np.ndarray], torch.Tensor], observed: torch.Tensor) -> None:
+        check_kwargs(RULES.get(name), params, f"pseudo-label rule {name!r}")
+        self.name, self.params, self.dynamic = name, dict(params), bool(dynamic)
+        self.scores, self.observed = scores, observed
+
+    def __call__(self, positions: np.ndarray, gen: Optional[torch.Generator]) -> torch.Tensor:
+        """(B, C) int8 pseudo-labels of the rows at ``positions``; ``gen`` draws the dynamic flip variants."""
+        pos = np.asarray(positions)
+        return apply_rule(self.name, self.scores(pos).float(), self.observed[torch.from_numpy(pos).long()],
+                          dynamic=self.dynamic, generator=gen, **self.params)
+
+
+def step_seed(seed: int, epoch: int, step: int) -> int:
+    """The seed of the global torch RNG for micro-step ``step`` of ``epoch`` (dropout and the like)."""
+    return mix_seed(seed, SEED_STEP, epoch, step)
+
+
+def train_step(batch: TrainBatch, model: nn.Module, loss: SPMLLoss, rule: Optional[RuleRunner],
+               state: StepState) -> StepOutput:
+    """One training micro-step (see the module docstring). ``model`` and ``loss`` must be in train mode."""
+    local = batch.index.detach().cpu().numpy()
+    global_index = local if batch.global_index is None else np.asarray(batch.global_index)
+    pseudo_all: Optional[torch.Tensor] = None
+    pseudo: Optional[torch.Tensor] = None
+    if rule is not None:
+        pseudo_all = rule(global_index, generator(state.seed, SEED_RULE, batch.epoch, batch.step))
+        b = len(local)
+        start = state.process_index * b if batch.global_index is not None else 0
+        pseudo = pseudo_all[start:start + b].to(state.device, non_blocking=True)
+    torch.manual_seed(step_seed(state.seed, batch.epoch, batch.step))
+    sync_ctx = nullcontext() if batch.sync else state.no_sync(model)
+    with sync_ctx:
+        with state.autocast():
+            logits = model(batch.images)
+        terms = loss(LossBatch(logits=logits.float(), index=batch.index.to(state.device, non_blocking=True),
+                               pseudo=pseudo))
+        total = terms["loss"] / state.grad_accum if state.grad_accum > 1 else terms["loss"]
+        state.backward(total)
+    if batch.sync:
+        loss.average_gradients()
+        state.optimizer.step()
+        state.optimizer.zero_grad(set_to_none=True)
+    return StepOutput(terms={k: v.detach() for k, v in terms.items()}, pseudo=pseudo_all,
+                      global_index=global_index, stepped=batch.sync)
