@@ -1,4 +1,9 @@
-"""``vlpl`` command line: parse, load the config, call the stage function. Nothing else lives here."""
+"""vlpl: multi-label image recognition from incomplete labels, with cached vision-language pseudo-labels.
+
+The command line only parses, loads and checks the configuration, then calls the stage function. A bad
+configuration (unknown key, wrong type, missing file, unknown or bad rule / loss parameter) is reported
+before torch or any model is imported.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,9 +11,66 @@ import json
 import logging
 import os
 import sys
-from typing import List, Optional
+from pathlib import Path
+from typing import Any, List, Optional
 
 log = logging.getLogger("vlpl")
+
+_TOP_EPILOG = """\
+stages:
+  pseudolabel   score every image and view with a frozen CLIP teacher into a score store (once, GPU)
+  train         train a classifier on a score store: observed labels + pseudo-labels from a rule, a loss
+  evaluate      mAP, F1 and pseudo-label quality of a run or a store: report.json, report.md, plots
+  inspect       summarise a score store (--verify: check every shard's hash)
+  run           several stages from one pipeline file (pipelines/*.yaml)
+  demo          the whole job on bundled photographs
+
+first command to try:
+  vlpl demo --offline        # tiny random models, no download: shows every stage (numbers mean nothing)
+  vlpl demo                  # the same with a real CLIP teacher (downloads its weights)
+
+then: vlpl COMMAND --help (examples for each command), vlpl train --list (methods, rules, losses).
+"""
+
+_PSEUDOLABEL_EPILOG = """\
+examples:
+  vlpl pseudolabel -c configs/datasets/coco256.yaml -c configs/models/tiny.yaml out=runs/coco256-store
+  vlpl pseudolabel -c datasets/coco2014 -c models/clip_vit_b16 data.root=/data/coco out=stores/coco-b16
+  vlpl pseudolabel ... views.grid=5 teacher.name=ViT-L-14-336 batch_size=64 data.max_samples=100
+  accelerate launch -m vlpl pseudolabel ...     # several GPUs: the processes split the shards
+
+keys: data.* (format, root, observed.*), teacher.* (backend, name, pretrained, templates), views.*
+(grid, flips), out, batch_size, shard_size, overwrite, max_failed_fraction. An interrupted run resumes.
+"""
+
+_TRAIN_EPILOG = """\
+examples:
+  vlpl train method=aevlp dataset=coco2014 store=stores/coco-b16 out=runs/aevlp-coco
+  vlpl train method=an -c configs/models/tiny_classifier.yaml store=runs/coco256-store out=runs/an epochs=3
+  vlpl train ... loss.params.q2=0.01 pseudo.params.eta=0.3 student.name=resnet50 batch_size=16
+  vlpl train ... loss.name=vlpl pseudo.rule=vlpl pseudo.params.threshold=0.3 resume=true
+  accelerate launch -m vlpl train ...           # several GPUs; batch_size stays the global batch
+
+keys: store, out, method, dataset, student.* (kind, name, pretrained, image_size, head), loss.name,
+loss.params.*, pseudo.rule, pseudo.params.*, optim.*, epochs, batch_size, resume. `vlpl train --list`
+shows every method, rule and loss with its parameters (also in docs/METHODS.md).
+"""
+
+_EVALUATE_EPILOG = """\
+examples:
+  vlpl evaluate run=runs/aevlp-coco store=stores/coco-b16     # a run (and its pseudo-labels' quality)
+  vlpl evaluate store=stores/coco-b16                          # a store alone: zero-shot and rules
+  vlpl evaluate store=stores/coco-b16 "rules={damp: {eta: 0.0}, topk: {k: 2}}"
+  vlpl evaluate --compare runs/aevlp-coco/eval runs/an/eval
+
+keys: run, store, split, out, rules (default: the run's own rule and parameters), thresholds, plots.
+"""
+
+_RUN_EPILOG = """\
+examples:
+  vlpl run pipelines/coco256_aevlp.yaml
+  vlpl run pipelines/coco_spml.yaml root=/data/coco work=runs/coco   # set the pipeline's vars
+"""
 
 
 def _setup_logging(verbose: int) -> None:
@@ -21,17 +83,36 @@ def _setup_logging(verbose: int) -> None:
     logging.getLogger("vlpl").setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+def _add_config_args(p: argparse.ArgumentParser, example: str) -> None:
     p.add_argument("--config", "-c", action="append", default=[], metavar="FILE",
                    help="YAML config (repeatable; later files win). Names are also looked up in configs/.")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. data.root=/data views.grid=5")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=f"dotted overrides, e.g. {example}")
+
+
+def _missing(what: str, path: Optional[str], hint: str = "") -> None:
+    """A ConfigError when ``path`` (a config value) does not exist: found before any heavy import."""
+    from vlpl.config import ConfigError
+
+    if path is not None and not Path(os.path.expanduser(path)).exists():
+        raise ConfigError(f"{what}: {path!r} does not exist{hint}")
+
+
+def _check_store(key: str, path: Optional[str]) -> None:
+    from vlpl.config import ConfigError
+
+    _missing(key, path, "; build a score store with `vlpl pseudolabel`")
+    if path is not None and not (Path(os.path.expanduser(path)) / "manifest.json").is_file():
+        raise ConfigError(f"{key}: {path!r} is not a score store (no manifest.json in it); "
+                          f"build one with `vlpl pseudolabel`")
 
 
 def cmd_pseudolabel(args: argparse.Namespace) -> int:
     from vlpl.config import PseudolabelConfig, load_config
-    from vlpl.pseudolabel.stage import run_pseudolabel
 
     cfg = load_config(PseudolabelConfig, args.config, args.overrides)
+    _missing("data.root", cfg.data.root)
+    from vlpl.pseudolabel.stage import run_pseudolabel
+
     out = run_pseudolabel(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         from vlpl.store.inspect import format_summary, summarize
@@ -41,45 +122,54 @@ def cmd_pseudolabel(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    _check_store("store", args.store)
     from vlpl.store.inspect import format_summary, summarize
 
     s = summarize(args.store)
-    print(json.dumps(s, indent=2) if args.json else format_summary(s))
+    if args.verify:
+        from vlpl.store.store import ScoreStore
+
+        s["verify"] = ScoreStore(Path(args.store), require_complete=False).verify()
+    print(json.dumps(s, indent=2, default=str) if args.json else format_summary(s))
+    if args.verify and not args.json:
+        v = s["verify"]
+        print(f"verify: {v['shards']} shard(s), {v['bytes']} bytes: every sha256 and page checksum matches")
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     if args.list:
-        from vlpl.registry import list_losses, list_rules
-        from vlpl.train.losses import loss_defaults, loss_description
-        from vlpl.train.recipes import list_methods
+        from vlpl.catalog import format_catalog
 
-        print("methods (configs/methods, with per-dataset rows): " + ", ".join(list_methods()))
-        print("pseudo-label rules: " + ", ".join(list_rules()))
-        print("losses:")
-        for name in list_losses():
-            print(f"  {name:8s} {loss_description(name)}\n           defaults: {loss_defaults(name)}")
+        print(format_catalog(markdown=args.markdown), end="")
         return 0
-    from vlpl.train.loop import run_train
     from vlpl.train.recipes import load_train_config
 
     cfg = load_train_config(args.config, args.overrides)
+    _check_store("store", cfg.store)
+    _missing("data_root", cfg.data_root)
+    from vlpl.train.loop import run_train
+
     run_train(cfg)
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from vlpl.eval.stage import compare_runs, run_evaluate
+    """Evaluate, then print a short summary (headline, pseudo-label quality, in percent) and where the
+    full report is; ``--compare`` prints one table across reports. The config is read before the stage
+    (and torch) is imported, so a config error comes at once; ``--compare`` never imports torch."""
+    from vlpl.eval.report import compare_table, load_report, summary_text
 
     if args.compare:
-        print(compare_runs(args.compare))
+        print(compare_table([load_report(p) for p in args.compare]), end="")
         return 0
     from vlpl.config import EvaluateConfig, load_config
 
     cfg = load_config(EvaluateConfig, args.config, args.overrides)
+    from vlpl.eval.stage import run_evaluate
+
     out = run_evaluate(cfg)
-    print((out / "report.md").read_text())
-    print(f"report: {out / 'report.md'}  {out / 'report.json'}  plots: {out / 'plots'}")
+    print(summary_text(load_report(out / "report.json"), out), end="")
     return 0
 
 
@@ -97,41 +187,65 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _precheck(args: argparse.Namespace) -> None:
+    """Checks that must come before a command imports its stage (and torch): evaluate's config."""
+    if args.command == "evaluate" and not getattr(args, "compare", None):
+        from vlpl.config import EvaluateConfig, load_config
+
+        cfg = load_config(EvaluateConfig, args.config, args.overrides)
+        _missing("run", cfg.run)
+        _missing("store", cfg.store)
+    elif args.command == "run":
+        _missing("pipeline", args.pipeline)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from vlpl import __version__
 
-    parser = argparse.ArgumentParser(prog="vlpl", description=__doc__.splitlines()[0] if __doc__ else None)
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="vlpl", description=__doc__.splitlines()[0] if __doc__ else None,
+                                     epilog=_TOP_EPILOG, formatter_class=fmt)
     parser.add_argument("--version", action="version", version=f"vlpl {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0)
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="import MODULE first: it may register losses, rules or heads (repeatable; "
+                             "entry points in the 'vlpl.plugins' group are loaded too)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("pseudolabel", help="score every image and view with a frozen VLM into a score store")
-    _add_config_args(p)
+    def add(name: str, help: str, epilog: Optional[str] = None, description: Optional[str] = None) -> Any:
+        return sub.add_parser(name, help=help, description=description or help, epilog=epilog,
+                              formatter_class=fmt, parents=[common])
+
+    p = add("pseudolabel", "score every image and view with a frozen VLM into a score store", _PSEUDOLABEL_EPILOG)
+    _add_config_args(p, "data.root=/data views.grid=5 out=STORE")
     p.set_defaults(func=cmd_pseudolabel)
 
-    p = sub.add_parser("inspect", help="summarise a score store")
+    p = add("inspect", "summarise a score store", "example:\n  vlpl inspect runs/coco256-store --verify\n")
     p.add_argument("store")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--verify", action="store_true", help="check every shard's sha256 and page checksums")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("train", help="train a classifier on a score store (plain or under accelerate launch)",
-                       description="e.g. vlpl train method=aevlp dataset=coco2014 store=STORE out=RUN")
-    _add_config_args(p)
-    p.add_argument("--list", action="store_true", help="list methods, pseudo-label rules and losses")
+    p = add("train", "train a classifier on a score store (plain or under accelerate launch)", _TRAIN_EPILOG)
+    _add_config_args(p, "store=STORE out=RUN method=aevlp dataset=coco2014 loss.params.q2=0.01")
+    p.add_argument("--list", action="store_true",
+                   help="list methods, pseudo-label rules, losses and heads with their parameters")
+    p.add_argument("--markdown", action="store_true", help="with --list: Markdown (the text of docs/METHODS.md)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="mAP, F1, pseudo-label quality: report.json, report.md and plots",
-                       description="e.g. vlpl evaluate run=RUN store=STORE; vlpl evaluate --compare RUN1 RUN2")
-    _add_config_args(p)
+    p = add("evaluate", "mAP, F1, pseudo-label quality: report.json, report.md and plots", _EVALUATE_EPILOG)
+    _add_config_args(p, "run=RUN store=STORE split=test")
     p.add_argument("--compare", nargs="+", metavar="RUN", help="one table across runs / eval folders")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("run", help="run a multi-stage pipeline (pipelines/*.yaml)")
+    p = add("run", "run a multi-stage pipeline (pipelines/*.yaml)", _RUN_EPILOG)
     p.add_argument("pipeline")
     p.add_argument("overrides", nargs="*", metavar="VAR=VALUE", help="set the pipeline's vars")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("demo", help="pseudolabel -> train -> evaluate on an embedded default (skimage photos)")
+    p = add("demo", "pseudolabel -> train -> evaluate on an embedded default (skimage photos)",
+            "examples:\n  vlpl demo --offline\n  vlpl demo --out runs/demo --epochs 6\n")
     p.add_argument("--offline", action="store_true", help="use tiny random models (no download; numbers meaningless)")
     p.add_argument("--out", default=None, help="output folder (default runs/demo)")
     p.add_argument("--epochs", type=int, default=6)
@@ -139,13 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _known_errors() -> tuple:
+def _is_known_error(e: BaseException) -> bool:
+    """An error whose message is the whole story (a bad input, named): vlpl's own error classes, and the
+    plain file / value errors. Checked without importing any module that is not loaded already."""
     from vlpl.config import ConfigError
-    from vlpl.data.records import ImageLoadError
     from vlpl.registry import RegistryError
-    from vlpl.store.store import StoreError
 
-    return (ConfigError, StoreError, RegistryError, ImageLoadError, FileNotFoundError, ValueError)
+    if isinstance(e, (ConfigError, RegistryError, FileNotFoundError, PermissionError, ValueError)):
+        return True
+    return any((getattr(c, "__module__", "") or "").startswith("vlpl.") for c in type(e).__mro__)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -160,8 +276,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if getattr(args, "markdown", False) and not getattr(args, "list", False):
+        parser.error("--markdown goes with --list")
     _setup_logging(args.verbose)
     try:
+        from vlpl.plugins import load_plugins
+
+        load_plugins(args.plugin)
+        _precheck(args)
         return int(args.func(args) or 0)
     except BrokenPipeError:  # e.g. `vlpl train --list | head`
         sys.stderr.close()
@@ -169,11 +291,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("vlpl: interrupted; completed shards/checkpoints are kept, re-run to resume", file=sys.stderr)
         return 130
-    except _known_errors() as e:
-        if args.verbose:
+    except Exception as e:
+        if args.verbose or not _is_known_error(e):
             raise
         print(f"vlpl {args.command}: error: {e}", file=sys.stderr)
         return 2
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -407,6 +407,10 @@ def _build(cls: Type[T], data: Dict[str, Any], sources: Dict[str, str], prefix: 
         key = f"{prefix}{k}"
         if k not in fields:
             src = sources.get(key, "the configuration")
+            if not prefix and k in ("plugins", "plugin"):
+                raise ConfigError(f"{key!r} in {src}: plugins are never loaded from a configuration (a file may come from "
+                                  f"anyone); pass --plugin MODULE on the command line, or install an entry "
+                                  f"point in the 'vlpl.plugins' group")
             raise ConfigError(
                 f"unknown key {key!r} in {src}; expected one of: {', '.join(sorted(fields))}"
             )
@@ -552,16 +556,68 @@ def load_config(
         sources.update(s)
         data = deep_merge(data, _apply_renames(cls, d, sources, ""))
     renamed: Dict[str, str] = getattr(cls, "RENAMED", {})
+    heads: Dict[str, str] = {}  # top-level key -> the first override that set it
     for o in overrides:
         key, value = parse_override(o)
         head, _, rest = key.partition(".")
+        heads.setdefault(head, o)
         if head in renamed:
+            if renamed[head] in heads:
+                raise ConfigError(f"both {head!r} (deprecated, in the override {o!r}) and {renamed[head]!r} (in the "
+                                  f"override {heads[renamed[head]]!r}) are set; use only {renamed[head]!r}")
             log.warning("config key %r (in the override %r) is deprecated: it is now %r", head, o, renamed[head])
             key = renamed[head] + (f".{rest}" if rest else "")
+        elif head in renamed.values():
+            old = next(k for k, v in renamed.items() if v == head)
+            if old in heads:
+                raise ConfigError(f"both {old!r} (deprecated, in the override {heads[old]!r}) and {head!r} (in the "
+                                  f"override {o!r}) are set; use only {head!r}")
         _set_dotted(data, key, value)
         sources[key] = f"the override {o!r}"
         _record_sources(value, f"the override {o!r}", sources, f"{key}.")
-    return _build(cls, data, sources)
+    cfg = _build(cls, data, sources)
+    check_entries(cfg, sources)
+    return cfg
+
+
+def check_entries(cfg: Any, sources: Optional[Dict[str, str]] = None) -> None:
+    """Check the registered names and parameters a stage config uses (``loss``, ``pseudo``, evaluate's
+    ``rules``, a head with a known schema) through their parameter schemas, without importing torch.
+
+    ``load_config`` calls this; ``sources`` (dotted key -> file / override) lets the errors say where a
+    value came from. Raises a :class:`ConfigError` naming the key (an unknown name or option is also a
+    :class:`vlpl.registry.RegistryError`).
+    """
+    from vlpl.params import UnknownNameError
+    from vlpl.registry import HEADS, LOSSES, RULES
+
+    srcs = sources or {}
+
+    def schema(registry: Any, name: str, key: str) -> Any:
+        try:
+            return registry.schema(name)
+        except UnknownNameError as e:
+            where = srcs.get(key)
+            raise UnknownNameError(f"{key}: {e}" + (f" (from {where})" if where else "")) from None
+
+    if isinstance(cfg, TrainConfig):
+        loss = schema(LOSSES, cfg.loss.name, "loss.name")
+        loss.from_dict(cfg.loss.params, where="loss.params", sources=srcs, what=f"loss {cfg.loss.name!r}")
+        if cfg.pseudo.rule is not None:
+            rule = schema(RULES, cfg.pseudo.rule, "pseudo.rule")
+            rule.from_dict(cfg.pseudo.params, where="pseudo.params", sources=srcs,
+                           what=f"pseudo-label rule {cfg.pseudo.rule!r}")
+        elif getattr(loss, "requires_pseudo", False):
+            raise ConfigError(f"loss {cfg.loss.name!r} needs pseudo-labels: set pseudo.rule (e.g. damp; "
+                              f"see vlpl train --list)")
+        head = cfg.student.head
+        if head.name in HEADS.schema_names():  # a head whose schema is known without importing it (plugins)
+            HEADS.schema(head.name).from_dict(head.params, where="student.head.params", sources=srcs,
+                                              what=f"head {head.name!r}")
+    elif isinstance(cfg, EvaluateConfig):
+        for name, values in (cfg.rules or {}).items():
+            schema(RULES, name, f"rules.{name}").from_dict(values, where=f"rules.{name}", sources=srcs,
+                                                           what=f"pseudo-label rule {name!r}")
 
 
 def to_dict(cfg: Any) -> Dict[str, Any]:

@@ -257,7 +257,9 @@ class Params:
         if cls.summary:
             return cls.summary
         doc = inspect.getdoc(cls) or ""
-        return doc.splitlines()[0] if doc and cls.__doc__ is not Params.__doc__ else ""
+        if not doc or cls.__doc__ is Params.__doc__ or doc.startswith(f"{cls.__name__}("):  # dataclass's own
+            return ""
+        return doc.splitlines()[0]
 
 
 def schema_from_signature(fn: Callable[..., Any], name: str, skip: int = 0,
