@@ -448,8 +448,9 @@ def summary_text(report: Dict[str, Any], out_dir: Optional[str | Path] = None) -
     Every metric is in percent and labelled so.
     """
     rows = report.get("headline") or []
+    n_classes = len(report.get("classes") or [])
     out = [f"vlpl evaluate: {report.get('name')}, split {report.get('split')}, "
-           f"{len(report.get('classes') or [])} classes"]
+           f"{n_classes} class{'' if n_classes == 1 else 'es'}"]
     notice = random_model_notice(report)
     if notice:
         out += ["", "NOTE: " + notice, ""]
