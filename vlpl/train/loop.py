@@ -42,10 +42,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from vlpl.config import ConfigError, TrainConfig, save_resolved, to_dict, yaml_load
+from vlpl.data.images import ImageDataset, ImageSource
 from vlpl.eval.metrics import mean_average_precision
 from vlpl.progress import progress as progress_bar
 from vlpl.store.atomic import atomic_path, atomic_write_json, atomic_write_text
-from vlpl.store.store import IDENTITY_KEYS, ScoreStore
+from vlpl.store.store import IDENTITY_KEYS, ScoreStore, SplitReader
 from vlpl.train.checkpoint import (
     CheckpointContent,
     fault_point,
@@ -56,7 +57,7 @@ from vlpl.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from vlpl.train.data import EpochOrder, FlippedRows, ImageRows, SplitData, image_transform, load_split
+from vlpl.train.data import EpochOrder, FlippedRows, image_transform
 from vlpl.train.flops import forward_flops, peak_flops
 from vlpl.train.losses import SPMLLoss, create_loss
 from vlpl.train.model import ClassContext, Classifier, create_classifier
@@ -135,8 +136,8 @@ class Run:
     accelerator: Any
     out: Path
     store: ScoreStore
-    train: SplitData
-    evals: Dict[str, SplitData]
+    train: SplitReader
+    evals: Dict[str, SplitReader]
     model: torch.nn.Module
     loss: SPMLLoss
     rule: Optional[RuleRunner]
@@ -297,31 +298,30 @@ def setup(cfg: TrainConfig) -> Run:
     if cfg.resume and held:
         _check_resume(cfg, out, ident)
         content = load_latest(ckdir)  # verified; foreign files refused unread
-    data_root = Path(cfg.data_root or store.manifest["dataset"]["root"])
-    if not data_root.is_dir():
-        raise FileNotFoundError(f"data_root {data_root} (images of the store {cfg.store}) does not exist; "
-                                f"set data_root=...")
+    images = ImageSource.from_store(store.dataset_info, cfg.data_root, cfg.images)
 
-    # ---- data ----------------------------------------------------------------------------------------
+    # ---- data: the store's read API (labels in memory, scores read per batch) ---------------------------
     use_rule = cfg.pseudo.rule is not None
-    arrays = store.arrays(("sample_id", "image", "split", "observed", "labels", "scores", "status"))
-    train = load_split(store, arrays, "train", with_scores=use_rule)
-    evals = {s: load_split(store, arrays, s, with_scores=False) for s in (cfg.val_split, cfg.test_split)}
+    train = store.split("train")
+    evals = {s: store.split(s) for s in (cfg.val_split, cfg.test_split) if s in store.splits()}
     evals = {s: d for s, d in evals.items() if len(d) and d.labels is not None}
-    del arrays
     if not len(train):
         raise ValueError(f"store {cfg.store} has no usable 'train' rows")
+    for s, counts in store.split_counts().items():
+        if counts["failed"] and (s == "train" or s in evals):
+            log.warning("%s: %d rows failed in the pseudolabel stage and are left out", s, counts["failed"])
     if cfg.val_split not in evals:
         log.warning("no labelled '%s' split: the last epoch is kept instead of the best by val mAP", cfg.val_split)
 
     # ---- model, loss, rule, optimizer ---------------------------------------------------------------
     set_seed(cfg.seed)
     model = create_classifier(cfg.student, ClassContext.from_store(store))
-    train_obs = torch.from_numpy(train.observed)
+    train_obs = torch.from_numpy(np.ascontiguousarray(train.observed))
     loss_fn = create_loss(cfg.loss.name, train_obs, **cfg.loss.params)
     if loss_fn.requires_pseudo and not use_rule:
         raise ConfigError(f"loss {cfg.loss.name!r} needs pseudo-labels: set pseudo.rule (e.g. damp)")
-    rule = RuleRunner(cfg.pseudo.rule, cfg.pseudo.params, cfg.pseudo.dynamic, train.batch_scores, train_obs) \
+    rule = RuleRunner(cfg.pseudo.rule, cfg.pseudo.params, cfg.pseudo.dynamic,
+                      lambda pos: torch.from_numpy(train.scores(pos)), train_obs) \
         if use_rule else None
     optimizer = create_optimizer(cfg.optim, model, loss_fn.param_groups(cfg.optim.lr))
     scheduler = create_scheduler(cfg.optim, optimizer, cfg.epochs)  # per epoch; not prepared: we step it
@@ -331,11 +331,11 @@ def setup(cfg: TrainConfig) -> Run:
     pin = accelerator.device.type == "cuda"
     order = EpochOrder(len(train), cfg.batch_size, cfg.seed, cfg.hflip, W, accelerator.process_index,
                        cfg.max_steps_per_epoch)
-    train_images = FlippedRows(ImageRows(data_root, train.images, tf))
-    eval_loaders = {s: DataLoader(ImageRows(data_root, d.images, tf), batch_size=cfg.eval_batch_size,
+    train_images = FlippedRows(ImageDataset(images, train.images, tf))
+    eval_loaders = {s: DataLoader(ImageDataset(images, d.images, tf), batch_size=cfg.eval_batch_size,
                                   shuffle=False, num_workers=cfg.num_workers, pin_memory=pin)
                     for s, d in evals.items()}
-    pass_loader = DataLoader(ImageRows(data_root, train.images, tf), batch_size=cfg.eval_batch_size, shuffle=False,
+    pass_loader = DataLoader(ImageDataset(images, train.images, tf), batch_size=cfg.eval_batch_size, shuffle=False,
                              num_workers=cfg.num_workers, pin_memory=pin) if loss_fn.needs_train_pass else None
     model, optimizer = accelerator.prepare(model, optimizer)
     eval_loaders = {s: accelerator.prepare(dl) for s, dl in eval_loaders.items()}
