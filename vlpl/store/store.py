@@ -261,8 +261,7 @@ class StoreWriter:
                 old = {}
             diffs = [k for k in IDENTITY_KEYS if old.get(k) != identity.get(k)]
             if diffs and not overwrite:
-                detail = "; ".join(f"{k}: store has {_short(old.get(k))}, run has {_short(identity.get(k))}"
-                                   for k in diffs)
+                detail = "; ".join(_differences(k, old.get(k), identity.get(k)) for k in diffs)
                 raise StoreError(
                     f"{self.root} was built with a different {', '.join(diffs)} ({detail}). Nothing was "
                     f"changed. Use another output directory, or overwrite=true to replace it."
@@ -358,6 +357,14 @@ class StoreWriter:
             raise StoreError(str(e)) from e
         self.close()
         return manifest
+
+
+def _differences(key: str, old: Any, new: Any) -> str:
+    """``key.sub: store has X, run has Y`` for each differing entry (nested dicts compared key by key)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        subs = [k for k in sorted(set(old) | set(new), key=str) if old.get(k) != new.get(k)]
+        return "; ".join(_differences(f"{key}.{k}", old.get(k), new.get(k)) for k in subs)
+    return f"{key}: store has {_short(old)}, run has {_short(new)}"
 
 
 def _short(v: Any, n: int = 80) -> str:
