@@ -121,47 +121,49 @@ def run_demo(out: Optional[str] = None, offline: bool = False, epochs: int = 6) 
                             rules={"damp": dict(DAMP), "vlpl": {}})
     run_evaluate(ev_cfg)
     print(_pseudo_label_table(store))
-    print(_headline(report_dir, run, models.real))
+    print(_headline(report_dir, run))
     return report_dir
 
 
 def _pseudo_label_table(store_root: Path, max_rows: int = 40) -> str:
+    """DAMP's pseudo-labels on the demo's training images, one line each, marked right or wrong."""
     from vlpl.pseudolabel.rules import apply_rule
     from vlpl.store.store import ScoreStore
 
-    st = ScoreStore(store_root)
-    a = st.arrays(("image", "split", "observed", "labels", "scores", "status"))
-    sel = np.nonzero((a["split"] == "train") & (a["status"] == "ok"))[0]
-    scores = torch.from_numpy(a["scores"][sel].astype(np.float32)).view(len(sel), st.n_variants, st.n_views, -1)
-    obs = torch.from_numpy(a["observed"][sel])
-    pseudo = apply_rule("damp", scores, obs, dynamic=False, **DAMP).numpy()
-    cls = st.classes
+    train = ScoreStore(store_root).split("train")  # status-ok rows only
+    cls = train.store.classes
+    n = min(len(train), max_rows)
+    pos = np.arange(n)
+    scores = torch.from_numpy(train.scores(pos))  # (n, n_variants, n_views, C)
+    observed = train.observed[:n]
+    pseudo = apply_rule("damp", scores, torch.from_numpy(observed), dynamic=False, **DAMP).numpy()
+    known, labels = train.known_labels()
+    truth = {int(i): set(cls[c] for c in np.nonzero(row)[0]) for i, row in zip(known, labels)}
     lines = ["", "DAMP pseudo-labels on the training images (observed = the one given label; "
              "pseudo = what DAMP adds; + correct, - wrong):",
              f"  {'image':28s} {'observed':10s} {'pseudo-positives':34s} true labels"]
-    for r, i in enumerate(sel[:max_rows]):
-        o = [cls[c] for c in np.nonzero(a["observed"][i] == 1)[0]]
-        true = set(cls[c] for c in np.nonzero(a["labels"][i] == 1)[0])
-        p = [cls[c] for c in np.nonzero((pseudo[r] == 1) & (a["observed"][i] == 0))[0]]
-        ps = " ".join(f"{c}{'+' if c in true else '-'}" for c in p) or "-"
-        lines.append(f"  {Path(a['image'][i]).name:28s} {','.join(o) or '-':10s} {ps:34s} {'|'.join(sorted(true))}")
+    for i in range(n):
+        o = [cls[c] for c in np.nonzero(observed[i] == 1)[0]]
+        true = truth.get(i)
+        p = [cls[c] for c in np.nonzero((pseudo[i] == 1) & (observed[i] == 0))[0]]
+        ps = " ".join(f"{c}{'?' if true is None else '+' if c in true else '-'}" for c in p) or "-"
+        lines.append(f"  {Path(train.images[i]).name:28s} {','.join(o) or '-':10s} {ps:34s} "
+                     f"{'|'.join(sorted(true)) if true is not None else 'unknown'}")
     return "\n".join(lines)
 
 
-def _headline(report_dir: Path, run: Path, real: bool) -> str:
-    rep = json.loads((report_dir / "report.json").read_text())
-    summary = json.loads((run / "summary.json").read_text())
-    lines = ["", "Results" + ("" if real else " (tiny random models: meaningless numbers)") + ":"]
-    lines.append(f"  trained classifier: best epoch {summary['best_epoch']}, val mAP {_f(summary['best_val_map'])}, "
-                 f"test mAP {_f(summary['test_map_at_best'])}")
-    for row in rep.get("headline", []):
-        lines.append(f"  {row.get('name', ''):34s} {row.get('kind', ''):10s} mAP {_f(row.get('map'))}"
-                     f"  CF1 {_f(row.get('CF1'), pct=True)}  OF1 {_f(row.get('OF1'), pct=True)}")
-    lines.append(f"  report: {report_dir / 'report.md'}  (JSON: {report_dir / 'report.json'}, plots: {report_dir / 'plots'})")
-    return "\n".join(lines)
+def _headline(report_dir: Path, run: Path) -> str:
+    """The trained classifier's best epoch and the evaluate summary (percent; the random-model notice
+    first when the teacher had random weights), with where the report is."""
+    from vlpl.eval.report import load_report, summary_text
+
+    summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
+    lines = ["", f"Trained classifier: best epoch {summary['best_epoch']} of {summary['epochs_run']}, "
+                 f"val mAP {_pct(summary.get('best_val_map'))} %, test mAP {_pct(summary.get('test_map_at_best'))} %",
+             ""]
+    return "\n".join(lines) + summary_text(load_report(report_dir / "report.json"), report_dir)
 
 
-def _f(v: Optional[float], pct: bool = False) -> str:
-    if v is None:
-        return "n/a"
-    return f"{100 * v:.1f}" if pct else f"{v:.2f}"
+def _pct(v: Optional[float]) -> str:
+    """A value already in percent (mAP), two decimals."""
+    return "n/a" if v is None else f"{v:.2f}"
