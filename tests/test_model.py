@@ -421,3 +421,59 @@ def test_scheduler_per_epoch_factors(kind, expected):
     np.testing.assert_allclose(got, expected, atol=1e-12)
     with pytest.raises(ConfigError, match="optim.scheduler"):
         create_scheduler(OptimConfig(scheduler="linear"), opt, epochs=3)
+
+
+def test_open_clip_tower_without_tokens_gives_pooled_only_and_token_heads_say_so(tmp_path):
+    import open_clip
+
+    tiny_rn = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16},
+               "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "vlpl-test-tiny-rn.json").write_text(json.dumps(tiny_rn))
+    open_clip.add_model_config(tmp_path / "cfg")
+    cfg = StudentConfig(kind="open_clip", name="vlpl-test-tiny-rn", pretrained=False, normalization="model")
+    model = create_classifier(cfg, _ctx()).eval()
+    x = _x()
+    with torch.no_grad():
+        out = model.features(x)
+        assert out.tokens is None and torch.equal(out.pooled, model.backbone.visual(x))
+        assert model(x).shape == (2, 5)
+    token_cfg = StudentConfig(**{**cfg.__dict__, "head": HeadConfig(name="_test_token_similarity")})
+    with pytest.raises(ValueError, match=r"reads the token map, but the backbone \(ModifiedResNet\) gives none"):
+        create_classifier(token_cfg, _ctx()).eval()(x)
+
+
+def test_open_clip_student_from_a_local_checkpoint_is_rebuilt_without_it(tmp_path):
+    """``open_clip_pretrained`` = a local file: loaded at creation; the saved model no longer needs it."""
+    import open_clip
+
+    from vlpl.vlm.backend import register_bundled_configs
+
+    register_bundled_configs()
+    torch.manual_seed(5)
+    ckpt = tmp_path / "tiny.pt"
+    torch.save(open_clip.create_model("vlpl-tiny").state_dict(), ckpt)
+    torch.manual_seed(5)
+    want = open_clip.create_model("vlpl-tiny").visual.eval()
+    cfg = StudentConfig(**{**CLIP.__dict__, "open_clip_pretrained": str(ckpt)})
+    torch.manual_seed(99)  # another random init: only the checkpoint can make the weights equal
+    model = create_classifier(cfg, _ctx()).eval()
+    x = _x()
+    with torch.no_grad():
+        assert torch.equal(model.features(x).pooled, want(x))
+    save_model(tmp_path / "m", model, cfg)
+    ckpt.unlink()
+    loaded = load_model(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "model.json").read_text())["student"]["open_clip_pretrained"] == str(ckpt)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_save_refuses_a_context_other_than_the_heads(tmp_path):
+    cfg = StudentConfig(**{**CLIP.__dict__, "head": HeadConfig(text_embeddings="student")})
+    store_ctx = _ctx()
+    model = create_classifier(cfg, store_ctx)
+    with pytest.raises(ValueError, match="differs from the one the head was built with"):
+        save_model(tmp_path, model, cfg, store_ctx)  # the store's embeddings, not the student's
+    save_model(tmp_path, model, cfg, ClassContext(list(NAMES), model.context.text_embeddings.copy()))
+    assert np.array_equal(np.load(tmp_path / "text_embeddings.npy"), model.context.text_embeddings)

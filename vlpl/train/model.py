@@ -309,7 +309,13 @@ class Classifier(nn.Module):
         return self.backbone(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x, with_tokens=bool(getattr(self.head, "uses_tokens", True))))
+        wants = getattr(self.head, "uses_tokens", None)
+        out = self.backbone(x, with_tokens=wants is not False)
+        if wants is True and out.tokens is None:
+            inner = getattr(self.backbone, "visual", getattr(self.backbone, "model", self.backbone))
+            raise ValueError(f"head {type(self.head).__name__} reads the token map, but the backbone "
+                             f"({type(inner).__name__}) gives none: use a ViT or CNN backbone")
+        return self.head(out)
 
     def backbone_parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.backbone.parameters() if p.requires_grad)

@@ -78,18 +78,24 @@ def save_model(directory: Union[str, Path], model: Classifier, cfg: StudentConfi
                state_dict: Optional[Dict[str, torch.Tensor]] = None) -> Path:
     """Write ``model`` to ``directory`` (created if needed) as described in the module docstring.
 
-    ``context``: the class context to save; default (and normally) ``model.context``, the one the head was
-    built with (with ``head.text_embeddings: student`` that holds the student's own embeddings, not the
-    store's). ``state_dict``: the weights to write instead of ``model.state_dict()`` (e.g.
+    ``context``: the class context to save; it must be the one the head was built with, ``model.context``
+    (the default; with ``head.text_embeddings: student`` it holds the student's own embeddings, not the
+    store's), and a different one is refused. ``state_dict``: the weights to write instead of ``model.state_dict()`` (e.g.
     ``accelerator.get_state_dict(model)`` under FSDP). Returns the directory.
     """
     import vlpl
 
     d = Path(directory)
-    ctx = context if context is not None else model.context
-    if ctx.num_classes != model.num_classes:
-        raise ValueError(f"save_model: the class context has {ctx.num_classes} classes, the model "
-                         f"{model.num_classes}")
+    ctx = model.context
+    if context is not None and context is not ctx:
+        same = context.names == ctx.names and (
+            (context.text_embeddings is None and ctx.text_embeddings is None)
+            or (context.text_embeddings is not None and ctx.text_embeddings is not None
+                and np.array_equal(context.text_embeddings, ctx.text_embeddings)))
+        if not same:
+            raise ValueError("save_model: the class context given differs from the one the head was built with "
+                             "(model.context; with head.text_embeddings=student it holds the student's own "
+                             "embeddings): pass model.context or nothing")
     bad = [n for n in ctx.names if "\n" in n or "\r" in n or n != n.strip() or not n]
     if bad:
         raise ValueError(f"save_model: class names must be non-empty single lines without surrounding "
