@@ -18,7 +18,6 @@ Outputs in ``cfg.out`` (default ``<run>/eval``, else ``<store>/eval``): ``report
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import logging
 from pathlib import Path
@@ -42,8 +41,8 @@ from vlpl.eval.report import (
     render_markdown,
     utc_now,
 )
+from vlpl.pseudolabel.params import TEMP, rule_params
 from vlpl.pseudolabel.rules import aggregate_scores, apply_rule, damp_scores
-from vlpl.registry import RULES, RegistryError, check_kwargs
 from vlpl.store.atomic import atomic_write_json, atomic_write_text
 from vlpl.store.store import STATUS_OK, ScoreStore
 
@@ -51,8 +50,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["run_evaluate", "compare_runs", "evaluate_predictions", "load_predictions"]
 
-_DAMP_DEFAULTS = {k: inspect.signature(damp_scores).parameters[k].default for k in ("temp", "eta")}
-_ZS_TEMP = float(inspect.signature(aggregate_scores).parameters["temp"].default)
+_ZS_TEMP = TEMP  # the rules' softmax temperature (vlpl.pseudolabel.params)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -201,16 +199,13 @@ def _evaluate_run(run: Path, cfg: EvaluateConfig) -> Tuple[Dict[str, Any], Dict[
 
 def _check_rules(rules: Dict[str, Dict[str, Any]]) -> None:
     for name, kwargs in rules.items():
-        try:
-            check_kwargs(RULES.get(name), kwargs or {}, f"rule {name!r}")
-        except RegistryError as e:
-            raise ConfigError(f"rules.{name}: {e}") from None
+        rule_params(name, kwargs or {}, where=f"rules.{name}")  # names the key, the option and the value
 
 
 def _damp_params(cfg: EvaluateConfig) -> Dict[str, float]:
     """DAMP's temp / eta: the defaults, or those given to the ``damp`` rule in ``cfg.rules``."""
-    opts = (cfg.rules or {}).get("damp") or {}
-    return {k: float(opts.get(k, v)) for k, v in _DAMP_DEFAULTS.items()}
+    p = rule_params("damp", (cfg.rules or {}).get("damp") or {}, where="rules.damp")
+    return {"temp": p.temp, "eta": p.eta}
 
 
 class _Collector:
