@@ -63,6 +63,28 @@ def test_timm_vit_tokens_are_patch_tokens_after_the_final_norm():
     assert torch.equal(out.pooled, seq[:, 0])  # test_vit pools the class token
 
 
+def test_timm_heads_that_norm_after_pooling_norm_the_tokens_too():
+    """ConvNeXt-style heads (pool -> LayerNorm) and avg-pooled ViTs (fc_norm): tokens get the same norm."""
+    import timm
+
+    from vlpl.train.model import TimmBackbone
+
+    x = _x()
+    cnx = TimmBackbone(timm.create_model("test_convnext", pretrained=False, num_classes=0), (0.5,) * 3, (0.5,) * 3)
+    vit = TimmBackbone(timm.create_model("test_vit", pretrained=False, num_classes=0, global_pool="avg"),
+                       (0.5,) * 3, (0.5,) * 3)
+    with torch.no_grad():
+        out = cnx.eval()(x)
+        fmap = cnx.model.forward_features(x)
+        torch.testing.assert_close(out.tokens, cnx.model.head.norm(fmap).flatten(2).transpose(1, 2), rtol=0, atol=0)
+        torch.testing.assert_close(out.pooled, cnx.model.head.norm(fmap.mean((2, 3), keepdim=True)).flatten(1))
+        out = vit.eval()(x)
+        seq = vit.model.forward_features(x)  # norm is Identity here: the model norms after pooling
+        assert isinstance(vit.model.norm, nn.Identity)
+        assert torch.equal(out.tokens, vit.model.fc_norm(seq[:, 1:]))
+        torch.testing.assert_close(out.pooled, vit.model.fc_norm(seq[:, 1:].mean(1)))
+
+
 def test_open_clip_tokens_are_projected_like_the_pooled_feature():
     torch.manual_seed(0)
     model = create_classifier(CLIP, _ctx()).eval()
