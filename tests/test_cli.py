@@ -322,3 +322,20 @@ def test_bad_plugins_are_named(plugin_dir):
         "from vlpl.registry import RULES\n\n@RULES.register('damp')\ndef damp(scores, observed):\n    return None\n")
     res = _probe(["train", "--plugin", "clash_plugin", "--list"], pythonpath=plugin_dir)
     assert res["rc"] == 2 and "'damp' is a built-in pseudo-label rule" in res["stderr"], res
+
+
+def test_config_and_schema_modules_import_without_torch():
+    code = textwrap.dedent("""
+        import sys
+        import vlpl.catalog, vlpl.config, vlpl.plugins, vlpl.registry, vlpl.train.recipes
+        from vlpl.pseudolabel.params import rule_params
+        from vlpl.registry import list_losses, list_rules
+        from vlpl.train.loss_params import loss_params
+        assert list_rules() == ["damp", "threshold", "topk", "vlpl"], list_rules()
+        assert "gpr" in list_losses() and loss_params("gpr", {"q2": 0.02}).q2 == 0.02
+        assert rule_params("damp", {"eta": 0}).eta == 0.0
+        heavy = [m for m in ("torch", "numpy", "timm", "open_clip", "pyarrow") if m in sys.modules]
+        assert not heavy, heavy
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 0, r.stderr

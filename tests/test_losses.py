@@ -598,6 +598,42 @@ def test_unknown_kwarg_is_named():
         create_loss("gpr", OBS, lamda1=0.3)
 
 
+def test_loss_defaults_have_one_home_the_schema():
+    """Every loss constructor's defaults are its schema's (vlpl/train/loss_params.py), and the schema
+    (not the constructor) is what the config check, --list and docs read."""
+    import inspect
+
+    from vlpl.train.loss_params import loss_params
+
+    for name in ALL:
+        sig = inspect.signature(LOSSES.get(name).__init__)
+        defaults = {k: (list(p.default) if isinstance(p.default, tuple) else p.default)
+                    for k, p in sig.parameters.items() if p.default is not p.empty}
+        assert defaults == loss_params(name).to_dict() == loss_defaults(name), name
+        assert LOSSES.get(name).requires_pseudo == LOSSES.schema(name).requires_pseudo, name
+
+
+@pytest.mark.parametrize("name, hparams, message", [
+    ("gpr", {"lambda1": 0.4, "lambda2": 0.5}, r"lambda2: must not exceed lambda1 \(0.4\); got 0.5"),
+    ("gpr", {"beta": [0, 10, -2]}, r"beta: needs 4 values; got 3"),
+    ("gr", {"alpha": [0.5, 2.0, 0.8, 0.0]}, r"alpha: sigma0 and sigmaT"),
+    ("gr", {"q2": 0.0}, r"q2: must be > 0; got 0.0"),
+    ("ll_r", {"delta_rel": -0.1}, r"delta_rel: must be in \[0, 1\]; got -0.1"),
+    ("an_ls", {"label_smoothing": 1.5}, r"label_smoothing: must be in \[0, 1\]"),
+    ("em_apl", {"warmup_epoch": 2.5}, r"warmup_epoch: expected int, got 2.5"),
+    ("ll_cp", {"released_is_bug": "yes"}, r"released_is_bug: expected bool"),
+    ("vlpl", {"pseudo_pos_target": -0.1}, r"pseudo_pos_target: must be in \[0, 1\]"),
+])
+def test_bad_loss_values_are_named(name, hparams, message):
+    with pytest.raises(ValueError, match=rf"loss '{name}': {message}"):
+        create_loss(name, OBS, **hparams)
+
+
+def test_loss_values_are_coerced_by_the_schema():
+    loss = create_loss("gpr", OBS, beta=[0, 2, -2, -2], q3=2)  # YAML gives lists and ints
+    assert loss.beta == (0.0, 2.0, -2.0, -2.0) and loss.q3 == 2.0
+
+
 def test_state_dict_round_trip():
     role = create_loss("role", OBS, seed=0)
     with torch.no_grad():

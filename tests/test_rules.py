@@ -231,3 +231,77 @@ def test_apply_rule_and_unknown_options() -> None:
     with pytest.raises(RegistryError):
         apply_rule("no_such_rule", full, OBSERVED)
     assert {"damp", "vlpl", "threshold", "topk"} <= set(RULES.names())
+
+
+# --------------------------------------------------------------------------------------------
+# parameters: one home (vlpl.pseudolabel.params), validated with clear messages
+# --------------------------------------------------------------------------------------------
+def test_rule_defaults_come_from_their_schemas() -> None:
+    import inspect
+
+    from vlpl.pseudolabel.params import TEMP, rule_params
+
+    for name in ("damp", "vlpl", "threshold", "topk"):
+        sig = inspect.signature(RULES.get(name))
+        defaults = {k: p.default for k, p in sig.parameters.items() if p.default is not p.empty}
+        assert defaults == rule_params(name).to_dict(), name
+    sig = inspect.signature(damp_scores).parameters
+    assert (sig["temp"].default, sig["eta"].default) == (0.01, 0.3) == (rule_params("damp").temp, rule_params("damp").eta)
+    assert inspect.signature(aggregate_scores).parameters["temp"].default == TEMP == 0.01
+    # the published (AEVLP COCO / VLPL) defaults
+    assert rule_params("damp").to_dict() == {"temp": 0.01, "eta": 0.3, "threshold": 0.5, "top_k": 3,
+                                             "negative_ratio": 0.3, "negatives": "neutral"}
+    assert rule_params("vlpl").to_dict() == {"temp": 0.01, "threshold": 0.3, "negative_ratio": 0.0}
+
+
+@pytest.mark.parametrize("name, values, message", [
+    ("damp", {"temp": 0}, r"temp: must be > 0; got 0"),
+    ("damp", {"eta": -0.1}, r"eta: must be in \[0, 1\]; got -0.1"),
+    ("damp", {"negative_ratio": 1.01}, r"negative_ratio: must be in \[0, 1\]; got 1.01"),
+    ("damp", {"top_k": -1}, r"top_k: must be >= 0; got -1"),
+    ("damp", {"top_k": 1.5}, r"top_k: expected int, got 1.5"),
+    ("damp", {"negatives": "ignore"}, r"negatives: must be one of 'neutral', 'pseudo'; got 'ignore'"),
+    ("vlpl", {"threshold": 2}, r"threshold: must be in \[0, 1\]; got 2"),
+    ("threshold", {"view": "min"}, r"view: must be one of 'global', 'mean', 'max'"),
+    ("threshold", {"score": "cosine", "threshold": -1.5}, r"threshold: must be in \[-1, 1\] for score=cosine"),
+    ("topk", {"score": "logit"}, r"score: must be one of 'softmax', 'cosine'"),
+])
+def test_bad_rule_values_are_named(name, values, message) -> None:
+    from vlpl.config import ConfigError
+    from vlpl.pseudolabel.params import rule_params
+
+    with pytest.raises(ConfigError, match=rf"^pseudo\.params\.{message}.*\(pseudo-label rule '{name}'"):
+        rule_params(name, values, where="pseudo.params")
+    full = torch.stack([_cosines(), _cosines()], dim=1)
+    with pytest.raises(ValueError, match=message):  # the same check on the training path
+        apply_rule(name, full, OBSERVED, dynamic=False, **values)
+
+
+def test_cosine_threshold_may_be_negative() -> None:
+    from vlpl.pseudolabel.params import rule_params
+    from vlpl.pseudolabel.rules import threshold
+
+    assert rule_params("threshold", {"score": "cosine", "threshold": -0.5}).threshold == -0.5
+    out = threshold(_cosines(), OBSERVED, score="cosine", threshold=-1.0)  # every cosine >= -1
+    assert bool((out == 1).all())
+
+
+def test_bad_options_fail_before_any_random_draw() -> None:
+    full = torch.stack([_cosines(), _cosines()], dim=1)
+    gen = torch.Generator().manual_seed(3)
+    state = gen.get_state().clone()
+    for bad in ({"temp": -1.0}, {"bogus": 1}, {"top_k": "3"}):
+        with pytest.raises((ValueError, RegistryError)):
+            apply_rule("damp", full, OBSERVED, dynamic=True, generator=gen, **bad)
+        assert torch.equal(gen.get_state(), state), bad
+
+
+def test_direct_rule_calls_validate_too() -> None:
+    with pytest.raises(ValueError, match="negative_ratio: must be in"):
+        damp(_cosines(), OBSERVED, negative_ratio=2.0)
+    with pytest.raises(ValueError, match="temp: must be > 0"):
+        damp_scores(_cosines(), OBSERVED, temp=0.0)
+    with pytest.raises(ValueError, match="view: must be one of"):
+        aggregate_scores(_cosines(), view="median")
+    with pytest.raises(ValueError, match="threshold: must be in"):
+        vlpl(_cosines(), OBSERVED, threshold=-0.2)
