@@ -220,7 +220,12 @@ def load_model(directory: Union[str, Path], map_location: Union[str, torch.devic
         model = create_classifier(cfg, context, pretrained=False, use_student_text=False)
     except (ConfigError, RegistryError) as e:
         raise _err(cfg_path, "student", f"cannot rebuild the model: {e}") from None
-    state = load(_read_checked(d, WEIGHTS_FILE, files, cfg_path))
+    try:
+        state = load(_read_checked(d, WEIGHTS_FILE, files, cfg_path))
+    except ModelFileError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors' own error types vary by version
+        raise ModelFileError(f"{d / WEIGHTS_FILE}: not a safetensors file ({type(e).__name__}: {e})") from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
