@@ -226,3 +226,31 @@ def test_demo_dataset(tmp_path):
     other = materialize_demo_dataset(tmp_path / "demo2")
     assert {p.name: p.read_bytes() for p in (other / "images").iterdir()} == \
            {p.name: p.read_bytes() for p in (dst / "images").iterdir()}
+
+
+def test_store_quality_uses_the_runs_own_rule(small_store, tmp_path):
+    """A run trained with DAMP at eta 0.0 is measured with eta 0.0 (not the default 0.3), visibly in report.json."""
+    run = _fake_run(tmp_path / "run_eta0")
+    (run / "config.yaml").write_text(yaml.safe_dump({"store": str(small_store),
+                                                     "pseudo": {"rule": "damp", "params": {"eta": 0.0}}}))
+    out = run_evaluate(_eval_cfg(f"run={run}", f"store={small_store}", "plots=false"))
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["rules"] == {"damp": {"eta": 0.0}}
+    zs, pl = report["store"]["zero_shot"], report["store"]["pseudo_labels"]
+    assert zs["damp_params"]["eta"] == 0.0 and set(pl["rules"]) == {"damp"}
+    assert pl["rules"]["damp"]["options"] == {"eta": 0.0}
+    # the numbers are eta 0.0's: DAMP phi recomputed by hand with eta 0.0, and not the default's
+    store = ScoreStore(small_store)
+    sp = store.split("test")
+    use = np.nonzero(sp.labels_known)[0]
+    s, obs, y = torch.from_numpy(sp.scores(use)[:, 0]), torch.from_numpy(sp.observed[use]), sp.labels_at(use)
+    phi0 = damp_scores(s, obs, eta=0.0)[0].numpy()
+    phi3 = damp_scores(s, obs, eta=0.3)[0].numpy()
+    assert zs["scores"]["damp"]["map"] == pytest.approx(mean_average_precision(y, phi0)["map"], abs=1e-9)
+    assert not np.allclose(phi0, phi3)
+    tr = store.split("train")
+    pseudo = apply_rule("damp", torch.from_numpy(tr.scores(np.arange(len(tr)))), torch.from_numpy(tr.observed),
+                        dynamic=False, eta=0.0)
+    expect = pseudo_label_quality(pseudo.numpy(), tr.labels, tr.observed)
+    assert pl["rules"]["damp"]["quality"]["excluding_observed"]["num_pred"] == \
+        expect["excluding_observed"]["num_pred"]

@@ -8,8 +8,10 @@
   metrics of three score views (``global``: the unflipped global view; ``mean``: every cached view;
   ``damp``: DAMP's phi). Then every rule of ``cfg.rules`` (unflipped views, deterministic) labels the
   ``cfg.pseudo_split`` rows, whose quality is measured against the full labels, and DAMP's phi (and
-  the global softmax) are swept over ``cfg.thresholds``. The store is read shard by shard and only
-  ``(N, C)`` aggregates are kept, so memory does not grow with the number of views.
+  the global softmax) are swept over ``cfg.thresholds``. Scores are read batch by batch through the
+  store's split readers (:meth:`vlpl.store.store.ScoreStore.split`) and only ``(N, C)`` aggregates are
+  kept, so memory does not grow with the number of views. With no ``cfg.rules``, a run's own rule and
+  parameters (its ``config.yaml``) are measured.
 * Both: one report.
 
 Outputs in ``cfg.out`` (default ``<run>/eval``, else ``<store>/eval``): ``report.json``, ``report.md``,
@@ -41,10 +43,11 @@ from vlpl.eval.report import (
     render_markdown,
     utc_now,
 )
+from vlpl.progress import progress
 from vlpl.pseudolabel.params import TEMP, rule_params
 from vlpl.pseudolabel.rules import aggregate_scores, apply_rule, damp_scores
 from vlpl.store.atomic import atomic_write_json, atomic_write_text
-from vlpl.store.store import STATUS_OK, ScoreStore
+from vlpl.store.store import ScoreStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -223,51 +226,41 @@ class _Collector:
         return np.concatenate(parts) if parts else np.zeros((0, *shape_tail), dtype=dtype)
 
 
-def _scan_store(store: ScoreStore, cfg: EvaluateConfig, dparams: Dict[str, float]
+def _scan_store(store: ScoreStore, cfg: EvaluateConfig, dparams: Dict[str, float], batch_size: int = 256
                 ) -> Tuple[Dict[str, Dict[str, int]], _Collector, _Collector]:
-    """One pass over the shards: per-split row counts and the (N, C) aggregates of the eval and the
-    pseudo-label rows (rules applied shard by shard; they are row-wise)."""
-    m = store.manifest
-    if m.get("score_format", "dense") != "dense":
-        raise NotImplementedError(f"{store.root}: score_format {m.get('score_format')!r}; evaluate reads dense stores")
-    splits = list(dict.fromkeys([cfg.split, cfg.pseudo_split]))
-    rows = {s: {"total": 0, "failed": 0, "labels_unknown": 0, "used": 0} for s in splits}
+    """Per-split row counts and the (N, C) aggregates of the eval and the pseudo-label rows, reading the
+    scores batch by batch through the store's split readers (rules are row-wise, so batches are exact);
+    memory holds one batch of views plus the (N, C) aggregates."""
+    if store.score_format != "dense":
+        raise NotImplementedError(f"{store.root}: score_format {store.score_format!r}; evaluate reads dense stores")
+    readers = {s: store.split(s, include_failed=True) for s in dict.fromkeys([cfg.split, cfg.pseudo_split])}
+    rows = {s: {"total": len(sp), "failed": int((~sp.ok).sum()),
+                "labels_unknown": int((sp.ok & ~sp.labels_known).sum()),
+                "used": int((sp.ok & sp.labels_known).sum())} for s, sp in readers.items()}
     ev, ps = _Collector(), _Collector()
-    C, nv, nview = store.num_classes, store.n_variants, store.n_views
-    for k, shard in enumerate(m["shards"]):
-        sub = ScoreStore(store.root, manifest={**m, "shards": [shard]})
-        a = sub.arrays(("split", "observed", "labels", "scores", "status"))
-        split = a["split"].astype(str)
-        ok = a["status"].astype(str) == STATUS_OK
-        known = a["labels_known"]
-        for s in splits:
-            in_s = split == s
-            rows[s]["total"] += int(in_s.sum())
-            rows[s]["failed"] += int((in_s & ~ok).sum())
-            rows[s]["labels_unknown"] += int((in_s & ok & ~known).sum())
-            rows[s]["used"] += int((in_s & ok & known).sum())
-        use = ok & known
-        for coll, s, with_rules in ((ev, cfg.split, False), (ps, cfg.pseudo_split, True)):
-            sel = np.nonzero(use & (split == s))[0]
-            if sel.size == 0:
-                continue
-            full = torch.from_numpy(np.asarray(a["scores"][sel], dtype=np.float32).reshape(len(sel), nv, nview, C))
-            obs = torch.from_numpy(np.asarray(a["observed"][sel], dtype=np.int8))
-            unflipped = full[:, 0]
-            coll.add("labels", a["labels"][sel].astype(np.int8))
-            coll.add("observed", obs)
-            coll.add("global_cos", unflipped[:, 0])
-            coll.add("global_soft", aggregate_scores(unflipped, score="softmax", temp=_ZS_TEMP, view="global"))
-            phi, _ = damp_scores(unflipped, obs, **dparams)
-            coll.add("phi", phi)
-            if not with_rules:
-                every = full.reshape(len(sel), nv * nview, C)
-                coll.add("mean_cos", aggregate_scores(every, score="cosine", view="mean"))
-                coll.add("mean_soft", aggregate_scores(every, score="softmax", temp=_ZS_TEMP, view="mean"))
-            else:
-                for name, kwargs in cfg.rules.items():
-                    coll.add(f"rule:{name}", apply_rule(name, full, obs, dynamic=False, **(kwargs or {})))
-        log.info("store: shard %d/%d read", k + 1, len(m["shards"]))
+    jobs = ((ev, cfg.split, False), (ps, cfg.pseudo_split, True))
+    with progress(total=sum(rows[s]["used"] for _, s, _ in jobs), desc="evaluate: store scores", unit="img") as bar:
+        for coll, s, with_rules in jobs:
+            sp = readers[s]
+            use = np.nonzero(sp.ok & sp.labels_known)[0]
+            for pos, scores in sp.iter_scores(batch_size, use):
+                full = torch.from_numpy(scores)  # (B, n_variants, n_views, C)
+                obs = torch.from_numpy(sp.observed[pos])
+                unflipped = full[:, 0]
+                coll.add("labels", sp.labels_at(pos))
+                coll.add("observed", obs)
+                coll.add("global_cos", unflipped[:, 0])
+                coll.add("global_soft", aggregate_scores(unflipped, score="softmax", temp=_ZS_TEMP, view="global"))
+                phi, _ = damp_scores(unflipped, obs, **dparams)
+                coll.add("phi", phi)
+                if not with_rules:
+                    every = torch.from_numpy(store.view_spec.flatten(scores))  # (B, V, C), flips included
+                    coll.add("mean_cos", aggregate_scores(every, score="cosine", view="mean"))
+                    coll.add("mean_soft", aggregate_scores(every, score="softmax", temp=_ZS_TEMP, view="mean"))
+                else:
+                    for name, kwargs in cfg.rules.items():
+                        coll.add(f"rule:{name}", apply_rule(name, full, obs, dynamic=False, **(kwargs or {})))
+                bar.update(len(pos))
     return rows, ev, ps
 
 
@@ -277,10 +270,10 @@ def _evaluate_store(root: Path, cfg: EvaluateConfig) -> Tuple[Dict[str, Any], Di
     C = store.num_classes
     dparams = _damp_params(cfg)
     log.info("store %s: %d rows, %d views x %d classes; evaluating split %r, pseudo-labels on %r",
-             root, store.num_rows, store.n_variants * store.n_views, C, cfg.split, cfg.pseudo_split)
+             root, store.num_rows, store.view_spec.num_views, C, cfg.split, cfg.pseudo_split)
     rows, ev, ps = _scan_store(store, cfg, dparams)
     if rows[cfg.split]["used"] == 0:
-        have = store.manifest.get("splits", {})
+        have = store.split_counts()
         raise ValueError(
             f"{root}: no row of split {cfg.split!r} has known labels and status ok "
             f"({rows[cfg.split]}); the store's splits: {have}"
@@ -383,9 +376,9 @@ def _model_identity(store_section: Optional[Dict[str, Any]], run_section: Option
     store = ((run_section or {}).get("summary") or {}).get("store")
     if store and (Path(store) / "manifest.json").is_file():
         try:
-            return json.loads((Path(store) / "manifest.json").read_text()).get("model")
-        except (OSError, json.JSONDecodeError):
-            log.warning("%s: unreadable manifest; model identity not recorded", store)
+            return ScoreStore(Path(store), require_complete=False).manifest.get("model")
+        except StoreError as e:
+            log.warning("%s; model identity not recorded", e)
     return None
 
 

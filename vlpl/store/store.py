@@ -458,10 +458,13 @@ class SplitReader:
     def view_spec(self) -> ViewSpec:
         return self.store.view_spec
 
-    def known_labels(self) -> Tuple[np.ndarray, np.ndarray]:
-        """(positions whose labels are known, their (n, C) int8 labels), for splits with some unknown."""
-        pos = np.nonzero(self.labels_known)[0]
-        return pos, self._labels_dense[pos]
+    def labels_at(self, idx: Any) -> np.ndarray:
+        """``(B, C)`` int8 full labels of the rows at positions ``idx`` (all must have known labels)."""
+        pos = np.asarray(idx, dtype=np.int64).reshape(-1)
+        if not self.labels_known[pos].all():
+            bad = pos[~self.labels_known[pos]][:3]
+            raise ValueError(f"split {self.name!r}: rows {[self.sample_ids[i] for i in bad]} have no full labels")
+        return self._labels_dense[pos]
 
     def scores(self, idx: Any) -> np.ndarray:
         """``(B, n_variants, n_views, C)`` float32 raw cosine scores of the rows at positions ``idx``."""
@@ -539,6 +542,11 @@ class ScoreStore:
     @property
     def embedding_dim(self) -> int:
         return int(self.manifest.get("embedding_dim") or 0)
+
+    @property
+    def score_format(self) -> str:
+        """How scores are stored: ``dense`` (V x C float16 per row)."""
+        return str(self.manifest.get("score_format", "dense"))
 
     @property
     def dataset_info(self) -> Dict[str, Any]:
