@@ -14,9 +14,8 @@ import hashlib
 import json
 import logging
 import math
-import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -25,10 +24,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vlpl import __version__
-from vlpl.config import PseudolabelConfig, save_resolved
+from vlpl.config import ConfigError, PseudolabelConfig, save_resolved
+from vlpl.data.images import ALPHA_BACKGROUND, ImageLoadError, ImageSource, is_valid_utf8, printable
 from vlpl.data.readers import load_dataset
-from vlpl.data.records import ImageLoadError, LabelledDataset
-from vlpl.store.store import SCHEMA_VERSION, ShardRows, StoreWriter, sha256_lines
+from vlpl.data.records import LabelledDataset
+from vlpl.progress import progress
+from vlpl.store.store import SCHEMA_VERSION, ShardRows, StoreWriter, sha256_lines, shard_name
 from vlpl.vlm.backend import VLMBackend, create_backend, resolve_device, template_strings, templates_hash
 from vlpl.vlm.views import ViewSpec, make_views_batch
 
@@ -40,27 +41,63 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------------
 
 
-class DecodeDataset(Dataset):
-    """Item k -> (dataset index, uint8 (3, H, W) tensor or None, error or None)."""
+#: the failure share is checked once this many images are done (and always at the end)
+MIN_IMAGES_FOR_FAILURE_CHECK = 50
+#: how many failures the stop summary quotes
+FAILURES_SHOWN = 5
 
-    def __init__(self, ds: LabelledDataset, max_side: Optional[int] = None) -> None:
-        self.ds = ds
+
+class TooManyFailedImages(ValueError):
+    """More than ``max_failed_fraction`` of the images failed to decode; completed shards were kept."""
+
+
+class DecodeDataset(Dataset):
+    """Item k -> ``(dataset index, uint8 (3, H, W) tensor or None, error or None, reason or None)``.
+
+    Decoding goes through :meth:`vlpl.data.images.ImageSource.open` (the decode rules); then the image is
+    downscaled to ``max_side`` and checked against the view grid: each of the ``grid x grid`` tiles needs at
+    least one pixel, so a smaller image (2x2 with grid 4, 100000x1) is a failed row naming the file, not an
+    error later in the view maker. Errors never escape: a bad image is a failed row.
+    """
+
+    def __init__(self, source: ImageSource, refs: Sequence[str], max_side: Optional[int] = None, grid: int = 0) -> None:
+        self.source = source
+        self.refs = list(refs)
         self.max_side = max_side
+        self.grid = grid
 
     def __len__(self) -> int:
-        return len(self.ds.samples)
+        return len(self.refs)
 
-    def __getitem__(self, i: int) -> Tuple[int, Optional[torch.Tensor], Optional[str]]:
+    def decode(self, ref: str) -> torch.Tensor:
+        """Open ``ref`` and return it as a uint8 (3, H, W) tensor; raises :class:`ImageLoadError`."""
+        if not is_valid_utf8(ref):
+            raise ImageLoadError(
+                f"cannot use image {printable(ref)}: its file name is not valid UTF-8, and the store keeps names as "
+                f"UTF-8 text; rename the file", ref, "file name not UTF-8")
+        img = self.source.open(ref)
+        if self.max_side and max(img.size) > self.max_side:
+            img.thumbnail((self.max_side, self.max_side))
+        w, h = img.size
+        if self.grid and (w < self.grid or h < self.grid):
+            raise ImageLoadError(
+                f"cannot use image {printable(self._name(ref))}: {w}x{h} pixels is smaller than the "
+                f"{self.grid}x{self.grid} view grid (views.grid; every tile needs at least 1x1 pixel)",
+                ref, "smaller than the view grid")
+        arr = np.asarray(img, dtype=np.uint8)
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+    def _name(self, ref: str) -> str:
+        return ref if "://" in ref else str(self.source.root / ref)
+
+    def __getitem__(self, i: int) -> Tuple[int, Optional[torch.Tensor], Optional[str], Optional[str]]:
+        ref = self.refs[i]
         try:
-            img = self.ds.open_image(i)
-            if self.max_side and max(img.size) > self.max_side:
-                img.thumbnail((self.max_side, self.max_side))
-            arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
-            return i, torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous(), None
+            return i, self.decode(ref), None, None
         except ImageLoadError as e:
-            return i, None, str(e)
+            return i, None, str(e), e.reason
         except Exception as e:  # noqa: BLE001 - any decoder failure is recorded, never fatal
-            return i, None, f"{self.ds.samples[i].image}: {type(e).__name__}: {e}"
+            return i, None, f"cannot decode image {printable(self._name(ref))}: {type(e).__name__}: {e}", "decoder error"
 
 
 def _collate(items: List[Any]) -> List[Any]:
@@ -93,8 +130,8 @@ def plan_batches(plan: ShardPlan, shards: Sequence[int], batch_size: int) -> Lis
 
 def samples_digest(ds: LabelledDataset) -> str:
     h = hashlib.sha256()
-    for s in ds.samples:
-        h.update(f"{s.sample_id}\t{s.image}\t{s.split}\t".encode())
+    for s in ds.samples:  # surrogateescape: names read from non-UTF-8 bytes hash as those bytes
+        h.update(f"{s.sample_id}\t{s.image}\t{s.split}\t".encode("utf-8", "surrogateescape"))
         h.update(np.ascontiguousarray(s.observed, np.int8).tobytes())
     return h.hexdigest()
 
@@ -126,16 +163,95 @@ class Scorer:
         return scores.to(torch.float16).cpu().numpy(), feats[:, 0].to(torch.float16).cpu().numpy()
 
 
-def _progress(total: int, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
+def dataset_entry(cfg: PseudolabelConfig, ds: LabelledDataset) -> Dict[str, Any]:
+    """The manifest's ``dataset`` entry: name, format, and what reopens the images
+    (:meth:`ImageSource.describe`: the root and, for a Hugging Face dataset, its path, image column and the
+    split mapping), read back by :meth:`ImageSource.from_store`."""
+    entry: Dict[str, Any] = {"name": ds.name, "format": cfg.data.format, **ds.image_source.describe()}
+    if "hf" in entry:
+        entry["hf"]["splits"] = dict(cfg.data.hf_splits)
+    return entry
 
-    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True)
+
+def decode_identity(cfg: PseudolabelConfig) -> Dict[str, Any]:
+    """What decides the pixels the teacher sees (part of the store's identity: a resume must match it)."""
+    im = cfg.data.images
+    return {"max_pixels": im.max_pixels, "exif_transpose": im.exif_transpose,
+            "allow_outside_root": im.allow_outside_root, "max_side": cfg.views.max_side,
+            "alpha_background": list(ALPHA_BACKGROUND), "sixteen_bit": "high byte"}
+
+
+@dataclass
+class Tally:
+    """Images done and failed (this process), failures by reason, the first few failures."""
+
+    done: int = 0
+    failed: int = 0
+    earlier_done: int = 0  # in shards completed by an earlier run
+    earlier_failed: int = 0
+    stopped: bool = False
+    by_reason: Dict[str, int] = field(default_factory=dict)
+    first: List[str] = field(default_factory=list)
+
+    def add_failure(self, error: str, reason: str) -> None:
+        self.failed += 1
+        self.by_reason[reason] = self.by_reason.get(reason, 0) + 1
+        if len(self.first) < FAILURES_SHOWN:
+            self.first.append(error)
+
+    @property
+    def total_done(self) -> int:
+        return self.done + self.earlier_done
+
+    @property
+    def total_failed(self) -> int:
+        return self.failed + self.earlier_failed
+
+    def too_many(self, max_fraction: float, at_end: bool = False) -> bool:
+        n = self.total_done
+        if n == 0 or (not at_end and n < MIN_IMAGES_FOR_FAILURE_CHECK):
+            return False
+        return self.total_failed / n > max_fraction
+
+    @staticmethod
+    def merge(parts: Sequence["Tally"]) -> "Tally":
+        out = Tally()
+        for t in parts:
+            out.done += t.done
+            out.failed += t.failed
+            out.earlier_done += t.earlier_done
+            out.earlier_failed += t.earlier_failed
+            out.stopped |= t.stopped
+            for k, v in t.by_reason.items():
+                out.by_reason[k] = out.by_reason.get(k, 0) + v
+            out.first += t.first[: max(FAILURES_SHOWN - len(out.first), 0)]
+        return out
+
+    def summary(self, max_fraction: float, out: Path) -> str:
+        n, f = self.total_done, self.total_failed
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.by_reason.items(), key=lambda kv: (-kv[1], kv[0])))
+        if self.earlier_failed:
+            reasons += (", " if reasons else "") + f"in shards completed earlier: {self.earlier_failed}"
+        first = "".join(f"\n  - {e}" for e in self.first)
+        return (f"pseudolabel stopped: {f} of {n} images scored so far failed ({100.0 * f / max(n, 1):.1f}% > "
+                f"max_failed_fraction {100.0 * max_fraction:g}%). Completed shards are kept in {out}. "
+                f"Failures by reason: {reasons or 'none'}. First failures:{first or ' none'}\n"
+                f"Fix or remove those files (or raise max_failed_fraction) and run the same command again: "
+                f"completed shards are skipped.")
 
 
 def run_pseudolabel(cfg: PseudolabelConfig) -> Path:
-    """Build (or resume) the score store at ``cfg.out``; returns its path."""
+    """Build (or resume) the score store at ``cfg.out``; returns its path.
+
+    Raises:
+        TooManyFailedImages: more than ``cfg.max_failed_fraction`` of the images failed (checked once
+            :data:`MIN_IMAGES_FOR_FAILURE_CHECK` images are done, and at the end); the completed shards are
+            kept and the manifest is not finalised.
+    """
     from accelerate import PartialState
 
+    if not 0.0 <= cfg.max_failed_fraction <= 1.0:
+        raise ConfigError(f"max_failed_fraction: expected a share in [0, 1], got {cfg.max_failed_fraction}")
     state = PartialState(cpu=resolve_device(cfg.teacher.device).type == "cpu")
     out = Path(cfg.out)
     ds = load_dataset(cfg.data)
@@ -157,12 +273,13 @@ def run_pseudolabel(cfg: PseudolabelConfig) -> Path:
         "classes": list(ds.classes),
         "classes_sha256": sha256_lines(ds.classes),
         "views": spec.to_dict(),
+        "decode": decode_identity(cfg),
         "score_kind": "cosine",
         "score_format": "dense",
         "score_dtype": "float16",
         "logit_scale": round(backend.logit_scale, 6),
         "embedding_dim": int(text.shape[1]),
-        "dataset": {"name": ds.name, "format": cfg.data.format, "root": str(Path(ds.root).resolve())},
+        "dataset": dataset_entry(cfg, ds),
         "samples_sha256": samples_digest(ds),
         "shard_size": cfg.shard_size,
         "num_shards": plan.num_shards,
@@ -170,31 +287,59 @@ def run_pseudolabel(cfg: PseudolabelConfig) -> Path:
     }
     identity = json.loads(json.dumps(identity))  # tuples -> lists, as a stored manifest reads back
     writer = StoreWriter(out)
-    if state.is_main_process:
-        writer.prepare(identity, ds.classes, text.numpy(), overwrite=cfg.overwrite)
-        save_resolved(cfg, out / "config.yaml")
-    state.wait_for_everyone()
+    try:
+        if state.is_main_process:
+            writer.prepare(identity, ds.classes, text.numpy(), overwrite=cfg.overwrite)
+            save_resolved(cfg, out / "config.yaml")
+        state.wait_for_everyone()
 
-    mine = [i for i in range(plan.num_shards) if i % state.num_processes == state.process_index]
-    todo = [i for i in mine if not writer.shard_complete(i, len(plan.rows(i)))]
-    if len(todo) < len(mine):
-        log.info("resuming: %d of %d shards of this process are already complete", len(mine) - len(todo), len(mine))
-    if todo:
-        _score_shards(cfg, ds, backend, spec, text, plan, todo, writer,
-                      show=cfg.progress and state.is_local_main_process and sys.stderr.isatty())
-    state.wait_for_everyone()
-    if state.is_main_process:
-        manifest = writer.finalize(identity, plan.num_shards, build_index=cfg.index)
-        log.info("store %s: %d rows (%d failed), %d views x %d classes", out, manifest["num_rows"],
-                 manifest["num_failed"], spec.num_views, len(ds.classes))
-    state.wait_for_everyone()
+        mine = [i for i in range(plan.num_shards) if i % state.num_processes == state.process_index]
+        todo = [i for i in mine if not writer.shard_complete(i, len(plan.rows(i)))]
+        tally = Tally()
+        for i in mine:
+            if i not in todo:
+                mark = _shard_mark(writer, i)
+                tally.earlier_done += int(mark.get("rows", len(plan.rows(i))))
+                tally.earlier_failed += int(mark.get("failed", 0))
+        if len(todo) < len(mine):
+            log.info("resuming: %d of %d shards of this process are already complete", len(mine) - len(todo),
+                     len(mine))
+        if todo:
+            _score_shards(cfg, ds, backend, spec, text, plan, todo, writer, tally,
+                          show=cfg.progress and state.is_local_main_process)
+        state.wait_for_everyone()
+        if state.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            tally = Tally.merge(gather_object([tally]))
+        if tally.stopped or tally.too_many(cfg.max_failed_fraction, at_end=True):
+            raise TooManyFailedImages(tally.summary(cfg.max_failed_fraction, out))
+        if state.is_main_process:
+            manifest = writer.finalize(identity, plan.num_shards, build_index=cfg.index)
+            log.info("store %s: %d rows (%d failed), %d views x %d classes", out, manifest["num_rows"],
+                     manifest["num_failed"], spec.num_views, len(ds.classes))
+        state.wait_for_everyone()
+    finally:
+        writer.close()
     return out
 
 
+def _shard_mark(writer: StoreWriter, i: int) -> Dict[str, Any]:
+    try:
+        mark = json.loads((writer.shard_dir / f"{shard_name(i)}.json").read_text())
+        return mark if isinstance(mark, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def _score_shards(cfg: PseudolabelConfig, ds: LabelledDataset, backend: VLMBackend, spec: ViewSpec,
-                  text: torch.Tensor, plan: ShardPlan, shards: List[int], writer: StoreWriter, show: bool) -> None:
+                  text: torch.Tensor, plan: ShardPlan, shards: List[int], writer: StoreWriter, tally: Tally,
+                  show: bool) -> None:
+    """Score ``shards``, writing each as soon as its last row is in; stops early (``tally.stopped``) when
+    the failure share passes ``cfg.max_failed_fraction``: shards not yet complete are then dropped."""
     batches = plan_batches(plan, shards, cfg.batch_size)
-    loader = DataLoader(DecodeDataset(ds, cfg.views.max_side), batch_sampler=batches, collate_fn=_collate,
+    decoder = DecodeDataset(ds.image_source, [s.image for s in ds.samples], cfg.views.max_side, cfg.views.grid)
+    loader = DataLoader(decoder, batch_sampler=batches, collate_fn=_collate,
                         num_workers=cfg.num_workers, pin_memory=backend.device.type == "cuda",
                         persistent_workers=False)
     scorer = Scorer(backend, spec, text)
@@ -203,10 +348,10 @@ def _score_shards(cfg: PseudolabelConfig, ds: LabelledDataset, backend: VLMBacke
     buf: Dict[int, Tuple[np.ndarray, np.ndarray, np.ndarray, List[Optional[str]]]] = {}
     filled: Dict[int, int] = {}
     total = sum(len(plan.rows(s)) for s in shards)
-    t0, n_done, n_failed = time.perf_counter(), 0, 0
-    with _progress(total, show, "pseudolabel") as bar:
+    t0 = time.perf_counter()
+    with progress(total, "pseudolabel", "img", enabled=show) as bar:
         for batch in loader:
-            good = [(i, im) for i, im, err in batch if im is not None]
+            good = [(i, im) for i, im, _, _ in batch if im is not None]
             if good:
                 scores, emb = scorer([im for _, im in good])
             for k, (i, _) in enumerate(good):
@@ -214,24 +359,28 @@ def _score_shards(cfg: PseudolabelConfig, ds: LabelledDataset, backend: VLMBacke
                 b = buf.setdefault(s, _new_buffer(len(plan.rows(s)), V, C, D))
                 r = i - plan.rows(s).start
                 b[0][r], b[1][r], b[2][r] = scores[k], emb[k], True
-            for i, im, err in batch:
+            for i, im, err, reason in batch:
                 if im is None:
                     s = shard_of[i]
                     b = buf.setdefault(s, _new_buffer(len(plan.rows(s)), V, C, D))
                     b[3][i - plan.rows(s).start] = err
-                    n_failed += 1
+                    tally.add_failure(err, reason)
                     log.warning("image failed, recorded as a failed row: %s", err)
-            for i, _, _ in batch:
+            for i, _, _, _ in batch:
                 s = shard_of[i]
                 filled[s] = filled.get(s, 0) + 1
                 if filled[s] == len(plan.rows(s)):
                     _write(writer, ds, plan, s, buf.pop(s))
-            n_done += len(batch)
-            bar.update(len(batch))
-            bar.set_postfix(img_s=f"{n_done / max(time.perf_counter() - t0, 1e-9):.1f}", failed=n_failed)
+            tally.done += len(batch)
+            bar.update(len(batch), failed=tally.failed)
+            if tally.too_many(cfg.max_failed_fraction):
+                tally.stopped = True
+                log.error("%d of %d images failed so far (> max_failed_fraction %g): stopping after the "
+                          "completed shards", tally.total_failed, tally.total_done, cfg.max_failed_fraction)
+                break
     dt = time.perf_counter() - t0
     log.info("scored %d images (%d views each) in %.1fs: %.1f images/s, %.1f views/s; %d failed",
-             n_done, V, dt, n_done / max(dt, 1e-9), n_done * V / max(dt, 1e-9), n_failed)
+             tally.done, V, dt, tally.done / max(dt, 1e-9), tally.done * V / max(dt, 1e-9), tally.failed)
 
 
 def _new_buffer(n: int, V: int, C: int, D: int):
@@ -246,8 +395,8 @@ def _write(writer: StoreWriter, ds: LabelledDataset, plan: ShardPlan, s: int, b)
     C = len(ds.classes)
     labels = np.stack([sm.labels if sm.labels is not None else np.zeros(C, np.int8) for sm in samples]).astype(np.int8)
     writer.write_shard(s, ShardRows(
-        sample_id=[sm.sample_id for sm in samples],
-        image=[sm.image for sm in samples],
+        sample_id=[printable(sm.sample_id) for sm in samples],  # a non-UTF-8 name is a failed row, shown escaped
+        image=[printable(sm.image) for sm in samples],
         split=[sm.split for sm in samples],
         observed=np.stack([sm.observed for sm in samples]).astype(np.int8),
         labels=labels, labels_known=known, scores=scores, image_embedding=emb, ok=ok, error=errors,
