@@ -8,8 +8,13 @@
   of the ML-GCN evaluation (CP, CR, CF1, OP, OR, OF1).
 
 All functions are vectorised over classes (one sort per column, no per-class Python loop) and
-return plain Python floats/lists, so results serialise to JSON directly. AP/mAP follow Cole's
-scale (mAP in percent); precision/recall/F1 values are fractions in [0, 1].
+return plain Python floats/lists, so results serialise to JSON directly.
+
+Units: ``map`` / ``map_pos`` are in percent (Cole's scale, what the trainer logs as val/test mAP);
+per-class AP and every precision / recall / F1 here are fractions in [0, 1] (sklearn's scale, which
+the tests compare against). Everything a person reads (``report.json``, ``report.md``, the evaluate
+summary, plots, log lines) shows them in percent: :func:`vlpl.eval.report.finalize_report` converts
+once, when the report is assembled.
 """
 from __future__ import annotations
 
