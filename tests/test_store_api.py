@@ -170,7 +170,7 @@ def failed_store(coco256_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fstore") / "store"
     run_pseudolabel(load_config(PseudolabelConfig, [TINY_TEACHER], [
         f"data.root={data}", f"out={out}", "shard_size=4", "num_workers=0", "progress=false", "views.grid=1",
-        "data.val_fraction=0"]))
+        "data.val_fraction=0", "max_failed_fraction=0.5"]))
     return out
 
 
@@ -376,10 +376,33 @@ def test_resume_with_another_config_changes_nothing(failed_store, tmp_path):
     before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in root.iterdir() if p.is_file()}
     cfg = load_config(PseudolabelConfig, [TINY_TEACHER], [
         f"data.root={data}", f"out={root}", "shard_size=4", "num_workers=0", "progress=false", "views.grid=2",
-        "data.val_fraction=0"])
+        "data.val_fraction=0", "max_failed_fraction=0.5"])
     with pytest.raises(StoreError) as e:
         run_pseudolabel(cfg)
     msg = str(e.value)
     assert "different views" in msg and "views.grid: store has 1, run has 2" in msg and "Nothing was changed" in msg
     after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in root.iterdir() if p.is_file()}
     assert after == before  # config.yaml, classes.txt, text_embeddings.npy, manifest.json untouched; no .lock left
+
+
+def test_inspect_streams_and_matches_dense_statistics(failed_store, monkeypatch):
+    from vlpl.store.inspect import format_summary, summarize
+
+    store = ScoreStore(failed_store)
+    a = store.arrays(("sample_id", "status", "observed", "labels", "scores"))
+    ok = a["status"] == "ok"
+    s = a["scores"][ok].astype(np.float64).reshape(int(ok.sum()), 2, 2, -1)
+    monkeypatch.setattr(ScoreStore, "arrays", lambda *a, **k: pytest.fail("inspect read the whole store"))
+    out = summarize(failed_store, batch_size=3, verify_shards=True)
+    sc = out["scores"]
+    for key, x in (("all_views", s), ("global_view", s[:, 0, 0]), ("tiles", s[:, :, 1:])):
+        assert sc[key]["mean"] == pytest.approx(x.mean()) and sc[key]["std"] == pytest.approx(x.std())
+        assert (sc[key]["min"], sc[key]["max"]) == (x.min(), x.max())
+    assert sc["flip_consistency"] == pytest.approx(np.corrcoef(s[:, 0].ravel(), s[:, 1].ravel())[0, 1])
+    top1 = np.bincount(s[:, 0, 0].argmax(1), minlength=s.shape[-1])
+    assert sc["most_frequent_top1"][0][1] == top1.max()
+    assert out["observed"]["positives_per_image"] == pytest.approx((a["observed"][ok] == 1).sum(1).mean())
+    assert out["labels"]["known_rows"] == 12
+    assert [f["sample_id"] for f in out["failed_rows"]] == list(a["sample_id"][~ok])
+    text = format_summary(out)
+    assert "verified   4 shards" in text and "FAILED     row 2" in text

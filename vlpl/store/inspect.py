@@ -1,17 +1,72 @@
-"""``vlpl inspect STORE``: what is in a score store."""
+"""``vlpl inspect STORE``: what is in a score store, read in batches (memory bounded by one batch of scores
+plus a split's ``(N, C)`` int8 labels), and ``--verify``: the full sha256 and page check of every shard."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import numpy as np
 
 from vlpl.store.store import ScoreStore
 
+__all__ = ["summarize", "format_summary", "verify"]
 
-def summarize(root: Path, max_failed: int = 20) -> Dict[str, Any]:
+
+class _Moments:
+    """Running count, mean, std, min and max of a stream of arrays (float64 sums)."""
+
+    def __init__(self) -> None:
+        self.n, self.s, self.ss = 0, 0.0, 0.0
+        self.lo, self.hi = np.inf, -np.inf
+
+    def add(self, x: np.ndarray) -> None:
+        if x.size == 0:
+            return
+        x = x.astype(np.float64, copy=False)
+        self.n += x.size
+        self.s += float(x.sum())
+        self.ss += float(np.square(x).sum())
+        self.lo, self.hi = min(self.lo, float(x.min())), max(self.hi, float(x.max()))
+
+    def result(self) -> Optional[Dict[str, float]]:
+        if not self.n:
+            return None
+        mean = self.s / self.n
+        return {"mean": mean, "std": float(np.sqrt(max(self.ss / self.n - mean * mean, 0.0))),
+                "min": self.lo, "max": self.hi}
+
+
+class _Corr:
+    """Running Pearson correlation of two equally shaped streams."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.sx = self.sy = self.sxx = self.syy = self.sxy = 0.0
+
+    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+        x, y = x.astype(np.float64).ravel(), y.astype(np.float64).ravel()
+        self.n += x.size
+        self.sx += x.sum()
+        self.sy += y.sum()
+        self.sxx += (x * x).sum()
+        self.syy += (y * y).sum()
+        self.sxy += (x * y).sum()
+
+    def result(self) -> Optional[float]:
+        if not self.n:
+            return None
+        cov = self.n * self.sxy - self.sx * self.sy
+        den = np.sqrt(max(self.n * self.sxx - self.sx ** 2, 0.0) * max(self.n * self.syy - self.sy ** 2, 0.0))
+        return float(cov / den) if den > 0 else None
+
+
+def summarize(root: Path, max_failed: int = 20, batch_size: int = 512, verify_shards: bool = False) -> Dict[str, Any]:
+    """A JSON-able summary of the store at ``root``: identity, counts, score statistics (streamed),
+    observed and full labels per image, and the first ``max_failed`` failed rows. ``verify_shards``:
+    also check every shard's sha256 and pages (:meth:`ScoreStore.verify`; raises on a bad shard)."""
     store = ScoreStore(Path(root), require_complete=False)
     m = store.manifest
+    spec = store.view_spec
     out: Dict[str, Any] = {
         "store": str(root),
         "complete": bool(m.get("complete")),
@@ -19,7 +74,7 @@ def summarize(root: Path, max_failed: int = 20) -> Dict[str, Any]:
         "failed": int(m.get("num_failed", 0)),
         "splits": m.get("splits", {}),
         "model": {k: m["model"].get(k) for k in ("backend", "name", "pretrained", "checkpoint_sha256")},
-        "views": {k: m["views"][k] for k in ("grid", "flips", "n_variants", "n_views", "num_views", "image_size")},
+        "views": {k: spec.to_dict()[k] for k in ("grid", "flips", "n_variants", "n_views", "num_views", "image_size")},
         "num_classes": store.num_classes,
         "classes": store.classes,
         "templates": m.get("templates"),
@@ -28,34 +83,50 @@ def summarize(root: Path, max_failed: int = 20) -> Dict[str, Any]:
     }
     if not m.get("complete"):
         return out
-    a = store.arrays(("sample_id", "scores", "status", "error", "observed", "labels"))
-    ok = a["status"] == "ok"
-    s = a["scores"][ok].astype(np.float32).reshape(int(ok.sum()), store.n_variants, store.n_views, store.num_classes)
-    if len(s):
-        glob = s[:, 0, 0]
-        top1 = np.bincount(glob.argmax(1), minlength=store.num_classes)
-        order = np.argsort(-top1)[:5]
+    if verify_shards:
+        out["verified"] = store.verify()
+    C = store.num_classes
+    every, glob, tiles, flip = _Moments(), _Moments(), _Moments(), _Corr()
+    top1 = np.zeros(C, np.int64)
+    n_img, n_pos, n_neg, n_known, n_lab = 0, 0, 0, 0, 0
+    for name in store.splits():
+        sp = store.split(name)
+        n_img += len(sp)
+        n_pos += int((sp.observed == 1).sum())
+        n_neg += int((sp.observed == -1).sum())
+        known = np.nonzero(sp.labels_known)[0]
+        n_known += len(known)
+        n_lab += int(sp.labels_at(known).astype(np.int64).sum()) if len(known) else 0
+        for _, s in sp.iter_scores(batch_size):  # (B, n_variants, n_views, C)
+            every.add(s)
+            g = s[:, 0, spec.global_index()]
+            glob.add(g)
+            if spec.n_views > 1:
+                tiles.add(s[:, :, 1:])
+            if spec.n_variants == 2:
+                flip.add(s[:, 0], s[:, 1])
+            top1 += np.bincount(g.argmax(1), minlength=C)
+    if n_img:
+        order = np.argsort(-top1, kind="stable")[:5]
         out["scores"] = {
-            "all_views": _stats(s),
-            "global_view": _stats(glob),
-            "tiles": _stats(s[:, :, 1:]) if store.n_views > 1 else None,
-            "flip_consistency": float(np.corrcoef(s[:, 0].ravel(), s[:, 1].ravel())[0, 1]) if store.n_variants == 2 else None,
+            "all_views": every.result(),
+            "global_view": glob.result(),
+            "tiles": tiles.result(),
+            "flip_consistency": flip.result(),
             "most_frequent_top1": [(store.classes[i], int(top1[i])) for i in order if top1[i]],
         }
-    obs = a["observed"]
-    out["observed"] = {"positives_per_image": float((obs == 1).sum(1).mean()),
-                       "negatives_per_image": float((obs == -1).sum(1).mean())}
-    if a["labels_known"].any():
-        lab = a["labels"][a["labels_known"]]
-        out["labels"] = {"known_rows": int(a["labels_known"].sum()), "positives_per_image": float(lab.sum(1).mean())}
-    failed = np.nonzero(~ok)[0]
-    out["failed_rows"] = [{"row": int(i), "sample_id": a["sample_id"][i], "error": a["error"][i]}
-                          for i in failed[:max_failed]]
+        out["observed"] = {"positives_per_image": n_pos / n_img, "negatives_per_image": n_neg / n_img}
+    if n_known:
+        out["labels"] = {"known_rows": n_known, "positives_per_image": n_lab / n_known}
+    out["failed_rows"] = [{"row": f["row"], "sample_id": f["sample_id"], "error": f["error"]}
+                          for f in store.failures(max_failed)]
     return out
 
 
-def _stats(x: np.ndarray) -> Dict[str, float]:
-    return {"mean": float(x.mean()), "std": float(x.std()), "min": float(x.min()), "max": float(x.max())}
+def verify(root: Path) -> Dict[str, Any]:
+    """Full integrity check of the store at ``root`` (sha256 and pages of every shard); raises
+    :class:`vlpl.store.store.StoreError` listing every bad shard."""
+    return ScoreStore(Path(root)).verify()
 
 
 def format_summary(s: Dict[str, Any]) -> str:
@@ -86,6 +157,9 @@ def format_summary(s: Dict[str, Any]) -> str:
     if "labels" in s:
         lines.append(f"labels     full labels for {s['labels']['known_rows']} rows, "
                      f"{s['labels']['positives_per_image']:.2f} positives per image")
+    if s.get("verified"):
+        v = s["verified"]
+        lines.append(f"verified   {v['shards']} shards ({v['bytes'] / 1e6:.1f} MB): sha256 and page checksums match")
     for f in s.get("failed_rows", []):
         lines.append(f"FAILED     row {f['row']} {f['sample_id']}: {f['error']}")
     return "\n".join(lines)
