@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import struct
@@ -290,3 +291,54 @@ def test_from_store_for_files(tree: Path, tmp_path: Path) -> None:
         ImageSource.from_store(info, None)
     src = ImageSource.from_store(info, str(moved), ImageConfig(max_pixels=10))
     assert src.root == moved and src.cfg.max_pixels == 10
+
+
+# --------------------------------------------------------------------------------------------------
+# a store made from a Hugging Face dataset trains (issue 8 item 4: the training reader ignored hf://)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_store_from_a_hf_dataset_trains_end_to_end(coco256_root: Path, tmp_path: Path) -> None:
+    import csv
+
+    datasets = pytest.importorskip("datasets")
+    from vlpl.config import PseudolabelConfig, load_config
+    from vlpl.pseudolabel.stage import run_pseudolabel
+    from vlpl.store.store import ScoreStore
+    from vlpl.train.loop import run_train
+    from vlpl.train.recipes import load_train_config
+
+    repo = Path(__file__).resolve().parent.parent
+    classes = (coco256_root / "classes.txt").read_text().split("\n")
+    classes = [c for c in classes if c.strip()]
+    rows = list(csv.DictReader(open(coco256_root / "labels.csv")))
+    feats = datasets.Features({"image": datasets.Image(),
+                               "labels": datasets.Sequence(datasets.ClassLabel(names=classes))})
+
+    def split(name: str, n: int):
+        part = [r for r in rows if r["split"] == name][:n]
+        return datasets.Dataset.from_dict(
+            {"image": [{"bytes": (coco256_root / r["image"]).read_bytes(), "path": None} for r in part],
+             "labels": [[classes.index(c) for c in r["labels"].split("|") if c] for r in part]}, features=feats)
+
+    datasets.DatasetDict({"train": split("train", 12), "validation": split("test", 4)}).save_to_disk(
+        str(tmp_path / "data" / "hfds"))
+    store = tmp_path / "store"
+    run_pseudolabel(load_config(PseudolabelConfig, [repo / "configs" / "models" / "tiny.yaml"], [
+        f"data.root={tmp_path / 'data'}", "data.format=hf", "data.hf_path=hfds", "data.hf_splits.train=train",
+        "data.hf_splits.test=validation",
+        f"out={store}", "views.grid=2", "num_workers=0", "progress=false", "index=false"]))
+    info = ScoreStore(store).dataset_info
+    assert info["hf"] == {"path": str((tmp_path / "data" / "hfds").resolve()), "image_column": "image",
+                          "splits": {"train": "train", "test": "validation"}}
+    assert ScoreStore(store).manifest["num_failed"] == 0
+
+    out = tmp_path / "run"
+    run_train(load_train_config([repo / "configs" / "models" / "tiny_classifier.yaml"], [
+        f"store={store}", f"out={out}", "progress=false", "epochs=1", "max_steps_per_epoch=2", "batch_size=4",
+        "eval_batch_size=4", "num_workers=0", "log_every=1"]))
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0 <= summary["test_map_at_best"] <= 100
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["kind"] == "step" for r in steps) == 2
