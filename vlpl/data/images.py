@@ -329,8 +329,9 @@ class ImageSource:
     def _open_hf(self, ref: str) -> Image.Image:
         shown = printable(ref)
         if self.hf is None:
-            raise ImageLoadError(f"cannot open {shown}: no Hugging Face dataset is attached to this image source",
-                                 ref, "no dataset")
+            raise ImageLoadError(f"cannot open {shown}: no Hugging Face dataset is attached to this image source "
+                                 f"(a store records it in its manifest's dataset.hf entry; a store made before that "
+                                 f"must be rebuilt)", ref, "no dataset")
         rest = ref[len(HF_PREFIX):]
         split, _, index = rest.rpartition("/")
         try:

@@ -95,7 +95,7 @@ class DecodeDataset(Dataset):
         try:
             return i, self.decode(ref), None, None
         except ImageLoadError as e:
-            return i, None, str(e), e.reason
+            return i, None, printable(str(e)), e.reason  # printable: the store keeps errors as UTF-8
         except Exception as e:  # noqa: BLE001 - any decoder failure is recorded, never fatal
             return i, None, f"cannot decode image {printable(self._name(ref))}: {type(e).__name__}: {e}", "decoder error"
 
