@@ -356,3 +356,17 @@ def test_inspect_verify(coco256_store, tmp_path, capsys):
     shard.write_bytes(bytes(data))
     assert main(["inspect", str(bad), "--verify"]) == 2
     assert shard.name in capsys.readouterr().err
+
+
+def test_a_pipeline_checks_every_stage_before_running_any(tmp_path):
+    pipe = tmp_path / "p.yaml"
+    pipe.write_text(textwrap.dedent(f"""
+        vars: {{work: {tmp_path / 'work'}}}
+        stages:
+          - pseudolabel: {{config: [datasets/coco256.yaml, models/tiny.yaml], set: {{out: "${{work}}/store"}}}}
+          - train: {{config: [models/tiny_classifier.yaml], set: {{method: aevlp, store: "${{work}}/store",
+                     out: "${{work}}/run", loss: {{params: {{lamda1: 0.7}}}}}}}}
+    """))
+    res = _probe(["run", str(pipe)])
+    assert res["rc"] == 2 and "loss.params: unknown option(s) 'lamda1' (loss 'gpr'" in res["stderr"], res
+    assert res["heavy"] == [] and not (tmp_path / "work").exists()  # the first stage never started

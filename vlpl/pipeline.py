@@ -85,17 +85,23 @@ def load_pipeline(path: str, variables: Sequence[str] = ()) -> List[Dict[str, An
 
 def run_pipeline(path: str, variables: Sequence[str] = ()) -> None:
     from vlpl.config import EvaluateConfig, PseudolabelConfig, load_config
-    from vlpl.eval.stage import run_evaluate
-    from vlpl.pseudolabel.stage import run_pseudolabel
-    from vlpl.train.loop import run_train
     from vlpl.train.recipes import load_train_config
 
     stages = load_pipeline(path, variables)
-    for i, st in enumerate(stages):
+    # every stage's config (keys, types, rule / loss parameters) is checked before the first stage runs,
+    # and before torch is imported: a typo in the last stage must not cost the first stage's hours
+    configs = [load_config(PseudolabelConfig, st["config"], st["overrides"]) if st["stage"] == "pseudolabel"
+               else load_train_config(st["config"], ["resume=true", *st["overrides"]]) if st["stage"] == "train"
+               else load_config(EvaluateConfig, st["config"], st["overrides"]) for st in stages]
+    from vlpl.eval.stage import run_evaluate
+    from vlpl.pseudolabel.stage import run_pseudolabel
+    from vlpl.train.loop import run_train
+
+    for i, (st, cfg) in enumerate(zip(stages, configs)):
         log.info("pipeline stage %d/%d: %s %s", i + 1, len(stages), st["stage"], " ".join(st["overrides"]))
         if st["stage"] == "pseudolabel":
-            run_pseudolabel(load_config(PseudolabelConfig, st["config"], st["overrides"]))
+            run_pseudolabel(cfg)
         elif st["stage"] == "train":
-            run_train(load_train_config(st["config"], ["resume=true", *st["overrides"]]))
+            run_train(cfg)
         else:
-            run_evaluate(load_config(EvaluateConfig, st["config"], st["overrides"]))
+            run_evaluate(cfg)
