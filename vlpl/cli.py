@@ -211,11 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                         help="import MODULE first: it may register losses, rules or heads (repeatable; "
                              "entry points in the 'vlpl.plugins' group are loaded too)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", help="a stage (listed below)")
 
-    def add(name: str, help: str, epilog: Optional[str] = None, description: Optional[str] = None) -> Any:
-        return sub.add_parser(name, help=help, description=description or help, epilog=epilog,
-                              formatter_class=fmt, parents=[common])
+    def add(name: str, help: str, epilog: Optional[str] = None) -> Any:
+        # one line per stage is in _TOP_EPILOG; ``help`` becomes the command's own description
+        return sub.add_parser(name, description=help, epilog=epilog, formatter_class=fmt, parents=[common])
 
     p = add("pseudolabel", "score every image and view with a frozen VLM into a score store", _PSEUDOLABEL_EPILOG)
     _add_config_args(p, "data.root=/data views.grid=5 out=STORE")
