@@ -298,7 +298,7 @@ def test_histograms_pr_curves_and_ap_have_ticks_labels_units_and_free_legends(fi
         assert [t.get_text() for t in ax.get_yticklabels() if t.get_text()], "y ticks have labels"
         assert [t.get_text() for t in ax.get_xticklabels() if t.get_text()], "x ticks have labels"
         assert "pos." in ax.get_title() and "neg." in ax.get_title()
-    assert fig.axes[0].get_ylabel() == "share of class (%)" and fig.axes[-1].get_xlabel() == "DAMP phi"
+    assert fig.axes[0].get_ylabel() == "share of pos. / neg. (%)" and fig.axes[-1].get_xlabel() == "DAMP phi"
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["negatives", "positives"]
     assert not any(_overlaps(fig.legends[0].get_window_extent(), ax.get_window_extent()) for ax in fig.axes)
 

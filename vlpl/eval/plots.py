@@ -298,7 +298,8 @@ def plot_threshold_sweep(sweeps: Dict[str, List[Dict[str, Any]]], path: Path, ti
         ax2.plot(t, np.where(per_image > 0, per_image, np.nan), ls, color=_COLORS[4], marker=".",
                  label=f"pseudo-positives / image, {label}")
     ax.set_ylabel("precision, recall, F1 (%)")
-    ax.set_ylim(0, min(100.0, 10.0 * np.ceil(top * 1.1 / 10.0)) if top > 0 else 100.0)
+    # a little below 0 so that a curve at 0 % is not hidden by the axis
+    ax.set_ylim(-1.5, min(100.0, 10.0 * np.ceil(top * 1.1 / 10.0)) if top > 0 else 100.0)
     ax.yaxis.set_major_formatter(PercentFormatter(decimals=0))
     ax.set_title(title)
     ax2.set_xlabel("threshold (log scale)")
@@ -354,7 +355,7 @@ def plot_score_histograms(labels: np.ndarray, scores: np.ndarray, classes: Seque
         ax.yaxis.set_major_locator(MaxNLocator(4))
         ax.yaxis.set_major_formatter(PercentFormatter(decimals=0))
         if k % ncols == 0:
-            ax.set_ylabel("share of class (%)", fontsize=8)
+            ax.set_ylabel("share of pos. / neg. (%)", fontsize=8)
         if k >= len(chosen) - ncols:
             ax.set_xlabel(score_name, fontsize=8)
     if not chosen:
