@@ -209,7 +209,7 @@ _PLUGIN = '''
 from dataclasses import dataclass
 
 from vlpl.params import Params, param
-from vlpl.registry import LOSSES, RULES
+from vlpl.registry import HEADS, LOSSES, RULES
 
 
 @dataclass(frozen=True)
@@ -226,6 +226,14 @@ def first_k(scores, observed, *, k=FirstKParams.k):
     out = torch.zeros(scores.shape[0], scores.shape[2], dtype=torch.int8)
     out[:, :k] = 1
     return out
+
+
+@HEADS.register("scaled_linear")
+class ScaledLinear:
+    """A test head: a scaled linear map."""
+
+    def __init__(self, in_features, context, *, scale: float = 1.0):
+        self.scale = scale
 
 
 @LOSSES.register("mean_logit")
@@ -257,14 +265,18 @@ def test_plugin_entries_are_listed_and_validated_from_the_cli(plugin_dir, tmp_pa
     assert re.search(r"^      k\s+1\s+how many of the first classes are positive \(>= 0\)", res["stdout"], re.M)
     assert re.search(r"^  mean_logit\s+Mean logit", res["stdout"], re.M)
     assert re.search(r"^      scale\s+2\s", res["stdout"], re.M) and re.search(r"^      center\s+False", res["stdout"], re.M)
+    assert re.search(r"^  scaled_linear A test head: a scaled linear map\.\n      scale\s+1\s", res["stdout"], re.M)
     common = ["train", "--plugin", "my_vlpl_plugin", f"store={tmp_path}", "out=o", "loss.name=mean_logit",
-              "pseudo.rule=first_k"]
-    ok = _probe([*common, "pseudo.params.k=2", "loss.params.scale=0.5"], pythonpath=plugin_dir)
+              "pseudo.rule=first_k", "student.head=scaled_linear"]
+    ok = _probe([*common, "pseudo.params.k=2", "loss.params.scale=0.5", "student.head.params.scale=2"],
+                pythonpath=plugin_dir)
     assert ok["rc"] == 2 and "is not a score store" in ok["stderr"], ok  # the config itself validated
     bad = _probe([*common, "pseudo.params.k=-1"], pythonpath=plugin_dir)
     assert bad["rc"] == 2 and "pseudo.params.k: must be >= 0; got -1" in bad["stderr"], bad
     bad = _probe([*common, "loss.params.sclae=1"], pythonpath=plugin_dir)
     assert bad["rc"] == 2 and "loss.params: unknown option(s) 'sclae'" in bad["stderr"], bad
+    bad = _probe([*common, "student.head.params.scale=big"], pythonpath=plugin_dir)
+    assert bad["rc"] == 2 and "student.head.params.scale: expected float, got 'big'" in bad["stderr"], bad
     # --plugin is accepted by every command
     for cmd in (["pseudolabel", "--help"], ["evaluate", "--help"], ["inspect", "--help"], ["run", "--help"],
                 ["demo", "--help"]):
@@ -276,7 +288,7 @@ def test_plugin_entries_work_in_process(plugin_dir, monkeypatch):
 
     from vlpl.plugins import load_plugins
     from vlpl.pseudolabel.rules import apply_rule
-    from vlpl.registry import LOSSES, RULES
+    from vlpl.registry import HEADS, LOSSES, RULES
 
     monkeypatch.syspath_prepend(str(plugin_dir))
     try:
@@ -289,7 +301,7 @@ def test_plugin_entries_work_in_process(plugin_dir, monkeypatch):
         with pytest.raises(ValueError, match="center: expected bool"):
             LOSSES.create("mean_logit", None, center="yes")
     finally:  # leave the process-wide registries as they were
-        for reg, name in ((RULES, "first_k"), (LOSSES, "mean_logit")):
+        for reg, name in ((RULES, "first_k"), (LOSSES, "mean_logit"), (HEADS, "scaled_linear")):
             reg._entries.pop(name, None)
             reg.schemas._entries.pop(name, None)
 

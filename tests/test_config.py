@@ -134,3 +134,15 @@ def test_old_and_new_name_together_is_an_error_naming_both(tmp_path: Path):
         load_config(TrainConfig, [], [*TRAIN, "student.pretrained=false", "model.name=a"])
     with pytest.raises(ConfigError, match=r"both 'model' .* and 'teacher' \(in the override 'teacher\.name=b'\)"):
         load_config(PseudolabelConfig, [], ["data.root=r", "out=o", "model.name=a", "teacher.name=b"])
+
+
+def test_a_head_name_and_its_params_merge_across_layers(tmp_path: Path):
+    """``student.head=NAME`` (a bare name) followed by ``student.head.params.x=1`` keeps the name, in
+    overrides and across files (it used to fall back to the default head silently)."""
+    cfg = load_config(TrainConfig, [], [*TRAIN, "student.head=other", "student.head.params.scale=2"])
+    assert (cfg.student.head.name, cfg.student.head.params) == ("other", {"scale": 2})
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("student: {head: other}\n")
+    b.write_text("student: {head: {params: {scale: 3}}}\n")
+    cfg = load_config(TrainConfig, [a, b], TRAIN)
+    assert (cfg.student.head.name, cfg.student.head.params) == ("other", {"scale": 3})

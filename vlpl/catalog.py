@@ -100,9 +100,14 @@ def _text(load_heads: bool) -> str:
                 out.append(f"      {p.name:18s} {_fmt(p.default):16s} {p.help}{cons}")
     out.append("")
     heads = _entries(HEADS, load_heads)
-    out.append("Heads (student.head.name=NAME student.head.params.KEY=VALUE): "
-               + (", ".join(heads) if heads else "")
-               + ("" if load_heads else (" " if heads else "") + "(built-in heads: see docs/METHODS.md)"))
+    out.append("Heads (student.head.name=NAME student.head.params.KEY=VALUE)"
+               + ("" if load_heads else "; the built-in ones are in docs/METHODS.md") + (":" if heads else ""))
+    for name in heads:
+        schema = HEADS.schema(name)
+        out.append(f"  {name:10s} {schema.one_line()}")
+        for p in schema.describe():
+            cons = f" ({p.constraint})" if p.constraint else ""
+            out.append(f"      {p.name:18s} {_fmt(p.default):16s} {p.help}{cons}")
     out.append("")
     out.append("Docs: docs/METHODS.md (this list, with every parameter), README.md (Methods, Configuration); "
                "per-dataset values: configs/methods/*.yaml. Plugins add entries: --plugin MODULE (see vlpl/plugins.py).")

@@ -208,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vlpl {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                        help="more logging (-vv: debug)")
     common.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                         help="import MODULE first: it may register losses, rules or heads (repeatable; "
                              "entry points in the 'vlpl.plugins' group are loaded too)")

@@ -525,6 +525,33 @@ def parse_override(text: str) -> Tuple[str, Any]:
     return key, value
 
 
+def _field_type(cls: Any, key: str) -> Any:
+    """The declared type of dotted ``key`` in config class ``cls`` (None when the key is not a field)."""
+    tp: Any = cls
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(tp):
+            return None
+        tp = typing.get_type_hints(tp).get(part)
+    return tp
+
+
+def _from_str(cls: Any, data: Any) -> Any:
+    """``data`` with each string given for a dataclass field that accepts one (``FROM_STR``, e.g.
+    ``head: linear``) written as its mapping (``head: {name: linear}``), so that layers merge key by key."""
+    if not isinstance(data, dict) or not dataclasses.is_dataclass(cls):
+        return data
+    hints = typing.get_type_hints(cls)
+    out = dict(data)
+    for k, v in data.items():
+        tp = hints.get(k)
+        if dataclasses.is_dataclass(tp):
+            if isinstance(v, str) and getattr(tp, "FROM_STR", None):
+                out[k] = {tp.FROM_STR: v}
+            elif isinstance(v, dict):
+                out[k] = _from_str(tp, v)
+    return out
+
+
 def _set_dotted(data: Dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     cur = data
@@ -549,12 +576,12 @@ def load_config(
     # that a recipe's new key and a user's old-style override of the same thing merge as the user means.
     sources: Dict[str, str] = {}
     _record_sources(dict(base or {}), base_source, sources)
-    data: Dict[str, Any] = _apply_renames(cls, dict(base or {}), sources, "")
+    data: Dict[str, Any] = _from_str(cls, _apply_renames(cls, dict(base or {}), sources, ""))
     for f in files:
         path = _resolve_config_path(str(f), None)
         d, s = load_yaml_file(path)
         sources.update(s)
-        data = deep_merge(data, _apply_renames(cls, d, sources, ""))
+        data = deep_merge(data, _from_str(cls, _apply_renames(cls, d, sources, "")))
     renamed: Dict[str, str] = getattr(cls, "RENAMED", {})
     heads: Dict[str, str] = {}  # top-level key -> the first override that set it
     for o in overrides:
@@ -572,7 +599,11 @@ def load_config(
             if old in heads:
                 raise ConfigError(f"both {old!r} (deprecated, in the override {heads[old]!r}) and {head!r} (in the "
                                   f"override {o!r}) are set; use only {head!r}")
-        _set_dotted(data, key, value)
+        tp = _field_type(cls, key)
+        if dataclasses.is_dataclass(tp):  # student.head=linear -> {name: linear}, so that a later
+            value = _from_str(tp, value) if isinstance(value, dict) else \
+                {tp.FROM_STR: value} if isinstance(value, str) and getattr(tp, "FROM_STR", None) else value
+        _set_dotted(data, key, value)  # student.head.params.x=1 keeps that name
         sources[key] = f"the override {o!r}"
         _record_sources(value, f"the override {o!r}", sources, f"{key}.")
     cfg = _build(cls, data, sources)
