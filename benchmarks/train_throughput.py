@@ -4,13 +4,17 @@
 Two variants of one AEVLP training step (ALGORITHMS.md 7c, 7d, 7g.9), measured side by side in one
 process, alternating their order round by round so that drift on a shared machine cancels:
 
-* ``cached``  (vlpl): backbone forward under autocast + DAMP pseudo-labels from cached scores
-  (``apply_rule("damp", cached[idx], observed, dynamic=True)``: each view takes its cached flipped or
-  unflipped variant, Decision 4) + GPR loss + backward + optimizer step, as ``vlpl.train.loop`` does.
-* ``clip``    (AEVLP's released code): the same step, plus, every step, from the batch's raw decoded
-  uint8 images: the global view + g x g tiles (``make_views_batch``, flips off), a random horizontal
-  flip of each view (p = 1/2), the frozen CLIP image tower on the 1 + g^2 views (no grad, autocast
-  bf16 on GPU), cosine with the class text embeddings, then DAMP on those fresh scores.
+Both variants run THE training step, :func:`vlpl.train.step.train_step` (what ``vlpl train`` runs), with a
+different pseudo-label rule input:
+
+* ``cached``  (vlpl): DAMP pseudo-labels from cached scores (``RuleRunner("damp", dynamic=True)`` over a
+  score array standing in for the store: each view takes its cached flipped or unflipped variant,
+  Decision 4, drawn from the step's seed) + backbone forward under autocast + GPR loss + backward +
+  optimizer step.
+* ``clip``    (AEVLP's released code): the same step, with the rule's scores computed every step from the
+  batch's raw decoded uint8 images: the global view + g x g tiles (``make_views_batch``, flips off), a
+  random horizontal flip of each view (p = 1/2), the frozen CLIP image tower on the 1 + g^2 views (no
+  grad, autocast bf16 on GPU), cosine with the class text embeddings, then DAMP on those fresh scores.
 
 Both variants use the same backbone, batch size, image size, loss, optimizer and batches of the same
 images. Decoding is NOT measured in either variant: the images are decoded once and kept in memory, and
@@ -66,12 +70,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
-    from vlpl.config import StudentConfig, TeacherConfig
-    from vlpl.pseudolabel.rules import apply_rule
+    from vlpl.config import OptimConfig, StudentConfig, TeacherConfig
+    from vlpl.train import step as S  # S.train_step looked up at call time: the tests count its calls
     from vlpl.train.data import image_transform
     from vlpl.train.flops import count_flops, forward_flops, peak_flops
-    from vlpl.train.losses import LossBatch, create_loss
-    from vlpl.train.model import create_classifier
+    from vlpl.train.losses import create_loss
+    from vlpl.train.model import ClassContext, create_classifier
+    from vlpl.train.optim import create_optimizer
     from vlpl.vlm.backend import create_backend
     from vlpl.vlm.views import ViewSpec, make_views_batch
 
@@ -90,23 +95,25 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
     # ---- trainable classifier, loss, optimizer (as vlpl.train.loop) ---------------------------
     model = create_classifier(StudentConfig(kind="timm", name=args.backbone, pretrained=False,
-                                             image_size=args.image_size), Ncls).to(device)
-    tf = image_transform(args.image_size, model.mean, model.std, train=True, hflip=True)
-    x_batches = [torch.stack([tf(im) for im in pil[b * B:(b + 1) * B]]) for b in range(args.num_batches)]
-    raw_batches = [[C.pil_to_uint8(im) for im in pil[b * B:(b + 1) * B]] for b in range(args.num_batches)]
+                                             image_size=args.image_size),
+                              ClassContext.from_names(C.class_names(Ncls))).to(device)
+    tf = image_transform(args.image_size, model.mean, model.std, train=False, hflip=False)
+    gen = torch.Generator().manual_seed(args.seed)
+    flip_batches = [torch.rand(B, generator=gen) < 0.5 for _ in range(args.num_batches)]  # recorded flips
+    x_batches = [torch.stack([tf(im).flip(-1) if f else tf(im) for im, f in zip(pil[b * B:(b + 1) * B], flip_batches[b])])
+                 for b in range(args.num_batches)]
+    raw_all = [C.pil_to_uint8(im) for im in pil]
     if pin:
         x_batches = [x.pin_memory() for x in x_batches]
-        raw_batches = [[r.pin_memory() for r in rb] for rb in raw_batches]
+        raw_all = [r.pin_memory() for r in raw_all]
     idx_batches = [torch.arange(b * B, (b + 1) * B) for b in range(args.num_batches)]
-    gen = torch.Generator().manual_seed(args.seed)
     observed = torch.zeros(n_img, Ncls, dtype=torch.int8)
     observed[torch.arange(n_img), torch.randint(0, Ncls, (n_img,), generator=gen)] = 1  # one positive each
     cached = (0.2 + 0.05 * torch.randn(n_img, 2, V, Ncls, generator=gen)).to(torch.float16)  # the score store
     loss_fn = create_loss("gpr", observed)
     loss_fn.set_epoch(1, 8)
     loss_fn.to(device)
-    opt = torch.optim.Adam([{"params": list(model.backbone_parameters()), "lr": 1e-5},
-                            {"params": list(model.head_parameters()), "lr": 1e-4}])
+    opt = create_optimizer(OptimConfig(name="adam", lr=1e-5, head_lr=1e-4), model)  # vlpl train's defaults
     model.train()
     obs_dev = observed.to(device)
 
@@ -120,39 +127,39 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     def autocast():
         return torch.autocast(device.type, dtype=amp) if amp else torch.autocast(device.type, enabled=False)
 
-    def train_step(x: torch.Tensor, idx: torch.Tensor, pseudo: torch.Tensor) -> float:
-        with autocast():
-            logits = model(x)
-        terms = loss_fn(LossBatch(logits=logits.float(), index=idx.to(device), pseudo=pseudo))
-        terms["loss"].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(terms["loss"].detach())  # the trainer logs the loss every step
-
-    def step_cached(b: int) -> float:
-        x = x_batches[b].to(device, non_blocking=True)
-        idx = idx_batches[b]
-        pseudo = apply_rule("damp", cached[idx].float(), observed[idx], dynamic=True, generator=gen)
-        return train_step(x, idx, pseudo.to(device, non_blocking=True))
+    state = S.StepState(optimizer=opt, device=device, seed=args.seed, autocast=autocast)
+    rule_cached = S.RuleRunner("damp", {}, True, lambda pos: cached[torch.from_numpy(pos)], observed)
 
     @torch.no_grad()
-    def clip_views(b: int) -> torch.Tensor:
-        imgs = [r.to(device, non_blocking=True) for r in raw_batches[b]]
+    def clip_views(pos: torch.Tensor) -> torch.Tensor:
+        imgs = [raw_all[int(p)].to(device, non_blocking=True) for p in pos]
         views = make_views_batch(imgs, spec, mean, std)  # (B*V, 3, h, w), unflipped
         flip = torch.rand(views.shape[0], device=device) < 0.5  # AEVLP: each view its own flip
         return torch.where(flip[:, None, None, None], views.flip(-1), views)
 
-    def step_clip(b: int) -> float:
-        x = x_batches[b].to(device, non_blocking=True)
-        idx = idx_batches[b]
-        with torch.no_grad():
-            views = clip_views(b)
-            feats = backend.encode_image(views)  # unit norm, autocast bf16 on GPU
-            scores = (feats @ text.T).view(B, 1, V, Ncls)
-            pseudo = apply_rule("damp", scores, obs_dev[idx.to(device)], dynamic=False)
-        return train_step(x, idx, pseudo)
+    @torch.no_grad()
+    def clip_scores(pos: Any) -> torch.Tensor:
+        p = torch.as_tensor(pos)
+        feats = backend.encode_image(clip_views(p))  # unit norm, autocast bf16 on GPU
+        return (feats @ text.T).view(len(p), 1, V, Ncls)  # fresh scores: one variant
 
-    variants: Dict[str, Callable[[int], float]] = {"cached": step_cached, "clip": step_clip}
+    rule_clip = S.RuleRunner("damp", {}, False, clip_scores, obs_dev)
+    counter = {"step": 0}
+
+    def run_step(b: int, rule: Any) -> torch.Tensor:
+        """One call of vlpl's train_step on batch b; the loss stays on the device (no per-step sync)."""
+        batch = S.TrainBatch(images=x_batches[b].to(device, non_blocking=True), index=idx_batches[b],
+                             flip=flip_batches[b], epoch=1, step=counter["step"])
+        counter["step"] += 1
+        return S.train_step(batch, model, loss_fn, rule, state).terms["loss"]
+
+    def step_cached(b: int) -> torch.Tensor:
+        return run_step(b, rule_cached)
+
+    def step_clip(b: int) -> torch.Tensor:
+        return run_step(b, rule_clip)
+
+    variants: Dict[str, Callable[[int], torch.Tensor]] = {"cached": step_cached, "clip": step_clip}
 
     # ---- FLOPs (one sample each) ---------------------------------------------------------------
     f_bb = forward_flops(model, torch.zeros(1, 3, args.image_size, args.image_size, device=device))
@@ -194,7 +201,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     for _ in range(args.rounds):
         with C.Timer(device) as t:
             for s in range(args.steps):
-                clip_views(s % args.num_batches)
+                clip_views(idx_batches[s % args.num_batches])
         view_s.append(t.seconds / args.steps)
     views_ms = 1e3 * C.median(view_s)
 
@@ -230,8 +237,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         "cosine with the text embeddings, DAMP on the device.",
         "The class text embeddings are computed once, outside the steps (AEVLP's frozen prompt learner may run the "
         "text tower and its relation GCN each step; not counted here, which favours the clip variant).",
-        "Both variants share one model and optimizer; GPR loss (COCO defaults, epoch 1 of 8); Adam with lr 1e-5 "
-        "(backbone) / 1e-4 (head); the loss is read back every step (a device sync), as the trainer does.",
+        "Both variants call vlpl.train.step.train_step (the function vlpl train runs) and share one model and "
+        "optimizer; GPR loss (COCO defaults, epoch 1 of 8); Adam with lr 1e-5 (backbone) / 1e-4 (head) from "
+        "vlpl.train.optim.create_optimizer; no per-step device sync (the trainer reads the loss every log_every "
+        "steps), the timer syncs at the ends of each round.",
         "Weights are random (backbone and CLIP): speed does not depend on them.",
         "FLOPs: torch.utils.flop_counter.FlopCounterMode (matmuls and convolutions only; attention counted on SDPA's math path, CLIP counted off nn.MultiheadAttention's fused no-grad fast path, which the counter misses), one sample; "
         "expected_ratio = (3 F_backbone + V F_clip) / (3 F_backbone). backbone_train_flops_counted is the "

@@ -49,6 +49,30 @@ def test_train_throughput_smoke(tmp_path: Path) -> None:
     assert res["ratio"] == pytest.approx(saved["ratio"])
 
 
+def test_train_benchmark_times_vlpls_train_step(tmp_path: Path, monkeypatch) -> None:
+    """The benchmark's steps are calls of vlpl.train.step.train_step, the function ``vlpl train`` runs
+    (issue 8 item 1): with a counting wrapper in its place, every timed and warm-up step goes through it."""
+    import vlpl.train.step as step_mod
+
+    calls = []
+    real = step_mod.train_step
+
+    def counting(batch, model, loss, rule, state):
+        calls.append((rule.name, rule.dynamic, batch.step, tuple(batch.index.tolist())))
+        return real(batch, model, loss, rule, state)
+
+    monkeypatch.setattr(step_mod, "train_step", counting)
+    mod = _load("train_throughput")
+    mod.main(["--backbone", "test_resnet", "--image-size", "64", "--clip", "vlpl-tiny", "--grid", "2",
+              "--batch-size", "2", "--steps", "2", "--warmup", "1", "--rounds", "1", "--num-batches", "2",
+              "--classes", "10", "--device", "cpu", "--out", str(tmp_path / "t.json")])
+    # warmup: 1 step per variant, then 1 round x 2 steps per variant; the cached rule draws flips (dynamic)
+    assert [(n, d) for n, d, _, _ in calls] == [("damp", True), ("damp", False)] + \
+        [("damp", True)] * 2 + [("damp", False)] * 2
+    assert [c[3] for c in calls[2:4]] == [(0, 1), (2, 3)]  # batches cycled, sample indices carried
+    assert [c[2] for c in calls] == list(range(6))  # each step its own seed
+
+
 def test_pseudolabel_throughput_smoke(tmp_path: Path) -> None:
     mod = _load("pseudolabel_throughput")
     out = tmp_path / "pl.json"
