@@ -19,13 +19,15 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
+from vlpl.pseudolabel.params import DampParams
+
 log = logging.getLogger(__name__)
 
 REAL_CLIP = ("ViT-B-32", "laion2b_s34b_b79k")
 REAL_BACKBONE = "resnet18"
 HUB_HOST = ("huggingface.co", 443)
-# AEVLP's COCO row (ALGORITHMS.md 7e) for the DAMP rule
-DAMP = {"temp": 0.01, "eta": 0.3, "threshold": 0.5, "top_k": 3, "negative_ratio": 0.3}
+# AEVLP's COCO row (ALGORITHMS.md 7e) for the DAMP rule: the rule's own defaults (one home)
+DAMP = DampParams().to_dict()
 
 
 @dataclass
@@ -137,8 +139,8 @@ def _pseudo_label_table(store_root: Path, max_rows: int = 40) -> str:
     scores = torch.from_numpy(train.scores(pos))  # (n, n_variants, n_views, C)
     observed = train.observed[:n]
     pseudo = apply_rule("damp", scores, torch.from_numpy(observed), dynamic=False, **DAMP).numpy()
-    known, labels = train.known_labels()
-    truth = {int(i): set(cls[c] for c in np.nonzero(row)[0]) for i, row in zip(known, labels)}
+    known = np.nonzero(train.labels_known[:n])[0]
+    truth = {int(i): set(cls[c] for c in np.nonzero(row)[0]) for i, row in zip(known, train.labels_at(known))}
     lines = ["", "DAMP pseudo-labels on the training images (observed = the one given label; "
              "pseudo = what DAMP adds; + correct, - wrong):",
              f"  {'image':28s} {'observed':10s} {'pseudo-positives':34s} true labels"]
