@@ -44,6 +44,7 @@ CHECKPOINT_RE = re.compile(r"^step_(\d{9})$")
 TMP_PREFIX = ".tmp-"
 FILES = ("model.safetensors", "loss.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "progress.json")
 COMPLETE = "complete.json"
+SELF_KEY = "complete_sha256"  # complete.json's checksum of its own content (a flipped bit there is detected too)
 
 
 class CheckpointError(ValueError):
@@ -103,6 +104,11 @@ def _write_file(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _self_checksum(complete: Dict[str, Any]) -> str:
+    body = {k: v for k, v in complete.items() if k != SELF_KEY}
+    return sha256_bytes(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
 
 
 def _fsync_dir(path: Path) -> None:
@@ -195,6 +201,7 @@ def save_checkpoint(ckdir: Path, step: int, model_state: Dict[str, torch.Tensor]
                 fault_point("checkpoint")
         complete = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": int(step),
                     "epoch": int(progress.get("epoch", 0)), "sha256": hashes}
+        complete[SELF_KEY] = _self_checksum(complete)
         current = tmp / COMPLETE
         _write_file(current, (json.dumps(complete, indent=1, sort_keys=True) + "\n").encode())
         _fsync_dir(tmp)
@@ -277,6 +284,9 @@ def verify_checkpoint(path: Path) -> Dict[str, bytes]:
             f"Refusing to load it (checkpoints are never unpickled with code execution; a folder from "
             f"`accelerate save_state` or vlpl < 0.2 cannot be resumed)")
     complete = _read_json(path / COMPLETE)
+    if complete.get(SELF_KEY) != _self_checksum(complete):
+        raise CheckpointCorrupt(f"{path / COMPLETE}: its checksum does not match its content (changed after it "
+                                f"was written)")
     if complete.get("format") != FORMAT or complete.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path / COMPLETE}: format {complete.get('format')!r} version "
                               f"{complete.get('format_version')!r}, expected {FORMAT!r} version {FORMAT_VERSION}")
@@ -328,7 +338,8 @@ def load_checkpoint(path: Path) -> CheckpointContent:
 def load_latest(ckdir: Path) -> Optional[CheckpointContent]:
     """The newest checkpoint under ``ckdir`` that verifies; a corrupt one is skipped with a warning naming
     the file (resume then continues from the one before). A folder that must not be loaded (foreign files,
-    a pickle that is not plain data) stops with :class:`CheckpointError`. ``None`` when there is none."""
+    a pickle that is not plain data), or checkpoints none of which verifies, stop with
+    :class:`CheckpointError`. ``None`` when there is no checkpoint at all."""
     foreign = foreign_entries(ckdir)
     if foreign:
         raise CheckpointError(
@@ -337,11 +348,16 @@ def load_latest(ckdir: Path) -> Optional[CheckpointContent]:
             f"ever unpickled with code execution; a checkpoint of vlpl < 0.2 or `accelerate save_state` cannot "
             f"be resumed: start a new run, or remove the entry if you trust where it came from)")
     cks = list_checkpoints(ckdir)
+    errors = []
     for i, path in enumerate(reversed(cks)):
         try:
             return load_checkpoint(path)
         except CheckpointCorrupt as e:
             older = cks[len(cks) - 2 - i] if len(cks) - 2 - i >= 0 else None
+            errors.append(str(e))
             log.warning("checkpoint %s is corrupt: %s; %s", path.name, e,
-                        f"falling back to {older.name}" if older else "no older checkpoint: starting over")
+                        f"falling back to {older.name}" if older else "no older checkpoint")
+    if cks:
+        raise CheckpointError(f"{ckdir}: no checkpoint verifies ({'; '.join(errors)}); refusing to start over "
+                              f"silently: move the folder away to train from scratch")
     return None
