@@ -7,7 +7,8 @@ accumulation group - the loss's own gradient averaging, the optimizer step and `
 
 Every random draw is a function of ``(seed, epoch, step)``: the rule's flip draws use a generator seeded
 from them, and the global torch RNG (dropout, stochastic depth) is re-seeded from them before the forward
-pass. A run resumed at any step therefore draws what an uninterrupted run draws.
+pass (with the process index: each process its own dropout masks). A run resumed at any step therefore draws
+what an uninterrupted run draws.
 
 No host synchronisation happens here: the loss terms are returned as (detached) device tensors; the loop
 reads them every ``log_every`` steps.
@@ -103,9 +104,10 @@ class RuleRunner:
                           dynamic=self.dynamic, generator=gen, **self.params)
 
 
-def step_seed(seed: int, epoch: int, step: int) -> int:
-    """The seed of the global torch RNG for micro-step ``step`` of ``epoch`` (dropout and the like)."""
-    return mix_seed(seed, SEED_STEP, epoch, step)
+def step_seed(seed: int, epoch: int, step: int, process_index: int = 0) -> int:
+    """The seed of the global torch RNG for micro-step ``step`` of ``epoch`` in process ``process_index``
+    (dropout and the like: each process its own masks, the same ones again after a resume)."""
+    return mix_seed(seed, SEED_STEP, epoch, step, process_index)
 
 
 def train_step(batch: TrainBatch, model: nn.Module, loss: SPMLLoss, rule: Optional[RuleRunner],
@@ -120,7 +122,7 @@ def train_step(batch: TrainBatch, model: nn.Module, loss: SPMLLoss, rule: Option
         b = len(local)
         start = state.process_index * b if batch.global_index is not None else 0
         pseudo = pseudo_all[start:start + b].to(state.device, non_blocking=True)
-    torch.manual_seed(step_seed(state.seed, batch.epoch, batch.step))
+    torch.manual_seed(step_seed(state.seed, batch.epoch, batch.step, state.process_index))
     sync_ctx = nullcontext() if batch.sync else state.no_sync(model)
     with sync_ctx:
         with state.autocast():
