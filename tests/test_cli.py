@@ -64,6 +64,9 @@ def _probe(args: List[str], cwd: Optional[Path] = None, pythonpath: Optional[Pat
     (["train", "method=aevlp", "dataset=coco", "store=x", "out=y"], r"no row for 'coco'"),
     (["pseudolabel", "data.root=.", "out=o", "views.gird=3"], r"unknown key 'views\.gird'"),
     (["pseudolabel", "data.root=no/such/root", "out=o"], r"data\.root: 'no/such/root' does not exist"),
+    (["pseudolabel", "-c", "datasets/coco2014.yaml", "data.root=.", "out=o"],
+     r"data\.annotations\.train: 'annotations/instances_train2014\.json' does not exist \(data\.root is '\.'\)"),
+    (["pseudolabel", "data.root=.", "data.labels=lbls.csv", "out=o"], r"data\.labels: 'lbls\.csv' does not exist \(data\.root is '\.'\)"),
     (["evaluate", "store=x", "rules={damp: {negatives: maybe}}"], r"rules\.damp\.negatives: must be one of"),
     (["evaluate", "run=no/such/run"], r"run: 'no/such/run' does not exist"),
 ])

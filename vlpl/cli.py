@@ -106,11 +106,26 @@ def _check_store(key: str, path: Optional[str]) -> None:
                           f"build one with `vlpl pseudolabel`")
 
 
+def _check_data_paths(data: Any) -> None:
+    """The data root and every file or folder the data config names explicitly (relative to the root):
+    each must exist. Files a reader finds by its own defaults are checked by the reader."""
+    from vlpl.config import resolve_path
+
+    _missing("data.root", data.root)
+    named = {"data.classes": data.classes, "data.labels": data.labels, "data.image_root": data.image_root,
+             "data.observed.file": data.observed.file}
+    named.update({f"data.annotations.{k}": v for k, v in data.annotations.items()})
+    named.update({f"data.image_dirs.{k}": v for k, v in data.image_dirs.items()})
+    for key, value in named.items():
+        if value is not None:
+            _missing(key, str(resolve_path(data.root, value)), f" (data.root is {data.root!r})")
+
+
 def cmd_pseudolabel(args: argparse.Namespace) -> int:
     from vlpl.config import PseudolabelConfig, load_config
 
     cfg = load_config(PseudolabelConfig, args.config, args.overrides)
-    _missing("data.root", cfg.data.root)
+    _check_data_paths(cfg.data)
     from vlpl.pseudolabel.stage import run_pseudolabel
 
     out = run_pseudolabel(cfg)
