@@ -607,6 +607,14 @@ class ScoreStore:
                                  f"is corrupt or from another store")
         return t
 
+    def _decode(self, k: int, col: Any) -> Any:
+        """A column as numpy: ``(dense, valid)`` for fixed-size lists, an object array for strings; a value
+        that does not decode (e.g. bad UTF-8 in a store without page checksums) names the shard."""
+        try:
+            return _decode_fixed(col) if pa.types.is_fixed_size_list(col.type) else _strings(col)
+        except Exception as e:  # noqa: BLE001
+            raise self._corrupt(k, e) from None
+
     def _row_groups(self, k: int) -> np.ndarray:
         """First row of each row group of shard k, plus the end."""
         rg = self._rg_starts.get(k)
@@ -623,7 +631,7 @@ class ScoreStore:
         hit = self._cache.get(key)
         if hit is not None:
             return hit
-        arr, valid = _decode_fixed(self._read(k, ["scores"], [g]).column("scores"))
+        arr, valid = self._decode(k, self._read(k, ["scores"], [g]).column("scores"))
         arr = arr.astype(np.float16, copy=False)
         if not valid.all():
             arr[~valid] = np.nan
@@ -658,9 +666,9 @@ class ScoreStore:
             for name in columns:
                 col = t.column(name)
                 if pa.types.is_fixed_size_list(col.type):
-                    out[name], out[f"{name}_valid"] = _decode_fixed(col)
+                    out[name], out[f"{name}_valid"] = self._decode(k, col)
                 else:
-                    out[name] = _strings(col)
+                    out[name] = self._decode(k, col)
             yield int(self._starts[k]), out
 
     # -- row metadata and splits ----------------------------------------------------------------------
@@ -704,8 +712,8 @@ class ScoreStore:
                 at = np.nonzero(shard == k)[0]
                 local = rows[at] - self._starts[k]
                 t = self._read(int(k), ["observed", "labels"])
-                obs, _ = _decode_fixed(t.column("observed"))
-                lab, lvalid = _decode_fixed(t.column("labels"))
+                obs, _ = self._decode(int(k), t.column("observed"))
+                lab, lvalid = self._decode(int(k), t.column("labels"))
                 observed[at] = obs[local]
                 labels[at] = lab[local]
                 known[at] = lvalid[local]
