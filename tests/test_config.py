@@ -146,3 +146,10 @@ def test_a_head_name_and_its_params_merge_across_layers(tmp_path: Path):
     b.write_text("student: {head: {params: {scale: 3}}}\n")
     cfg = load_config(TrainConfig, [a, b], TRAIN)
     assert (cfg.student.head.name, cfg.student.head.params) == ("other", {"scale": 3})
+
+
+def test_a_dotted_override_into_a_mapping_keeps_its_other_default_entries():
+    from vlpl.config import PseudolabelConfig
+
+    cfg = load_config(PseudolabelConfig, [], ["data.root=/d", "out=/o", "data.hf_splits.test=validation"])
+    assert cfg.data.hf_splits == {"train": "train", "test": "validation"}

@@ -424,6 +424,11 @@ def _build(cls: Type[T], data: Dict[str, Any], sources: Dict[str, str], prefix: 
             kwargs[k] = _build(tp, v, sources, prefix=f"{key}.")
         else:
             kwargs[k] = _coerce(v, tp, key, src)
+            default = fields[k].default_factory() if fields[k].default_factory is not MISSING else None
+            if isinstance(default, dict) and default and isinstance(kwargs[k], dict):
+                # a mapping with built-in entries (e.g. data.hf_splits): a file or an override sets some
+                # entries and keeps the others, as ``data.hf_splits.test=validation`` means
+                kwargs[k] = {**default, **kwargs[k]}
     for name, f in fields.items():
         if f.metadata.get("required") and kwargs.get(name) is None:
             raise ConfigError(
