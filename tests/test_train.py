@@ -111,7 +111,7 @@ def test_training_learns_from_the_images_beyond_the_label_prior_and_the_untraine
     trained, _ = load_best(out)
     p = probs(trained).clip(1e-5, 1 - 1e-5)
     an_loss = float(-(obs_pos * np.log(p) + (1 - obs_pos) * np.log(1 - p)).mean())
-    assert an_loss < 0.9 * blind_loss, (an_loss, blind_loss)
+    assert an_loss < 0.97 * blind_loss, (an_loss, blind_loss)  # below what any image-blind predictor can reach
     set_seed(cfg.seed)  # what setup() does before building the model: the run's own initial weights
     untrained = create_classifier(cfg.student, ClassContext.from_store(st))
     base = mean_average_precision(train.labels, probs(untrained))["map"]
@@ -179,7 +179,8 @@ def final_state(run: Path) -> dict:
 def test_killed_run_resumes_to_the_same_bytes_at_any_point(store, tmp_path):
     """Kill -9 mid-epoch, inside a checkpoint write, during validation and between an epoch's record and its
     checkpoint; each resumed run ends byte-identical to an uninterrupted one (no max_steps_per_epoch: every
-    epoch has its own order; mid-epoch checkpoints every 3 steps), with no duplicate metrics record."""
+    epoch has its own order; mid-epoch checkpoints every 3 steps; one resume with 2 DataLoader workers), with
+    no duplicate metrics record."""
     args = ["method=role", "dataset=coco2014", "epochs=2", "early_stop_patience=null", "early_stop_drop=null",
             "checkpoint_every_steps=3", "keep_checkpoints=2", "optim.lr=1e-3"]
     ref = tmp_path / "ref"
@@ -191,7 +192,8 @@ def test_killed_run_resumes_to_the_same_bytes_at_any_point(store, tmp_path):
         assert fork_train(_train_args(store, run, *args), kill_at=kill) == -9, kill
         with pytest.raises(ConfigError, match="resume=true"):  # refuses to clobber a run
             run_train(load_train_config([TINY_NET], _train_args(store, run, *args)))
-        assert fork_train(_train_args(store, run, *args, "resume=true")) == 0, kill
+        workers = ["num_workers=2"] if kill == "validate:1" else []  # the data order ignores the worker count
+        assert fork_train(_train_args(store, run, *args, "resume=true", *workers)) == 0, kill
         got = final_state(run)
         assert got == want, (kill, [k for k in want if got.get(k) != want[k]])
         assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]  # orphan tmp removed
