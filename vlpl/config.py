@@ -274,7 +274,10 @@ class EvaluateConfig:
     # store alone, damp and vlpl with their defaults)
     rules: Optional[Dict[str, Dict[str, Any]]] = None
     pseudo_split: str = "train"  # pseudo-label quality is measured where pseudo-labels are used
-    thresholds: List[float] = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 20)])
+    # pseudo-label threshold sweep: log-spaced below 0.05 (softmax scores at temp 0.01 over many classes are
+    # small), then every 0.05; plotted on a log axis
+    thresholds: List[float] = field(default_factory=lambda: [0.001, 0.002, 0.005, 0.01, 0.02] + [
+        round(0.05 * i, 2) for i in range(1, 20)])
     f1_threshold: float = 0.5
     top_k: int = 3
     plots: bool = True
