@@ -199,10 +199,10 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait(timeout=60)
 
 
-def _kill_at(b: Bench, k: int, delay: float) -> Tuple[str, int, List[str]]:
+def _kill_at(b: Bench, k: int, delay: float, on_temp: bool = False) -> Tuple[str, int, List[str]]:
     """Start a CLI run on a fresh store, SIGKILL it once ``k`` shards exist (``k = 0``: once the store
-    exists) plus ``delay`` seconds. Returns (where the kill landed, shards complete at the kill, temp
-    files left)."""
+    exists) plus ``delay`` seconds; with ``on_temp``, inside the next file write after that (the run is
+    frozen with SIGSTOP while a temporary file exists, then killed). Returns (where the kill landed, shards complete at the kill, temp files left)."""
     store = b.fresh()
     proc = subprocess.Popen(_cli(b.data, store), env=_cli_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True)
@@ -213,12 +213,18 @@ def _kill_at(b: Bench, k: int, delay: float) -> Tuple[str, int, List[str]]:
                 err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
                 assert proc.returncode == 0, f"the run failed before the kill: {err[-3000:]}"
                 return "after the run ended", len(shard_files(store)), temp_files(store)
-            started = (store / "manifest.json").exists()
-            if started and len(shard_files(store)) >= k:
-                break
             assert time.monotonic() < deadline, f"no progress in {RUN_TIMEOUT_S}s (hang?)"
-            time.sleep(0.002)
-        time.sleep(delay)
+            reached = (store / "manifest.json").exists() and len(shard_files(store)) >= k
+            if reached and not on_temp:
+                break
+            if reached and temp_files(store):  # a write is under way: freeze the run, then look again
+                os.killpg(proc.pid, signal.SIGSTOP)
+                if temp_files(store):
+                    break  # frozen inside the write: the SIGKILL below lands there
+                os.killpg(proc.pid, signal.SIGCONT)
+            elif not reached:
+                time.sleep(0.002)
+        time.sleep(0.0 if on_temp else delay)
         if proc.poll() is not None:
             return "after the run ended", len(shard_files(store)), temp_files(store)
         done = len(shard_files(store))
@@ -229,13 +235,16 @@ def _kill_at(b: Bench, k: int, delay: float) -> Tuple[str, int, List[str]]:
             _kill_group(proc)
         if proc.stderr:
             proc.stderr.close()
-    if done == 0:
+    tmps = temp_files(store)
+    if on_temp and tmps:
+        where = "inside a file write (temp file open)"
+    elif done == 0:
         where = "before the first shard"
     elif done < N_SHARDS:
         where = "between/inside shard writes"
     else:
         where = "after the run ended" if manifest_done else "during finalize (index, manifest)"
-    return where, done, temp_files(store)
+    return where, done, tmps
 
 
 def _complete(store: Path) -> bool:
@@ -252,10 +261,14 @@ def test_kill9_at_random_points_then_resume(bench, record_fault):
     ok = lost = orphans_seen = 0
     failures: List[str] = []
     for t in range(n):
-        # k = 0..N_SHARDS, spread so that a bounded run still hits early, middle and finalize kills
-        k = [0, N_SHARDS // 2, N_SHARDS][t] if t < 3 else rng.randint(0, N_SHARDS)
+        # k = 0..N_SHARDS; the bounded run kills early, inside a write (the moment a temp file exists) and
+        # during finalize; the long run draws the rest, a quarter of them inside writes
+        if t < 3:
+            k, on_temp = [(0, False), (N_SHARDS // 2, True), (N_SHARDS, False)][t]
+        else:
+            k, on_temp = rng.randint(0, N_SHARDS), rng.random() < 0.25
         delay = rng.uniform(0.0, 0.08)
-        where, done, tmps = _kill_at(bench, k, delay)
+        where, done, tmps = _kill_at(bench, k, delay, on_temp)
         where_counts[where] = where_counts.get(where, 0) + 1
         orphans_seen += len(tmps)
         try:
