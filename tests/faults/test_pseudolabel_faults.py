@@ -44,7 +44,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
-from tests.conftest import TINY_TEACHER, make_subset_dataset
+from tests.conftest import REPO_ROOT, TINY_TEACHER, make_subset_dataset
 from tests.faults.conftest import trials
 
 pytestmark = pytest.mark.slow  # each test starts real runs (seconds each); `pytest -m "not slow"` skips them
@@ -567,6 +567,43 @@ def test_disk_full_at_a_random_byte_then_rerun(bench, record_fault, monkeypatch)
                  f"error names the file and 'no space left'; no temp file; completed shards kept; re-run store "
                  f"identical; failures hit: {hit}; seed {SEED + 1}")
     assert not failures, "\n".join(failures)
+
+
+_CLI_DISK_FULL = """\
+import sys
+sys.path.insert(0, sys.argv[1])
+import pytest
+from tests.faults.test_pseudolabel_faults import disk_full
+from vlpl.cli import main
+with disk_full(pytest.MonkeyPatch(), sys.argv[2], int(sys.argv[3])):
+    rc = main(sys.argv[4:])
+sys.exit(rc)
+"""
+
+
+def test_disk_full_through_the_cli_is_a_clear_message_not_a_traceback(bench, record_fault):
+    """What a user sees: ``vlpl pseudolabel`` on a full disk exits 2 with one line naming the file and the
+    cause (no traceback), and the same command with space completes the reference store."""
+    store = bench.fresh()
+    budget = sum(p.stat().st_size for p in _files(bench.ref).values()) // 2  # the disk fills mid-way
+    cmd = [sys.executable, "-c", _CLI_DISK_FULL, str(REPO_ROOT), str(store), str(budget),
+           "pseudolabel", "--config", str(TINY_TEACHER), *_overrides(bench.data, store)]
+    r = subprocess.run(cmd, env=_cli_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
+    checks = {
+        "exit status 2": r.returncode == 2,
+        "no traceback": "Traceback" not in r.stderr,
+        "one line naming the cause and a file of the store": last.startswith("vlpl pseudolabel: error: ")
+        and "no space left" in last.lower() and str(store) in last,
+        "no temp file": not temp_files(store),
+    }
+    r2 = subprocess.run(_cli(bench.data, store), env=_cli_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    diff = store_diff(store, bench.ref) if r2.returncode == 0 else ["the re-run failed: " + r2.stderr[-2000:]]
+    checks["re-run gives the reference store"] = not diff
+    record_fault("pseudolabel", "disk full under the CLI", 1, int(all(checks.values())), int(bool(diff)),
+                 f"exit 2 with one message line ({last.replace(str(store), 'STORE')[:150]!r}), no traceback, no temp file; the same command "
+                 "with space completes the store, identical to the reference")
+    assert all(checks.values()), (checks, r.returncode, r.stderr[-3000:])
 
 
 # --------------------------------------------------------------------------------------------------
