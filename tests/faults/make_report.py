@@ -243,13 +243,15 @@ SECURITY_MODEL = [
     "| checkpoints and saved models (`checkpoints/step_*/`, `best/`) | data only | weights in safetensors; "
     "optimizer, scheduler and RNG states read with `torch.load(weights_only=True)` (tensors and plain data); "
     "JSON and `.npy` with `allow_pickle=False`; a file the format does not list (e.g. accelerate's "
-    "`custom_checkpoint_*.pkl`) is refused unread; sha256 of every file checked on resume "
-    "(`vlpl/train/checkpoint.py`, `vlpl/train/model_io.py`) |",
-    "| code named in a config or checkpoint | never imported | heads, losses and rules are chosen by registered "
-    "name; a saved config or checkpoint names no module, and none is imported from it "
-    "(`vlpl/registry.py`) |",
+    "`custom_checkpoint_*.pkl`) is refused unread; the sha256 of every file is recorded when it is written and "
+    "checked when it is loaded, so a flipped bit is named (`vlpl/train/checkpoint.py`, "
+    "`vlpl/train/model_io.py`) |",
+    "| code named in a config or checkpoint | never imported | heads, losses and rules are looked up by "
+    "registered name only; a checkpoint can only name a head that is already registered, and no module named "
+    "in a config, saved run or checkpoint is imported (`vlpl/registry.py`, `vlpl/train/model_io.py`) |",
     "| plugins (your own loss, rule or head) | trusted, by your choice | only from the command line "
-    "(`--plugin MODULE`) or installed `vlpl.plugins` entry points (`vlpl/plugins.py`) |",
+    "(`--plugin MODULE`) or installed `vlpl.plugins` entry points; a config with a `plugins` key is refused "
+    "(`vlpl/plugins.py`) |",
     "| teacher and student weights | chosen by name | open_clip / timm factories; local or hub weights loaded "
     "with `weights_only=True` where the library offers it |",
     "| image paths in file lists | confined | resolved (symlinks too) and kept inside the data root; absolute "
@@ -271,6 +273,10 @@ SECURITY_MODEL = [
     "| partial writes | never visible | every output is written to a temporary name, fsynced and renamed; "
     "temporary files left by a killed run are removed by the next; a full disk or a permission error is a "
     "message naming the file and the cause (`vlpl/store/atomic.py`) |",
+    "",
+    "Not covered: a plugin or installed package runs with the user's rights like any module they import; "
+    "pretrained weights chosen by name are trusted as the library that fetches them trusts them; outputs go "
+    "where the config says (`out`, `store`), with the user's permissions.",
     "",
 ]
 
