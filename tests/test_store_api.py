@@ -156,6 +156,10 @@ def test_reader_cache_is_bounded(coco256_store):
     for idx in (np.arange(len(sp_small))[::-7], np.arange(len(sp_small))):
         assert np.array_equal(sp_small.scores(idx), sp_big.scores(idx))
         assert small._cache.nbytes <= group_bytes and len(small._cache.items) == 1
+    # a streamed pass keeps its own few row groups, not the random-access cache
+    fresh = ScoreStore(coco256_store)
+    assert sum(len(p) for p, _ in fresh.split("train").iter_scores(16)) == len(sp_big)
+    assert fresh._cache.nbytes == 0
 
 
 @pytest.fixture(scope="module")

@@ -64,7 +64,8 @@ STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 ROW_GROUP_SIZE = 256
 MANIFEST_CHECKSUM_KEY = "manifest_sha256"
-DEFAULT_CACHE_BYTES = 512 << 20
+DEFAULT_CACHE_BYTES = 4 << 30  # decoded float16 scores kept for random access (training batches)
+STREAM_CACHE_BYTES = 64 << 20  # what one sequential pass (iter_scores) keeps
 # Keys of the manifest whose values must match for a run to add to (resume) an existing store.
 IDENTITY_KEYS = ("model", "templates_sha256", "classes_sha256", "views", "samples_sha256", "shard_size",
                  "score_kind", "score_format", "decode")
@@ -383,6 +384,16 @@ def _flatten_keep(arr: pa.FixedSizeListArray) -> pa.Array:
     return arr.values.slice(arr.offset * arr.type.list_size, len(arr) * arr.type.list_size)
 
 
+def _validity(col: pa.Array) -> np.ndarray:
+    """(n,) bool: which rows are not null, from the validity bitmap (``is_null()`` on nested fixed-size
+    lists costs ~1 ms per row)."""
+    n = len(col)
+    if col.null_count == 0:
+        return np.ones(n, bool)
+    bits = np.unpackbits(np.frombuffer(col.buffers()[0], np.uint8), bitorder="little")
+    return bits[col.offset : col.offset + n].astype(bool)
+
+
 def _decode_fixed(col: Any) -> Tuple[np.ndarray, np.ndarray]:
     """A fixed-size list column -> (dense (n, *shape) array, valid (n,) bool)."""
     if isinstance(col, pa.ChunkedArray):
@@ -393,7 +404,7 @@ def _decode_fixed(col: Any) -> Tuple[np.ndarray, np.ndarray]:
     while pa.types.is_fixed_size_list(ty):
         shape.append(ty.list_size)
         ty = ty.value_type
-    valid = ~np.asarray(col.is_null().to_numpy(zero_copy_only=False), bool)
+    valid = _validity(col)
     flat = col
     for _ in shape:
         flat = _flatten_keep(flat)
@@ -467,23 +478,31 @@ class SplitReader:
         return self._labels_dense[pos]
 
     def scores(self, idx: Any) -> np.ndarray:
-        """``(B, n_variants, n_views, C)`` float32 raw cosine scores of the rows at positions ``idx``."""
+        """``(B, n_variants, n_views, C)`` float32 raw cosine scores of the rows at positions ``idx``
+        (random access: decoded row groups stay in the store's byte-bounded cache)."""
+        return self._scores(idx, None)
+
+    def _scores(self, idx: Any, cache: Optional["_LRU"]) -> np.ndarray:
         pos = np.asarray(idx, dtype=np.int64).reshape(-1)
         if len(pos) and (pos.min() < 0 or pos.max() >= len(self.rows)):
             raise IndexError(f"split {self.name!r}: positions must be in [0, {len(self.rows)}); got "
                              f"{int(pos.min())}..{int(pos.max())}")
-        flat = self.store._read_scores(self.rows[pos])
+        flat = self.store._read_scores(self.rows[pos], cache)
         return self.store.view_spec.split_variants(flat)
 
     def iter_scores(self, batch_size: int, positions: Optional[Any] = None
                     ) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
-        """``(positions, scores)`` batches in order, over ``positions`` (default: the whole split)."""
+        """``(positions, scores)`` batches in order, over ``positions`` (default: the whole split).
+
+        One pass: it keeps only a few decoded row groups of its own (``STREAM_CACHE_BYTES``), not the
+        store's random-access cache, so memory stays bounded whatever the store's size."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         pos = np.arange(len(self.rows)) if positions is None else np.asarray(positions, dtype=np.int64).reshape(-1)
+        cache = _LRU(STREAM_CACHE_BYTES)
         for k in range(0, len(pos), batch_size):
             p = pos[k : k + batch_size]
-            yield p, self.scores(p)
+            yield p, self._scores(p, cache)
 
 
 class ScoreStore:
@@ -625,20 +644,21 @@ class ScoreStore:
             rg = self._rg_starts[k]
         return rg
 
-    def _group_scores(self, k: int, g: int) -> np.ndarray:
+    def _group_scores(self, k: int, g: int, cache: Optional[_LRU] = None) -> np.ndarray:
         """(rows of the group, V, C) float16 scores of row group g of shard k; NaN for failed rows."""
+        cache = self._cache if cache is None else cache
         key = (k, g)
-        hit = self._cache.get(key)
+        hit = cache.get(key)
         if hit is not None:
             return hit
         arr, valid = self._decode(k, self._read(k, ["scores"], [g]).column("scores"))
         arr = arr.astype(np.float16, copy=False)
         if not valid.all():
             arr[~valid] = np.nan
-        self._cache.put(key, arr)
+        cache.put(key, arr)
         return arr
 
-    def _read_scores(self, rows: np.ndarray) -> np.ndarray:
+    def _read_scores(self, rows: np.ndarray, cache: Optional[_LRU] = None) -> np.ndarray:
         """(B, V, C) float32 scores of store rows (any order)."""
         rows = np.asarray(rows, np.int64)
         out = np.empty((len(rows), self.view_spec.num_views, self.num_classes), np.float32)
@@ -654,7 +674,7 @@ class ScoreStore:
             group = np.searchsorted(rg, local, side="right") - 1
             for g in np.unique(group):
                 gsel = np.nonzero(group == g)[0]
-                out[sel[gsel]] = self._group_scores(int(k), int(g))[local[gsel] - rg[g]]
+                out[sel[gsel]] = self._group_scores(int(k), int(g), cache)[local[gsel] - rg[g]]
         return out
 
     def iter_shards(self, columns: Sequence[str]) -> Iterator[Tuple[int, Dict[str, np.ndarray]]]:
