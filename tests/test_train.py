@@ -411,7 +411,7 @@ def test_crafted_checkpoints_never_run_code(store, tmp_path):
     optimizer.pt is a code-running pickle with correct hashes: resume refuses both and the pickles never run."""
     import shutil
 
-    from vlpl.train.checkpoint import CheckpointError, sha256_bytes
+    from vlpl.train.checkpoint import CheckpointError, _self_checksum, sha256_bytes
 
     marker = tmp_path / "pwned"
     run = tmp_path / "run"
@@ -430,6 +430,7 @@ def test_crafted_checkpoints_never_run_code(store, tmp_path):
     (ck / "optimizer.pt").write_bytes(evil)
     meta = json.loads((ck / "complete.json").read_text())
     meta["sha256"]["optimizer.pt"] = sha256_bytes(evil)
+    meta["complete_sha256"] = _self_checksum(meta)  # an attacker can recompute checksums: they are not the guard
     (ck / "complete.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match=r"optimizer\.pt: refused"):
         run_train(cfg)
