@@ -140,11 +140,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     _check_store("store", args.store)
     from vlpl.store.inspect import format_summary, summarize
 
-    s = summarize(args.store)
-    if args.verify:
+    verified = None
+    if args.verify:  # first, so that every bad shard is listed (the summary stops at the first one)
         from vlpl.store.store import ScoreStore
 
-        s["verify"] = ScoreStore(Path(args.store), require_complete=False).verify()
+        verified = ScoreStore(Path(args.store), require_complete=False).verify()
+    s = summarize(args.store)
+    if verified is not None:
+        s["verify"] = verified
     print(json.dumps(s, indent=2, default=str) if args.json else format_summary(s))
     if args.verify and not args.json:
         v = s["verify"]
