@@ -510,3 +510,23 @@ def test_identical_runs_write_identical_best_and_predictions(store, tmp_path):
         assert fa and fa == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b" / sub).iterdir())
         for f in fa:
             assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
+def test_checkpoint_cadence_in_steps_and_minutes_respects_accumulation(store, tmp_path):
+    """Mid-epoch checkpoints every N micro-steps or M minutes, only where an accumulation group ends (never
+    with gradients half-accumulated), plus one at every epoch end."""
+    from vlpl.train.checkpoint import list_checkpoints
+
+    def steps(run: Path) -> list:
+        return [int(p.name.split("_")[1]) for p in list_checkpoints(run / "checkpoints")]
+
+    base = ("method=an", "epochs=2", "max_steps_per_epoch=5", "grad_accum=2", "keep_checkpoints=0",
+            "checkpoint_every_minutes=null")
+    run_train(load_train_config([TINY_NET], _train_args(store, tmp_path / "n", *base, "checkpoint_every_steps=1")))
+    # epoch 1: groups end at steps 2, 4 and 5 (the epoch's end); epoch 2 at 7, 9 and 10
+    assert steps(tmp_path / "n") == [2, 4, 5, 7, 9, 10]
+    run_train(load_train_config([TINY_NET], _train_args(store, tmp_path / "s", *base, "checkpoint_every_steps=3")))
+    assert steps(tmp_path / "s") == [4, 5, 9, 10]  # 3 steps after the last checkpoint, at a group's end
+    run_train(load_train_config([TINY_NET], _train_args(store, tmp_path / "m", *base[:-1],
+                                                        "checkpoint_every_minutes=0.0")))
+    assert steps(tmp_path / "m") == [2, 4, 5, 7, 9, 10]
