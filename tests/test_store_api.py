@@ -410,3 +410,22 @@ def test_inspect_streams_and_matches_dense_statistics(failed_store, monkeypatch)
     assert [f["sample_id"] for f in out["failed_rows"]] == list(a["sample_id"][~ok])
     text = format_summary(out)
     assert "verified   4 shards" in text and "FAILED     row 2" in text
+
+
+def test_reads_never_hash_whole_shards(coco256_store, monkeypatch):
+    """The full sha256 is for resume (by the shard's writer) and verify(); every process reading the store
+    only checks page CRCs, so 8 readers do not hash the store 8 times."""
+    import vlpl.store.store as S
+
+    calls = []
+    monkeypatch.setattr(S, "sha256_file", lambda p: calls.append(p) or "x")
+    store = ScoreStore(coco256_store)
+    for name in store.splits():
+        sp = store.split(name)
+        sp.scores(np.arange(len(sp))[::3])
+        sum(len(p) for p, _ in sp.iter_scores(64))
+    store.failures()
+    assert calls == []
+    with pytest.raises(StoreError, match="sha256"):
+        store.verify()  # on demand it does hash (and here the patched hash cannot match)
+    assert len(calls) == len(store.shard_paths())
