@@ -406,7 +406,7 @@ def train_epoch(run: Run, epoch: int) -> None:
                         pin_memory=acc.device.type == "cuda")
     steps = order.steps_per_epoch
     loss_sum = torch.tensor(p.epoch_loss_sum, dtype=torch.float64, device=acc.device)
-    t_epoch = t_last = time.perf_counter()
+    t_epoch = t_last = t_start = time.perf_counter()
     wait, n_img_log = 0.0, 0
     W = acc.num_processes
     with progress_bar(total=steps - start, desc=f"epoch {epoch}/{cfg.epochs}", unit="step",
@@ -430,7 +430,7 @@ def train_epoch(run: Run, epoch: int) -> None:
             if log_step:
                 now = time.perf_counter()
                 ips = n_img_log / max(now - t_last, 1e-9)
-                rec = _step_record(run, epoch, out, ips, wait / max(now - t_epoch, 1e-9))
+                rec = _step_record(run, epoch, out, ips, wait / max(now - t_start, 1e-9))
                 run.metrics.write(rec)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{ips:.1f}")
                 t_last, n_img_log = now, 0
