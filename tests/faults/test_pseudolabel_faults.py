@@ -14,9 +14,13 @@ Every test compares against one uninterrupted reference store built from the sam
   writer and the FAISS index writer). The run must stop with an error naming the file and the cause,
   leave no temporary file, keep every completed shard intact, and a re-run with space must give the
   reference store.
-* **bit flips**: one random bit of a shard (the resume re-does the shard: the store comes back identical;
-  reading it first fails naming the shard, or reads identical values) and of ``manifest.json`` (reading
-  fails naming manifest.json; a resume refuses naming it or rebuilds the same store).
+* **bit flips** (recorded under the ``store`` stage): one random bit of a shard (reading it through the split
+  readers fails naming the shard, or reads identical values; the resume re-does the shard and the store
+  comes back identical), of a training shard's cached scores (``vlpl evaluate`` and ``vlpl train`` both stop
+  naming the shard) and of ``manifest.json`` (reading fails naming manifest.json; a resume refuses naming it
+  or rebuilds the same store).
+* **disk full under the CLI**: ``vlpl pseudolabel`` exits 2 with one line naming the file and the cause,
+  no traceback.
 * **orphans and the lock**: planted ``.tmp`` files are removed on resume; a second run on a store that a
   live run is writing is refused at once naming the owner's pid, and the first run's store is unharmed.
 
@@ -49,6 +53,7 @@ from tests.faults.conftest import trials
 
 pytestmark = pytest.mark.slow  # each test starts real runs (seconds each); `pytest -m "not slow"` skips them
 
+TINY_STUDENT = REPO_ROOT / "configs" / "models" / "tiny_classifier.yaml"
 N_IMAGES = 40
 SHARD_SIZE = 4
 N_SHARDS = N_IMAGES // SHARD_SIZE
@@ -675,9 +680,73 @@ def test_bit_flip_in_a_shard_is_detected_and_resume_redoes_it(bench, record_faul
             lost += 1
         else:
             ok += 1
-    record_fault("pseudolabel", "1-bit flip in a shard: read, then resume", n, ok, lost,
+    record_fault("store", "1-bit flip in a shard: read, then resume", n, ok, lost,
                  f"read through the split readers: {detected} detected naming the shard, {identical} read "
                  f"identical values; resume re-did the shard, store identical; seed {SEED + 2}")
+    assert not failures, "\n".join(failures)
+
+
+def _flip_in_scores(shard: Path, rng: random.Random) -> int:
+    """Flip one random bit inside the shard's ``scores`` column chunk (the data train and evaluate read)."""
+    import pyarrow.parquet as pq
+
+    md = pq.ParquetFile(shard).metadata
+    rg = md.row_group(rng.randrange(md.num_row_groups))
+    col = next(rg.column(c) for c in range(md.num_columns) if rg.column(c).path_in_schema.startswith("scores"))
+    pos = col.data_page_offset + rng.randrange(col.total_compressed_size)
+    data = bytearray(shard.read_bytes())
+    data[pos] ^= 1 << rng.randrange(8)
+    shard.write_bytes(bytes(data))
+    return pos
+
+
+def _evaluate_store(store: Path, out: Path) -> None:
+    """``vlpl evaluate`` in store mode on the training split (zero-shot scores and pseudo-label quality)."""
+    from vlpl.config import EvaluateConfig
+    from vlpl.eval.stage import run_evaluate
+
+    run_evaluate(EvaluateConfig(store=str(store), split="train", out=str(out), plots=False))
+
+
+def _train_on(store: Path, out: Path) -> None:
+    """``vlpl train`` (AEVLP recipe, tiny student) for one epoch on the store."""
+    from vlpl.train.loop import run_train
+    from vlpl.train.recipes import load_train_config
+
+    run_train(load_train_config([str(TINY_STUDENT)], [f"store={store}", f"out={out}", "method=aevlp",
+                                                      "dataset=coco2014", "epochs=1", "num_workers=0",
+                                                      "progress=false"]))
+
+
+def test_bit_flip_in_scores_stops_evaluate_and_train_naming_the_shard(bench, record_fault, tmp_path):
+    """End to end: a flipped bit in the cached scores of a training shard stops ``vlpl evaluate`` and
+    ``vlpl train`` with an error naming that shard (it never becomes silently different training data)."""
+    from vlpl.store.store import ScoreStore
+
+    n = trials(1, 5)
+    rng = random.Random(SEED + 4)
+    train_shards = sorted({int(r) // SHARD_SIZE for r in ScoreStore(bench.ref).split("train").rows})
+    ok = lost = 0
+    failures: List[str] = []
+    for t in range(n):
+        store = bench.copy_ref()
+        shard = store / "shards" / f"part-{rng.choice(train_shards):05d}.parquet"
+        pos = _flip_in_scores(shard, rng)
+        outcome = {}
+        for stage, run in (("evaluate", _evaluate_store), ("train", _train_on)):
+            try:
+                run(store, tmp_path / f"{stage}{t}")
+                outcome[stage] = "ran on (undetected)"
+            except Exception as e:  # noqa: BLE001 - the error is the outcome under test
+                outcome[stage] = "stopped naming the shard" if shard.name in str(e) else f"unnamed: {e}"
+        if all(v == "stopped naming the shard" for v in outcome.values()):
+            ok += 1
+        else:
+            lost += any(v.startswith("ran on") for v in outcome.values())
+            failures.append(f"trial {t} ({shard.name} byte {pos}): {outcome}")
+    record_fault("store", "1-bit flip in a training shard's scores: evaluate and train", n, ok, lost,
+                 f"vlpl evaluate (store mode) and vlpl train on the flipped store both stop with an error naming the "
+                 f"shard; seed {SEED + 4}")
     assert not failures, "\n".join(failures)
 
 
@@ -716,6 +785,6 @@ def test_bit_flip_in_the_manifest_is_detected(bench, record_fault):
         else:
             lost += int(read == "READ A CHANGED MANIFEST" or resume.startswith("RESUME LEFT"))
             failures.append(f"{label}: {read}; {resume}")
-    record_fault("pseudolabel", "1-bit flip in manifest.json: read, then resume", n, ok, lost,
+    record_fault("store", "1-bit flip in manifest.json: read, then resume", n, ok, lost,
                  "; ".join(f"{v} {k}" for k, v in sorted(outcomes.items())) + f"; seed {SEED + 3}")
     assert not failures, "\n".join(failures)
