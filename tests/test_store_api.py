@@ -67,6 +67,15 @@ def test_viewspec_layout_round_trips(grid, flips):
         spec.split_variants(np.zeros((2, spec.num_views + 1, c)))
 
 
+def test_store_readers_are_torch_free():
+    """Readers of a store (inspect, export, config checks) import the layout and the reader without torch."""
+    code = ("import sys, vlpl.store.store, vlpl.store.views, vlpl.store.inspect; "
+            "print(sorted(m for m in ('torch', 'open_clip', 'timm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.stdout.strip() == "[]"
+
+
 def test_viewspec_index_errors():
     spec = ViewSpec(2, False, (8, 8))
     with pytest.raises(IndexError, match="tile"):
