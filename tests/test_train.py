@@ -530,3 +530,24 @@ def test_checkpoint_cadence_in_steps_and_minutes_respects_accumulation(store, tm
     run_train(load_train_config([TINY_NET], _train_args(store, tmp_path / "m", *base[:-1],
                                                         "checkpoint_every_minutes=0.0")))
     assert steps(tmp_path / "m") == [2, 4, 5, 7, 9, 10]
+
+
+@pytest.mark.slow
+def test_two_process_run_killed_mid_epoch_resumes_to_the_same_bytes(store, tmp_path):
+    """Under torchrun (2 processes, the case where accelerate re-seeded the sampler on resume): both ranks
+    SIGKILLed mid-epoch 2, resumed under torchrun; the end equals an uninterrupted 2-process run byte for byte
+    (LL-Cp: the corrections of both ranks are in the checkpoint)."""
+    from vlpl.train.checkpoint import KILL_ENV
+
+    args = ("method=ll_cp", "loss.params.delta_rel=0.05", "optim.lr=1e-3", "epochs=2", "max_steps_per_epoch=4",
+            "checkpoint_every_steps=3", "early_stop_patience=null", "early_stop_drop=null")
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    r = _torchrun(29551, _cli_train(store, ref, *args))
+    assert r.returncode == 0, r.stderr[-3000:]
+    killed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             "29552", "-m", "vlpl", *_cli_train(store, run, *args)[3:]],
+                            env={**_env(), KILL_ENV: "step:6"}, capture_output=True, text=True)
+    assert killed.returncode != 0 and not (run / "summary.json").exists()
+    r = _torchrun(29553, _cli_train(store, run, *args, "resume=true"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert final_state(run) == final_state(ref)
