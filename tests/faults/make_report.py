@@ -288,6 +288,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="a results .jsonl (default: tests/faults/.results/long.jsonl if it has records, else ci.jsonl)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"the page to write (default {DEFAULT_OUT})")
     ap.add_argument("--junit", type=Path, help="pytest JUnit XML of the same run (default: beside the results)")
+    ap.add_argument("--commit", help="the commit the run tested, when it is not the checkout's HEAD now")
     args = ap.parse_args(argv)
     source = args.results or default_results()
     try:
@@ -296,7 +297,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ReportError as e:
         print(f"make_report: {e}", file=sys.stderr)
         return 2
-    text = render(records, source, junit)
+    text = render(records, source, junit, commit=f"`{args.commit}`" if args.commit else None)
     sys.path.insert(0, str(REPO))
     from vlpl.store.atomic import atomic_write_text
 
