@@ -1,4 +1,4 @@
-"""Tests of the SPML loss registry (vlpl/train/losses.py) and schedules (vlpl/train/schedules.py).
+"""Tests of the SPML loss registry (the package vlpl/train/losses/) and schedules (vlpl/train/schedules.py).
 
 Expected values are computed by hand, per entry, with plain Python ``math`` from the formulas in
 ALGORITHMS.md (sections cited per test), never by calling the implementation.

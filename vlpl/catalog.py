@@ -133,7 +133,7 @@ def _markdown() -> str:
         "Everything `vlpl train` can combine, with every parameter's default, allowed values and meaning. The",
         "parameters live in one place each: `vlpl/pseudolabel/params.py` (rules), `vlpl/train/loss_params.py`",
         "(losses); a bad key or value is reported before any model is loaded. `vlpl train --list` prints the same.",
-        "Formulas: the docstrings of `vlpl/pseudolabel/rules.py` and `vlpl/train/losses.py`.",
+        "Formulas: the docstrings of `vlpl/pseudolabel/rules.py` and `vlpl/train/losses/` (one module per family).",
         "",
         "## Methods",
         "",

@@ -6,7 +6,7 @@ Every loss of :mod:`vlpl.train.losses` takes its defaults from its schema here (
 :class:`GPRParams`.
 
 Defaults are the COCO rows of the papers; the per-dataset values live in the method recipes
-(``configs/methods/*.yaml``). The formulas are in each loss class's docstring (vlpl/train/losses.py).
+(``configs/methods/*.yaml``). The formulas are in each loss class's docstring (the package vlpl/train/losses/).
 """
 from __future__ import annotations
 

@@ -1,0 +1,233 @@
+"""Full-label BCE and Cole et al.'s baselines (ALGORITHMS.md §2e): ``bce``, ``an``, ``an_ls``, ``wan``,
+``epr``, ``role``."""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List
+
+import torch
+from torch import nn
+
+from vlpl.registry import LOSSES
+from vlpl.train import loss_params as P
+from vlpl.train.losses.base import (
+    LossBatch,
+    SPMLLoss,
+    expected_positive_regularizer,
+    neg_log_neg,
+    neg_log_pos,
+    soft_bce,
+)
+
+# ROLE estimator initialisation (ALGORITHMS.md §2e).
+_ROLE_UNKNOWN_P = 0.6
+_ROLE_POS_P = 0.995
+_ROLE_NEG_P = 0.005
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1.0 - p))
+
+
+
+@LOSSES.register("bce")
+class FullLabelBCELoss(SPMLLoss):
+    """Full-label BCE: the full-label upper bound (train with ``observed`` = the full +-1 labels).
+
+    Per entry: ``l+(p)`` if ``z = 1``, ``l-(p)`` if ``z = -1``, ``0`` if ``z = 0`` (ignored); batch mean
+    over all B x C entries (ALGORITHMS.md §1, §2f "full labels (BCE)").
+
+    Args:
+        eps: inside ``l+``/``l-``; Cole's 1e-5.
+    """
+
+    def __init__(self, observed: Any, *, eps: float = P.BCEParams.eps) -> None:
+        super().__init__(observed, eps)
+
+    def forward(self, batch: LossBatch) -> Dict[str, torch.Tensor]:
+        _, p, _, m = self._prepare(batch)
+        terms = {
+            "obs_pos": m.pos * neg_log_pos(p, self.eps),
+            "obs_neg": m.neg * neg_log_neg(p, self.eps),
+        }
+        return self._finish(terms)
+
+
+@LOSSES.register("an")
+class AssumeNegativeLoss(SPMLLoss):
+    """AN, assume negative (ALGORITHMS.md §2e): ``L = l+(p)`` if ``z = 1`` else ``l-(p)``.
+
+    Observed ``-1`` entries also get ``l-(p)`` (logged as ``obs_neg``).
+
+    Args:
+        eps: inside ``l+``/``l-``; Cole's 1e-5.
+    """
+
+    def __init__(self, observed: Any, *, eps: float = P.ANParams.eps) -> None:
+        super().__init__(observed, eps)
+
+    def forward(self, batch: LossBatch) -> Dict[str, torch.Tensor]:
+        _, p, _, m = self._prepare(batch)
+        lneg = neg_log_neg(p, self.eps)
+        terms = {
+            "obs_pos": m.pos * neg_log_pos(p, self.eps),
+            "obs_neg": m.neg * lneg,
+            "unknown": m.unk * lneg,
+        }
+        return self._finish(terms)
+
+
+@LOSSES.register("an_ls")
+class AssumeNegativeLabelSmoothingLoss(SPMLLoss):
+    """AN-LS, assume negative with label smoothing (ALGORITHMS.md §2e).
+
+    * observed positive: ``(1 - e) l+(p) + e l-(p)``;
+    * unknown: ``(1 - e) l-(p) + e l+(p)``;
+    * observed ``-1`` (partial labels; not in the paper): ``l-(p)``, unsmoothed, as a known negative.
+
+    Args:
+        label_smoothing: ``e``, 0.1 as in Cole et al.
+        eps: inside ``l+``/``l-``; Cole's 1e-5.
+    """
+
+    def __init__(self, observed: Any, *, label_smoothing: float = P.ANLSParams.label_smoothing,
+                 eps: float = P.ANLSParams.eps) -> None:
+        super().__init__(observed, eps)
+        self.label_smoothing = float(label_smoothing)
+
+    def forward(self, batch: LossBatch) -> Dict[str, torch.Tensor]:
+        _, p, _, m = self._prepare(batch)
+        e = self.label_smoothing
+        lpos, lneg = neg_log_pos(p, self.eps), neg_log_neg(p, self.eps)
+        terms = {
+            "obs_pos": m.pos * ((1.0 - e) * lpos + e * lneg),
+            "obs_neg": m.neg * lneg,
+            "unknown": m.unk * ((1.0 - e) * lneg + e * lpos),
+        }
+        return self._finish(terms)
+
+
+@LOSSES.register("wan")
+class WeakAssumeNegativeLoss(SPMLLoss):
+    """WAN, weak assume negative (ALGORITHMS.md §2e).
+
+    Observed positives get ``l+(p)``; unknowns get ``l-(p) / (C - 1)``; observed ``-1`` (partial labels)
+    get ``l-(p)`` with weight 1 (they are known, not assumed, negatives).
+
+    Args:
+        eps: inside ``l+``/``l-``; Cole's 1e-5.
+    """
+
+    def __init__(self, observed: Any, *, eps: float = P.WANParams.eps) -> None:
+        super().__init__(observed, eps)
+
+    def forward(self, batch: LossBatch) -> Dict[str, torch.Tensor]:
+        _, p, _, m = self._prepare(batch)
+        lneg = neg_log_neg(p, self.eps)
+        weight = 1.0 / max(self.num_classes - 1, 1)
+        terms = {
+            "obs_pos": m.pos * neg_log_pos(p, self.eps),
+            "obs_neg": m.neg * lneg,
+            "unknown": m.unk * lneg * weight,
+        }
+        return self._finish(terms)
+
+
+@LOSSES.register("epr")
+class ExpectedPositiveRegularizerLoss(SPMLLoss):
+    """EPR (ALGORITHMS.md §2e): ``l+(p)`` on observed positives only, plus ``R(p)`` with weight 1.
+
+    ``R(p) = ((1/B) sum_n sum_c p_nc - k)^2 / C^2``. Unknowns get no per-entry loss; observed ``-1``
+    (partial labels) get ``l-(p)``.
+
+    Args:
+        expected_positives: ``k``, the expected number of positives per image (VOC 1.5, COCO 2.9,
+            NUS 1.9, CUB 31.4, §1); default COCO's.
+        eps: inside ``l+``/``l-``; Cole's 1e-5.
+    """
+
+    def __init__(self, observed: Any, *, expected_positives: float = P.EPRParams.expected_positives,
+                 eps: float = P.EPRParams.eps) -> None:
+        super().__init__(observed, eps)
+        self.expected_positives = float(expected_positives)
+
+    def forward(self, batch: LossBatch) -> Dict[str, torch.Tensor]:
+        _, p, _, m = self._prepare(batch)
+        terms = {
+            "obs_pos": m.pos * neg_log_pos(p, self.eps),
+            "obs_neg": m.neg * neg_log_neg(p, self.eps),
+        }
+        reg = expected_positive_regularizer(p, self.expected_positives, self.distributed)
+        return self._finish(terms, reg)
+
+
+@LOSSES.register("role")
+class ROLELoss(SPMLLoss):
+    """ROLE, regularised online label estimation (ALGORITHMS.md §2e).
+
+    The label estimator is a free logit matrix ``Phi`` (parameter ``estimator_logits``, N x C) with
+    ``y^ = sigmoid(Phi)``, initialised with unknowns ~ ``U(-logit(0.6), logit(0.6))`` (drawn from a
+    ``torch.Generator`` seeded with ``seed``), observed positives ``logit(0.995)`` and observed
+    negatives ``logit(0.005)``. Per entry (sg = stop-gradient)::
+
+        L = 1/2 [1{z=1} l+(p) + 1{z=1} l+(y^)]             (obs_pos)
+          + 1/2 [1{z=-1} l-(p) + 1{z=-1} l-(y^)]           (obs_neg; partial labels only, not in Cole)
+          + 1/2 [BCE(p; sg y^) + BCE(y^; sg p)]            (cross, over ALL entries)
+        R = 1/2 (R(p) + R(y^))                             (reg, weight 1)
+
+    :meth:`param_groups` returns the estimator at ``lr * lr_mult`` (Cole: ``lr_mult = 10``), with
+    ``weight_decay = 0`` (Cole's Adam has none).
+
+    Args:
+        expected_positives: ``k`` of the regulariser (§1); default COCO's 2.9.
+        lr_mult: learning-rate multiplier of the estimator.
+        seed: seed of the uniform initialisation of unknown entries.
+        eps: inside ``l+``/``l-``; Cole's 1e-5.
+    """
+
+    def __init__(
+        self,
+        observed: Any,
+        *,
+        expected_positives: float = P.ROLEParams.expected_positives,
+        lr_mult: float = P.ROLEParams.lr_mult,
+        seed: int = P.ROLEParams.seed,
+        eps: float = P.ROLEParams.eps,
+    ) -> None:
+        super().__init__(observed, eps)
+        self.expected_positives = float(expected_positives)
+        self.lr_mult = float(lr_mult)
+        self.seed = int(seed)
+        gen = torch.Generator().manual_seed(self.seed)
+        width = _logit(_ROLE_UNKNOWN_P)
+        init = width * (2.0 * torch.rand(self.state.shape, generator=gen) - 1.0)
+        init[self.state == 1] = _logit(_ROLE_POS_P)
+        init[self.state == -1] = _logit(_ROLE_NEG_P)
+        self.estimator_logits = nn.Parameter(init)
+
+    def param_groups(self, lr: float) -> List[dict]:
+        return [
+            {
+                "params": [self.estimator_logits],
+                "lr": lr * self.lr_mult,
+                "weight_decay": 0.0,
+                "name": "role_estimator",
+            }
+        ]
+
+    def forward(self, batch: LossBatch) -> Dict[str, torch.Tensor]:
+        _, p, _, m = self._prepare(batch)
+        rows = batch.index.reshape(-1).to(device=self.estimator_logits.device, dtype=torch.long)
+        y_hat = torch.sigmoid(self.estimator_logits[rows].to(p.device).float())
+        eps = self.eps
+        p_sg, y_sg = p.detach(), y_hat.detach()
+        terms = {
+            "obs_pos": 0.5 * m.pos * (neg_log_pos(p, eps) + neg_log_pos(y_hat, eps)),
+            "obs_neg": 0.5 * m.neg * (neg_log_neg(p, eps) + neg_log_neg(y_hat, eps)),
+            "cross": 0.5 * (soft_bce(p, y_sg, eps) + soft_bce(y_hat, p_sg, eps)),
+        }
+        reg = 0.5 * (
+            expected_positive_regularizer(p, self.expected_positives, self.distributed)
+            + expected_positive_regularizer(y_hat, self.expected_positives, self.distributed)
+        )
+        return self._finish(terms, reg)
