@@ -163,6 +163,10 @@ class PseudolabelConfig:
     progress: bool = True
     # stop (after writing what is done) when more than this share of the images so far failed to decode
     max_failed_fraction: float = 0.1
+    # how the store keeps the scores (vlpl/store/formats.py): dense (V x C float16) | embeddings (V x D float16
+    # per-view image embeddings, scored against the text embeddings when read) | topk (k classes per image)
+    score_format: str = "dense"
+    topk: int = 64  # classes kept per image by score_format=topk
 
 
 @dataclass
@@ -241,7 +245,11 @@ class TrainConfig:
     batch_size: int = 16
     grad_accum: int = 1
     mixed_precision: str = "auto"  # auto (bf16 on CUDA, no on CPU) | no | bf16 | fp16
-    num_workers: int = 2
+    # DataLoader workers per process ("auto": the CPUs this process may use, shared by the node's training
+    # processes, one left to the process) and batches each worker loads ahead (null: about 8 in flight)
+    num_workers: Union[int, str] = "auto"
+    prefetch_factor: Optional[int] = None
+    compile: bool = False  # torch.compile the model's training forward pass
     seed: int = 0
     hflip: bool = True  # training augmentation: Resize((s, s)) + RandomHorizontalFlip (Cole 2c)
     early_stop_patience: Optional[int] = None  # stop after this many epochs without a better val mAP

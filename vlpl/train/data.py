@@ -8,12 +8,26 @@ global batch (``split_batches`` semantics). Nothing depends on what ran before, 
 workers or on a sampler's internal state, so a run resumed at any step sees exactly the batches (and flips)
 of an uninterrupted one. The training DataLoader is never ``accelerator.prepare``-d: accelerate would wrap
 the sampler and re-seed it on resume (issue 9.1).
+
+The input pipeline (issue 10.5) keeps the CPU work to what only a CPU can do: DataLoader workers decode each
+image and resize it to ``(s, s)`` (PIL bilinear, Cole's ``Resize((s, s))``) as **uint8** (:class:`Uint8Resize`,
+:class:`TrainImages`: a worker builds a whole micro-batch); the uint8 batch travels pinned and
+``non_blocking`` to the device, where :class:`DeviceNormalize` converts it to float, normalises it and
+applies the recorded flips in a few batched tensor ops. On the CPU this gives bit-for-bit the tensors of the
+float path (:func:`image_transform` + :class:`FlippedRows`, kept as the reference and for the benchmark).
+The rule's cached scores of the upcoming global batches are read from the store on a background thread
+(:func:`prefetch_scores`), pinned, so the step's only host-to-device copy is ``non_blocking``.
+Worker and prefetch counts default from the CPUs this process may use (:func:`auto_num_workers`).
 """
 from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -133,6 +147,11 @@ class EpochOrder:
         """This process's batches of ``epoch`` from step ``start`` on: a ``batch_sampler`` for a DataLoader."""
         return ProcessBatches(self, epoch, start)
 
+    def plans(self, epoch: int, start: int = 0) -> "BatchPlans":
+        """This process's :class:`BatchPlan` of every step of ``epoch`` from ``start`` on: the ``sampler`` of
+        a DataLoader over :class:`TrainImages` (``batch_size=None``: a worker builds a whole micro-batch)."""
+        return BatchPlans(self, epoch, start)
+
 
 class ProcessBatches:
     """Lists of ``(position, flip)`` for :class:`FlippedRows`, one list per step (a DataLoader ``batch_sampler``)."""
@@ -148,3 +167,163 @@ class ProcessBatches:
         for step in range(self.start, self.order.steps_per_epoch):
             mine = self.order.process_slice(self.order.global_batch(self.epoch, step))
             yield [(int(k), bool(flips[k])) for k in mine]
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """One micro-batch of this process: ``step`` (0-based, within the epoch), ``local`` the split positions
+    this process loads, ``flips`` their recorded flips, ``global_index`` the positions of the whole global
+    batch of all processes (the rule runs on it)."""
+
+    step: int
+    local: np.ndarray
+    flips: np.ndarray
+    global_index: np.ndarray
+
+
+class BatchPlans:
+    """The :class:`BatchPlan` of each step of an epoch (the same batches and flips as :class:`ProcessBatches`)."""
+
+    def __init__(self, order: EpochOrder, epoch: int, start: int) -> None:
+        self.order, self.epoch, self.start = order, epoch, start
+
+    def __len__(self) -> int:
+        return max(0, self.order.steps_per_epoch - self.start)
+
+    def __iter__(self) -> Iterator[BatchPlan]:
+        flips = self.order.flips(self.epoch)
+        for step in range(self.start, self.order.steps_per_epoch):
+            glob = self.order.global_batch(self.epoch, step)
+            mine = self.order.process_slice(glob)
+            yield BatchPlan(step, mine, flips[mine], glob)
+
+
+class Uint8Resize:
+    """PIL image -> ``(3, s, s)`` uint8 tensor: ``Resize((s, s))`` bilinear (PIL's, as :func:`image_transform`)
+    without the float conversion, which :class:`DeviceNormalize` does on the device. Picklable (workers)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = int(size)
+        self.resize = T.Resize((self.size, self.size), interpolation=T.InterpolationMode.BILINEAR)
+
+    def __call__(self, img: Any) -> torch.Tensor:
+        return T.functional.pil_to_tensor(self.resize(img))
+
+
+class TrainImages(Dataset):
+    """Item :class:`BatchPlan` -> ``{"images": (b, 3, s, s) uint8, "index": (b,) int64, "flip": (b,) bool,
+    "global_index": (B,) int64, "step": int}``: a whole micro-batch, decoded and resized in one DataLoader
+    worker (``DataLoader(TrainImages(...), sampler=order.plans(epoch, start), batch_size=None)``). The flips
+    are only carried: :class:`DeviceNormalize` applies them on the device.
+
+    ``base``: a dataset whose item ``k`` is ``(uint8 tensor (3, s, s), k)``, e.g.
+    ``ImageDataset(source, refs, Uint8Resize(s))``.
+    """
+
+    def __init__(self, base: Dataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, plan: BatchPlan) -> Dict[str, Any]:
+        images = [self.base[int(k)][0] for k in plan.local]
+        return {"images": torch.stack(images) if images else torch.empty(0, 3, 0, 0, dtype=torch.uint8),
+                "index": torch.from_numpy(np.asarray(plan.local, dtype=np.int64)),
+                "flip": torch.from_numpy(np.asarray(plan.flips, dtype=bool)),
+                "global_index": torch.from_numpy(np.asarray(plan.global_index, dtype=np.int64)),
+                "step": int(plan.step)}
+
+
+class DeviceNormalize:
+    """uint8 ``(B, 3, H, W)`` on the device -> float32 normalised, mirrored where ``flip`` (B,) is true.
+
+    The same operations, in the same order, as ``ToTensor`` (``x / 255``) + ``Normalize`` (``(x - mean) /
+    std``) + ``flip(-1)``, batched: on the CPU the result equals the float path's bit for bit; on a GPU it
+    differs by float rounding only. No host synchronisation (the flip is a ``torch.where``, not a mask index).
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], device: Union[str, torch.device] = "cpu",
+                 memory_format: torch.memory_format = torch.contiguous_format) -> None:
+        self.device = torch.device(device)
+        self.mean = torch.as_tensor(list(mean), dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.as_tensor(list(std), dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        if (self.std == 0).any():
+            raise ValueError(f"DeviceNormalize: std {list(std)} has a zero")
+        self.memory_format = memory_format
+
+    def __call__(self, x: torch.Tensor, flip: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if x.dtype != torch.uint8 or x.dim() != 4:
+            raise ValueError(f"DeviceNormalize expects a (B, 3, H, W) uint8 batch, got {tuple(x.shape)} {x.dtype}")
+        x = x.to(self.device, non_blocking=True).float().div_(255).sub_(self.mean).div_(self.std)
+        if flip is not None:
+            f = flip.to(self.device, non_blocking=True).view(-1, 1, 1, 1)
+            x = torch.where(f, x.flip(-1), x)
+        return x.contiguous(memory_format=self.memory_format)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (the affinity mask: SLURM and containers restrict it), else ``os.cpu_count``."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def auto_num_workers(local_processes: Optional[int] = None, cpus: Optional[int] = None, cap: int = 16) -> int:
+    """DataLoader workers per training process: the node's CPUs shared by its training processes
+    (``LOCAL_WORLD_SIZE``, set by torchrun/accelerate), one left to the process itself, at most ``cap``.
+    0 (load in the main process) when a process has a single CPU."""
+    cpus = available_cpus() if cpus is None else int(cpus)
+    if local_processes is None:
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    per = cpus // max(1, int(local_processes))
+    return max(0, min(per - 1, cap))
+
+
+def resolve_num_workers(value: Union[int, str], key: str = "num_workers") -> int:
+    """``num_workers``: a count >= 0, or ``"auto"`` (:func:`auto_num_workers`)."""
+    if isinstance(value, str):
+        if value.strip().lower() != "auto":
+            raise ValueError(f"{key}: expected a count >= 0 or 'auto', got {value!r}")
+        return auto_num_workers()
+    if int(value) < 0:
+        raise ValueError(f"{key}: expected a count >= 0 or 'auto', got {value!r}")
+    return int(value)
+
+
+def auto_prefetch(num_workers: int, in_flight: int = 8) -> Optional[int]:
+    """Batches each worker loads ahead: enough for about ``in_flight`` batches in flight (at least torch's 2);
+    ``None`` without workers (DataLoader refuses a prefetch factor then)."""
+    if num_workers <= 0:
+        return None
+    return max(2, math.ceil(in_flight / num_workers))
+
+
+def prefetch_scores(batches: Iterable[Dict[str, Any]], read: Callable[[np.ndarray], np.ndarray],
+                    pin: bool = False, depth: int = 2) -> Iterator[Dict[str, Any]]:
+    """``batches`` (dicts with a ``global_index``) with ``"scores"`` added: ``read(global_index)`` (the store
+    reader: ``(B, variants, views, C)`` numpy) as a CPU tensor, pinned when ``pin``, read on one background
+    thread up to ``depth`` batches ahead of the consumer, so the main loop never waits on the store while
+    the device works. A reader error is raised in the consumer, at the batch it belongs to."""
+    if depth < 1:
+        raise ValueError(f"prefetch_scores: depth must be >= 1, got {depth}")
+
+    def job(idx: torch.Tensor) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(read(idx.numpy())))
+        return t.pin_memory() if pin else t
+
+    pending: Deque[Tuple[Dict[str, Any], "Future[torch.Tensor]"]] = deque()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlpl-scores") as pool:
+        try:
+            for b in batches:
+                pending.append((b, pool.submit(job, b["global_index"])))
+                if len(pending) > depth:
+                    head, fut = pending.popleft()
+                    yield {**head, "scores": fut.result()}
+            while pending:
+                head, fut = pending.popleft()
+                yield {**head, "scores": fut.result()}
+        finally:
+            for _, fut in pending:
+                fut.cancel()

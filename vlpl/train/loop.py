@@ -57,7 +57,15 @@ from vlpl.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from vlpl.train.data import EpochOrder, FlippedRows, image_transform
+from vlpl.train.data import (
+    DeviceNormalize,
+    EpochOrder,
+    TrainImages,
+    Uint8Resize,
+    auto_prefetch,
+    prefetch_scores,
+    resolve_num_workers,
+)
 from vlpl.train.flops import forward_flops, peak_flops
 from vlpl.train.losses import SPMLLoss, create_loss
 from vlpl.train.model import ClassContext, Classifier, create_classifier
@@ -68,7 +76,7 @@ from vlpl.train.step import RuleRunner, StepState, TrainBatch, train_step
 log = logging.getLogger(__name__)
 
 # keys that may differ between a run and its resumption (everything else must match: see _check_resume)
-RESUME_MAY_CHANGE = ("epochs", "progress", "num_workers", "log_every", "checkpoint_every_steps",
+RESUME_MAY_CHANGE = ("epochs", "progress", "num_workers", "prefetch_factor", "log_every", "checkpoint_every_steps",
                      "checkpoint_every_minutes", "resume", "keep_checkpoints", "store", "out")
 
 
@@ -144,7 +152,9 @@ class Run:
     optimizer: Any
     scheduler: torch.optim.lr_scheduler.LRScheduler
     order: EpochOrder
-    train_images: FlippedRows
+    train_images: TrainImages
+    normalize: DeviceNormalize
+    num_workers: int
     eval_loaders: Dict[str, DataLoader]
     pass_loader: Optional[DataLoader]
     state: StepState
@@ -245,16 +255,28 @@ def _terms_over_processes(accelerator: Any, terms: Dict[str, torch.Tensor]) -> D
 
 
 @torch.no_grad()
-def predict(accelerator: Any, model: torch.nn.Module, loader: DataLoader, n: int, num_classes: int) -> np.ndarray:
-    """Sigmoid outputs (n, C) in dataset order, gathered over processes."""
+def predict(accelerator: Any, model: torch.nn.Module, loader: DataLoader, n: int, num_classes: int,
+            normalize: Optional[DeviceNormalize] = None) -> np.ndarray:
+    """Sigmoid outputs (n, C) in dataset order, gathered over processes; ``normalize`` turns the loader's
+    uint8 batches into the model's input on the device."""
     model.eval()
     probs = np.zeros((n, num_classes), np.float32)
     for x, k in loader:
+        if normalize is not None:
+            x = normalize(x)
         with accelerator.autocast():
             logits = model(x)
         p, k = accelerator.gather_for_metrics((torch.sigmoid(logits.float()), k))
         probs[k.cpu().numpy()] = p.cpu().numpy()
     return probs
+
+
+def _loader_kwargs(cfg: TrainConfig, workers: int, device: torch.device) -> Dict[str, Any]:
+    """DataLoader settings of every loader of the run: workers, their prefetch depth, pinned memory on CUDA."""
+    kw: Dict[str, Any] = {"num_workers": workers, "pin_memory": device.type == "cuda"}
+    if workers > 0:
+        kw["prefetch_factor"] = cfg.prefetch_factor or auto_prefetch(workers)
+    return kw
 
 
 def _fmt(v: Optional[float]) -> str:
@@ -327,16 +349,23 @@ def setup(cfg: TrainConfig) -> Run:
     scheduler = create_scheduler(cfg.optim, optimizer, cfg.epochs)  # per epoch; not prepared: we step it
     flops = _flops_per_image(model, cfg.student.image_size)
 
-    tf = image_transform(cfg.student.image_size, model.mean, model.std, train=False, hflip=False)
-    pin = accelerator.device.type == "cuda"
+    # input pipeline (issue 10.5): workers decode + resize to uint8; convert, normalise, flip on the device
+    try:
+        workers = resolve_num_workers(cfg.num_workers)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    if cfg.prefetch_factor is not None and cfg.prefetch_factor < 1:
+        raise ConfigError(f"prefetch_factor: expected a count >= 1 or null, got {cfg.prefetch_factor}")
+    tf = Uint8Resize(cfg.student.image_size)
+    normalize = DeviceNormalize(model.mean, model.std, accelerator.device)
+    loader_kw = _loader_kwargs(cfg, workers, accelerator.device)
     order = EpochOrder(len(train), cfg.batch_size, cfg.seed, cfg.hflip, W, accelerator.process_index,
                        cfg.max_steps_per_epoch)
-    train_images = FlippedRows(ImageDataset(images, train.images, tf))
+    train_images = TrainImages(ImageDataset(images, train.images, tf))
     eval_loaders = {s: DataLoader(ImageDataset(images, d.images, tf), batch_size=cfg.eval_batch_size,
-                                  shuffle=False, num_workers=cfg.num_workers, pin_memory=pin)
-                    for s, d in evals.items()}
+                                  shuffle=False, **loader_kw) for s, d in evals.items()}
     pass_loader = DataLoader(ImageDataset(images, train.images, tf), batch_size=cfg.eval_batch_size, shuffle=False,
-                             num_workers=cfg.num_workers, pin_memory=pin) if loss_fn.needs_train_pass else None
+                             **loader_kw) if loss_fn.needs_train_pass else None
     model, optimizer = accelerator.prepare(model, optimizer)
     eval_loaders = {s: accelerator.prepare(dl) for s, dl in eval_loaders.items()}
     if pass_loader is not None:
@@ -345,7 +374,8 @@ def setup(cfg: TrainConfig) -> Run:
     loss_fn.set_distributed(W > 1)  # global-batch statistics, synced loss state
     state = StepState(optimizer=optimizer, device=accelerator.device, seed=cfg.seed, grad_accum=cfg.grad_accum,
                       num_processes=W, process_index=accelerator.process_index, autocast=accelerator.autocast,
-                      backward=accelerator.backward, no_sync=accelerator.no_sync)
+                      backward=accelerator.backward, no_sync=accelerator.no_sync,
+                      forward=torch.compile(model) if cfg.compile else None)
 
     # ---- outputs, then the checkpoint's state -------------------------------------------------------
     metrics = JsonlLog(out / "metrics.jsonl", main)
@@ -372,7 +402,7 @@ def setup(cfg: TrainConfig) -> Run:
     accelerator.wait_for_everyone()
     return Run(cfg=cfg, accelerator=accelerator, out=out, store=store, train=train, evals=evals, model=model,
                loss=loss_fn, rule=rule, optimizer=optimizer, scheduler=scheduler, order=order,
-               train_images=train_images, eval_loaders=eval_loaders, pass_loader=pass_loader, state=state,
+               train_images=train_images, normalize=normalize, num_workers=workers, eval_loaders=eval_loaders, pass_loader=pass_loader, state=state,
                progress=prog, metrics=metrics, flops=flops, peak=peak_flops(accelerator.device), main=main)
 
 
@@ -402,8 +432,11 @@ def train_epoch(run: Run, epoch: int) -> None:
     run.loss.set_epoch(epoch, cfg.epochs)
     run.model.train()
     run.loss.train()
-    loader = DataLoader(run.train_images, batch_sampler=order.batches(epoch, start), num_workers=cfg.num_workers,
-                        pin_memory=acc.device.type == "cuda")
+    # a worker builds a whole micro-batch (uint8); the rule's scores are read a few batches ahead on a thread
+    loader: Any = DataLoader(run.train_images, sampler=order.plans(epoch, start), batch_size=None,
+                             **_loader_kwargs(cfg, run.num_workers, acc.device))
+    if run.rule is not None:
+        loader = prefetch_scores(loader, run.train.scores, pin=acc.device.type == "cuda")
     steps = order.steps_per_epoch
     loss_sum = torch.tensor(p.epoch_loss_sum, dtype=torch.float64, device=acc.device)
     t_epoch = t_last = t_start = time.perf_counter()
@@ -412,11 +445,14 @@ def train_epoch(run: Run, epoch: int) -> None:
     with progress_bar(total=steps - start, desc=f"epoch {epoch}/{cfg.epochs}", unit="step",
                       enabled=cfg.progress and run.main) as bar:
         t_fetch = time.perf_counter()
-        for s, (x, k, flip) in enumerate(loader, start=start):
+        for s, item in enumerate(loader, start=start):
             wait += time.perf_counter() - t_fetch
-            batch = TrainBatch(images=x.to(acc.device, non_blocking=True), index=k, flip=flip, epoch=epoch,
-                               step=p.step, global_index=order.global_batch(epoch, s) if W > 1 else None,
-                               sync=(s + 1) % cfg.grad_accum == 0 or s == steps - 1)
+            if item["step"] != s:  # the plans and the loop must agree on the position (exact resume)
+                raise RuntimeError(f"training loader gave step {item['step']} where step {s} was expected")
+            batch = TrainBatch(images=run.normalize(item["images"], item["flip"]), index=item["index"],
+                               flip=item["flip"], epoch=epoch, step=p.step,
+                               global_index=item["global_index"].numpy() if W > 1 else None,
+                               sync=(s + 1) % cfg.grad_accum == 0 or s == steps - 1, scores=item.get("scores"))
             out = train_step(batch, run.model, run.loss, run.rule, run.state)
             p.step += 1
             p.epoch_step = s + 1
@@ -454,8 +490,9 @@ def _step_record(run: Run, epoch: int, out: Any, ips: float, wait_frac: float) -
     if out.pseudo is not None:  # over the global batch
         idx = torch.from_numpy(np.asarray(out.global_index)).long()
         unk = run.rule.observed[idx] == 0
-        rec["pseudo_pos_per_image"] = float(((out.pseudo == 1) & unk).sum() / len(idx))
-        rec["pseudo_neg_per_image"] = float(((out.pseudo == -1) & unk).sum() / len(idx))
+        pseudo = out.pseudo.cpu()  # a log step: the one place the pseudo-labels come back to the host
+        rec["pseudo_pos_per_image"] = float(((pseudo == 1) & unk).sum() / len(idx))
+        rec["pseudo_neg_per_image"] = float(((pseudo == -1) & unk).sum() / len(idx))
     if run.flops:
         rec["tflops_per_s"] = 3 * run.flops * ips / 1e12  # forward + backward ~ 3x forward
         if run.peak:
@@ -469,14 +506,14 @@ def validate(run: Run, epoch: int) -> None:
     C = run.store.num_classes
     extra: Dict[str, float] = {}
     if run.pass_loader is not None:
-        probs = predict(acc, run.model, run.pass_loader, len(run.train), C)
+        probs = predict(acc, run.model, run.pass_loader, len(run.train), C, run.normalize)
         extra = run.loss.end_epoch(torch.from_numpy(probs).to(acc.device),
                                    torch.arange(len(run.train), device=acc.device), epoch)
     run.scheduler.step()
     maps: Dict[str, float] = {}
     preds: Dict[str, np.ndarray] = {}
     for s, dl in run.eval_loaders.items():
-        preds[s] = predict(acc, run.model, dl, len(run.evals[s]), C)
+        preds[s] = predict(acc, run.model, dl, len(run.evals[s]), C, run.normalize)
         maps[s] = mean_average_precision(run.evals[s].labels, preds[s])["map"]
         fault_point("validate")
     val_map = maps.get(cfg.val_split)

@@ -10,8 +10,11 @@ from them, and the global torch RNG (dropout, stochastic depth) is re-seeded fro
 pass (with the process index: each process its own dropout masks). A run resumed at any step therefore draws
 what an uninterrupted run draws.
 
-No host synchronisation happens here: the loss terms are returned as (detached) device tensors; the loop
-reads them every ``log_every`` steps.
+No host synchronisation happens here: the rule runs on the device (its cached scores - prefetched and pinned
+by the loop, or read here - and the observed rows are copied ``non_blocking``; its random variant draws are
+made on a CPU generator and moved, the draws of the CPU path), and the loss terms are returned as (detached)
+device tensors; the loop reads them every ``log_every`` steps. ``StepState.forward`` may hold a
+``torch.compile``-d model (``compile: true``), used for the forward pass only.
 """
 from __future__ import annotations
 
@@ -41,7 +44,9 @@ class TrainBatch:
     can follow the student's augmentation); ``global_index`` (B,) positions of the whole global batch of
     all processes (the rule runs on it; ``None``: this process's batch is the global batch); ``epoch``
     (1-based) and ``step`` (the run's global micro-step, 0-based) seed the step's random draws;
-    ``sync``: this micro-batch ends a gradient-accumulation group (the optimizer steps).
+    ``sync``: this micro-batch ends a gradient-accumulation group (the optimizer steps); ``scores``: the
+    rule's ``(B, variants, views, C)`` cached scores of ``global_index`` already read (e.g. by
+    :func:`vlpl.train.data.prefetch_scores`; ``None``: the rule reads them).
     """
 
     images: torch.Tensor
@@ -51,6 +56,7 @@ class TrainBatch:
     step: int
     global_index: Optional[np.ndarray] = None
     sync: bool = True
+    scores: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -70,7 +76,8 @@ class StepState:
     """The machinery a step needs, independent of accelerate (the benchmark uses the defaults).
 
     ``autocast()``, ``backward(loss)`` and ``no_sync(model)`` default to plain torch; ``run_train`` passes
-    accelerate's (mixed precision, DDP gradient sync, fp16 loss scaling).
+    accelerate's (mixed precision, DDP gradient sync, fp16 loss scaling). ``forward``: the callable that runs
+    the forward pass (e.g. ``torch.compile(model)``; ``None``: the model itself).
     """
 
     optimizer: torch.optim.Optimizer
@@ -82,13 +89,15 @@ class StepState:
     autocast: Callable[[], ContextManager[Any]] = nullcontext
     backward: Callable[[torch.Tensor], None] = field(default=lambda loss: loss.backward())
     no_sync: Callable[[nn.Module], ContextManager[Any]] = field(default=lambda model: nullcontext())
+    forward: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
 
 class RuleRunner:
     """A registered pseudo-label rule bound to its parameters and to the training split's cached scores.
 
     ``scores(positions)`` returns ``(B, n_variants, n_views, C)`` float32 scores of those positions of the
-    training split (a store reader); ``observed`` is the split's ``(N, C)`` observed-label matrix.
+    training split (a store reader); ``observed`` is the split's ``(N, C)`` observed-label matrix (CPU: only
+    the batch's rows go to the device).
     """
 
     def __init__(self, name: str, params: Dict[str, Any], dynamic: bool,
@@ -97,10 +106,17 @@ class RuleRunner:
         self.name, self.params, self.dynamic = name, dict(params), bool(dynamic)
         self.scores, self.observed = scores, observed
 
-    def __call__(self, positions: np.ndarray, gen: Optional[torch.Generator]) -> torch.Tensor:
-        """(B, C) int8 pseudo-labels of the rows at ``positions``; ``gen`` draws the dynamic flip variants."""
+    def __call__(self, positions: np.ndarray, gen: Optional[torch.Generator], scores: Optional[torch.Tensor] = None,
+                 device: Optional[torch.device] = None) -> torch.Tensor:
+        """(B, C) int8 pseudo-labels of the rows at ``positions``, computed on ``device`` (default: where the
+        scores are); ``gen`` draws the dynamic flip variants (a CPU generator gives the same draws on any
+        device); ``scores``: the rows' cached scores if already read (else ``self.scores(positions)``)."""
         pos = np.asarray(positions)
-        return apply_rule(self.name, self.scores(pos).float(), self.observed[torch.from_numpy(pos).long()],
+        if scores is None:
+            scores = self.scores(pos)
+        dev = scores.device if device is None else torch.device(device)
+        obs = self.observed[torch.from_numpy(pos).long()]
+        return apply_rule(self.name, scores.to(dev, non_blocking=True).float(), obs.to(dev, non_blocking=True),
                           dynamic=self.dynamic, generator=gen, **self.params)
 
 
@@ -118,15 +134,16 @@ def train_step(batch: TrainBatch, model: nn.Module, loss: SPMLLoss, rule: Option
     pseudo_all: Optional[torch.Tensor] = None
     pseudo: Optional[torch.Tensor] = None
     if rule is not None:
-        pseudo_all = rule(global_index, generator(state.seed, SEED_RULE, batch.epoch, batch.step))
+        pseudo_all = rule(global_index, generator(state.seed, SEED_RULE, batch.epoch, batch.step), batch.scores,
+                          state.device)
         b = len(local)
         start = state.process_index * b if batch.global_index is not None else 0
-        pseudo = pseudo_all[start:start + b].to(state.device, non_blocking=True)
+        pseudo = pseudo_all[start:start + b]
     torch.manual_seed(step_seed(state.seed, batch.epoch, batch.step, state.process_index))
     sync_ctx = nullcontext() if batch.sync else state.no_sync(model)
     with sync_ctx:
         with state.autocast():
-            logits = model(batch.images)
+            logits = (state.forward or model)(batch.images)
         terms = loss(LossBatch(logits=logits.float(), index=batch.index.to(state.device, non_blocking=True),
                                pseudo=pseudo))
         total = terms["loss"] / state.grad_accum if state.grad_accum > 1 else terms["loss"]
