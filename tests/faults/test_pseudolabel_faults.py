@@ -693,7 +693,8 @@ def _flip_in_scores(shard: Path, rng: random.Random) -> int:
     md = pq.ParquetFile(shard).metadata
     rg = md.row_group(rng.randrange(md.num_row_groups))
     col = next(rg.column(c) for c in range(md.num_columns) if rg.column(c).path_in_schema.startswith("scores"))
-    pos = col.data_page_offset + rng.randrange(col.total_compressed_size)
+    start = col.dictionary_page_offset if col.has_dictionary_page else col.data_page_offset  # chunk start
+    pos = start + rng.randrange(col.total_compressed_size)
     data = bytearray(shard.read_bytes())
     data[pos] ^= 1 << rng.randrange(8)
     shard.write_bytes(bytes(data))
