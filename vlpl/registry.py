@@ -158,7 +158,7 @@ def check_kwargs(fn: Callable[..., Any], kwargs: Dict[str, Any], what: str) -> N
 #: parameter schemas: built-in ones in torch-free modules
 RULE_PARAMS: Registry[Any] = Registry("pseudo-label rule", ["vlpl.pseudolabel.params"])
 LOSS_PARAMS: Registry[Any] = Registry("loss", ["vlpl.train.loss_params"])
-HEAD_PARAMS: Registry[Any] = Registry("head", [])
+HEAD_PARAMS: Registry[Any] = Registry("head", ["vlpl.train.head_params"])
 
 LOSSES: Registry[Any] = Registry("loss", ["vlpl.train.losses"], schemas=LOSS_PARAMS, skip=1)
 RULES: Registry[Any] = Registry("pseudo-label rule", ["vlpl.pseudolabel.rules"], schemas=RULE_PARAMS, skip=2)
