@@ -763,3 +763,149 @@ def test_gpr_eps_at_a_small_probability():
     assert _v(p) < 0.3
     l2 = 0.7 * (0.9 * lp(p, EPS7) + 0.1 * ln(p, EPS7))
     assert float(out["pseudo_pos"]) * 3 == pytest.approx(l2, rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# The reconstruction term of Decision 5 (ours, off by default): weight * mean_n (1 - cos(P f_n, e_n))
+# ------------------------------------------------------------------------------------------------
+
+from vlpl.train.losses import ReconstructionTerm  # noqa: E402
+
+# F = 2 features, D = 3 embedding dims; P = [[1, 0], [0, 1], [1, 1]]
+REC_P = [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]
+REC_F = [[1.0, 2.0], [-1.0, 0.5]]  # P f = [1, 2, 3] and [-1, 0.5, -0.5]
+REC_E = [[1.0, 0.0, 0.0], [0.0, 2.0, 2.0]]
+
+
+def _cos(a: Sequence[float], b: Sequence[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b))
+    return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+
+
+def _rec_term(weight: float = 0.5) -> ReconstructionTerm:
+    term = ReconstructionTerm(2, 3, weight=weight)
+    with torch.no_grad():
+        term.proj.weight.copy_(torch.tensor(REC_P))
+    return term
+
+
+def _rec_batch(logits, index, pseudo=None) -> LossBatch:
+    b = make_batch(logits, index, pseudo)
+    b.features = torch.tensor(REC_F, requires_grad=True)
+    b.image_embedding = torch.tensor(REC_E)
+    return b
+
+
+def test_reconstruction_term_hand_value():
+    # cos([1,2,3], [1,0,0]) = 1/sqrt(14); cos([-1,.5,-.5], [0,2,2]) = 0 -> mean(1 - cos) = (2 - 1/sqrt(14)) / 2
+    want = 0.5 * ((1 - _cos([1, 2, 3], REC_E[0])) + (1 - _cos([-1, 0.5, -0.5], REC_E[1]))) / 2
+    assert want == pytest.approx(0.5 * (2 - 1 / math.sqrt(14)) / 2)
+    term = _rec_term(0.5)
+    assert close(term(torch.tensor(REC_F), torch.tensor(REC_E)), want, tol=1e-6)
+    # on a loss: loss = the loss's own value + recon, and the logged terms still add up to loss
+    em = create_loss("em", OBS)
+    alone = em(make_batch(S, IDX))
+    em.set_reconstruction(_rec_term(0.5))
+    assert em.uses_features
+    out = em(_rec_batch(S, IDX))
+    assert close(out["recon"], want, tol=1e-6)
+    assert torch.equal(out["loss"].detach(), alone["loss"].detach() + out["recon"])
+    for k, v in alone.items():
+        if k != "loss":
+            assert torch.equal(out[k], v), k
+    assert close(sum(float(v) for k, v in out.items() if k != "loss"), float(out["loss"].detach()))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_reconstruction_off_by_default_changes_nothing(name):
+    """Off (the default): no term, no hook, no extra parameters or state; the loss's values are bit-identical
+    whether or not the batch carries features and embeddings, and after the term was added and removed."""
+    obs = torch.tensor([[1, 0, 0], [0, 1, -1], [0, 0, 1], [-1, 0, 0]], dtype=torch.int8)
+    pseudo = [[1, 0, -1], [0, 1, 1]]
+
+    def run(loss, batch):
+        loss.set_epoch(2, 4)
+        return loss(batch)
+
+    ref_loss = create_loss(name, obs)
+    assert ref_loss.reconstruction is None and not ref_loss.uses_features
+    assert not ref_loss._forward_hooks
+    ref = run(ref_loss, make_batch(S, IDX, pseudo))
+    carried = run(create_loss(name, obs), _rec_batch(S, IDX, pseudo))
+    toggled_loss = create_loss(name, obs)
+    toggled_loss.set_reconstruction(_rec_term())
+    toggled_loss.set_reconstruction(None)
+    toggled = run(toggled_loss, make_batch(S, IDX, pseudo))
+    for out in (carried, toggled):
+        assert out.keys() == ref.keys() and "recon" not in out
+        for k in ref:
+            assert torch.equal(out[k], ref[k]), (name, k)
+    assert list(toggled_loss.state_dict()) == list(create_loss(name, obs).state_dict())
+    assert [g["name"] for g in toggled_loss.param_groups(1e-3)] == \
+        [g["name"] for g in create_loss(name, obs).param_groups(1e-3)]
+    # on: every one of the loss's own terms is unchanged, and the total gains exactly the term
+    on_loss = create_loss(name, obs)
+    on_loss.set_reconstruction(_rec_term())
+    on = run(on_loss, _rec_batch(S, IDX, pseudo))
+    assert set(on) == set(ref) | {"recon"}
+    for k in ref:
+        if k != "loss":
+            assert torch.equal(on[k], ref[k]), (name, k)
+    assert torch.equal(on["loss"].detach(), ref["loss"].detach() + on["recon"])
+
+
+def test_reconstruction_gradients_param_groups_and_state():
+    role = create_loss("role", OBS, lr_mult=10.0)
+    role.set_reconstruction(_rec_term())
+    groups = {g["name"]: g for g in role.param_groups(1e-3)}
+    assert set(groups) == {"role_estimator", "reconstruction"}
+    assert groups["reconstruction"]["lr"] == 1e-3 and groups["role_estimator"]["lr"] == 1e-2
+    assert groups["reconstruction"]["params"][0] is role.reconstruction.proj.weight
+    role.reconstruction.lr = 5e-4  # the trainer passes the head's learning rate
+    assert {g["name"]: g["lr"] for g in role.param_groups(1e-3)}["reconstruction"] == 5e-4
+    batch = _rec_batch(S, IDX)
+    role(batch)["loss"].backward()
+    # the term's gradient reaches the features (hence the head/backbone that made them) and the projection;
+    # d/d f of (1 - cos) for row 1: cos = 0 there, the gradient is -P^T e / (|Pf| |e|) * weight / B
+    assert batch.features.grad is not None and float(batch.features.grad.abs().sum()) > 0
+    pf, e = [-1.0, 0.5, -0.5], REC_E[1]
+    npf, ne = math.sqrt(sum(x * x for x in pf)), math.sqrt(sum(x * x for x in e))
+    g_pred = [-(ei / (npf * ne)) * 0.5 / 2 for ei in e]  # d(w/B (1 - cos))/d(Pf) at cos = 0
+    g_f = [sum(REC_P[d][j] * g_pred[d] for d in range(3)) for j in range(2)]
+    assert batch.features.grad[1].tolist() == pytest.approx(g_f, rel=1e-5)
+    assert role.reconstruction.proj.weight.grad is not None
+    assert float(role.reconstruction.proj.weight.grad.abs().sum()) > 0
+    # checkpoint: the projection is in the loss's state_dict and comes back
+    keys = set(role.state_dict())
+    assert "reconstruction.proj.weight" in keys and "estimator_logits" in keys
+    fresh = create_loss("role", OBS)
+    fresh.set_reconstruction(ReconstructionTerm(2, 3, weight=0.5, seed=7))
+    assert not torch.equal(fresh.reconstruction.proj.weight, role.reconstruction.proj.weight)
+    fresh.load_state_dict(role.state_dict())
+    assert torch.equal(fresh.reconstruction.proj.weight, role.reconstruction.proj.weight)
+
+
+def test_reconstruction_init_is_seeded_and_leaves_the_global_rng_alone():
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    a, b = ReconstructionTerm(4, 3, weight=1.0, seed=0), ReconstructionTerm(4, 3, weight=1.0, seed=0)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert torch.equal(a.proj.weight, b.proj.weight)
+    assert not torch.equal(a.proj.weight, ReconstructionTerm(4, 3, weight=1.0, seed=1).proj.weight)
+    assert float(a.proj.weight.detach().abs().max()) <= 1 / math.sqrt(4)
+
+
+def test_reconstruction_errors_are_named():
+    em = create_loss("em", OBS)
+    em.set_reconstruction(_rec_term())
+    with pytest.raises(ValueError, match="reconstruction term on: the batch needs .*features.*image_embedding"):
+        em(make_batch(S, IDX))
+    bad = _rec_batch(S, IDX)
+    bad.image_embedding = torch.zeros(2, 4)
+    with pytest.raises(ValueError, match=r"image embeddings must be \(2, 3\), got \(2, 4\)"):
+        em(bad)
+    for kwargs, message in (({"weight": 0.0}, "weight must be a finite number > 0"),
+                            ({"weight": float("nan")}, "weight must be a finite number > 0"),
+                            ({"weight": 1.0, "lr": 0.0}, "lr must be > 0")):
+        with pytest.raises(ValueError, match=message):
+            ReconstructionTerm(2, 3, **kwargs)

@@ -56,7 +56,9 @@ file): :mod:`~vlpl.train.losses.base` (:class:`LossBatch`, :class:`SPMLLoss`, th
 and the factory helpers), :mod:`~vlpl.train.losses.cole` (``bce``, ``an``, ``an_ls``, ``wan``, ``epr``,
 ``role``), :mod:`~vlpl.train.losses.em` (``em``, ``em_apl``), :mod:`~vlpl.train.losses.large_loss`
 (``ll_r``, ``ll_ct``, ``ll_cp``), :mod:`~vlpl.train.losses.gr` (``gr``), :mod:`~vlpl.train.losses.gpr`
-(``gpr``), :mod:`~vlpl.train.losses.vlpl` (``vlpl``). Every public name is re-exported here.
+(``gpr``), :mod:`~vlpl.train.losses.vlpl` (``vlpl``); :mod:`~vlpl.train.losses.reconstruction` holds the
+reconstruction term of Decision 5 (ours, off by default), which any loss can carry
+(:meth:`SPMLLoss.set_reconstruction`; config ``loss.reconstruction``). Every public name is re-exported here.
 
 Importing this package registers the entries in :data:`vlpl.registry.LOSSES`.
 """
@@ -91,6 +93,7 @@ from vlpl.train.losses.large_loss import (
     LargeLossRejectionLoss,
     LargeLossTemporaryCorrectionLoss,
 )
+from vlpl.train.losses.reconstruction import AUX_RECONSTRUCTION, ReconstructionTerm
 from vlpl.train.losses.vlpl import VLPLLoss
 
 __all__ = [
@@ -124,4 +127,6 @@ __all__ = [
     "GRLoss",
     "GPRLoss",
     "VLPLLoss",
+    "ReconstructionTerm",
+    "AUX_RECONSTRUCTION",
 ]

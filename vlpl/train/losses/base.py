@@ -16,6 +16,7 @@ import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
 from vlpl.registry import LOSSES
+from vlpl.train.losses.reconstruction import ReconstructionTerm
 
 __all__ = [
     "LossBatch",
@@ -39,11 +40,18 @@ class LossBatch:
         logits: ``(B, C)`` classifier logits (requires grad).
         index: ``(B,)`` long row indices of the batch into the training set ``0 .. N-1``.
         pseudo: ``(B, C)`` int8 pseudo-labels in {-1, 0, 1} for this step (from a rule), or ``None``.
+        features: ``(B, F)`` the head's reconstruction feature (its auxiliary output
+            ``"reconstruction"``), only handed over when the loss has the reconstruction term on
+            (:meth:`SPMLLoss.set_reconstruction`, Decision 5); else ``None``.
+        image_embedding: ``(B, D)`` float32 the teacher's cached image embeddings of the batch's images
+            (``SplitReader.image_embeddings``), with ``features``; else ``None``.
     """
 
     logits: torch.Tensor
     index: torch.Tensor
     pseudo: Optional[torch.Tensor] = None
+    features: Optional[torch.Tensor] = None
+    image_embedding: Optional[torch.Tensor] = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -136,6 +144,8 @@ class SPMLLoss(nn.Module):
         self.epoch = 1
         self.num_epochs: Optional[int] = None
         self.distributed = False
+        self.reconstruction: Optional[ReconstructionTerm] = None
+        self._reconstruction_hook: Optional[Any] = None
 
     state: torch.Tensor
 
@@ -162,8 +172,37 @@ class SPMLLoss(nn.Module):
         raise NotImplementedError
 
     def param_groups(self, lr: float) -> List[dict]:
-        """Extra trainable parameters of the loss with their learning rate (default: none)."""
-        return []
+        """Extra trainable parameters of the loss with their learning rate: none of its own by default, plus
+        the reconstruction projection when that term is on. A subclass with parameters of its own returns
+        its groups ``+ super().param_groups(lr)``."""
+        return self.reconstruction.param_groups(lr) if self.reconstruction is not None else []
+
+    # -- the reconstruction term (Decision 5, ours, off by default) -------------------------------------
+
+    @property
+    def uses_features(self) -> bool:
+        """Whether :meth:`forward` needs ``batch.features`` and ``batch.image_embedding`` (the
+        reconstruction term is on): the trainer then asks the model for its auxiliary outputs and reads the
+        teacher's image embeddings of the batch from the store."""
+        return self.reconstruction is not None
+
+    def set_reconstruction(self, term: Optional[ReconstructionTerm]) -> None:
+        """Add (or, with ``None``, remove) the reconstruction term of Decision 5
+        (:class:`~vlpl.train.losses.reconstruction.ReconstructionTerm`) to this loss, whatever its kind.
+
+        With a term, every call returns ``loss + term(batch.features, batch.image_embedding)`` and the term
+        as ``recon`` (the logged terms still add up to ``loss``); its projection joins :meth:`param_groups`
+        and ``state_dict()``. Without one (the default) nothing is registered: the loss's values, state and
+        parameters are those of the loss alone. Call it before building the optimizer.
+        """
+        if self._reconstruction_hook is not None:
+            self._reconstruction_hook.remove()
+            self._reconstruction_hook = None
+        if "reconstruction" in self._modules:
+            del self._modules["reconstruction"]
+        self.reconstruction = term
+        if term is not None:
+            self._reconstruction_hook = self.register_forward_hook(_add_reconstruction)
 
     def end_epoch(self, probs: torch.Tensor, index: torch.Tensor, epoch: int) -> Dict[str, float]:
         """Hook after the training pass of ``epoch`` (only called when ``needs_train_pass``)."""
@@ -292,6 +331,20 @@ class SPMLLoss(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # Factory helpers
 # --------------------------------------------------------------------------------------------------
+
+
+def _add_reconstruction(module: SPMLLoss, args: Tuple[Any, ...], out: Dict[str, torch.Tensor]
+                        ) -> Dict[str, torch.Tensor]:
+    """Forward hook of :meth:`SPMLLoss.set_reconstruction`: ``loss += recon`` after the loss's own forward."""
+    term = module.reconstruction
+    if term is None:  # pragma: no cover - the hook is removed with the term
+        return out
+    batch = args[0]
+    if batch.features is None or batch.image_embedding is None:
+        raise ValueError(f"loss {type(module).__name__} has the reconstruction term on: the batch needs the head's "
+                         f"reconstruction feature (features) and the teacher's image embeddings (image_embedding)")
+    recon = term(batch.features, batch.image_embedding)
+    return {**out, "loss": out["loss"] + recon, "recon": recon.detach()}
 
 
 def create_loss(name: str, observed: Any, **hparams: Any) -> SPMLLoss:

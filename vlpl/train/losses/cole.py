@@ -213,7 +213,7 @@ class ROLELoss(SPMLLoss):
                 "weight_decay": 0.0,
                 "name": "role_estimator",
             }
-        ]
+        ] + super().param_groups(lr)
 
     def forward(self, batch: LossBatch) -> Dict[str, torch.Tensor]:
         _, p, _, m = self._prepare(batch)
