@@ -308,14 +308,22 @@ class Classifier(nn.Module):
         """The backbone's pooled feature and token map."""
         return self.backbone(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, with_aux: bool = False) -> Any:
+        """logits (B, C); with ``with_aux``, ``(logits, aux)``: the head's auxiliary outputs (its ``aux`` dict,
+        filled during its forward), where ``aux["reconstruction"]`` (B, F') is the feature the Decision-5
+        reconstruction term reads - the backbone's pooled feature for a head that gives none."""
         wants = getattr(self.head, "uses_tokens", None)
         out = self.backbone(x, with_tokens=wants is not False)
         if wants is True and out.tokens is None:
             inner = getattr(self.backbone, "visual", getattr(self.backbone, "model", self.backbone))
             raise ValueError(f"head {type(self.head).__name__} reads the token map, but the backbone "
                              f"({type(inner).__name__}) gives none: use a ViT or CNN backbone")
-        return self.head(out)
+        logits = self.head(out)
+        if not with_aux:
+            return logits
+        aux = dict(getattr(self.head, "aux", None) or {})
+        aux.setdefault("reconstruction", out.pooled)
+        return logits, aux
 
     def backbone_parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.backbone.parameters() if p.requires_grad)

@@ -77,7 +77,9 @@ class StepState:
 
     ``autocast()``, ``backward(loss)`` and ``no_sync(model)`` default to plain torch; ``run_train`` passes
     accelerate's (mixed precision, DDP gradient sync, fp16 loss scaling). ``forward``: the callable that runs
-    the forward pass (e.g. ``torch.compile(model)``; ``None``: the model itself).
+    the forward pass (e.g. ``torch.compile(model)``; ``None``: the model itself). ``image_embeddings(positions)``:
+    the teacher's cached ``(b, D)`` image embeddings of training-split positions (a store reader), read only
+    when the loss carries the reconstruction term (``loss.uses_features``, Decision 5).
     """
 
     optimizer: torch.optim.Optimizer
@@ -89,7 +91,8 @@ class StepState:
     autocast: Callable[[], ContextManager[Any]] = nullcontext
     backward: Callable[[torch.Tensor], None] = field(default=lambda loss: loss.backward())
     no_sync: Callable[[nn.Module], ContextManager[Any]] = field(default=lambda model: nullcontext())
-    forward: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    forward: Optional[Callable[..., Any]] = None
+    image_embeddings: Optional[Callable[[np.ndarray], torch.Tensor]] = None
 
 
 class RuleRunner:
@@ -142,10 +145,19 @@ def train_step(batch: TrainBatch, model: nn.Module, loss: SPMLLoss, rule: Option
     torch.manual_seed(step_seed(state.seed, batch.epoch, batch.step, state.process_index))
     sync_ctx = nullcontext() if batch.sync else state.no_sync(model)
     with sync_ctx:
+        features = embeddings = None
         with state.autocast():
-            logits = (state.forward or model)(batch.images)
+            if getattr(loss, "uses_features", False):  # the reconstruction term (Decision 5; off by default)
+                logits, aux = (state.forward or model)(batch.images, with_aux=True)
+                features = aux["reconstruction"].float()
+            else:
+                logits = (state.forward or model)(batch.images)
+        if features is not None:
+            if state.image_embeddings is None:
+                raise ValueError("the loss's reconstruction term needs StepState.image_embeddings (a store reader)")
+            embeddings = state.image_embeddings(local).to(state.device, non_blocking=True)
         terms = loss(LossBatch(logits=logits.float(), index=batch.index.to(state.device, non_blocking=True),
-                               pseudo=pseudo))
+                               pseudo=pseudo, features=features, image_embedding=embeddings))
         total = terms["loss"] / state.grad_accum if state.grad_accum > 1 else terms["loss"]
         state.backward(total)
     if batch.sync:

@@ -93,7 +93,12 @@ from vlpl.train.losses.large_loss import (
     LargeLossRejectionLoss,
     LargeLossTemporaryCorrectionLoss,
 )
-from vlpl.train.losses.reconstruction import AUX_RECONSTRUCTION, ReconstructionTerm
+from vlpl.train.losses.reconstruction import (
+    AUX_RECONSTRUCTION,
+    ReconstructionTerm,
+    build_reconstruction,
+    probe_reconstruction_feature,
+)
 from vlpl.train.losses.vlpl import VLPLLoss
 
 __all__ = [
@@ -129,4 +134,6 @@ __all__ = [
     "VLPLLoss",
     "ReconstructionTerm",
     "AUX_RECONSTRUCTION",
+    "build_reconstruction",
+    "probe_reconstruction_feature",
 ]
