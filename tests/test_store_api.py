@@ -159,7 +159,7 @@ def test_split_readers_equal_the_dense_arrays(coco256_store, coco256_root):
 def test_reader_cache_is_bounded(coco256_store):
     """A tiny cache still returns the right scores and never holds more than one row group over budget."""
     big = ScoreStore(coco256_store)
-    small = ScoreStore(coco256_store, cache_bytes=1)
+    small = ScoreStore(coco256_store, cache_bytes=1, sidecars=False)  # the row-group cache path
     sp_big, sp_small = big.split("train"), small.split("train")
     group_bytes = 256 * 10 * small.num_classes * 2  # at most one row group of float16 scores
     for idx in (np.arange(len(sp_small))[::-7], np.arange(len(sp_small))):

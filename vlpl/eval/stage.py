@@ -230,9 +230,8 @@ def _scan_store(store: ScoreStore, cfg: EvaluateConfig, dparams: Dict[str, float
                 ) -> Tuple[Dict[str, Dict[str, int]], _Collector, _Collector]:
     """Per-split row counts and the (N, C) aggregates of the eval and the pseudo-label rows, reading the
     scores batch by batch through the store's split readers (rules are row-wise, so batches are exact);
-    memory holds one batch of views plus the (N, C) aggregates."""
-    if store.score_format != "dense":
-        raise NotImplementedError(f"{store.root}: score_format {store.score_format!r}; evaluate reads dense stores")
+    memory holds one batch of views plus the (N, C) aggregates. Every score form (dense, per-view embeddings,
+    top-k) reads as the same dense batches."""
     readers = {s: store.split(s, include_failed=True) for s in dict.fromkeys([cfg.split, cfg.pseudo_split])}
     rows = {s: {"total": len(sp), "failed": int((~sp.ok).sum()),
                 "labels_unknown": int((sp.ok & ~sp.labels_known).sum()),

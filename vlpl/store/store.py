@@ -32,6 +32,7 @@ checks the full sha256 of every shard on demand. Callers read through :meth:`Sco
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -43,8 +44,10 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from vlpl.store import cache as _sc
 from vlpl.store.atomic import (
     WriteError,
     atomic_path,
@@ -52,6 +55,7 @@ from vlpl.store.atomic import (
     atomic_write_text,
     remove_stale_temps,
 )
+from vlpl.store.formats import ScoreForm
 from vlpl.store.lock import StoreLock, StoreLockedError
 from vlpl.store.views import ViewSpec
 
@@ -66,9 +70,10 @@ ROW_GROUP_SIZE = 256
 MANIFEST_CHECKSUM_KEY = "manifest_sha256"
 DEFAULT_CACHE_BYTES = 4 << 30  # decoded float16 scores kept for random access (training batches)
 STREAM_CACHE_BYTES = 64 << 20  # what one sequential pass (iter_scores) keeps
+CACHE_DIR = "cache"  # flat sidecars for memory-bounded random access (vlpl.store.cache), rebuilt from the shards
 # Keys of the manifest whose values must match for a run to add to (resume) an existing store.
 IDENTITY_KEYS = ("model", "templates_sha256", "classes_sha256", "views", "samples_sha256", "shard_size",
-                 "score_kind", "score_format", "decode")
+                 "score_kind", "score_format", "score_form", "decode")
 _RESUME_HINT = "free space (or fix the permission) and re-run the same command: completed shards are kept"
 
 
@@ -133,14 +138,16 @@ def read_manifest(path: Path) -> Dict[str, Any]:
     return manifest
 
 
-def row_schema(num_classes: int, num_views: int, dim: int) -> pa.Schema:
+def row_schema(num_classes: int, num_views: int, dim: int, form: Optional[ScoreForm] = None) -> pa.Schema:
+    """The shard schema; the score columns are those of ``form`` (default: dense ``scores``)."""
+    form = form or ScoreForm("dense", num_views, num_classes, dim)
     return pa.schema([
         ("sample_id", pa.string()),
         ("image", pa.string()),
         ("split", pa.string()),
         ("observed", pa.list_(pa.int8(), num_classes)),
         ("labels", pa.list_(pa.int8(), num_classes)),
-        ("scores", pa.list_(pa.list_(pa.float16(), num_classes), num_views)),
+        *form.arrow_fields(),
         ("image_embedding", pa.list_(pa.float16(), dim)),
         ("status", pa.string()),
         ("error", pa.string()),
@@ -166,29 +173,45 @@ class ShardRows:
     observed: np.ndarray  # (N, C) int8
     labels: Optional[np.ndarray]  # (N, C) int8 or None
     labels_known: np.ndarray  # (N,) bool
-    scores: np.ndarray  # (N, V, C) float16 (rows of failed images: anything)
+    scores: Optional[np.ndarray]  # (N, V, C) float16 dense scores (rows of failed images: anything), or None
     image_embedding: np.ndarray  # (N, D) float16
     ok: np.ndarray  # (N,) bool
     error: List[Optional[str]]
+    #: the score columns of a compact form (:meth:`ScoreForm.payload`), e.g. ``view_embeddings`` (N, V, D);
+    #: with ``form`` given and ``payload`` None, the payload is made from ``scores``
+    payload: Optional[Dict[str, np.ndarray]] = None
+    form: Optional[ScoreForm] = None
 
     def to_table(self) -> pa.Table:
         n, c = self.observed.shape
-        v, d = self.scores.shape[1], self.image_embedding.shape[1]
+        d = self.image_embedding.shape[1]
+        form = self.form
+        if form is None:
+            if self.scores is None:
+                raise ValueError("ShardRows: dense scores or a form with its payload are needed")
+            form = ScoreForm("dense", self.scores.shape[1], c, d)
+        payload = self.payload if self.payload is not None else form.from_dense(self.scores)
         labels = self.labels if self.labels is not None else np.zeros((n, c), np.int8)
-        scores = np.where(self.ok[:, None, None], self.scores, 0).astype(np.float16)  # null rows: zeros
         emb = np.where(self.ok[:, None], self.image_embedding, 0).astype(np.float16)
+        score_cols = []
+        for name, (shape, dtype) in form.payload().items():
+            arr = np.asarray(payload[name])
+            if arr.shape != (n, *shape):
+                raise ValueError(f"ShardRows: column {name!r} has shape {arr.shape}, expected {(n, *shape)}")
+            arr = np.where(self.ok.reshape(-1, *([1] * len(shape))), arr, 0).astype(dtype)  # null rows: zeros
+            score_cols.append(_fixed(arr, self.ok, shape, dtype))
         cols = [
             pa.array(self.sample_id, pa.string()),
             pa.array(self.image, pa.string()),
             pa.array(self.split, pa.string()),
             _fixed(self.observed, np.ones(n, bool), (c,), np.int8),
             _fixed(labels, self.labels_known, (c,), np.int8),
-            _fixed(scores, self.ok, (v, c), np.float16),
+            *score_cols,
             _fixed(emb, self.ok, (d,), np.float16),
             pa.array([STATUS_OK if o else STATUS_FAILED for o in self.ok], pa.string()),
             pa.array(self.error, pa.string()),
         ]
-        return pa.Table.from_arrays(cols, schema=row_schema(c, v, d))
+        return pa.Table.from_arrays(cols, schema=row_schema(c, form.num_views, d, form))
 
 
 def write_parquet(table: pa.Table, path: Path) -> None:
@@ -286,7 +309,7 @@ class StoreWriter:
             write_manifest(manifest_path, {**identity, "complete": False, "shards": []})
 
     def _clear(self) -> None:
-        for name in ("shards", "index"):
+        for name in ("shards", "index", CACHE_DIR):
             shutil.rmtree(self.root / name, ignore_errors=True)
         for name in ("manifest.json", "classes.txt", "text_embeddings.npy"):
             (self.root / name).unlink(missing_ok=True)
@@ -352,7 +375,7 @@ class StoreWriter:
                 from vlpl.store.index import build_index as _build
 
                 store = ScoreStore(self.root, manifest=manifest)
-                manifest["index"] = _build(store)
+                manifest["index"] = _build(store, build_index)  # True or an IndexConfig
             manifest = write_manifest(self.root / "manifest.json", manifest)
         except WriteError as e:
             raise StoreError(str(e)) from e
@@ -424,43 +447,72 @@ class _LRU:
         self.items: "OrderedDict[Any, np.ndarray]" = OrderedDict()
         self.nbytes = 0
 
-    def get(self, key: Any) -> Optional[np.ndarray]:
+    def get(self, key: Any) -> Any:
         v = self.items.get(key)
         if v is not None:
             self.items.move_to_end(key)
         return v
 
-    def put(self, key: Any, value: np.ndarray) -> None:
+    @staticmethod
+    def _size(value: Any) -> int:
+        if isinstance(value, np.ndarray):
+            return value.nbytes
+        if isinstance(value, dict):
+            return sum(_LRU._size(v) for v in value.values())
+        if isinstance(value, (tuple, list)):
+            return sum(_LRU._size(v) for v in value)
+        return 0
+
+    def put(self, key: Any, value: Any) -> None:
         self.items[key] = value
-        self.nbytes += value.nbytes
+        self.nbytes += self._size(value)
         while self.nbytes > self.max_bytes and len(self.items) > 1:
             _, old = self.items.popitem(last=False)
-            self.nbytes -= old.nbytes
+            self.nbytes -= self._size(old)
+
+
+class _InMemory:
+    """An in-memory (N, ...) array with the :class:`vlpl.store.cache.FlatArray` read interface."""
+
+    def __init__(self, arr: np.ndarray) -> None:
+        self.arr = arr
+
+    def take(self, rows: Any) -> np.ndarray:
+        return self.arr[np.asarray(rows, np.int64).reshape(-1)]
+
+    def mmap(self) -> np.ndarray:
+        return self.arr
 
 
 class SplitReader:
-    """The rows of one split: ids, image refs, observed and full labels in memory (``(N, C)`` int8),
-    and the cached view scores read batch-wise on demand.
+    """The rows of one split: ids, image refs, observed and full labels, and the view scores, all read
+    batch-wise on demand (``scores``, ``observed_at``, ``labels_at``).
+
+    With sidecars (the default when the store or ``VLPL_CACHE_DIR`` is writable, :mod:`vlpl.store.cache`)
+    only ``rows``, ``labels_known`` and ``ok`` (9 bytes a row) are in memory: ``sample_ids`` and ``images``
+    are sequences read from disk per item, ``observed`` / ``labels`` are read-only memory maps (whole-array
+    use; prefer ``observed_at`` / ``labels_at`` in loops), and the batch readers read just the rows asked for.
 
     Positions ``0..len-1`` index the split; ``rows`` maps them to store row numbers. Failed rows
     (status not ok) are left out unless the split was opened with ``include_failed=True`` (then ``ok``
     says which rows failed and their scores are NaN).
     """
 
-    def __init__(self, store: "ScoreStore", name: str, rows: np.ndarray, sample_ids: List[str], images: List[str],
-                 observed: np.ndarray, labels_dense: np.ndarray, labels_known: np.ndarray, ok: np.ndarray,
+    def __init__(self, store: "ScoreStore", name: str, rows: np.ndarray, sample_ids: Sequence[str],
+                 images: Sequence[str], observed: Any, labels: Any, labels_known: np.ndarray, ok: np.ndarray,
                  include_failed: bool) -> None:
         self.store = store
         self.name = name
         self.rows = rows
         self.sample_ids = sample_ids
         self.images = images
-        self.observed = observed
+        self._observed_src = observed if hasattr(observed, "take") else _InMemory(observed)
+        self._labels_src = labels if hasattr(labels, "take") else _InMemory(labels)
         self.labels_known = labels_known
-        self.labels: Optional[np.ndarray] = labels_dense if len(rows) and labels_known.all() else None
-        self._labels_dense = labels_dense
         self.ok = ok
         self.include_failed = include_failed
+        self._observed: Optional[np.ndarray] = None
+        self._labels: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -469,29 +521,76 @@ class SplitReader:
     def view_spec(self) -> ViewSpec:
         return self.store.view_spec
 
+    @property
+    def observed(self) -> np.ndarray:
+        """``(N, C)`` int8 observed labels (a read-only memory map with sidecars)."""
+        if self._observed is None:
+            self._observed = self._whole(self._observed_src)
+        return self._observed
+
+    @property
+    def labels(self) -> Optional[np.ndarray]:
+        """``(N, C)`` int8 full labels when every row has them, else None."""
+        if not len(self.rows) or not self.labels_known.all():
+            return None
+        if self._labels is None:
+            self._labels = self._whole(self._labels_src)
+        return self._labels
+
+    def _whole(self, src: Any) -> np.ndarray:
+        try:
+            return src.mmap()
+        except ValueError as e:
+            raise StoreError(f"split {self.name!r}: {e}; delete {getattr(src, 'path', 'the sidecar')} (it is "
+                             f"rebuilt from the shards)") from None
+
+    def _take(self, src: Any, pos: np.ndarray) -> np.ndarray:
+        try:
+            return src.take(pos)
+        except ValueError as e:
+            raise StoreError(f"split {self.name!r}: {e}; delete {getattr(src, 'path', 'the sidecar')} (it is "
+                             f"rebuilt from the shards)") from None
+
+    def observed_at(self, idx: Any) -> np.ndarray:
+        """``(B, C)`` int8 observed labels of the rows at positions ``idx`` (reads only those rows)."""
+        return self._take(self._observed_src, self._positions(idx))
+
     def labels_at(self, idx: Any) -> np.ndarray:
         """``(B, C)`` int8 full labels of the rows at positions ``idx`` (all must have known labels)."""
-        pos = np.asarray(idx, dtype=np.int64).reshape(-1)
+        pos = self._positions(idx)
         if not self.labels_known[pos].all():
             bad = pos[~self.labels_known[pos]][:3]
             raise ValueError(f"split {self.name!r}: rows {[self.sample_ids[i] for i in bad]} have no full labels")
-        return self._labels_dense[pos]
+        return self._take(self._labels_src, pos)
 
-    def scores(self, idx: Any) -> np.ndarray:
-        """``(B, n_variants, n_views, C)`` float32 raw cosine scores of the rows at positions ``idx``
-        (random access: decoded row groups stay in the store's byte-bounded cache)."""
-        return self._scores(idx, None)
-
-    def _scores(self, idx: Any, cache: Optional["_LRU"]) -> np.ndarray:
+    def _positions(self, idx: Any) -> np.ndarray:
         pos = np.asarray(idx, dtype=np.int64).reshape(-1)
         if len(pos) and (pos.min() < 0 or pos.max() >= len(self.rows)):
             raise IndexError(f"split {self.name!r}: positions must be in [0, {len(self.rows)}); got "
                              f"{int(pos.min())}..{int(pos.max())}")
-        flat = self.store._read_scores(self.rows[pos], cache)
+        return pos
+
+    def scores(self, idx: Any, device: Any = None) -> Any:
+        """``(B, n_variants, n_views, C)`` float32 raw cosine scores of the rows at positions ``idx``, whatever
+        the store's form (dense, per-view embeddings scored against the text embeddings, top-k filled with
+        the floor). ``device`` None: a numpy array; else a torch tensor computed on that device (a compact
+        form's payload is moved there and expanded there).
+
+        Random access: read from the shards' flat sidecars (:mod:`vlpl.store.cache`: only the rows asked
+        for are read; memory independent of the store's size) when the store has them or can make them,
+        else from decoded row groups kept in the store's byte-bounded cache."""
+        return self._scores(idx, None, device)
+
+    def _scores(self, idx: Any, cache: Optional["_LRU"], device: Any = None) -> Any:
+        pos = np.asarray(idx, dtype=np.int64).reshape(-1)
+        if len(pos) and (pos.min() < 0 or pos.max() >= len(self.rows)):
+            raise IndexError(f"split {self.name!r}: positions must be in [0, {len(self.rows)}); got "
+                             f"{int(pos.min())}..{int(pos.max())}")
+        flat = self.store._read_scores(self.rows[pos], cache, device)
         return self.store.view_spec.split_variants(flat)
 
-    def iter_scores(self, batch_size: int, positions: Optional[Any] = None
-                    ) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+    def iter_scores(self, batch_size: int, positions: Optional[Any] = None, device: Any = None
+                    ) -> Iterator[Tuple[np.ndarray, Any]]:
         """``(positions, scores)`` batches in order, over ``positions`` (default: the whole split).
 
         One pass: it keeps only a few decoded row groups of its own (``STREAM_CACHE_BYTES``), not the
@@ -502,7 +601,7 @@ class SplitReader:
         cache = _LRU(STREAM_CACHE_BYTES)
         for k in range(0, len(pos), batch_size):
             p = pos[k : k + batch_size]
-            yield p, self._scores(p, cache)
+            yield p, self._scores(p, cache, device)
 
 
 class ScoreStore:
@@ -514,8 +613,13 @@ class ScoreStore:
     """
 
     def __init__(self, root: Path, manifest: Optional[Dict[str, Any]] = None, require_complete: bool = True,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, sidecars: bool = True,
+                 cache_dir: Optional[Path] = None) -> None:
         self.root = Path(root)
+        self.sidecars = sidecars
+        self._cache_dir_arg = cache_dir
+        self._cache_dir: Any = False  # False: not resolved yet; None: nowhere writable
+        self._shard_sidecars: Dict[int, Tuple[Dict[str, "_sc.FlatArray"], np.ndarray]] = {}
         path = self.root / "manifest.json"
         if manifest is None:
             manifest = read_manifest(path)
@@ -528,8 +632,12 @@ class ScoreStore:
         try:
             self.classes: List[str] = list(manifest["classes"])
             self.view_spec: ViewSpec = ViewSpec.from_manifest(manifest)
+            self.form: ScoreForm = ScoreForm.from_manifest(manifest, self.view_spec.num_views, len(self.classes))
+            # classes the shards' observed/labels columns cover (differs after retarget_classes)
+            self.label_classes: List[str] = list(manifest.get("label_classes") or self.classes)
         except (KeyError, TypeError, ValueError) as e:
             raise StoreError(f"{path}: {e}") from None
+        self._text: Optional[np.ndarray] = None
         shards = manifest.get("shards", [])
         self._shard_rows = np.array([int(s["rows"]) for s in shards], np.int64)
         self._starts = np.concatenate([[0], np.cumsum(self._shard_rows)]).astype(np.int64)
@@ -564,8 +672,19 @@ class ScoreStore:
 
     @property
     def score_format(self) -> str:
-        """How scores are stored: ``dense`` (V x C float16 per row)."""
-        return str(self.manifest.get("score_format", "dense"))
+        """How scores are stored: ``dense`` (V x C float16 per row), ``embeddings`` (V x D float16 per-view
+        image embeddings) or ``topk`` (see :mod:`vlpl.store.formats`). Readers always return dense scores."""
+        return self.form.name
+
+    @property
+    def score_columns(self) -> List[str]:
+        """The shard columns that hold the scores in this store's form."""
+        return self.form.columns
+
+    @property
+    def columns(self) -> List[str]:
+        """Every shard column of this store."""
+        return row_schema(1, 1, 1, self.form).names
 
     @property
     def dataset_info(self) -> Dict[str, Any]:
@@ -584,11 +703,152 @@ class ScoreStore:
             raise StoreError(f"{path}: unreadable ({e})") from None
         if te.ndim != 2 or te.shape[0] != self.num_classes:
             raise StoreError(f"{path}: shape {te.shape}, expected ({self.num_classes}, D) for the store's classes")
+        if self.form.name == "embeddings" and te.shape[1] != self.form.dim:
+            raise StoreError(f"{path}: dimension {te.shape[1]}, the store's view embeddings have {self.form.dim}")
         return te
+
+    def _text_embeddings(self) -> Optional[np.ndarray]:
+        """The (C, D) text embeddings the embeddings form scores against (loaded once), else None."""
+        if self.form.name != "embeddings":
+            return None
+        if self._text is None:
+            self._text = self.text_embeddings()
+        return self._text
+
+    def dense_scores(self, payload: Dict[str, np.ndarray], device: Any = None) -> Any:
+        """``(B, V, C)`` float32 scores of a batch of payload columns (numpy, or a torch tensor on ``device``)."""
+        if device is None:
+            return self.form.dense(payload, self._text_embeddings())
+        return self.form.dense_torch(payload, self._text_embeddings(), device)
+
+    # -- labels of added classes ------------------------------------------------------------------------
+    def _map_labels(self, arr: np.ndarray) -> np.ndarray:
+        """(n, label classes) -> (n, C): a class added by :func:`retarget_classes` is 0 (unknown / none)."""
+        if self.label_classes == self.classes:
+            return arr
+        where = {c: i for i, c in enumerate(self.label_classes)}
+        out = np.zeros((len(arr), self.num_classes), arr.dtype)
+        for j, c in enumerate(self.classes):
+            if c in where:
+                out[:, j] = arr[:, where[c]]
+        return out
+
+    # -- flat sidecars (random access) -------------------------------------------------------------------
+    @property
+    def cache_dir(self) -> Optional[Path]:
+        """Where this store's sidecars are (None: sidecars off or nowhere writable)."""
+        if self._cache_dir is False:
+            key = f"store-{str(self.manifest.get(MANIFEST_CHECKSUM_KEY) or sha256_lines([str(self.root)]))[:16]}"
+            self._cache_dir = _sc.resolve_cache_dir(self.root, key, self._cache_dir_arg) if self.sidecars else None
+            if self.sidecars and self._cache_dir is None:
+                log.warning("%s: no writable cache directory (set VLPL_CACHE_DIR): random access decodes row "
+                            "groups into an in-memory cache instead of reading flat sidecars", self.root)
+        return self._cache_dir
+
+    def _mmap_ok(self) -> bool:
+        return bool(self.sidecars and self.manifest.get("complete") and len(self._shard_rows)
+                    and self.cache_dir is not None)
+
+    def _shard_sidecar(self, k: int, rebuild: bool = False) -> Tuple[Dict[str, "_sc.FlatArray"], np.ndarray]:
+        """The flat payload files of shard k (built on first use) and its per-row [valid, CRC...] table."""
+        hit = self._shard_sidecars.get(k)
+        if hit is not None and not rebuild:
+            return hit
+        root = self.cache_dir
+        assert root is not None
+        name = shard_name(k)
+        mark_path = root / f"{name}.json"
+        entry = self.manifest["shards"][k]
+        path = self.shard_paths()[k]
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise StoreError(f"{path}: shard file missing (listed in {self.root / 'manifest.json'})") from None
+        want = {"cache_version": _sc.CACHE_VERSION, "shard_sha256": entry.get("sha256"), "size": st.st_size,
+                "mtime_ns": st.st_mtime_ns, "rows": int(self._shard_rows[k]), **self.form.manifest_entry(),
+                "columns": {c: [list(shp), np.dtype(dt).str] for c, (shp, dt) in self.form.payload().items()}}
+        mark = None if rebuild else _sc.read_json_mark(mark_path)
+        if mark != want:
+            with _sc.file_lock(root / f".{name}.lock"):
+                mark = None if rebuild else _sc.read_json_mark(mark_path)
+                if mark != want:
+                    self._build_shard_sidecar(k, root, want)
+        try:
+            table = np.load(root / f"{name}.rows.npy", allow_pickle=False)
+            cols = {c: _sc.FlatArray(root / f"{name}.{c}.npy", table[:, 1 + i]) for i, c in enumerate(self.form.columns)}
+        except (OSError, ValueError) as e:
+            if rebuild:
+                raise StoreError(f"{root}: sidecar of {path.name} unreadable after a rebuild ({e})") from None
+            log.warning("%s: sidecar of shard %d unreadable (%s); rebuilding it", root, k, e)
+            return self._shard_sidecar(k, rebuild=True)
+        if table.shape != (self._shard_rows[k], 1 + len(cols)) or any(len(c) != self._shard_rows[k] for c in cols.values()):
+            if rebuild:
+                raise StoreError(f"{root}: sidecar of {path.name} has the wrong shape after a rebuild")
+            return self._shard_sidecar(k, rebuild=True)
+        out = (cols, table[:, 0].astype(bool))
+        self._shard_sidecars[k] = out
+        return out
+
+    def _build_shard_sidecar(self, k: int, root: Path, mark: Dict[str, Any]) -> None:
+        """Decode shard k's payload row group by row group into flat ``.npy`` files (one group in memory)."""
+        name, n = shard_name(k), int(self._shard_rows[k])
+        payload = self.form.payload()
+        rg = self._row_groups(k)
+        table = np.zeros((n, 1 + len(payload)), np.uint32)
+        with contextlib.ExitStack() as stack:
+            writers = {}
+            for c, (shape, dt) in payload.items():
+                tmp = stack.enter_context(atomic_path(root / f"{name}.{c}.npy"))
+                f = stack.enter_context(open(tmp, "wb"))
+                writers[c] = _sc.NpyWriter(f, (n, *shape), dt)
+            for g in range(len(rg) - 1):
+                arrays, valid = self._group_payload(k, g, _LRU(0))
+                table[rg[g]:rg[g + 1], 0] = valid
+                for i, c in enumerate(payload):
+                    writers[c].write(arrays[c])
+                    table[rg[g]:rg[g + 1], 1 + i] = _sc.row_crcs(np.ascontiguousarray(arrays[c], payload[c][1]))
+            for w in writers.values():
+                w.close()
+        with atomic_path(root / f"{name}.rows.npy") as tmp, open(tmp, "wb") as f:
+            np.save(f, table, allow_pickle=False)
+        _sc.write_json_mark(root / f"{name}.json", mark)
+        log.info("%s: flat sidecar of shard %d written (%d rows)", root, k, n)
+
+    def _sidecar_payload(self, rows: np.ndarray) -> Tuple[Dict[str, np.ndarray], np.ndarray]:
+        """The payload of store rows read from the sidecars (only those rows), CRC-checked."""
+        out = self.form.empty(len(rows))
+        valid = np.zeros(len(rows), bool)
+        shard = np.searchsorted(self._starts, rows, side="right") - 1
+        for k in np.unique(shard):
+            sel = np.nonzero(shard == k)[0]
+            local = rows[sel] - self._starts[k]
+            for attempt in (0, 1):
+                cols, ok = self._shard_sidecar(int(k), rebuild=attempt == 1)
+                try:
+                    for c, fa in cols.items():
+                        out[c][sel] = fa.take(local)
+                    break
+                except ValueError as e:
+                    if attempt:
+                        raise StoreError(f"{e}; the sidecar was rebuilt from {self.shard_paths()[int(k)]} and is "
+                                         f"still bad: check the disk") from None
+                    log.warning("%s; rebuilding it from the shard", e)
+            valid[sel] = ok[local]
+        return out, valid
+
+    def prepare_sidecars(self) -> Optional[Path]:
+        """Build every shard's sidecar now (e.g. on the main process before the others start reading);
+        returns the cache directory, or None when sidecars are off."""
+        if not self._mmap_ok():
+            return None
+        for k in range(len(self._shard_rows)):
+            self._shard_sidecar(k)
+        return self.cache_dir
 
     # -- shard access ---------------------------------------------------------------------------------
     def _expected_type(self, column: str) -> pa.DataType:
-        return row_schema(self.num_classes, self.view_spec.num_views, max(self.embedding_dim, 1)).field(column).type
+        return row_schema(self.num_classes, self.view_spec.num_views, max(self.embedding_dim, 1),
+                          self.form).field(column).type
 
     def _parquet(self, k: int) -> pq.ParquetFile:
         path = self.shard_paths()[k]
@@ -644,28 +904,35 @@ class ScoreStore:
             rg = self._rg_starts[k]
         return rg
 
-    def _group_scores(self, k: int, g: int, cache: Optional[_LRU] = None) -> np.ndarray:
-        """(rows of the group, V, C) float16 scores of row group g of shard k; NaN for failed rows."""
+    def _group_payload(self, k: int, g: int, cache: Optional[_LRU] = None) -> Tuple[Dict[str, np.ndarray], np.ndarray]:
+        """Row group g of shard k: its score payload columns (in the store's form) and which rows are valid."""
         cache = self._cache if cache is None else cache
         key = (k, g)
         hit = cache.get(key)
         if hit is not None:
             return hit
-        arr, valid = self._decode(k, self._read(k, ["scores"], [g]).column("scores"))
-        arr = arr.astype(np.float16, copy=False)
-        if not valid.all():
-            arr[~valid] = np.nan
-        cache.put(key, arr)
-        return arr
+        t = self._read(k, self.form.columns, [g])
+        payload: Dict[str, np.ndarray] = {}
+        valid = None
+        for name, (_, dtype) in self.form.payload().items():
+            arr, v = self._decode(k, t.column(name))
+            payload[name] = arr.astype(dtype, copy=False)
+            valid = v if valid is None else valid & v
+        out = (payload, valid if valid is not None else np.ones(t.num_rows, bool))
+        cache.put(key, out)
+        return out
 
-    def _read_scores(self, rows: np.ndarray, cache: Optional[_LRU] = None) -> np.ndarray:
-        """(B, V, C) float32 scores of store rows (any order)."""
+    def _read_payload(self, rows: np.ndarray, cache: Optional[_LRU] = None) -> Tuple[Dict[str, np.ndarray], np.ndarray]:
+        """The score payload columns of store rows (any order) and which rows are valid."""
         rows = np.asarray(rows, np.int64)
-        out = np.empty((len(rows), self.view_spec.num_views, self.num_classes), np.float32)
+        out = self.form.empty(len(rows))
+        valid = np.zeros(len(rows), bool)
         if not len(rows):
-            return out
+            return out, valid
         if rows.min() < 0 or rows.max() >= self.num_rows:
             raise IndexError(f"store rows must be in [0, {self.num_rows})")
+        if cache is None and self._mmap_ok():
+            return self._sidecar_payload(rows)
         shard = np.searchsorted(self._starts, rows, side="right") - 1
         for k in np.unique(shard):
             sel = np.nonzero(shard == k)[0]
@@ -674,7 +941,25 @@ class ScoreStore:
             group = np.searchsorted(rg, local, side="right") - 1
             for g in np.unique(group):
                 gsel = np.nonzero(group == g)[0]
-                out[sel[gsel]] = self._group_scores(int(k), int(g), cache)[local[gsel] - rg[g]]
+                payload, ok = self._group_payload(int(k), int(g), cache)
+                at = local[gsel] - rg[g]
+                for name in out:
+                    out[name][sel[gsel]] = payload[name][at]
+                valid[sel[gsel]] = ok[at]
+        return out, valid
+
+    def _read_scores(self, rows: np.ndarray, cache: Optional[_LRU] = None, device: Any = None) -> Any:
+        """(B, V, C) float32 scores of store rows (any order); NaN for failed rows. ``device``: a torch
+        tensor computed there (the compact payload is moved, then expanded)."""
+        payload, valid = self._read_payload(rows, cache)
+        out = self.dense_scores(payload, device)
+        if not valid.all():
+            if device is None:
+                out[~valid] = np.nan
+            else:
+                import torch
+
+                out[torch.from_numpy(~valid).to(out.device)] = float("nan")
         return out
 
     def iter_shards(self, columns: Sequence[str]) -> Iterator[Tuple[int, Dict[str, np.ndarray]]]:
@@ -692,54 +977,154 @@ class ScoreStore:
             yield int(self._starts[k]), out
 
     # -- row metadata and splits ----------------------------------------------------------------------
-    def _row_meta(self) -> Dict[str, np.ndarray]:
+    def _row_meta(self) -> Dict[str, Any]:
+        """Per store row: ``split_code`` (int32 index into ``split_names``) and ``ok`` (bool); 5 bytes a row,
+        computed from the shards' ``split`` and ``status`` columns without Python strings per row."""
         if self._meta is None:
-            parts: Dict[str, List[np.ndarray]] = {c: [] for c in ("sample_id", "image", "split", "status")}
-            for _, a in self.iter_shards(tuple(parts)):
-                for c in parts:
-                    parts[c].append(a[c])
-            self._meta = {c: np.concatenate(v) if v else np.zeros(0, object) for c, v in parts.items()}
-            self._meta["ok"] = self._meta["status"] == STATUS_OK
+            names: List[str] = []
+            codes, oks = [], []
+            for k in range(len(self._shard_rows)):
+                t = self._read(k, ["split", "status"])
+                try:
+                    ok = pc.equal(t.column("status"), STATUS_OK).fill_null(False).to_numpy(zero_copy_only=False)
+                    enc = t.column("split").combine_chunks().dictionary_encode()
+                    local = [str(x) for x in enc.dictionary.to_pylist()]
+                    idx = enc.indices.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+                except Exception as e:  # noqa: BLE001 - a value that does not decode is a corrupt shard
+                    raise self._corrupt(k, e) from None
+                lut = np.array([names.index(x) if x in names else names.append(x) or len(names) - 1
+                                for x in local] or [0], np.int32)
+                codes.append(lut[idx] if len(idx) else np.zeros(0, np.int32))
+                oks.append(np.asarray(ok, bool))
+            self._meta = {"split_names": names,
+                          "split_code": np.concatenate(codes) if codes else np.zeros(0, np.int32),
+                          "ok": np.concatenate(oks) if oks else np.zeros(0, bool)}
         return self._meta
 
     def splits(self) -> Dict[str, int]:
         """Usable (status ok) rows per split, in first-seen order."""
         m = self._row_meta()
-        names = list(dict.fromkeys(m["split"].tolist()))
-        return {s: int(((m["split"] == s) & m["ok"]).sum()) for s in names}
+        return {s: int(((m["split_code"] == i) & m["ok"]).sum()) for i, s in enumerate(m["split_names"])}
 
     def split_counts(self) -> Dict[str, Dict[str, int]]:
         """Per split: ``total`` rows, ``failed`` rows."""
         m = self._row_meta()
-        names = list(dict.fromkeys(m["split"].tolist()))
-        return {s: {"total": int((m["split"] == s).sum()), "failed": int(((m["split"] == s) & ~m["ok"]).sum())}
-                for s in names}
+        return {s: {"total": int((m["split_code"] == i).sum()), "failed": int(((m["split_code"] == i) & ~m["ok"]).sum())}
+                for i, s in enumerate(m["split_names"])}
 
-    def split(self, name: str, include_failed: bool = False) -> SplitReader:
-        """A :class:`SplitReader` over split ``name`` (an unknown split is an empty reader)."""
+    def _split_rows(self, name: str, include_failed: bool) -> np.ndarray:
         m = self._row_meta()
-        sel = m["split"] == name
+        if name not in m["split_names"]:
+            return np.zeros(0, np.int64)
+        sel = m["split_code"] == m["split_names"].index(name)
         if not include_failed:
             sel &= m["ok"]
-        rows = np.nonzero(sel)[0].astype(np.int64)
+        return np.nonzero(sel)[0].astype(np.int64)
+
+    def _split_parts(self, rows: np.ndarray) -> Iterator[Tuple[np.ndarray, Dict[str, Any]]]:
+        """Per shard holding some of ``rows`` (sorted): (positions in ``rows``, that shard's values of them:
+        observed, labels (C-wide, mapped), known, ok, sample_id, image)."""
+        shard = np.searchsorted(self._starts, rows, side="right") - 1
+        for k in np.unique(shard):
+            at = np.nonzero(shard == k)[0]
+            local = rows[at] - self._starts[k]
+            t = self._read(int(k), ["observed", "labels", "sample_id", "image", "status"])
+            obs, _ = self._decode(int(k), t.column("observed"))
+            lab, lvalid = self._decode(int(k), t.column("labels"))
+            lab = lab[local]
+            lab[~lvalid[local]] = 0
+            yield at, {"observed": self._map_labels(obs[local]), "labels": self._map_labels(lab),
+                       "known": lvalid[local], "ok": self._decode(int(k), t.column("status"))[local] == STATUS_OK,
+                       "sample_id": self._decode(int(k), t.column("sample_id"))[local].tolist(),
+                       "image": self._decode(int(k), t.column("image"))[local].tolist()}
+
+    def split(self, name: str, include_failed: bool = False) -> SplitReader:
+        """A :class:`SplitReader` over split ``name`` (an unknown split is an empty reader). With sidecars the
+        split's labels and names are written once to flat files and read per batch (memory: 9 bytes a row)."""
+        rows = self._split_rows(name, include_failed)
+        if self._mmap_ok() and len(rows):
+            return self._split_sidecar(name, include_failed, rows)
         C = self.num_classes
         observed = np.zeros((len(rows), C), np.int8)
         labels = np.zeros((len(rows), C), np.int8)
         known = np.zeros(len(rows), bool)
-        if len(rows):
-            shard = np.searchsorted(self._starts, rows, side="right") - 1
-            for k in np.unique(shard):
-                at = np.nonzero(shard == k)[0]
-                local = rows[at] - self._starts[k]
-                t = self._read(int(k), ["observed", "labels"])
-                obs, _ = self._decode(int(k), t.column("observed"))
-                lab, lvalid = self._decode(int(k), t.column("labels"))
-                observed[at] = obs[local]
-                labels[at] = lab[local]
-                known[at] = lvalid[local]
-        labels[~known] = 0
-        return SplitReader(self, name, rows, [str(x) for x in m["sample_id"][rows]], [str(x) for x in m["image"][rows]],
-                           observed, labels, known, m["ok"][rows].copy(), include_failed)
+        ok = np.zeros(len(rows), bool)
+        ids: List[str] = [""] * len(rows)
+        images: List[str] = [""] * len(rows)
+        for at, part in self._split_parts(rows):
+            observed[at], labels[at], known[at], ok[at] = part["observed"], part["labels"], part["known"], part["ok"]
+            for i, a in enumerate(at.tolist()):
+                ids[a], images[a] = part["sample_id"][i], part["image"][i]
+        return SplitReader(self, name, rows, ids, images, observed, labels, known, ok, include_failed)
+
+    def _split_sidecar(self, name: str, include_failed: bool, rows: np.ndarray) -> SplitReader:
+        root = self.cache_dir
+        assert root is not None
+        folder = root / f"split-{sha256_lines([name, str(include_failed)])[:16]}"
+        want = {"cache_version": _sc.CACHE_VERSION, "manifest_sha256": self.manifest.get(MANIFEST_CHECKSUM_KEY),
+                "split": name, "include_failed": include_failed, "rows": len(rows), "classes": self.num_classes,
+                "label_classes_sha256": sha256_lines(self.label_classes), "classes_sha256": sha256_lines(self.classes)}
+        for attempt in (0, 1):
+            mark = None if attempt else _sc.read_json_mark(folder / "mark.json")
+            if mark != want:
+                folder.mkdir(parents=True, exist_ok=True)
+                with _sc.file_lock(folder / ".lock"):
+                    mark = None if attempt else _sc.read_json_mark(folder / "mark.json")
+                    if mark != want:
+                        self._build_split_sidecar(folder, rows, want)
+            try:
+                stored_rows = np.load(folder / "rows.npy", allow_pickle=False)
+                flags = np.load(folder / "flags.npy", allow_pickle=False)
+                crc = np.load(folder / "crc.npy", allow_pickle=False)
+                if not np.array_equal(stored_rows, rows) or flags.shape != (len(rows),) or crc.shape != (len(rows), 2):
+                    raise ValueError("rows, flags or CRCs do not match the store")
+                observed = _sc.FlatArray(folder / "observed.npy", crc[:, 0])
+                labels = _sc.FlatArray(folder / "labels.npy", crc[:, 1])
+                ids = _sc.StringColumn(folder / "sample_id.off.npy", folder / "sample_id.bin")
+                images = _sc.StringColumn(folder / "image.off.npy", folder / "image.bin")
+                if observed.shape != (len(rows), self.num_classes) or len(ids) != len(rows) or len(images) != len(rows):
+                    raise ValueError("shape does not match the store")
+            except (OSError, ValueError) as e:
+                if attempt:
+                    raise StoreError(f"{folder}: split sidecar unreadable after a rebuild ({e})") from None
+                log.warning("%s: split sidecar unreadable (%s); rebuilding it", folder, e)
+                continue
+            return SplitReader(self, name, rows, ids, images, observed, labels, (flags & 1).astype(bool),
+                               (flags & 2).astype(bool), include_failed)
+        raise AssertionError("unreachable")
+
+    def _build_split_sidecar(self, folder: Path, rows: np.ndarray, mark: Dict[str, Any]) -> None:
+        n, C = len(rows), self.num_classes
+        flags = np.zeros(n, np.uint8)
+        crc = np.zeros((n, 2), np.uint32)
+        with contextlib.ExitStack() as stack:
+            def _open(fname: str) -> Any:
+                return stack.enter_context(open(stack.enter_context(atomic_path(folder / fname)), "wb"))
+            w_obs = _sc.NpyWriter(_open("observed.npy"), (n, C), np.int8)
+            w_lab = _sc.NpyWriter(_open("labels.npy"), (n, C), np.int8)
+            strings = {c: (_sc.NpyWriter(_open(f"{c}.off.npy"), (n + 1,), np.int64), _open(f"{c}.bin"))
+                       for c in ("sample_id", "image")}
+            pos = {c: 0 for c in strings}
+            for w, _ in strings.values():
+                w.write(np.zeros(1, np.int64))
+            for at, part in self._split_parts(rows):  # rows are sorted: parts arrive in order
+                w_obs.write(part["observed"])
+                w_lab.write(part["labels"])
+                crc[at, 0] = _sc.row_crcs(np.ascontiguousarray(part["observed"], np.int8))
+                crc[at, 1] = _sc.row_crcs(np.ascontiguousarray(part["labels"], np.int8))
+                flags[at] = part["known"].astype(np.uint8) | (part["ok"].astype(np.uint8) << 1)
+                for c, (w, blob) in strings.items():
+                    enc = [x.encode("utf-8") for x in part[c]]
+                    lens = np.fromiter((len(e) for e in enc), np.int64, len(enc))
+                    w.write(pos[c] + np.cumsum(lens))
+                    pos[c] += int(lens.sum())
+                    blob.write(b"".join(enc))
+            for w in (w_obs, w_lab, *(w for w, _ in strings.values())):
+                w.close()
+        for fname, arr in (("rows.npy", rows), ("flags.npy", flags), ("crc.npy", crc)):
+            with atomic_path(folder / fname) as tmp, open(tmp, "wb") as f:
+                np.save(f, arr, allow_pickle=False)
+        _sc.write_json_mark(folder / "mark.json", mark)
 
     def failures(self, limit: Optional[int] = None) -> List[Dict[str, Any]]:
         """Failed rows: ``row``, ``sample_id``, ``split``, ``image``, ``error`` (at most ``limit``)."""
@@ -768,7 +1153,7 @@ class ScoreStore:
                 bad.append(f"{path}: sha256 {digest[:16]}... does not match the manifest's {str(entry.get('sha256'))[:16]}...")
                 continue
             try:
-                self._read(k, row_schema(1, 1, 1).names)
+                self._read(k, self.columns)
             except StoreError as e:
                 bad.append(str(e))
         if bad:
@@ -778,13 +1163,14 @@ class ScoreStore:
 
     # -- whole-store reads (kept for callers not yet on the split readers) ----------------------------
     def table(self, columns: Optional[Sequence[str]] = None) -> pa.Table:
-        cols = list(columns) if columns else row_schema(1, 1, 1).names
+        cols = list(columns) if columns else self.columns
         if not len(self._shard_rows):
-            return row_schema(self.num_classes, self.view_spec.num_views, max(self.embedding_dim, 1)).empty_table().select(cols)
+            return row_schema(self.num_classes, self.view_spec.num_views, max(self.embedding_dim, 1),
+                              self.form).empty_table().select(cols)
         return pa.concat_tables([self._read(k, cols) for k in range(len(self._shard_rows))])
 
     def iter_tables(self, columns: Optional[Sequence[str]] = None) -> Iterator[pa.Table]:
-        cols = list(columns) if columns else row_schema(1, 1, 1).names
+        cols = list(columns) if columns else self.columns
         for k in range(len(self._shard_rows)):
             yield self._read(k, cols)
 
@@ -792,13 +1178,29 @@ class ScoreStore:
                ) -> Dict[str, np.ndarray]:
         """Columns of the WHOLE store as numpy (prefer :meth:`split`). Fixed-size lists become dense
         arrays; null rows become NaN (floats) or -1 (``labels``: unknown); ``labels_known`` is added
-        when ``labels`` is asked for."""
-        t = self.table(columns)
+        when ``labels`` is asked for. ``scores`` of a compact store are the dense reconstruction (float32)."""
+        virtual = "scores" in columns and self.form.name != "dense"
+        real = [c for c in columns if not (virtual and c == "scores")]
+        if virtual:
+            real += [c for c in self.form.columns if c not in real]
+        t = self.table(real)
         out: Dict[str, np.ndarray] = {}
+        if virtual:
+            payload, valid = {}, np.ones(t.num_rows, bool)
+            for name, (_, dtype) in self.form.payload().items():
+                arr, v = _decode_fixed(t.column(name))
+                payload[name], valid = arr.astype(dtype, copy=False), valid & v
+            dense = self.form.dense(payload, self._text_embeddings())
+            dense[~valid] = np.nan
+            out["scores"] = dense
         for name in columns:
+            if virtual and name == "scores":
+                continue
             col = t.column(name)
             if pa.types.is_fixed_size_list(col.type):
                 arr, valid = _decode_fixed(col)
+                if name in ("observed", "labels"):
+                    arr = self._map_labels(arr)
                 if not valid.all():
                     arr = arr.astype(np.float32) if name != "labels" else arr.copy()
                     arr[~valid] = np.nan if name != "labels" else -1
