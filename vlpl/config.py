@@ -163,6 +163,13 @@ class PseudolabelConfig:
     progress: bool = True
     # stop (after writing what is done) when more than this share of the images so far failed to decode
     max_failed_fraction: float = 0.1
+    # the score writer: "background" (a thread assembles, encodes, hashes and writes shards; the scoring loop
+    # waits only when writer_queue batches are pending) | "inline" (the loop writes each shard itself)
+    writer: str = "background"
+    writer_queue: int = 0  # batches waiting for the background writer at most; 0 = one shard's worth
+    # "cpu": PIL decodes every image in the DataLoader workers; "device": JPEGs are decoded by
+    # torchvision.io.decode_jpeg on the teacher's device (nvJPEG on CUDA), the rest by PIL as with "cpu"
+    decode: str = "cpu"
     # how the store keeps the scores (vlpl/store/formats.py): dense (V x C float16) | embeddings (V x D float16
     # per-view image embeddings, scored against the text embeddings when read) | topk (k classes per image)
     score_format: str = "dense"

@@ -29,6 +29,8 @@ from vlpl.data.images import ALPHA_BACKGROUND, ImageLoadError, ImageSource, is_v
 from vlpl.data.readers import load_dataset
 from vlpl.data.records import LabelledDataset
 from vlpl.progress import progress
+from vlpl.store.async_writer import BackgroundWriter, InlineWriter, ScoredBatch, ShardAssembler, ShardBuffer
+from vlpl.store.formats import ScoreForm, encode_views
 from vlpl.store.store import SCHEMA_VERSION, ShardRows, StoreWriter, sha256_lines, shard_name
 from vlpl.vlm.backend import VLMBackend, create_backend, resolve_device, template_strings, templates_hash
 from vlpl.vlm.views import ViewSpec, make_views_batch
@@ -144,21 +146,32 @@ def samples_digest(ds: LabelledDataset) -> str:
 class Scorer:
     """Views + image tower + cosine against the class embeddings, for a list of decoded images."""
 
-    def __init__(self, backend: VLMBackend, spec: ViewSpec, text: torch.Tensor, max_views: int = 4096) -> None:
+    def __init__(self, backend: VLMBackend, spec: ViewSpec, text: torch.Tensor, max_views: int = 4096,
+                 form: Optional[ScoreForm] = None) -> None:
         self.backend = backend
         self.spec = spec
         self.text = text.to(backend.device, torch.float32)
         self.mean, self.std = backend.normalization()
         self.max_views = max_views
+        self.form = form
 
     @torch.no_grad()
-    def __call__(self, images: List[torch.Tensor]) -> Tuple[np.ndarray, np.ndarray]:
-        """-> scores (n, V, C) float16, global unflipped image embeddings (n, D) float16."""
+    def features(self, images: List[torch.Tensor]) -> torch.Tensor:
+        """-> the teacher's per-view image features (n, V, D), unit norm, left on the device: nothing here
+        waits for the device (the uint8 images go over with ``non_blocking``, the views are made there)."""
         dev = self.backend.device
         views = make_views_batch([im.to(dev, non_blocking=True) for im in images], self.spec, self.mean, self.std)
         feats = torch.cat([self.backend.encode_image(views[k : k + self.max_views])
                            for k in range(0, len(views), self.max_views)])
-        feats = feats.view(len(images), self.spec.num_views, -1)
+        return feats.view(len(images), self.spec.num_views, -1)
+
+    @torch.no_grad()
+    def __call__(self, images: List[torch.Tensor]) -> Tuple[Any, np.ndarray]:
+        """-> scores (n, V, C) float16 (with a ``form``: that form's payload columns, computed on the
+        device, :func:`vlpl.store.formats.encode_views`), global unflipped image embeddings (n, D) float16."""
+        feats = self.features(images)
+        if self.form is not None:
+            return encode_views(self.form, feats, self.text), feats[:, 0].to(torch.float16).cpu().numpy()
         scores = feats @ self.text.T
         return scores.to(torch.float16).cpu().numpy(), feats[:, 0].to(torch.float16).cpu().numpy()
 
@@ -240,8 +253,11 @@ class Tally:
                 f"completed shards are skipped.")
 
 
-def run_pseudolabel(cfg: PseudolabelConfig) -> Path:
+def run_pseudolabel(cfg: PseudolabelConfig, stats: Optional[Dict[str, Any]] = None) -> Path:
     """Build (or resume) the score store at ``cfg.out``; returns its path.
+
+    ``stats``: a dict to fill with this process's scoring-loop timings (:func:`_score_shards`: images,
+    seconds, ``writer_wait_s`` and ``stall_share``, the share of the loop spent waiting on the shard writer).
 
     Raises:
         TooManyFailedImages: more than ``cfg.max_failed_fraction`` of the images failed (checked once
@@ -252,6 +268,7 @@ def run_pseudolabel(cfg: PseudolabelConfig) -> Path:
 
     if not 0.0 <= cfg.max_failed_fraction <= 1.0:
         raise ConfigError(f"max_failed_fraction: expected a share in [0, 1], got {cfg.max_failed_fraction}")
+    _check_pipeline_settings(cfg)
     state = PartialState(cpu=resolve_device(cfg.teacher.device).type == "cpu")
     out = Path(cfg.out)
     ds = load_dataset(cfg.data)
@@ -275,7 +292,7 @@ def run_pseudolabel(cfg: PseudolabelConfig) -> Path:
         "views": spec.to_dict(),
         "decode": decode_identity(cfg),
         "score_kind": "cosine",
-        "score_format": "dense",
+        **_score_form(cfg, spec, len(ds.classes), int(text.shape[1])).manifest_entry(),
         "score_dtype": "float16",
         "logit_scale": round(backend.logit_scale, 6),
         "embedding_dim": int(text.shape[1]),
@@ -306,7 +323,7 @@ def run_pseudolabel(cfg: PseudolabelConfig) -> Path:
                      len(mine))
         if todo:
             _score_shards(cfg, ds, backend, spec, text, plan, todo, writer, tally,
-                          show=cfg.progress and state.is_local_main_process)
+                          show=cfg.progress and state.is_local_main_process, stats=stats)
         state.wait_for_everyone()
         if state.num_processes > 1:
             from accelerate.utils import gather_object
@@ -324,6 +341,14 @@ def run_pseudolabel(cfg: PseudolabelConfig) -> Path:
     return out
 
 
+def _score_form(cfg: PseudolabelConfig, spec: ViewSpec, C: int, D: int) -> ScoreForm:
+    """The store's score form from ``score_format`` / ``topk`` (a bad value is a ConfigError naming the key)."""
+    try:
+        return ScoreForm.create(cfg.score_format, spec.num_views, C, D, cfg.topk)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def _shard_mark(writer: StoreWriter, i: int) -> Dict[str, Any]:
     try:
         mark = json.loads((writer.shard_dir / f"{shard_name(i)}.json").read_text())
@@ -334,43 +359,40 @@ def _shard_mark(writer: StoreWriter, i: int) -> Dict[str, Any]:
 
 def _score_shards(cfg: PseudolabelConfig, ds: LabelledDataset, backend: VLMBackend, spec: ViewSpec,
                   text: torch.Tensor, plan: ShardPlan, shards: List[int], writer: StoreWriter, tally: Tally,
-                  show: bool) -> None:
-    """Score ``shards``, writing each as soon as its last row is in; stops early (``tally.stopped``) when
-    the failure share passes ``cfg.max_failed_fraction``: shards not yet complete are then dropped."""
+                  show: bool, stats: Optional[Dict[str, Any]] = None) -> None:
+    """Score ``shards``; the shard writer (:func:`_shard_writer`) writes each as soon as its last row is in.
+    Stops early (``tally.stopped``) when the failure share passes ``cfg.max_failed_fraction``: the shards
+    already complete are written, the others dropped.
+
+    The loop only decodes, makes views and runs the image tower; it hands the features (still on the
+    device) to the writer, which computes the stored form, copies it to the host and writes the shard.
+    """
     batches = plan_batches(plan, shards, cfg.batch_size)
     decoder = DecodeDataset(ds.image_source, [s.image for s in ds.samples], cfg.views.max_side, cfg.views.grid)
     loader = DataLoader(decoder, batch_sampler=batches, collate_fn=_collate,
                         num_workers=cfg.num_workers, pin_memory=backend.device.type == "cuda",
                         persistent_workers=False)
-    scorer = Scorer(backend, spec, text)
     C, D, V = len(ds.classes), int(text.shape[1]), spec.num_views
-    shard_of = {i: s for s in shards for i in plan.rows(s)}
-    buf: Dict[int, Tuple[np.ndarray, np.ndarray, np.ndarray, List[Optional[str]]]] = {}
-    filled: Dict[int, int] = {}
+    form = _score_form(cfg, spec, C, D)
+    scorer = Scorer(backend, spec, text, form=form)
+    assembler = ShardAssembler({s: plan.rows(s) for s in shards}, _shard_fields(form, D),
+                               encode=_encoder(form, scorer.text),
+                               write=lambda s, b: _write(writer, ds, plan, s, b, form))
+    sink = _shard_writer(cfg, assembler)
     total = sum(len(plan.rows(s)) for s in shards)
     t0 = time.perf_counter()
-    with progress(total, "pseudolabel", "img", enabled=show) as bar:
+    with sink, progress(total, "pseudolabel", "img", enabled=show) as bar:
         for batch in loader:
             good = [(i, im) for i, im, _, _ in batch if im is not None]
-            if good:
-                scores, emb = scorer([im for _, im in good])
-            for k, (i, _) in enumerate(good):
-                s = shard_of[i]
-                b = buf.setdefault(s, _new_buffer(len(plan.rows(s)), V, C, D))
-                r = i - plan.rows(s).start
-                b[0][r], b[1][r], b[2][r] = scores[k], emb[k], True
+            errors: Dict[int, str] = {}
             for i, im, err, reason in batch:
                 if im is None:
-                    s = shard_of[i]
-                    b = buf.setdefault(s, _new_buffer(len(plan.rows(s)), V, C, D))
-                    b[3][i - plan.rows(s).start] = err
+                    errors[i] = err
                     tally.add_failure(err, reason)
                     log.warning("image failed, recorded as a failed row: %s", err)
-            for i, _, _, _ in batch:
-                s = shard_of[i]
-                filled[s] = filled.get(s, 0) + 1
-                if filled[s] == len(plan.rows(s)):
-                    _write(writer, ds, plan, s, buf.pop(s))
+            sink.submit(ScoredBatch(rows=[i for i, _, _, _ in batch], good=[i for i, _ in good],
+                                    payload=scorer.features([im for _, im in good]) if good else None,
+                                    errors=errors))
             tally.done += len(batch)
             bar.update(len(batch), failed=tally.failed)
             if tally.too_many(cfg.max_failed_fraction):
@@ -379,16 +401,64 @@ def _score_shards(cfg: PseudolabelConfig, ds: LabelledDataset, backend: VLMBacke
                           "completed shards", tally.total_failed, tally.total_done, cfg.max_failed_fraction)
                 break
     dt = time.perf_counter() - t0
-    log.info("scored %d images (%d views each) in %.1fs: %.1f images/s, %.1f views/s; %d failed",
-             tally.done, V, dt, tally.done / max(dt, 1e-9), tally.done * V / max(dt, 1e-9), tally.failed)
+    log.info("scored %d images (%d views each) in %.1fs: %.1f images/s, %.1f views/s; %d failed; the loop "
+             "waited %.2fs (%.1f%%) on the %s shard writer", tally.done, V, dt, tally.done / max(dt, 1e-9),
+             tally.done * V / max(dt, 1e-9), tally.failed, sink.wait_s, 100.0 * sink.wait_s / max(dt, 1e-9),
+             cfg.writer)
+    if stats is not None:
+        stats.update(images=tally.done, seconds=dt, writer=cfg.writer, writer_wait_s=sink.wait_s,
+                     stall_share=sink.wait_s / max(dt, 1e-9), images_per_s=tally.done / max(dt, 1e-9),
+                     max_pending=getattr(sink, "max_pending", 0), max_queued=getattr(sink, "max_seen", 0))
 
 
-def _new_buffer(n: int, V: int, C: int, D: int):
-    return (np.zeros((n, V, C), np.float16), np.zeros((n, D), np.float16), np.zeros(n, bool), [None] * n)
+# --------------------------------------------------------------------------------------------------
+# the shard writer (vlpl/store/async_writer.py): what the loop hands over, and how a shard is written
+# --------------------------------------------------------------------------------------------------
+
+WRITERS = ("background", "inline")
+DECODERS = ("cpu", "device")
 
 
-def _write(writer: StoreWriter, ds: LabelledDataset, plan: ShardPlan, s: int, b) -> None:
-    scores, emb, ok, errors = b
+def _check_pipeline_settings(cfg: PseudolabelConfig) -> None:
+    """``writer``, ``writer_queue``, ``decode``: a bad value is a ConfigError naming the key."""
+    if cfg.writer not in WRITERS:
+        raise ConfigError(f"writer: expected one of {', '.join(WRITERS)}, got {cfg.writer!r}")
+    if not isinstance(cfg.writer_queue, int) or cfg.writer_queue < 0:
+        raise ConfigError(f"writer_queue: expected a number of batches >= 0 (0 = one shard's worth), got "
+                          f"{cfg.writer_queue!r}")
+    if cfg.decode not in DECODERS:
+        raise ConfigError(f"decode: expected one of {', '.join(DECODERS)}, got {cfg.decode!r}")
+
+
+def _shard_writer(cfg: PseudolabelConfig, assembler: ShardAssembler) -> Any:
+    """The configured writer around ``assembler``: a :class:`BackgroundWriter` holding at most
+    ``writer_queue`` batches (0: one shard's worth, at least 2), or an :class:`InlineWriter`."""
+    if cfg.writer == "inline":
+        return InlineWriter(assembler)
+    pending = cfg.writer_queue or max(2, math.ceil(cfg.shard_size / cfg.batch_size))
+    return BackgroundWriter(assembler, pending)
+
+
+def _shard_fields(form: ScoreForm, D: int) -> Dict[str, Tuple[Tuple[int, ...], Any]]:
+    """The per-row arrays a shard buffer keeps: the form's payload columns and the global image embedding."""
+    return {**form.payload(), "image_embedding": ((D,), np.float16)}
+
+
+def _encoder(form: ScoreForm, text: torch.Tensor):
+    """features (n, V, D) on the device -> the rows' arrays on the host (run by the shard writer)."""
+
+    def encode(feats: torch.Tensor) -> Dict[str, np.ndarray]:
+        with torch.no_grad():
+            out = dict(encode_views(form, feats, text))
+            out["image_embedding"] = feats[:, 0].to(torch.float16).cpu().numpy()
+        return out
+
+    return encode
+
+
+def _write(writer: StoreWriter, ds: LabelledDataset, plan: ShardPlan, s: int, b: ShardBuffer, form: ScoreForm) -> None:
+    payload = {k: b.arrays[k] for k in form.columns}
+    emb, ok, errors = b.arrays["image_embedding"], b.ok, b.errors
     rows = plan.rows(s)
     samples = [ds.samples[i] for i in rows]
     known = np.array([sm.labels is not None for sm in samples], bool)
@@ -399,5 +469,6 @@ def _write(writer: StoreWriter, ds: LabelledDataset, plan: ShardPlan, s: int, b)
         image=[printable(sm.image) for sm in samples],
         split=[sm.split for sm in samples],
         observed=np.stack([sm.observed for sm in samples]).astype(np.int8),
-        labels=labels, labels_known=known, scores=scores, image_embedding=emb, ok=ok, error=errors,
+        labels=labels, labels_known=known, scores=None, image_embedding=emb, ok=ok, error=errors,
+        payload=payload, form=form,
     ))
