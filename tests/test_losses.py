@@ -909,3 +909,41 @@ def test_reconstruction_errors_are_named():
                             ({"weight": 1.0, "lr": 0.0}, "lr must be > 0")):
         with pytest.raises(ValueError, match=message):
             ReconstructionTerm(2, 3, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Every registered loss trains with the SigRL head (issue 11 item 8) on the coco256 store, to a checkpoint
+# ------------------------------------------------------------------------------------------------
+
+SIGRL_ARGS = ["student.kind=open_clip", "student.name=vlpl-tiny", "student.pretrained=false", "student.image_size=64",
+              "student.normalization=model", "student.head=sigrl", "epochs=1", "max_steps_per_epoch=2", "batch_size=4",
+              "eval_batch_size=32", "num_workers=0", "progress=false", "log_every=1"]
+
+
+def _loss_args(name: str) -> List[str]:
+    """A loss alone (no method recipe): pseudo-labels (DAMP) only for the losses that need them; EM+APL's
+    warm-up at 1 so its epoch-end pass runs."""
+    args = [f"loss.name={name}", f"pseudo.rule={'damp' if LOSSES.schema(name).requires_pseudo else 'null'}"]
+    return args + (["loss.params.warmup_epoch=1"] if name == "em_apl" else [])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ALL)
+def test_every_loss_trains_with_the_sigrl_head_to_a_checkpoint(name, coco256_store, tmp_path):
+    import json
+
+    from vlpl.train.loop import load_best, run_train
+    from vlpl.train.recipes import load_train_config
+
+    out = tmp_path / name
+    cfg = load_train_config([], [f"store={coco256_store}", f"out={out}", *SIGRL_ARGS, *_loss_args(name)])
+    assert cfg.student.head.name == "sigrl"
+    run_train(cfg)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())  # a complete checkpoint
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if r["kind"] == "step"]
+    assert len(steps) == 2 and all(math.isfinite(r["loss"]) for r in steps)
+    model, classes = load_best(out)
+    assert type(model.head).__name__ == "SigRLHead" and len(classes) == 80
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.zeros(2, 3, 64, 64))).all()
