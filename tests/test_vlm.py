@@ -10,7 +10,7 @@ from PIL import Image
 
 from vlpl.config import ConfigError, TeacherConfig
 from vlpl.vlm.backend import OpenClipBackend, create_backend, template_strings
-from vlpl.vlm.views import ViewSpec, make_views, tile_boxes
+from vlpl.vlm.views import ViewSpec, grid_tiles, make_views, make_views_batch, tile_boxes
 
 TINY = TeacherConfig(name="vlpl-tiny", pretrained=None)
 
@@ -72,6 +72,52 @@ def test_each_tile_equals_model_preprocessing_of_its_crop(tiny, resize_mode):
         assert diff.max() < 0.35, (v, float(diff.max()))
         # flipped variant is the mirror of the same view
         assert torch.equal(views[len(crops) + v], views[v].flip(-1))
+
+
+def _coco_images(root, n):
+    files = sorted((root / "images").rglob("*.jpg"))[:n]
+    return [torch.from_numpy(np.asarray(Image.open(f).convert("RGB")).copy()).permute(2, 0, 1).contiguous()
+            for f in files]
+
+
+@pytest.mark.parametrize("resize_mode", ["squash", "shortest"])
+@pytest.mark.parametrize("grid", [0, 3, 4])
+def test_batched_views_equal_per_image_views(coco256_root, resize_mode, grid):
+    """make_views_batch (grouped by size, tiles by one reshape, one flip, one normalisation) gives exactly
+    the per-image views: coco256 images of several sizes (some sizes repeat), odd and tiny sizes, and the
+    same image twice; whole-group and cache-sized chunks alike."""
+    g = torch.Generator().manual_seed(0)
+    odd = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+           for h, w in ((7, 5), (101, 33), (33, 101), (101, 33), (4, 4), (64, 64), (65, 63))]
+    images = _coco_images(coco256_root, 10) + odd
+    images.insert(3, images[0])
+    images = [im for im in images if min(im.shape[1:]) >= grid]
+    assert len({tuple(im.shape) for im in images}) < len(images)  # some sizes repeat: real groups
+    spec = ViewSpec(grid=grid, flips=True, image_size=(64, 48), resize_mode=resize_mode)
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    ref = torch.cat([make_views(im, spec, mean, std) for im in images])
+    for chunk in (-1, None, 1):
+        out = make_views_batch(images, spec, mean, std, chunk_pixels=chunk)
+        assert out.shape == ref.shape and torch.equal(out, ref), chunk
+    assert torch.equal(make_views_batch(images, spec, mean, std, dtype=torch.bfloat16), ref.to(torch.bfloat16))
+
+
+def test_grid_tiles_are_the_tile_boxes():
+    x = torch.arange(2 * 3 * 11 * 14, dtype=torch.float32).view(2, 3, 11, 14)
+    tiles = grid_tiles(x, 3)
+    assert tiles.shape == (18, 3, 3, 4)
+    for k in range(2):
+        for n, (t, le, b, r) in enumerate(tile_boxes(11, 14, 3)):
+            assert torch.equal(tiles[k * 9 + n], x[k, :, t:b, le:r])
+
+
+def test_batched_views_refuse_bad_images():
+    spec = ViewSpec(grid=4, flips=False, image_size=(16, 16))
+    with pytest.raises(ValueError, match="image 1 of 3x9 pixels is too small for a 4x4 grid"):
+        make_views_batch([torch.zeros(3, 9, 9, dtype=torch.uint8), torch.zeros(3, 9, 3, dtype=torch.uint8)],
+                         spec, (0, 0, 0), (1, 1, 1))
+    with pytest.raises(ValueError, match=r"image 0: expected a \(3, H, W\)"):
+        make_views_batch([torch.zeros(9, 9, dtype=torch.uint8)], spec, (0, 0, 0), (1, 1, 1))
 
 
 def test_tile_boxes_follow_the_released_grid():
