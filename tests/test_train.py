@@ -551,3 +551,207 @@ def test_two_process_run_killed_mid_epoch_resumes_to_the_same_bytes(store, tmp_p
     r = _torchrun(29553, _cli_train(store, run, *args, "resume=true"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert final_state(run) == final_state(ref)
+
+
+# ---- the input pipeline (issue 10.5) --------------------------------------------------------------------
+
+
+def test_uint8_device_path_gives_the_float_paths_tensors(store):
+    """Workers: decode + Resize((s, s)) as uint8; device: /255, normalise, flip. On the CPU the model sees the
+    float path's tensors (Resize + ToTensor + Normalize, flipped after) bit for bit; the whole micro-batch a
+    worker builds carries the plan's positions and flips, which are EpochOrder's."""
+    from vlpl.data.images import ImageDataset, ImageSource
+    from vlpl.store.store import ScoreStore
+    from vlpl.train.data import (
+        DeviceNormalize,
+        EpochOrder,
+        FlippedRows,
+        TrainImages,
+        Uint8Resize,
+        image_transform,
+    )
+
+    st = ScoreStore(store)
+    train = st.split("train")
+    src = ImageSource.from_store(st.dataset_info, None)
+    mean, std, size = (0.48, 0.45, 0.40), (0.26, 0.26, 0.27), 48
+    old = FlippedRows(ImageDataset(src, train.images, image_transform(size, mean, std, False, False)))
+    new = TrainImages(ImageDataset(src, train.images, Uint8Resize(size)))
+    order = EpochOrder(len(train), 6, seed=1, hflip=True)
+    plan = next(iter(order.plans(2, 3)))
+    assert plan.step == 3 and list(zip(plan.local.tolist(), plan.flips.tolist())) == list(order.batches(2, 3))[0]
+    item = new[plan]
+    assert item["images"].dtype == torch.uint8 and item["images"].shape == (6, 3, size, size)
+    assert item["index"].tolist() == plan.local.tolist() and item["flip"].tolist() == plan.flips.tolist()
+    assert 0 < int(item["flip"].sum()) < 6  # both kinds in the batch (seed chosen so)
+    want = torch.stack([old[(k, f)][0] for k, f in zip(plan.local.tolist(), plan.flips.tolist())])
+    got = DeviceNormalize(mean, std)(item["images"], item["flip"])
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    if torch.cuda.is_available():  # the GPU: float rounding only
+        gpu = DeviceNormalize(mean, std, "cuda")(item["images"].pin_memory(), item["flip"]).cpu()
+        assert torch.allclose(gpu, want, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="uint8"):
+        DeviceNormalize(mean, std)(want, None)
+
+
+def test_worker_and_prefetch_counts_follow_the_cpus(monkeypatch):
+    from vlpl.train.data import auto_num_workers, auto_prefetch, resolve_num_workers
+
+    assert auto_num_workers(local_processes=1, cpus=16) == 15
+    assert auto_num_workers(local_processes=8, cpus=128) == 15  # 16 CPUs per process, one left to it
+    assert auto_num_workers(local_processes=2, cpus=2) == 0 and auto_num_workers(1, 64, cap=16) == 16
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun's: the node's CPUs are shared
+    assert auto_num_workers(cpus=16) == 3
+    assert resolve_num_workers(3) == 3 and resolve_num_workers("auto") == auto_num_workers()
+    with pytest.raises(ValueError, match="num_workers: expected a count >= 0 or 'auto', got 'many'"):
+        resolve_num_workers("many")
+    assert auto_prefetch(0) is None and auto_prefetch(1) == 8 and auto_prefetch(16) == 2
+
+
+def test_bad_worker_settings_are_config_errors(store, tmp_path):
+    with pytest.raises(ConfigError, match="num_workers: expected a count >= 0 or 'auto', got 'many'"):
+        run_train(load_train_config([TINY_NET], _train_args(store, tmp_path / "a", "num_workers=many")))
+    with pytest.raises(ConfigError, match="prefetch_factor: expected a count >= 1"):
+        run_train(load_train_config([TINY_NET], _train_args(store, tmp_path / "b", "num_workers=1",
+                                                            "prefetch_factor=0")))
+
+
+def test_prefetched_scores_are_the_readers_and_errors_reach_their_batch():
+    """prefetch_scores adds read(global_index) to each batch, in order, reading ahead on a thread; a reader
+    error is raised at the batch it belongs to, after the earlier batches were delivered."""
+    from vlpl.train.data import prefetch_scores
+
+    table = np.arange(40, dtype=np.float32).reshape(10, 1, 2, 2)
+    batches = [{"global_index": torch.tensor(ix), "step": s} for s, ix in enumerate([[3, 1], [0, 9], [5, 5], [7, 2]])]
+    got = list(prefetch_scores(batches, lambda ix: table[ix], depth=2))
+    assert [b["step"] for b in got] == [0, 1, 2, 3]
+    for b in got:
+        assert torch.equal(b["scores"], torch.from_numpy(table[b["global_index"].numpy()]))
+
+    def bad(ix: np.ndarray) -> np.ndarray:
+        if 9 in ix:
+            raise OSError("shard 3: unreadable")
+        return table[ix]
+
+    seen = []
+    with pytest.raises(OSError, match="shard 3"):
+        for b in prefetch_scores(batches, bad, depth=3):
+            seen.append(b["step"])
+    assert seen == [0]
+
+
+def _step_fixture(store):
+    """A tiny model, loss, optimizer and rule over the coco256 store's training split."""
+    from vlpl.config import OptimConfig, StudentConfig
+    from vlpl.store.store import ScoreStore
+    from vlpl.train.losses import create_loss
+    from vlpl.train.model import ClassContext, create_classifier
+    from vlpl.train.optim import create_optimizer
+    from vlpl.train.step import RuleRunner, StepState
+
+    st = ScoreStore(store)
+    train = st.split("train")
+    torch.manual_seed(0)
+    model = create_classifier(StudentConfig(kind="timm", name="test_resnet", pretrained=False, image_size=32),
+                              ClassContext.from_store(st)).train()
+    obs = torch.from_numpy(np.ascontiguousarray(train.observed))
+    loss = create_loss("gpr", obs).train()
+    loss.set_epoch(1, 2)
+    opt = create_optimizer(OptimConfig(name="adam", lr=1e-3, head_lr=1e-3), model, loss.param_groups(1e-3))
+    rule = RuleRunner("damp", {}, True, lambda pos: torch.from_numpy(train.scores(pos)), obs)
+    return train, model, loss, rule, StepState(optimizer=opt, device=torch.device("cpu"), seed=5)
+
+
+def test_step_with_prefetched_scores_equals_the_step_reading_them(store):
+    """The loop hands the step the prefetched scores; the step with them equals the step reading the store
+    itself (same dynamic variant draws, pseudo-labels, loss, weights), and the pseudo-labels stay on the
+    step's device."""
+    import copy
+
+    from vlpl.config import OptimConfig
+    from vlpl.train.optim import create_optimizer
+    from vlpl.train.step import TrainBatch, train_step
+
+    train, model, loss, rule, state = _step_fixture(store)
+    runs = []
+    for prefetched in (False, True):
+        m, lo = copy.deepcopy(model), copy.deepcopy(loss)
+        st = copy.copy(state)
+        st.optimizer = create_optimizer(OptimConfig(name="adam", lr=1e-3, head_lr=1e-3), m, lo.param_groups(1e-3))
+        outs = []
+        for step, pos in enumerate([np.array([4, 9, 2, 30]), np.array([7, 1, 50, 3])]):
+            g = torch.Generator().manual_seed(step)
+            x = torch.randn(4, 3, 32, 32, generator=g)
+            scores = torch.from_numpy(train.scores(pos)) if prefetched else None
+            outs.append(train_step(TrainBatch(images=x, index=torch.from_numpy(pos), flip=torch.zeros(4, dtype=torch.bool),
+                                              epoch=1, step=step, scores=scores), m, lo, rule, st))
+        runs.append((outs, m.state_dict()))
+    (a, wa), (b, wb) = runs
+    for oa, ob in zip(a, b):
+        assert torch.equal(oa.pseudo, ob.pseudo) and oa.pseudo.device.type == "cpu"
+        assert torch.equal(oa.terms["loss"], ob.terms["loss"])
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs are only observable on a CUDA device")
+def test_the_step_does_not_synchronise_with_the_host(store):
+    """With CUDA's sync debug mode set to error, a whole training step (rule on the device, forward, loss,
+    backward, optimizer step) runs without a host synchronisation."""
+    from vlpl.train.step import TrainBatch, train_step
+
+    train, model, loss, rule, state = _step_fixture(store)
+    dev = torch.device("cuda")
+    model.to(dev)
+    loss.to(dev)
+    from vlpl.config import OptimConfig
+    from vlpl.train.optim import create_optimizer
+
+    state.optimizer = create_optimizer(OptimConfig(name="adam", lr=1e-3, head_lr=1e-3), model, loss.param_groups(1e-3))
+    state.device = dev
+    pos = np.array([4, 9, 2, 30])
+    scores = torch.from_numpy(train.scores(pos)).pin_memory()
+    x = torch.randn(4, 3, 32, 32, device=dev)
+    batch = TrainBatch(images=x, index=torch.from_numpy(pos), flip=torch.zeros(4, dtype=torch.bool), epoch=1, step=0,
+                       scores=scores)
+    train_step(batch, model, loss, rule, state)  # warm-up: lazy optimizer state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        batch.step = 1
+        out = train_step(batch, model, loss, rule, state)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.pseudo.device.type == "cuda"
+
+
+def test_compile_option_trains_and_saves_plain_weights(store, tmp_path, monkeypatch):
+    """compile=true puts torch.compile's module in the step's forward; the run trains, and the checkpoint
+    and best/ hold the plain module's weights (no _orig_mod. keys), loadable by load_best. Inductor's C++
+    build takes minutes on these CPUs, so the test compiles with the aot_eager backend (the same graph
+    capture, no code generation)."""
+    real = torch.compile
+    used = []
+
+    def aot_eager(model, **kw):
+        used.append(type(model).__name__)
+        return real(model, backend="aot_eager", **kw)
+
+    monkeypatch.setattr(torch, "compile", aot_eager)
+    out = tmp_path / "compiled"
+    run_train(load_train_config([TINY_NET], _train_args(store, out, "method=aevlp", "dataset=coco2014", "epochs=1",
+                                                        "max_steps_per_epoch=2", "compile=true")))
+    assert used, "torch.compile was not called"
+    from vlpl.train.checkpoint import list_checkpoints
+    from vlpl.train.loop import load_best
+
+    keys = load_file(list_checkpoints(out / "checkpoints")[-1] / "model.safetensors").keys()
+    assert keys and not any("_orig_mod" in k for k in keys)
+    model, _ = load_best(out)
+    steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "step"]
+    assert len(steps) == 2 and all(np.isfinite(r["loss"]) for r in steps)
+    # the compiled step computes the eager step's loss
+    ref = tmp_path / "eager"
+    run_train(load_train_config([TINY_NET], _train_args(store, ref, "method=aevlp", "dataset=coco2014", "epochs=1",
+                                                        "max_steps_per_epoch=2")))
+    eager = [r for r in map(json.loads, (ref / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "step"]
+    assert [r["loss"] for r in steps] == pytest.approx([r["loss"] for r in eager], rel=1e-4)

@@ -148,10 +148,10 @@ def train_step(batch: TrainBatch, model: nn.Module, loss: SPMLLoss, rule: Option
         features = embeddings = None
         with state.autocast():
             if getattr(loss, "uses_features", False):  # the reconstruction term (Decision 5; off by default)
-                logits, aux = (state.forward or model)(batch.images, with_aux=True)
+                logits, aux = (model if state.forward is None else state.forward)(batch.images, with_aux=True)
                 features = aux["reconstruction"].float()
             else:
-                logits = (state.forward or model)(batch.images)
+                logits = (model if state.forward is None else state.forward)(batch.images)
         if features is not None:
             if state.image_embeddings is None:
                 raise ValueError("the loss's reconstruction term needs StepState.image_embeddings (a store reader)")
