@@ -724,6 +724,7 @@ def test_the_step_does_not_synchronise_with_the_host(store):
     assert out.pseudo.device.type == "cuda"
 
 
+@pytest.mark.slow
 def test_compile_option_trains_and_saves_plain_weights(store, tmp_path, monkeypatch):
     """compile=true puts torch.compile's module in the step's forward; the run trains, and the checkpoint
     and best/ hold the plain module's weights (no _orig_mod. keys), loadable by load_best. Inductor's C++
