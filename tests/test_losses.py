@@ -947,3 +947,22 @@ def test_every_loss_trains_with_the_sigrl_head_to_a_checkpoint(name, coco256_sto
     assert type(model.head).__name__ == "SigRLHead" and len(classes) == 80
     with torch.no_grad():
         assert torch.isfinite(model(torch.zeros(2, 3, 64, 64))).all()
+
+
+def test_split_reader_image_embeddings_are_the_stored_column_in_the_asked_order(coco256_store):
+    import numpy as np
+
+    from vlpl.store.store import ScoreStore
+
+    store = ScoreStore(coco256_store)
+    train = store.split("train")
+    D = store.embedding_dim
+    assert D > 0
+    column = np.concatenate([a["image_embedding"] for _, a in store.iter_shards(("image_embedding",))])
+    pos = np.array([len(train) - 1, 0, 5, 5, 130 % len(train)])  # any order, repeats, across row groups
+    got = train.image_embeddings(pos)
+    assert got.dtype == np.float32 and got.shape == (len(pos), D)
+    assert np.array_equal(got, column[np.asarray(train.rows)[pos]].astype(np.float32))
+    assert train.image_embeddings([]).shape == (0, D)
+    with pytest.raises(IndexError, match="positions must be in"):
+        train.image_embeddings([len(train)])

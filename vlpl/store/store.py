@@ -603,6 +603,13 @@ class SplitReader:
             p = pos[k : k + batch_size]
             yield p, self._scores(p, cache, device)
 
+    def image_embeddings(self, idx: Any) -> np.ndarray:
+        """``(B, D)`` float32: the teacher's cached image embeddings (the ``image_embedding`` column: the
+        global, unflipped view) of the rows at positions ``idx``; NaN for a failed row. Random access through
+        the store's byte-bounded cache of decoded row groups (the reconstruction term of Decision 5 reads
+        them per training batch)."""
+        return self.store._read_embeddings(self.rows[self._positions(idx)])
+
 
 class ScoreStore:
     """Read-only view of a store: identity, splits and batch-wise readers (pyarrow only; the shards are
@@ -960,6 +967,36 @@ class ScoreStore:
                 import torch
 
                 out[torch.from_numpy(~valid).to(out.device)] = float("nan")
+        return out
+
+    def _read_embeddings(self, rows: np.ndarray) -> np.ndarray:
+        """(B, D) float32 image embeddings of store rows (any order); NaN for failed rows."""
+        if self.embedding_dim < 1:
+            raise StoreError(f"{self.root}: the store holds no image embeddings (manifest embedding_dim "
+                             f"{self.manifest.get('embedding_dim')!r})")
+        rows = np.asarray(rows, np.int64)
+        out = np.empty((len(rows), self.embedding_dim), np.float32)
+        if not len(rows):
+            return out
+        if rows.min() < 0 or rows.max() >= self.num_rows:
+            raise IndexError(f"store rows must be in [0, {self.num_rows})")
+        shard = np.searchsorted(self._starts, rows, side="right") - 1
+        for k in np.unique(shard).tolist():
+            sel = np.nonzero(shard == k)[0]
+            local = rows[sel] - self._starts[k]
+            rg = self._row_groups(k)
+            group = np.searchsorted(rg, local, side="right") - 1
+            for g in np.unique(group).tolist():
+                key = ("image_embedding", k, g)
+                arr = self._cache.get(key)
+                if arr is None:
+                    arr, valid = self._decode(k, self._read(k, ["image_embedding"], [g]).column("image_embedding"))
+                    arr = arr.astype(np.float16, copy=False)
+                    if not valid.all():
+                        arr[~valid] = np.nan
+                    self._cache.put(key, arr)
+                gsel = np.nonzero(group == g)[0]
+                out[sel[gsel]] = arr[local[gsel] - rg[g]]
         return out
 
     def iter_shards(self, columns: Sequence[str]) -> Iterator[Tuple[int, Dict[str, np.ndarray]]]:
