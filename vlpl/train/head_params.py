@@ -66,9 +66,10 @@ class SigRLParams(HeadParams):
                                     "code's sigmoid(s), p in [0.27, 0.73])")
     bias: float = param(0.0, "initial logit bias b (shared by the classes)")
     learn_bias: bool = param(True, "learn b")
-    reconstruct_dim: int = param(0, "ours (Decision 5): > 0 adds Linear(F, this) of the mean-pooled SVFR output, "
-                                     "exposed as head.aux['reconstruction'] for the reconstruction loss (set it "
-                                     "to the store's embedding dimension)", ge=0)
+    reconstruct_dim: int = param(0, "ours (Decision 5): the patch-mean of the SVFR output is head.aux["
+                                     "'reconstruction'] for the reconstruction loss (loss.reconstruction); > 0 "
+                                     "passes it through the head's own Linear(F, this) first (e.g. the store's "
+                                     "embedding dimension)", ge=0)
 
     def check(self) -> None:
         if self.reconstruct_dim and not self.svfr:

@@ -40,9 +40,11 @@ unchunked): classes go in chunks of ``chunk_mb`` MiB, each chunk recomputed in b
 (``torch.utils.checkpoint``), so the peak is a few chunks whatever C; one chunk holding every class runs
 without recomputation. The result equals the unchunked one (up to float summation order).
 
-**Decision 5 (ours, off by default):** ``reconstruct_dim > 0`` adds ``Linear(F, reconstruct_dim)`` of the
-patch-mean of ``M^``; after every forward ``head.aux["reconstruction"]`` holds it (B, reconstruct_dim), for
-the reconstruction loss against the teacher's cached image embedding. ``head.aux`` is ``{}`` otherwise.
+**Decision 5 (ours, off by default):** after every forward with SVFR on, ``head.aux["reconstruction"]``
+holds the pooled SVFR output, the patch-mean of ``M^`` (B, F), or with ``reconstruct_dim > 0`` that through
+the head's own ``Linear(F, reconstruct_dim)`` (B, reconstruct_dim): the feature the reconstruction loss term
+(:mod:`vlpl.train.losses.reconstruction`, ``loss.reconstruction``) projects onto the teacher's cached image
+embedding. ``head.aux`` is ``{}`` with ``svfr: false``.
 """
 from __future__ import annotations
 
@@ -213,13 +215,14 @@ def semantic_mixing(m: torch.Tensor, h: torch.Tensor, norm: str = "batch", globa
     with torch.autocast(device_type=m.device.type, enabled=False):
         m, h = m.float(), h.float()
         num = torch.matmul(m.transpose(1, 2), h)  # (B, F, F) = M^T H
-        if norm == "batch":
-            sq = m.pow(2).sum().reshape(1)
+        per_image = m.pow(2).flatten(1).sum(dim=1)  # (B,) squared Frobenius norm of each image's M
+        if norm == "batch":  # the batch's, summed from the images' (a batch of 1 gives the same number)
+            sq = per_image.sum().reshape(1)
             if global_batch:
                 sq = _global_sum(sq)
             m_norm = sq.sqrt().reshape(1, 1, 1)
         elif norm == "image":
-            m_norm = m.flatten(1).norm(dim=1).reshape(-1, 1, 1)
+            m_norm = per_image.sqrt().reshape(-1, 1, 1)
         else:
             raise ValueError(f"semantic mixing: norm must be 'batch' or 'image', got {norm!r}")
         q = F.relu(num / (m_norm * h.norm()))
@@ -336,8 +339,9 @@ class SigRLHead(Head):
         h = self.class_embeddings()
         if self.params.svfr:
             local_tokens = self.svfr_tokens(tokens, h, self.refined_embeddings(h))
-            if self.reconstruct is not None:
-                self.aux = {"reconstruction": self.reconstruct(local_tokens.mean(dim=1))}
+            pooled_svfr = local_tokens.mean(dim=1)  # (B, F)
+            self.aux = {"reconstruction": self.reconstruct(pooled_svfr) if self.reconstruct is not None
+                        else pooled_svfr}
         else:
             local_tokens = tokens
         hf = h.to(local_tokens.dtype)
