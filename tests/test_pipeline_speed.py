@@ -172,3 +172,160 @@ def test_kill_inside_the_background_writer_resumes_byte_identical(mini, inline_s
     assert stats["images"] == 16  # shard 0 was kept, shards 1 and 2 redone
     assert (shards / "part-00000.parquet").stat().st_mtime_ns == mtime
     assert _store_files(out) == _store_files(inline_store)
+
+
+# --------------------------------------------------------------------------------------------------
+# decode: device (torchvision.io.decode_jpeg; on the CPU device here, nvJPEG on CUDA)
+# --------------------------------------------------------------------------------------------------
+
+
+def _jpeg(img, **kw) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90, **kw)
+    return buf.getvalue()
+
+
+def _oriented(img, orientation: int) -> bytes:
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return _jpeg(img, exif=exif.tobytes())
+
+
+@pytest.fixture(scope="module")
+def odd_images(coco256_root, tmp_path_factory):
+    """A folder dataset of 6 coco256 images plus every kind of file the device path must route: EXIF
+    orientations 3/6/8, a grey JPEG, a CMYK JPEG, a PNG, a truncated JPEG, a corrupt file."""
+    from PIL import Image
+
+    dst = make_subset_dataset(coco256_root, tmp_path_factory.mktemp("odd"), n_train=6)
+    first = sorted((dst / "images").glob("*.jpg"))[0]
+    photo = Image.open(first).convert("RGB")
+    data = first.read_bytes()
+    extra = {"rot3.jpg": _oriented(photo, 3), "rot6.jpg": _oriented(photo, 6), "rot8.jpg": _oriented(photo, 8),
+             "grey.jpg": _jpeg(photo.convert("L")), "cmyk.jpg": _jpeg(photo.convert("CMYK")),
+             "png.png": (lambda b: (photo.save(b, format="PNG"), b.getvalue())[1])(__import__("io").BytesIO()),
+             "truncated.jpg": data[: len(data) // 2], "corrupt.jpg": b"\xff\xd8 not really a jpeg \xff\xd9"}
+    with open(dst / "labels.csv", "a", newline="") as f:
+        w = csv.writer(f)
+        for name, blob in extra.items():
+            (dst / "images" / name).write_bytes(blob)
+            w.writerow([f"images/{name}", "train", "person"])
+    return dst
+
+
+def test_probe_routes_only_plain_jpegs_to_the_device(odd_images, tmp_path):
+    from vlpl.config import ImageConfig
+    from vlpl.data.images import ImageSource
+    from vlpl.pseudolabel.device_decode import probe_jpeg
+
+    src = ImageSource(odd_images)
+    routed = {p.name: probe_jpeg(src, f"images/{p.name}", grid=2) for p in (odd_images / "images").iterdir()}
+    assert {k for k, v in routed.items() if v is None} == {"cmyk.jpg", "png.png", "truncated.jpg", "corrupt.jpg"}
+    assert routed["rot6.jpg"].orientation == 6 and routed["grey.jpg"].orientation == 1
+    # the pixel budget, the grid and max_side are checked from the header; outside the root is refused
+    assert probe_jpeg(ImageSource(odd_images, ImageConfig(max_pixels=1000)), "images/rot3.jpg") is None
+    assert probe_jpeg(src, "images/rot3.jpg", max_side=100) is None
+    (tmp_path / "outside.jpg").write_bytes((odd_images / "images" / "rot3.jpg").read_bytes())
+    (odd_images / "images" / "link.jpg").symlink_to(tmp_path / "outside.jpg")
+    try:
+        assert probe_jpeg(src, "images/link.jpg") is None and probe_jpeg(src, "hf://train/0") is None
+    finally:
+        (odd_images / "images" / "link.jpg").unlink()
+
+
+def test_device_decode_equals_the_cpu_decode_rules(odd_images):
+    """On the CPU device, torchvision's decode + the EXIF orientation applied with tensor ops give exactly
+    the pixels ImageSource.open gives (PIL, exif_transpose), for every routed file."""
+    import torch
+
+    from vlpl.data.images import ImageSource
+    from vlpl.pseudolabel.device_decode import decode_on_device, probe_jpeg
+
+    src = ImageSource(odd_images)
+    refs = [f"images/{p.name}" for p in sorted((odd_images / "images").iterdir())]
+    encoded = [(r, probe_jpeg(src, r)) for r in refs]
+    encoded = [(r, e) for r, e in encoded if e is not None]
+    decoded = decode_on_device([e for _, e in encoded], torch.device("cpu"))
+    assert len(decoded) == len(encoded) >= 9
+    for (ref, _), img in zip(encoded, decoded):
+        ref_px = torch.from_numpy(np.asarray(src.open(ref)).copy()).permute(2, 0, 1)
+        assert img is not None and torch.equal(img, ref_px), ref
+
+
+def test_device_decode_store_equals_the_cpu_store(odd_images, tmp_path, monkeypatch):
+    """decode=device on the CPU device: the same shards, byte for byte (failed rows and their messages too),
+    as decode=cpu; the manifest records the decoder. A device decode failure falls back to the CPU path."""
+    import json
+
+    import torchvision.io
+
+    cpu, dev = tmp_path / "cpu", tmp_path / "dev"
+    run_pseudolabel(_cfg(odd_images, cpu, "max_failed_fraction=0.5"))
+    real = torchvision.io.decode_jpeg
+    calls = []
+
+    def flaky(data, *a, **kw):  # the batched call fails, and so does one image on its own
+        calls.append(len(data) if isinstance(data, list) else 1)
+        if isinstance(data, list) or len(data) == len((odd_images / "images" / "rot6.jpg").read_bytes()):
+            raise RuntimeError("nvjpeg: unsupported (injected)")
+        return real(data, *a, **kw)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", flaky)
+    run_pseudolabel(_cfg(odd_images, dev, "decode=device", "max_failed_fraction=0.5"))
+    assert calls and calls[0] > 1  # one batched call per batch first
+    a, b = _store_files(cpu), _store_files(dev)
+    assert a.keys() == b.keys()
+    assert {k: v for k, v in a.items() if k.startswith("shards/")} == {k: v for k, v in b.items() if k.startswith("shards/")}
+    ma, mb = json.loads(a["manifest.json"]), json.loads(b["manifest.json"])
+    assert mb["decode"].pop("jpeg_decoder") == "torchvision.io.decode_jpeg on cpu" and ma["decode"] == mb["decode"]
+    assert ma["num_failed"] == mb["num_failed"] == 2
+    # a resume with the other decoder is refused: the pixels may differ on a GPU
+    with pytest.raises(StoreError, match="decode"):
+        run_pseudolabel(_cfg(odd_images, dev, "max_failed_fraction=0.5"))
+
+
+def test_exif_orientations_match_pil():
+    import torch
+    from PIL import Image, ImageOps
+
+    from vlpl.pseudolabel.device_decode import apply_orientation
+
+    base = Image.fromarray(np.arange(5 * 7 * 3, dtype=np.uint8).reshape(5, 7, 3))
+    x = torch.from_numpy(np.asarray(base).copy()).permute(2, 0, 1)
+    for o in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = o
+        im = base.copy()
+        im.info["exif"] = exif.tobytes()
+        want = np.asarray(ImageOps.exif_transpose(im))
+        assert np.array_equal(apply_orientation(x, o).permute(1, 2, 0).numpy(), want), o
+
+
+@pytest.mark.gpu
+def test_cuda_decode_is_close_to_the_cpu_decode(odd_images, tmp_path):
+    """nvJPEG (CUDA) vs libjpeg-turbo: same sizes and orientation, pixels within a few levels; the stage runs
+    with decode=device on CUDA and fails the same rows."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from vlpl.data.images import ImageSource
+    from vlpl.pseudolabel.device_decode import decode_on_device, probe_jpeg
+
+    src = ImageSource(odd_images)
+    refs = [f"images/{p.name}" for p in sorted((odd_images / "images").iterdir())]
+    enc = [(r, e) for r in refs for e in [probe_jpeg(src, r)] if e is not None]
+    out = decode_on_device([e for _, e in enc], torch.device("cuda"))
+    for (ref, _), img in zip(enc, out):
+        want = torch.from_numpy(np.asarray(src.open(ref)).copy()).permute(2, 0, 1).int()
+        assert img is not None and img.is_cuda and img.shape == want.shape, ref
+        diff = (img.cpu().int() - want).abs()
+        assert diff.float().mean() < 1.0 and diff.max() <= 16, (ref, float(diff.float().mean()), int(diff.max()))
+    stats: dict = {}
+    run_pseudolabel(_cfg(odd_images, tmp_path / "cuda", "decode=device", "teacher.device=cuda",
+                         "max_failed_fraction=0.5"), stats=stats)
+    assert ScoreStore(tmp_path / "cuda").manifest["num_failed"] == 2

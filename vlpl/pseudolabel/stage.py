@@ -29,6 +29,7 @@ from vlpl.data.images import ALPHA_BACKGROUND, ImageLoadError, ImageSource, is_v
 from vlpl.data.readers import load_dataset
 from vlpl.data.records import LabelledDataset
 from vlpl.progress import progress
+from vlpl.pseudolabel.device_decode import EncodedJPEG, decode_on_device, probe_jpeg
 from vlpl.store.async_writer import BackgroundWriter, InlineWriter, ScoredBatch, ShardAssembler, ShardBuffer
 from vlpl.store.formats import ScoreForm, encode_views
 from vlpl.store.store import SCHEMA_VERSION, ShardRows, StoreWriter, sha256_lines, shard_name
@@ -62,11 +63,15 @@ class DecodeDataset(Dataset):
     error later in the view maker. Errors never escape: a bad image is a failed row.
     """
 
-    def __init__(self, source: ImageSource, refs: Sequence[str], max_side: Optional[int] = None, grid: int = 0) -> None:
+    def __init__(self, source: ImageSource, refs: Sequence[str], max_side: Optional[int] = None, grid: int = 0,
+                 device_jpeg: bool = False) -> None:
         self.source = source
         self.refs = list(refs)
         self.max_side = max_side
         self.grid = grid
+        # decode: device - a JPEG that needs no special rule comes back as an EncodedJPEG (its bytes), decoded
+        # on the teacher's device by the main loop (vlpl/pseudolabel/device_decode.py)
+        self.device_jpeg = device_jpeg
 
     def __len__(self) -> int:
         return len(self.refs)
@@ -92,7 +97,15 @@ class DecodeDataset(Dataset):
     def _name(self, ref: str) -> str:
         return ref if "://" in ref else str(self.source.root / ref)
 
-    def __getitem__(self, i: int) -> Tuple[int, Optional[torch.Tensor], Optional[str], Optional[str]]:
+    def __getitem__(self, i: int) -> Tuple[int, Any, Optional[str], Optional[str]]:
+        if self.device_jpeg and is_valid_utf8(self.refs[i]):
+            enc = probe_jpeg(self.source, self.refs[i], self.max_side, self.grid)
+            if enc is not None:
+                return i, enc, None, None
+        return self.cpu_item(i)
+
+    def cpu_item(self, i: int) -> Tuple[int, Optional[torch.Tensor], Optional[str], Optional[str]]:
+        """Item ``i`` decoded by the CPU path (PIL, the decode rules); a bad image is a failed row."""
         ref = self.refs[i]
         try:
             return i, self.decode(ref), None, None
@@ -186,12 +199,17 @@ def dataset_entry(cfg: PseudolabelConfig, ds: LabelledDataset) -> Dict[str, Any]
     return entry
 
 
-def decode_identity(cfg: PseudolabelConfig) -> Dict[str, Any]:
-    """What decides the pixels the teacher sees (part of the store's identity: a resume must match it)."""
+def decode_identity(cfg: PseudolabelConfig, device: Optional[torch.device] = None) -> Dict[str, Any]:
+    """What decides the pixels the teacher sees (part of the store's identity: a resume must match it).
+    With ``decode: device`` the JPEG decoder is recorded too (``torchvision.io.decode_jpeg`` on the device
+    type: nvJPEG's pixels may differ from libjpeg-turbo's); the default CPU path adds nothing."""
     im = cfg.data.images
-    return {"max_pixels": im.max_pixels, "exif_transpose": im.exif_transpose,
-            "allow_outside_root": im.allow_outside_root, "max_side": cfg.views.max_side,
-            "alpha_background": list(ALPHA_BACKGROUND), "sixteen_bit": "high byte"}
+    out: Dict[str, Any] = {"max_pixels": im.max_pixels, "exif_transpose": im.exif_transpose,
+                           "allow_outside_root": im.allow_outside_root, "max_side": cfg.views.max_side,
+                           "alpha_background": list(ALPHA_BACKGROUND), "sixteen_bit": "high byte"}
+    if cfg.decode == "device":
+        out["jpeg_decoder"] = f"torchvision.io.decode_jpeg on {(device or torch.device('cpu')).type}"
+    return out
 
 
 @dataclass
@@ -290,7 +308,7 @@ def run_pseudolabel(cfg: PseudolabelConfig, stats: Optional[Dict[str, Any]] = No
         "classes": list(ds.classes),
         "classes_sha256": sha256_lines(ds.classes),
         "views": spec.to_dict(),
-        "decode": decode_identity(cfg),
+        "decode": decode_identity(cfg, backend.device),
         "score_kind": "cosine",
         **_score_form(cfg, spec, len(ds.classes), int(text.shape[1])).manifest_entry(),
         "score_dtype": "float16",
@@ -368,7 +386,8 @@ def _score_shards(cfg: PseudolabelConfig, ds: LabelledDataset, backend: VLMBacke
     device) to the writer, which computes the stored form, copies it to the host and writes the shard.
     """
     batches = plan_batches(plan, shards, cfg.batch_size)
-    decoder = DecodeDataset(ds.image_source, [s.image for s in ds.samples], cfg.views.max_side, cfg.views.grid)
+    decoder = DecodeDataset(ds.image_source, [s.image for s in ds.samples], cfg.views.max_side, cfg.views.grid,
+                            device_jpeg=cfg.decode == "device")
     loader = DataLoader(decoder, batch_sampler=batches, collate_fn=_collate,
                         num_workers=cfg.num_workers, pin_memory=backend.device.type == "cuda",
                         persistent_workers=False)
@@ -383,6 +402,8 @@ def _score_shards(cfg: PseudolabelConfig, ds: LabelledDataset, backend: VLMBacke
     t0 = time.perf_counter()
     with sink, progress(total, "pseudolabel", "img", enabled=show) as bar:
         for batch in loader:
+            if decoder.device_jpeg:
+                batch = _decode_jpegs(batch, decoder, backend.device)
             good = [(i, im) for i, im, _, _ in batch if im is not None]
             errors: Dict[int, str] = {}
             for i, im, err, reason in batch:
@@ -417,6 +438,22 @@ def _score_shards(cfg: PseudolabelConfig, ds: LabelledDataset, backend: VLMBacke
 
 WRITERS = ("background", "inline")
 DECODERS = ("cpu", "device")
+
+
+def _decode_jpegs(batch: List[Any], decoder: DecodeDataset, device: torch.device) -> List[Any]:
+    """The batch's :class:`EncodedJPEG` items decoded on ``device`` in one call; an image the device cannot
+    decode is decoded by the CPU path instead (so its failure, if any, is the same failed row as there)."""
+    todo = [k for k, item in enumerate(batch) if isinstance(item[1], EncodedJPEG)]
+    if not todo:
+        return batch
+    out = list(batch)
+    for k, img in zip(todo, decode_on_device([batch[k][1] for k in todo], device)):
+        if img is None:
+            log.info("device JPEG decode failed for %s: decoding it on the CPU", printable(decoder.refs[batch[k][0]]))
+            out[k] = decoder.cpu_item(batch[k][0])
+        else:
+            out[k] = (batch[k][0], img, None, None)
+    return out
 
 
 def _check_pipeline_settings(cfg: PseudolabelConfig) -> None:
