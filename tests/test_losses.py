@@ -966,3 +966,114 @@ def test_split_reader_image_embeddings_are_the_stored_column_in_the_asked_order(
     assert train.image_embeddings([]).shape == (0, D)
     with pytest.raises(IndexError, match="positions must be in"):
         train.image_embeddings([len(train)])
+
+
+# ------------------------------------------------------------------------------------------------
+# The reconstruction term through the training step and the trainer (Decision 5)
+# ------------------------------------------------------------------------------------------------
+
+
+def _sigrl_classifier(store, reconstruct_dim: int):
+    from vlpl.config import HeadConfig, StudentConfig
+    from vlpl.train.model import ClassContext, create_classifier
+
+    cfg = StudentConfig(kind="open_clip", name="vlpl-tiny", pretrained=False, image_size=64, normalization="model",
+                        head=HeadConfig(name="sigrl", params={"reconstruct_dim": reconstruct_dim}))
+    torch.manual_seed(0)
+    return create_classifier(cfg, ClassContext.from_store(store))
+
+
+def test_step_with_reconstruction_off_is_unchanged_and_on_trains_the_heads_projection(coco256_store):
+    """Off: the model is called as before (no aux), the loss's values are those of the loss alone, and the
+    head's reconstruction layer gets no gradient. On: same logits and loss terms, plus ``recon`` from the
+    store's image embeddings of exactly the batch's positions, and the gradient reaches the head."""
+    import copy
+
+    import numpy as np
+
+    from vlpl.store.store import ScoreStore
+    from vlpl.train.losses import build_reconstruction
+    from vlpl.train.step import StepState, TrainBatch, train_step
+
+    store = ScoreStore(coco256_store)
+    train = store.split("train")
+    D = store.embedding_dim
+    model_off = _sigrl_classifier(store, D)
+    model_on = copy.deepcopy(model_off)
+    obs = torch.from_numpy(np.array(train.observed))
+    loss_off, loss_on = create_loss("em", obs), create_loss("em", obs)
+    term = build_reconstruction(model_on, 0.5, D, 64)
+    assert term.proj is None and term.feature_dim == D  # the head projects to D: no second projection
+    loss_on.set_reconstruction(term)
+    asked = []
+
+    def embeddings(pos):
+        asked.append(np.asarray(pos).tolist())
+        return torch.from_numpy(train.image_embeddings(pos))
+
+    calls = []
+    images = torch.rand(4, 3, 64, 64)
+    index = torch.tensor([7, 0, 3, 12])
+    outs = {}
+    for tag, model, loss in (("off", model_off, loss_off), ("on", model_on, loss_on)):
+        model.train()
+        real_forward = model.forward
+
+        def spy(x, *a, _real=real_forward, _tag=tag, **k):
+            calls.append((_tag, k))
+            return _real(x, *a, **k)
+
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        state = StepState(optimizer=opt, device=torch.device("cpu"), forward=spy,
+                          image_embeddings=embeddings if tag == "on" else None)
+        loss.set_epoch(1, 1)
+        before = model.head.reconstruct.weight.detach().clone()
+        outs[tag] = train_step(TrainBatch(images=images, index=index, flip=torch.zeros(4, dtype=torch.bool),
+                                          epoch=1, step=0), model, loss, None, state)
+        outs[tag + "_moved"] = not torch.equal(model.head.reconstruct.weight.detach(), before)
+    assert calls == [("off", {}), ("on", {"with_aux": True})]
+    assert asked == [[7, 0, 3, 12]]
+    off, on = outs["off"].terms, outs["on"].terms
+    assert "recon" not in off and float(on["recon"]) > 0
+    for k in off:
+        if k != "loss":
+            assert torch.equal(on[k], off[k]), k
+    assert torch.equal(on["loss"], off["loss"] + on["recon"])
+    assert outs["on_moved"] and not outs["off_moved"]
+
+
+@pytest.mark.parametrize("head", ["sigrl", "linear"])
+def test_training_with_the_reconstruction_term_logs_it_and_checkpoints_its_state(head, coco256_store, tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from vlpl.store.store import ScoreStore
+    from vlpl.train.loop import run_train
+    from vlpl.train.recipes import load_train_config
+
+    D = ScoreStore(coco256_store).embedding_dim
+    out = tmp_path / head
+    extra = [f"student.head.params.reconstruct_dim={D}"] if head == "sigrl" else \
+        ["student.kind=timm", "student.name=test_resnet", "student.normalization=imagenet", "student.head=linear"]
+    args = [f"store={coco256_store}", f"out={out}", *SIGRL_ARGS, *_loss_args("gpr"), "loss.reconstruction=0.5",
+            *extra]
+    run_train(load_train_config([], args))
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if r["kind"] == "step"]
+    assert len(steps) == 2 and all(0 < r["recon"] <= 1.0 and math.isfinite(r["loss"]) for r in steps)
+    ck = sorted(p for p in (out / "checkpoints").iterdir() if p.is_dir())[-1]
+    loss_state = load_file(ck / "loss.safetensors")
+    # the linear head's pooled feature (test_resnet's width) is projected by the loss; sigrl's head projects itself
+    assert ("reconstruction.proj.weight" in loss_state) == (head == "linear")
+    if head == "linear":
+        assert loss_state["reconstruction.proj.weight"].shape[0] == D
+
+
+def test_reconstruction_config_errors_are_named(coco256_store, tmp_path):
+    from vlpl.config import ConfigError
+    from vlpl.train.recipes import load_train_config
+
+    with pytest.raises(ConfigError, match=r"loss.reconstruction: expected a weight >= 0 \(0: off\), got -0.5"):
+        load_train_config([], [f"store={coco256_store}", f"out={tmp_path}", "loss.reconstruction=-0.5"])
+    assert load_train_config([], [f"store={coco256_store}", f"out={tmp_path}"]).loss.reconstruction == 0.0

@@ -147,6 +147,31 @@ class ViewsConfig:
 
 
 @dataclass
+class IndexConfig:
+    """The FAISS index over the store's image embeddings (``vlpl/store/index.py``).
+
+    ``factory``: a FAISS index factory string (``Flat`` exact; ``IVF4096,PQ64`` or ``HNSW32`` for 10M+
+    images), inner product on unit-norm embeddings; ``train_sample``: rows (seeded by ``seed``) that types
+    needing training are trained on; ``gpu``: auto (the GPUs when faiss-gpu sees one and the type has a GPU
+    version) | true | false; ``search_params``: e.g. ``nprobe=32`` (null: chosen from the type). ``index: false``
+    (or ``true``) reads as ``{enabled: false}``, ``index: HNSW32`` as ``{factory: HNSW32}``.
+    """
+
+    FROM_STR: ClassVar[str] = "factory"
+    FROM_BOOL: ClassVar[str] = "enabled"
+
+    enabled: bool = True
+    factory: str = "Flat"
+    train_sample: int = 100_000
+    gpu: Union[bool, str] = "auto"
+    search_params: Optional[str] = None
+    seed: int = 0
+
+    def __bool__(self) -> bool:  # ``if cfg.index:`` means "build an index"
+        return self.enabled
+
+
+@dataclass
 class PseudolabelConfig:
     # "model" was the teacher's key before 0.2; it is still read, with a deprecation message
     RENAMED: ClassVar[Dict[str, str]] = {"model": "teacher"}
@@ -159,7 +184,8 @@ class PseudolabelConfig:
     num_workers: int = 2
     shard_size: int = 1024
     overwrite: bool = False
-    index: bool = True  # build the FAISS index over image embeddings
+    # the FAISS index over image embeddings (vlpl/store/index.py): true/false, a factory string, or a mapping
+    index: IndexConfig = field(default_factory=IndexConfig)
     progress: bool = True
     # stop (after writing what is done) when more than this share of the images so far failed to decode
     max_failed_fraction: float = 0.1
@@ -209,6 +235,9 @@ class StudentConfig:
 class LossConfig:
     name: str = "gpr"
     params: Dict[str, Any] = field(default_factory=dict)
+    # ours (Decision 5), off by default: weight of the reconstruction term added to any loss,
+    # 1 - cos(P f, e) of the head's reconstruction feature and the teacher's cached image embedding
+    reconstruction: float = 0.0
 
 
 @dataclass
@@ -437,6 +466,8 @@ def _build(cls: Type[T], data: Dict[str, Any], sources: Dict[str, str], prefix: 
         if dataclasses.is_dataclass(tp):
             if isinstance(v, str) and getattr(tp, "FROM_STR", None):  # e.g. head=linear -> {name: linear}
                 v = {tp.FROM_STR: v}
+            elif isinstance(v, bool) and getattr(tp, "FROM_BOOL", None):  # e.g. index=false -> {enabled: false}
+                v = {tp.FROM_BOOL: v}
             if not isinstance(v, dict):
                 raise ConfigError(f"{key}: expected a mapping, got {v!r} from {src}")
             kwargs[k] = _build(tp, v, sources, prefix=f"{key}.")
@@ -570,6 +601,8 @@ def _from_str(cls: Any, data: Any) -> Any:
         if dataclasses.is_dataclass(tp):
             if isinstance(v, str) and getattr(tp, "FROM_STR", None):
                 out[k] = {tp.FROM_STR: v}
+            elif isinstance(v, bool) and getattr(tp, "FROM_BOOL", None):
+                out[k] = {tp.FROM_BOOL: v}
             elif isinstance(v, dict):
                 out[k] = _from_str(tp, v)
     return out
@@ -625,7 +658,8 @@ def load_config(
         tp = _field_type(cls, key)
         if dataclasses.is_dataclass(tp):  # student.head=linear -> {name: linear}, so that a later
             value = _from_str(tp, value) if isinstance(value, dict) else \
-                {tp.FROM_STR: value} if isinstance(value, str) and getattr(tp, "FROM_STR", None) else value
+                {tp.FROM_STR: value} if isinstance(value, str) and getattr(tp, "FROM_STR", None) else \
+                {tp.FROM_BOOL: value} if isinstance(value, bool) and getattr(tp, "FROM_BOOL", None) else value
         _set_dotted(data, key, value)  # student.head.params.x=1 keeps that name
         sources[key] = f"the override {o!r}"
         _record_sources(value, f"the override {o!r}", sources, f"{key}.")
@@ -664,6 +698,9 @@ def check_entries(cfg: Any, sources: Optional[Dict[str, str]] = None) -> None:
         elif getattr(loss, "requires_pseudo", False):
             raise ConfigError(f"loss {cfg.loss.name!r} needs pseudo-labels: set pseudo.rule (e.g. damp; "
                               f"see vlpl train --list)")
+        w = cfg.loss.reconstruction
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < float("inf"):
+            raise ConfigError(f"loss.reconstruction: expected a weight >= 0 (0: off), got {w!r}")
         head = cfg.student.head
         if head.name in HEADS.schema_names():  # a head whose schema is known without importing it (plugins)
             HEADS.schema(head.name).from_dict(head.params, where="student.head.params", sources=srcs,

@@ -67,7 +67,7 @@ from vlpl.train.data import (
     resolve_num_workers,
 )
 from vlpl.train.flops import forward_flops, peak_flops
-from vlpl.train.losses import SPMLLoss, create_loss
+from vlpl.train.losses import SPMLLoss, build_reconstruction, create_loss
 from vlpl.train.model import ClassContext, Classifier, create_classifier
 from vlpl.train.model_io import load_model, save_model
 from vlpl.train.optim import create_optimizer, create_scheduler
@@ -342,6 +342,13 @@ def setup(cfg: TrainConfig) -> Run:
     loss_fn = create_loss(cfg.loss.name, train_obs, **cfg.loss.params)
     if loss_fn.requires_pseudo and not use_rule:
         raise ConfigError(f"loss {cfg.loss.name!r} needs pseudo-labels: set pseudo.rule (e.g. damp)")
+    if cfg.loss.reconstruction:  # Decision 5 (ours, off by default): before the optimizer takes its parameters
+        try:
+            loss_fn.set_reconstruction(build_reconstruction(
+                model, cfg.loss.reconstruction, store.embedding_dim, cfg.student.image_size, seed=cfg.seed,
+                lr=cfg.optim.head_lr if cfg.optim.head_lr is not None else cfg.optim.lr))
+        except ValueError as e:
+            raise ConfigError(f"loss.reconstruction: {e}") from e
     rule = RuleRunner(cfg.pseudo.rule, cfg.pseudo.params, cfg.pseudo.dynamic,
                       lambda pos: torch.from_numpy(train.scores(pos)), train_obs) \
         if use_rule else None
@@ -375,7 +382,9 @@ def setup(cfg: TrainConfig) -> Run:
     state = StepState(optimizer=optimizer, device=accelerator.device, seed=cfg.seed, grad_accum=cfg.grad_accum,
                       num_processes=W, process_index=accelerator.process_index, autocast=accelerator.autocast,
                       backward=accelerator.backward, no_sync=accelerator.no_sync,
-                      forward=torch.compile(model) if cfg.compile else None)
+                      forward=torch.compile(model) if cfg.compile else None,
+                      image_embeddings=(lambda pos: torch.from_numpy(train.image_embeddings(pos)))
+                      if loss_fn.uses_features else None)
 
     # ---- outputs, then the checkpoint's state -------------------------------------------------------
     metrics = JsonlLog(out / "metrics.jsonl", main)

@@ -139,8 +139,8 @@ def build_reconstruction(model: nn.Module, weight: float, target_dim: int, image
     ``embedding_dim`` (0: the store has no image embeddings, an error), ``lr`` the head's learning rate. The
     projection is learned iff the feature width differs from ``target_dim``."""
     if int(target_dim) < 1:
-        raise ValueError("loss.reconstruction needs the teacher's image embeddings, but the store has none "
-                         "(embedding_dim 0): rebuild it with `vlpl pseudolabel`, or set loss.reconstruction: 0")
+        raise ValueError("the term needs the teacher's image embeddings, but the store has none (embedding_dim "
+                         "0): rebuild it with `vlpl pseudolabel`, or set loss.reconstruction: 0")
     width, source = probe_reconstruction_feature(model, image_size)
     head = getattr(model, "head", None)
     if source == "pooled" and getattr(head, "aux", None) is not None:
