@@ -23,8 +23,7 @@ which the pseudolabel stage calls on the device).
 
     A reader fills every dropped class with ``floor_v``. So, at the rules' temperature ``T``, each view's
     softmax denominator (hence every kept class's probability and the total dropped mass) is exact up to
-    float16 rounding; ``floor_v`` lies between the mean and the max of the dropped cosines, below every kept
-    score. What is lost: the order among dropped classes (they tie), so a rule that ranks the bottom of the
+    float16 rounding; ``floor_v`` lies between the mean and the max of the view's dropped cosines. What is lost: the order among dropped classes (they tie), so a rule that ranks the bottom of the
     class list (DAMP / VLPL ``negatives=pseudo``, ``negative_ratio > 0``) picks its bottom set among ties
     (by class id) where the dense store ranks them; softmaxes at another temperature than ``T`` are
     approximate for the dropped mass. Positives (the top of the list) agree with the dense form whenever

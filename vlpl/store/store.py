@@ -506,8 +506,8 @@ class SplitReader:
         self.rows = rows
         self.sample_ids = sample_ids
         self.images = images
-        self._observed_src = observed if hasattr(observed, "take") else _InMemory(observed)
-        self._labels_src = labels if hasattr(labels, "take") else _InMemory(labels)
+        self._observed_src = _InMemory(observed) if isinstance(observed, np.ndarray) else observed
+        self._labels_src = _InMemory(labels) if isinstance(labels, np.ndarray) else labels
         self.labels_known = labels_known
         self.ok = ok
         self.include_failed = include_failed
@@ -854,8 +854,8 @@ class ScoreStore:
 
     # -- shard access ---------------------------------------------------------------------------------
     def _expected_type(self, column: str) -> pa.DataType:
-        return row_schema(self.num_classes, self.view_spec.num_views, max(self.embedding_dim, 1),
-                          self.form).field(column).type
+        C = len(self.label_classes) if column in ("observed", "labels") else self.num_classes
+        return row_schema(C, self.view_spec.num_views, max(self.embedding_dim, 1), self.form).field(column).type
 
     def _parquet(self, k: int) -> pq.ParquetFile:
         path = self.shard_paths()[k]
@@ -1251,3 +1251,46 @@ class ScoreStore:
     def scores(self, dtype: Any = np.float32) -> np.ndarray:
         """(N, n_variants, n_views, C) raw cosine scores of the whole store; NaN for failed rows."""
         return self.view_spec.split_variants(self.arrays(("scores",))["scores"].astype(dtype))
+
+
+def retarget_classes(root: Path, classes: Sequence[str], text_embeddings: np.ndarray,
+                     templates: Optional[Sequence[str]] = None, templates_sha256: Optional[str] = None
+                     ) -> Dict[str, Any]:
+    """Change the class list (and, optionally, the prompts) of an ``embeddings``-form store without an
+    image pass: the stored per-view image embeddings are scored against the new ``text_embeddings``
+    ((len(classes), D), unit-norm, from the same teacher's text tower) when read.
+
+    Observed and full labels stay those of the classes the shards were written with (``label_classes`` in
+    the manifest); a class that is new reads as observed 0 (unknown) and full label 0. Writes
+    ``classes.txt``, ``text_embeddings.npy`` and then the manifest (its checksum renewed), under the store
+    lock. Returns the new manifest."""
+    root = Path(root)
+    store = ScoreStore(root, sidecars=False)
+    if store.form.name != "embeddings":
+        raise StoreError(f"{root}: score_format {store.score_format!r}; only an 'embeddings' store can change its "
+                         f"classes without an image pass (run `vlpl pseudolabel` with score_format=embeddings)")
+    classes = [str(c) for c in classes]
+    if len(set(classes)) != len(classes):
+        raise StoreError(f"{root}: the new class list has duplicates")
+    te = np.asarray(text_embeddings, np.float32)
+    if te.shape != (len(classes), store.form.dim):
+        raise StoreError(f"{root}: text embeddings of shape {te.shape}, expected ({len(classes)}, {store.form.dim})")
+    manifest = {k: v for k, v in store.manifest.items() if k != MANIFEST_CHECKSUM_KEY}
+    manifest["label_classes"] = store.label_classes
+    manifest["classes"] = classes
+    manifest["classes_sha256"] = sha256_lines(classes)
+    if templates is not None:
+        manifest["templates"] = list(templates)
+        manifest["templates_sha256"] = templates_sha256 or hashlib.sha256("\n".join(templates).encode()).hexdigest()[:16]
+    with StoreWriter(root) as w:
+        w.lock()
+        try:
+            atomic_write_text(root / "classes.txt", "".join(f"{c}\n" for c in classes), hint=_RESUME_HINT)
+            with atomic_path(root / "text_embeddings.npy", hint=_RESUME_HINT) as tmp, open(tmp, "wb") as f:
+                np.save(f, te)
+            out = write_manifest(root / "manifest.json", manifest)
+        except WriteError as e:
+            raise StoreError(str(e)) from e
+    log.info("%s: classes changed to %d (%d with stored labels), no image pass", root, len(classes),
+             sum(c in set(store.label_classes) for c in classes))
+    return out
