@@ -150,7 +150,7 @@ def test_topk_form_agrees_with_dense_where_it_keeps_the_information(form_stores)
     dense, top = ScoreStore(form_stores["dense"]), ScoreStore(form_stores["topk"])
     assert top.score_format == "topk" and top.form.k == 16 and top.manifest["score_form"]["k"] == 16
     for split in ("train", "test"):
-        (sd, d), (st, t) = _all(dense, split), _all(top, split)
+        (sd, d), (_, t) = _all(dense, split), _all(top, split)
         flat_d, flat_t = d.reshape(len(d), -1, d.shape[-1]), t.reshape(len(t), -1, t.shape[-1])
         best = flat_d.max(axis=1)
         kept = np.zeros_like(best, bool)
