@@ -70,7 +70,9 @@ class SyntheticSpec:
     ``rows``: N; ``classes``: C; ``grid``/``flips``: the views (V = (1 + grid^2) x (2 if flips else 1));
     ``dim``: D of the text and image embeddings; ``form``: the store's score form (``dense``, or a compact
     form the store supports); ``topk``: k of the sparse form; ``positives``: mean positives per image
-    (COCO: 2.9); ``splits``: split name -> share of the rows (drawn per row, seeded).
+    (COCO: 2.9); ``splits``: split name -> share of the rows (drawn per row, seeded); ``failed``: share of
+    rows written as failed rows (as an undecodable image is), to exercise the readers' and the index's
+    handling of them.
     """
 
     rows: int
@@ -85,6 +87,7 @@ class SyntheticSpec:
     positives: float = 2.9
     splits: Dict[str, float] = field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
     image_size: int = 224
+    failed: float = 0.0  # share of rows written as failed (status failed, no scores), drawn per row
 
     def __post_init__(self) -> None:
         if self.rows < 1 or self.classes < 1 or self.dim < 2 or self.shard_size < 1:
@@ -198,6 +201,7 @@ class Generator:
         for a in range(0, n, step):
             scores[a : a + step] = emb[a : a + step] @ self.text.T
         splits = self.splits_of(rows)
+        ok = np.random.default_rng([sp.seed, 3, s]).random(n) >= sp.failed
         return {
             "sample_id": [f"synth-{i:09d}" for i in rows],
             "image": [self.images[i % len(self.images)] for i in rows],
@@ -207,6 +211,7 @@ class Generator:
             "view_embeddings": emb.astype(np.float16),
             "scores": scores,
             "image_embedding": emb[:, 0].astype(np.float16),
+            "ok": ok,
         }
 
     def split_counts(self) -> Dict[str, int]:
@@ -261,7 +266,8 @@ def _shard_rows(data: Dict[str, Any], spec: SyntheticSpec) -> Any:
     kwargs: Dict[str, Any] = dict(
         sample_id=data["sample_id"], image=data["image"], split=data["split"], observed=data["observed"],
         labels=data["labels"], labels_known=np.ones(n, bool), scores=data["scores"],
-        image_embedding=data["image_embedding"], ok=np.ones(n, bool), error=[None] * n)
+        image_embedding=data["image_embedding"], ok=data["ok"],
+        error=[None if o else "synthetic failed row" for o in data["ok"]])
     params = inspect.signature(ShardRows).parameters
     for name in ("view_embeddings", "score_format", "topk"):
         if name in params:
@@ -344,6 +350,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="split shares, name:share,...")
     p.add_argument("--index", default=None,
                    help="build the FAISS index: a factory string (Flat, IVF4096,PQ64, HNSW32); default none")
+    p.add_argument("--failed", type=float, default=0.0, help="share of rows written as failed rows")
     p.add_argument("--overwrite", action="store_true")
     return p.parse_args(argv)
 
@@ -353,7 +360,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     a = parse_args(argv)
     spec = SyntheticSpec(rows=a.rows, classes=a.classes, grid=a.grid, flips=not a.no_flips, dim=a.dim,
                          form=a.form, topk=a.topk, shard_size=a.shard_size, seed=a.seed, positives=a.positives,
-                         splits=a.splits)
+                         splits=a.splits, failed=a.failed)
     index: Any = False
     if a.index:
         index = _index_config(a.index)
