@@ -30,16 +30,15 @@ Usage::
 
 or from Python: ``make_synthetic_store(out, SyntheticSpec(rows=10_000, classes=1_000))``.
 
-Compact score forms (``--form embeddings|topk``) are written when the store supports them (the
-``score_format`` setting of ``vlpl pseudolabel``); the generator hands the store the dense scores and the
-per-view embeddings of each shard, and the store keeps what its form needs.
+Compact score forms (``--form embeddings|topk``, the ``score_format`` of ``vlpl pseudolabel``) are encoded
+by the store's own :class:`~vlpl.store.formats.ScoreForm` from the generated dense scores or per-view
+embeddings (the embeddings form never makes the ``V x C`` scores, so it scales to any class count).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import hashlib
-import inspect
 import json
 import logging
 import math
@@ -196,10 +195,12 @@ class Generator:
         emb += SIGNAL * np.einsum("nvk,nkd->nvd", vis, self.text[pos], optimize=True)
         emb += (NOISE / math.sqrt(D)) * rng.standard_normal((n, sp.num_views, D), dtype=np.float32)
         emb = _normalize(emb)
-        scores = np.empty((n, sp.num_views, C), np.float16)
-        step = max(1, (1 << 26) // max(sp.num_views * C, 1))  # ~256 MB of float32 at a time
-        for a in range(0, n, step):
-            scores[a : a + step] = emb[a : a + step] @ self.text.T
+        scores: Optional[np.ndarray] = None
+        if sp.form != "embeddings":  # the embeddings form stores emb itself: no V x C scores to make
+            scores = np.empty((n, sp.num_views, C), np.float16)
+            step = max(1, (1 << 26) // max(sp.num_views * C, 1))  # ~256 MB of float32 at a time
+            for a in range(0, n, step):
+                scores[a : a + step] = emb[a : a + step] @ self.text.T
         splits = self.splits_of(rows)
         ok = np.random.default_rng([sp.seed, 3, s]).random(n) >= sp.failed
         return {
@@ -219,6 +220,13 @@ class Generator:
         for s in range(self.spec.num_shards):
             counts += np.bincount(self.splits_of(self.spec.shard_rows(s)), minlength=len(self.split_names))
         return {name: int(c) for name, c in zip(self.split_names, counts) if c}
+
+
+def score_form(spec: SyntheticSpec) -> Any:
+    """The store's :class:`~vlpl.store.formats.ScoreForm` of ``spec``."""
+    from vlpl.store.formats import ScoreForm
+
+    return ScoreForm.create(spec.form, spec.num_views, spec.classes, spec.dim, spec.topk)
 
 
 def identity(spec: SyntheticSpec, gen: Generator) -> Dict[str, Any]:
@@ -241,7 +249,7 @@ def identity(spec: SyntheticSpec, gen: Generator) -> Dict[str, Any]:
         "views": view_spec.to_dict(),
         "decode": {"synthetic": True},
         "score_kind": "cosine",
-        "score_format": spec.form,
+        **score_form(spec).manifest_entry(),
         "score_dtype": "float16",
         "logit_scale": 100.0,
         "embedding_dim": spec.dim,
@@ -252,31 +260,21 @@ def identity(spec: SyntheticSpec, gen: Generator) -> Dict[str, Any]:
         "splits": gen.split_counts(),
         "synthetic": spec.to_dict(),
     }
-    if spec.form == "topk":
-        ident["topk"] = spec.topk
     return json.loads(json.dumps(ident))
 
 
-def _shard_rows(data: Dict[str, Any], spec: SyntheticSpec) -> Any:
-    """The store's :class:`ShardRows` of one generated shard; a compact form gets the fields its
-    ShardRows declares (per-view embeddings), so the store encodes the form itself."""
+def _shard_rows(data: Dict[str, Any], form: Any) -> Any:
+    """The store's :class:`ShardRows` of one generated shard in ``form`` (the store encodes the payload:
+    dense scores, per-view embeddings, or the top-k classes with their floor)."""
     from vlpl.store.store import ShardRows
 
     n = len(data["sample_id"])
-    kwargs: Dict[str, Any] = dict(
+    payload = form.from_dense(data["scores"], embeddings=data["view_embeddings"])
+    return ShardRows(
         sample_id=data["sample_id"], image=data["image"], split=data["split"], observed=data["observed"],
         labels=data["labels"], labels_known=np.ones(n, bool), scores=data["scores"],
         image_embedding=data["image_embedding"], ok=data["ok"],
-        error=[None if o else "synthetic failed row" for o in data["ok"]])
-    params = inspect.signature(ShardRows).parameters
-    for name in ("view_embeddings", "score_format", "topk"):
-        if name in params:
-            kwargs[name] = {"view_embeddings": data["view_embeddings"], "score_format": spec.form,
-                            "topk": spec.topk}[name]
-    if spec.form != "dense" and "view_embeddings" not in params and "score_format" not in params:
-        raise NotImplementedError(f"form {spec.form!r}: this vlpl's store writes only dense scores "
-                                  f"(ShardRows has no compact-form fields)")
-    return ShardRows(**kwargs)
+        error=[None if o else "synthetic failed row" for o in data["ok"]], payload=payload, form=form)
 
 
 def make_synthetic_store(out: Path, spec: SyntheticSpec, overwrite: bool = False, index: Any = False,
@@ -291,6 +289,7 @@ def make_synthetic_store(out: Path, spec: SyntheticSpec, overwrite: bool = False
     out = Path(out)
     gen = Generator(spec)
     ident = identity(spec, gen)
+    form = score_form(spec)
     writer = StoreWriter(out)
     t0 = time.perf_counter()
     try:
@@ -302,7 +301,7 @@ def make_synthetic_store(out: Path, spec: SyntheticSpec, overwrite: bool = False
         with progress(sum(len(spec.shard_rows(s)) for s in todo), "synthetic", "row",
                       enabled=show_progress) as bar:
             for s in todo:
-                writer.write_shard(s, _shard_rows(gen.shard(s), spec))
+                writer.write_shard(s, _shard_rows(gen.shard(s), form))
                 bar.update(len(spec.shard_rows(s)))
         writer.finalize(ident, spec.num_shards, build_index=index)
     finally:
