@@ -39,6 +39,7 @@ the reason; :attr:`ImageLoadError.reason` is a short category used to count fail
 """
 from __future__ import annotations
 
+import collections.abc
 import io
 import logging
 import os
@@ -455,7 +456,8 @@ class ImageDataset:
     def __init__(self, source: ImageSource, refs: Sequence[str], transform: Optional[Callable[[Image.Image], Any]] = None
                  ) -> None:
         self.source = source
-        self.refs = list(refs)
+        # a sequence (a list, or the store's on-disk StringColumn) is indexed in place: no O(N) copy of the refs
+        self.refs = refs if isinstance(refs, collections.abc.Sequence) and not isinstance(refs, str) else list(refs)
         self.transform = transform
 
     def __len__(self) -> int:
