@@ -490,7 +490,7 @@ class SplitReader:
 
     With sidecars (the default when the store or ``VLPL_CACHE_DIR`` is writable, :mod:`vlpl.store.cache`)
     only ``rows``, ``labels_known`` and ``ok`` (9 bytes a row) are in memory: ``sample_ids`` and ``images``
-    are sequences read from disk per item, ``observed`` / ``labels`` are read-only memory maps (whole-array
+    are sequences read from disk per item, ``observed`` / ``labels`` are loaded into memory on first use (whole-array
     use; prefer ``observed_at`` / ``labels_at`` in loops), and the batch readers read just the rows asked for.
 
     Positions ``0..len-1`` index the split; ``rows`` maps them to store row numbers. Failed rows
@@ -523,7 +523,8 @@ class SplitReader:
 
     @property
     def observed(self) -> np.ndarray:
-        """``(N, C)`` int8 observed labels (a read-only memory map with sidecars)."""
+        """``(N, C)`` int8 observed labels, loaded into memory on first use (N x C bytes: per-batch code should
+        use :meth:`observed_at`, which reads only the rows asked for)."""
         if self._observed is None:
             self._observed = self._whole(self._observed_src)
         return self._observed
@@ -538,8 +539,9 @@ class SplitReader:
         return self._labels
 
     def _whole(self, src: Any) -> np.ndarray:
+        """The whole (N, C) array in memory, writable (loaded on first use; batch loops use ``*_at``)."""
         try:
-            return src.mmap()
+            return np.array(src.mmap())
         except ValueError as e:
             raise StoreError(f"split {self.name!r}: {e}; delete {getattr(src, 'path', 'the sidecar')} (it is "
                              f"rebuilt from the shards)") from None
