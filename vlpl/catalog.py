@@ -87,7 +87,8 @@ def _text(load_heads: bool) -> str:
         out.append(f"  {'':10s} loss {m.loss}, {f'rule {m.rule}' if m.rule else 'no pseudo-labels'}; "
                    f"dataset rows: {', '.join(m.datasets) or 'none'}")
     for title, registry, keys in (("Pseudo-label rules", RULES, "pseudo.rule=NAME pseudo.params.KEY=VALUE"),
-                                  ("Losses", LOSSES, "loss.name=NAME loss.params.KEY=VALUE")):
+                                  ("Losses", LOSSES, "loss.name=NAME loss.params.KEY=VALUE; any loss: "
+                                   "loss.reconstruction=W adds the reconstruction term, ours, off by default")):
         out.append("")
         out.append(f"{title} ({keys}):")
         for name in registry.schema_names():
@@ -158,7 +159,13 @@ def _markdown() -> str:
     for title, registry, keys in (
             ("Pseudo-label rules", RULES, "`pseudo.rule=NAME`, `pseudo.params.KEY=VALUE`; `vlpl evaluate` takes "
                                           "`rules={NAME: {KEY: VALUE}}`"),
-            ("Losses", LOSSES, "`loss.name=NAME`, `loss.params.KEY=VALUE`"),
+            ("Losses", LOSSES, "`loss.name=NAME`, `loss.params.KEY=VALUE`. Any loss takes `loss.reconstruction=W` "
+                               "(default 0: off), the reconstruction term of Decision 5 (ours, not in a paper): "
+                               "`W mean(1 - cos(P f, e))` between the head's reconstruction feature `f` (the `sigrl` "
+                               "head's pooled SVFR output with `reconstruct_dim` = the store's embedding width; "
+                               "otherwise the backbone's pooled feature) and the teacher's cached image embedding "
+                               "`e`, `P` a learned projection where the widths differ "
+                               "(`vlpl/train/losses/reconstruction.py`)"),
             ("Heads", HEADS, "`student.head.name=NAME` (or `student.head=NAME`), `student.head.params.KEY=VALUE`")):
         out += [f"## {title}", "", f"Set with {keys}.", ""]
         for name in _entries(registry, load=True):
