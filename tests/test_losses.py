@@ -885,6 +885,27 @@ def test_reconstruction_gradients_param_groups_and_state():
     assert torch.equal(fresh.reconstruction.proj.weight, role.reconstruction.proj.weight)
 
 
+def test_reconstruction_two_process_slices_average_to_the_one_process_gradient():
+    """Under data parallelism each process takes the term's mean over its slice of the batch; DDP's averaging
+    of the model's gradients and ``average_gradients``' averaging of ``P`` then give the 1-process gradient
+    (equal slices), so the term needs no collective. A summed (not averaged) term would fail this."""
+    g = torch.Generator().manual_seed(0)
+    f, e = torch.randn(8, 5, generator=g), torch.randn(8, 3, generator=g)
+
+    def grads(rows: slice):
+        term = ReconstructionTerm(5, 3, weight=0.7, seed=1)
+        x = f[rows].clone().requires_grad_(True)
+        term(x, e[rows]).backward()
+        full = torch.zeros_like(f)
+        full[rows] = x.grad
+        return full, term.proj.weight.grad
+
+    whole_f, whole_p = grads(slice(0, 8))
+    (a_f, a_p), (b_f, b_p) = grads(slice(0, 4)), grads(slice(4, 8))
+    torch.testing.assert_close((a_f + b_f) / 2, whole_f)
+    torch.testing.assert_close((a_p + b_p) / 2, whole_p)
+
+
 def test_reconstruction_init_is_seeded_and_leaves_the_global_rng_alone():
     torch.manual_seed(123)
     before = torch.random.get_rng_state()
