@@ -1098,3 +1098,25 @@ def test_reconstruction_config_errors_are_named(coco256_store, tmp_path):
     with pytest.raises(ConfigError, match=r"loss.reconstruction: expected a weight >= 0 \(0: off\), got -0.5"):
         load_train_config([], [f"store={coco256_store}", f"out={tmp_path}", "loss.reconstruction=-0.5"])
     assert load_train_config([], [f"store={coco256_store}", f"out={tmp_path}"]).loss.reconstruction == 0.0
+
+
+@pytest.mark.slow
+def test_killed_run_with_the_reconstruction_term_resumes_to_the_same_bytes(coco256_store, tmp_path):
+    """The term's projection and its optimizer state are checkpointed with the loss: a run killed mid-epoch
+    (and inside a checkpoint write) resumes byte-identical to an uninterrupted one (ROLE: the loss's own
+    parameter group and the projection's side by side)."""
+    from tests.test_train import _train_args, final_state, fork_train
+
+    args = ["method=role", "dataset=coco2014", "epochs=2", "max_steps_per_epoch=4", "early_stop_patience=null",
+            "early_stop_drop=null", "checkpoint_every_steps=2", "keep_checkpoints=2", "optim.lr=1e-3",
+            "loss.reconstruction=0.5"]
+    ref = tmp_path / "ref"
+    assert fork_train(_train_args(coco256_store, ref, *args)) == 0
+    want = final_state(ref)
+    assert all(r["recon"] > 0 for r in want["metrics"] if r["kind"] == "step")
+    for kill in ("step:3", "checkpoint:2"):
+        run = tmp_path / kill.replace(":", "_")
+        assert fork_train(_train_args(coco256_store, run, *args), kill_at=kill) == -9, kill
+        assert fork_train(_train_args(coco256_store, run, *args, "resume=true")) == 0, kill
+        got = final_state(run)
+        assert got == want, (kill, [k for k in want if got.get(k) != want[k]])
