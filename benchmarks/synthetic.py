@@ -87,6 +87,7 @@ class SyntheticSpec:
     splits: Dict[str, float] = field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
     image_size: int = 224
     failed: float = 0.0  # share of rows written as failed (status failed, no scores), drawn per row
+    noise: float = NOISE  # weight of each view's own noise in its embedding (lower: tighter class clusters)
 
     def __post_init__(self) -> None:
         if self.rows < 1 or self.classes < 1 or self.dim < 2 or self.shard_size < 1:
@@ -193,7 +194,7 @@ class Generator:
         emb = np.empty((n, sp.num_views, D), np.float32)
         emb[:] = IMAGE_SHARED * self.u
         emb += SIGNAL * np.einsum("nvk,nkd->nvd", vis, self.text[pos], optimize=True)
-        emb += (NOISE / math.sqrt(D)) * rng.standard_normal((n, sp.num_views, D), dtype=np.float32)
+        emb += (sp.noise / math.sqrt(D)) * rng.standard_normal((n, sp.num_views, D), dtype=np.float32)
         emb = _normalize(emb)
         scores: Optional[np.ndarray] = None
         if sp.form != "embeddings":  # the embeddings form stores emb itself: no V x C scores to make
