@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import TINY_TEACHER, make_subset_dataset
 
-from vlpl.store.store import ScoreStore, StoreError, StoreWriter
+from vlpl.store.store import ScoreStore, SplitReader, StoreError, StoreWriter
 from vlpl.store.views import ViewSpec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -406,6 +406,8 @@ def test_inspect_streams_and_matches_dense_statistics(failed_store, monkeypatch)
     ok = a["status"] == "ok"
     s = a["scores"][ok].astype(np.float64).reshape(int(ok.sum()), 2, 2, -1)
     monkeypatch.setattr(ScoreStore, "arrays", lambda *a, **k: pytest.fail("inspect read the whole store"))
+    for name in ("observed", "labels"):  # labels are read per batch too, not as whole (N, C) arrays
+        monkeypatch.setattr(SplitReader, name, property(lambda self: pytest.fail("inspect loaded a split's labels")))
     out = summarize(failed_store, batch_size=3, verify_shards=True)
     sc = out["scores"]
     for key, x in (("all_views", s), ("global_view", s[:, 0, 0]), ("tiles", s[:, :, 1:])):

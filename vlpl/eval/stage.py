@@ -244,7 +244,7 @@ def _scan_store(store: ScoreStore, cfg: EvaluateConfig, dparams: Dict[str, float
             use = np.nonzero(sp.ok & sp.labels_known)[0]
             for pos, scores in sp.iter_scores(batch_size, use):
                 full = torch.from_numpy(scores)  # (B, n_variants, n_views, C)
-                obs = torch.from_numpy(sp.observed[pos])
+                obs = torch.from_numpy(sp.observed_at(pos))
                 unflipped = full[:, 0]
                 coll.add("labels", sp.labels_at(pos))
                 coll.add("observed", obs)

@@ -13,9 +13,11 @@ which the pseudolabel stage calls on the device).
     Scores equal the dense form's to float16 rounding of the embeddings (|error| <= ~1e-3).
 
 ``topk`` (sparse; ours, documented in the README's store section)
-    One class set per image, shared by all its views: the ``k`` classes with the highest cosine in ANY view
-    (max over views, flips included), so a class that one tile sees strongly is kept for DAMP's max-tile
-    aggregation. Per row: ``topk_classes`` (k class ids, ascending; uint16, int32 above 65,535 classes),
+    One class set per image, shared by all its views: the ``k`` classes with the best rank in ANY view
+    (flips included): every view's top-1 first, then every view's top-2, ..., ties by the highest cosine over
+    views. So each view's leading classes are kept (the global view's for VLPL, every tile's for DAMP's
+    max-tile aggregation), however noisy the other views are (ranking by the max cosine over views alone
+    lost the global view's top class on a synthetic C = 10,000 store). Per row: ``topk_classes`` (k class ids, ascending; uint16, int32 above 65,535 classes),
     ``topk_scores`` (``V x k`` float16 cosines of those classes) and ``topk_floor`` (``V`` float32), the
     *softmax-equivalent floor* of the dropped classes of each view::
 
@@ -180,8 +182,7 @@ def topk_from_dense(scores: np.ndarray, k: int, temp: float = FLOOR_TEMP) -> Tup
     float scores: the top-k class set by max over views, and the softmax-equivalent floor of the rest."""
     N, V, C = scores.shape
     k = min(k, C)
-    best = scores.max(axis=1)  # (N, C)
-    idx = np.sort(np.argsort(-best, axis=1, kind="stable")[:, :k], axis=1)
+    idx = np.sort(np.argsort(_selection_key(scores, k), axis=1, kind="stable")[:, :k], axis=1)
     kept = np.take_along_axis(scores, idx[:, None, :], axis=2)  # (N, V, k)
     if C == k:
         floor = np.full((N, V), -np.inf, np.float32)
@@ -194,6 +195,19 @@ def topk_from_dense(scores: np.ndarray, k: int, temp: float = FLOOR_TEMP) -> Tup
         lse = (m + np.log(np.exp(z - m).sum(axis=2, keepdims=True)))[..., 0]
         floor = (temp * (lse - math.log(C - k))).astype(np.float32)
     return idx, kept.astype(np.float16), floor
+
+
+def _selection_key(scores: np.ndarray, k: int) -> np.ndarray:
+    """(N, C) float32 ranking key of the class set (lower = kept first): ``4 * best rank in any view - max
+    cosine over views``; a class in no view's top-k is +inf. Every view's top-1 comes first, then top-2, ...
+    (ties by the highest cosine), so each view's leading classes are kept whatever the noise elsewhere."""
+    N, V, C = scores.shape
+    order = np.argsort(-scores, axis=2, kind="stable")[:, :, :k]  # (N, V, k) per-view top-k
+    key = np.full((N, C), np.inf, np.float32)
+    rows = np.arange(N)[:, None]
+    for r in range(k - 1, -1, -1):  # descending, so the best (lowest) rank is written last
+        key[rows, order[:, :, r]] = np.minimum(key[rows, order[:, :, r]], r)
+    return (4.0 * key - scores.max(axis=1)).astype(np.float32)
 
 
 def densify(classes: np.ndarray, scores: np.ndarray, floor: np.ndarray, num_classes: int) -> np.ndarray:
@@ -221,10 +235,14 @@ def encode_views(form: ScoreForm, feats: Any, text: Any) -> Dict[str, np.ndarray
         if form.name == "dense":
             return {"scores": scores.to(torch.float16).cpu().numpy()}
         C, k, T = scores.shape[2], form.k, form.floor_temp
-        # the same class set as topk_from_dense: ties broken towards the lower class id
-        best = scores.max(dim=1).values
-        order = torch.sort(-best, dim=1, stable=True).indices[:, :k]
-        idx = order.sort(dim=1).values
+        # the same class set as topk_from_dense (_selection_key): best rank in any view, then max cosine
+        n, V = scores.shape[0], scores.shape[1]
+        ranks = torch.sort(-scores, dim=2, stable=True).indices[:, :, :k]  # (n, V, k)
+        rank_of = torch.arange(k, device=scores.device, dtype=torch.float32).expand(n, V, k)
+        key = torch.full((n, C), math.inf, device=scores.device)
+        key.scatter_reduce_(1, ranks.reshape(n, -1), rank_of.reshape(n, -1), reduce="amin")
+        key = 4.0 * key - scores.max(dim=1).values.float()
+        idx = torch.sort(key, dim=1, stable=True).indices[:, :k].sort(dim=1).values
         kept = scores.gather(2, idx[:, None, :].expand(-1, scores.shape[1], -1))
         if C == k:
             floor = torch.full(scores.shape[:2], -math.inf, device=scores.device)

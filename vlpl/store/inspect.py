@@ -1,5 +1,6 @@
-"""``vlpl inspect STORE``: what is in a score store, read in batches (memory bounded by one batch of scores
-plus a split's ``(N, C)`` int8 labels), and ``--verify``: the full sha256 and page check of every shard."""
+"""``vlpl inspect STORE``: what is in a score store, read in batches (memory bounded by one batch of scores and
+labels, whatever the store's size and score form), and ``--verify``: the full sha256 and page check of every
+shard."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -79,6 +80,8 @@ def summarize(root: Path, max_failed: int = 20, batch_size: int = 512, verify_sh
         "classes": store.classes,
         "templates": m.get("templates"),
         "embedding_dim": m.get("embedding_dim"),
+        "score_format": store.score_format,
+        "score_form": m.get("score_form"),
         "shards": len(m.get("shards", [])),
     }
     if not m.get("complete"):
@@ -92,12 +95,13 @@ def summarize(root: Path, max_failed: int = 20, batch_size: int = 512, verify_sh
     for name in store.splits():
         sp = store.split(name)
         n_img += len(sp)
-        n_pos += int((sp.observed == 1).sum())
-        n_neg += int((sp.observed == -1).sum())
-        known = np.nonzero(sp.labels_known)[0]
-        n_known += len(known)
-        n_lab += int(sp.labels_at(known).astype(np.int64).sum()) if len(known) else 0
-        for _, s in sp.iter_scores(batch_size):  # (B, n_variants, n_views, C)
+        n_known += int(sp.labels_known.sum())
+        for pos, s in sp.iter_scores(batch_size):  # (B, n_variants, n_views, C); labels read per batch too
+            obs = sp.observed_at(pos)
+            n_pos += int((obs == 1).sum())
+            n_neg += int((obs == -1).sum())
+            known = pos[sp.labels_known[pos]]
+            n_lab += int(sp.labels_at(known).astype(np.int64).sum()) if len(known) else 0
             every.add(s)
             g = s[:, 0, spec.global_index()]
             glob.add(g)
@@ -138,7 +142,9 @@ def format_summary(s: Dict[str, Any]) -> str:
              f"V={s['views']['num_views']}  at {s['views']['image_size'][0]}x{s['views']['image_size'][1]}",
              f"classes    {s['num_classes']}: {', '.join(s['classes'][:8])}{', ...' if s['num_classes'] > 8 else ''}",
              f"templates  {len(s['templates'] or [])}: {(s['templates'] or [''])[0]!r}{' ...' if len(s['templates'] or []) > 1 else ''}",
-             f"embedding  dim {s['embedding_dim']}"]
+             f"embedding  dim {s['embedding_dim']}",
+             f"format     {s.get('score_format', 'dense')}"
+             + (f"  k={s['score_form']['k']}" if (s.get('score_form') or {}).get('k') else "")]
     sc = s.get("scores")
     if sc:
         g = sc["global_view"]
