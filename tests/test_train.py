@@ -569,6 +569,7 @@ def test_uint8_device_path_gives_the_float_paths_tensors(store):
         TrainImages,
         Uint8Resize,
         image_transform,
+        model_input,
     )
 
     st = ScoreStore(store)
@@ -585,8 +586,15 @@ def test_uint8_device_path_gives_the_float_paths_tensors(store):
     assert item["index"].tolist() == plan.local.tolist() and item["flip"].tolist() == plan.flips.tolist()
     assert 0 < int(item["flip"].sum()) < 6  # both kinds in the batch (seed chosen so)
     want = torch.stack([old[(k, f)][0] for k, f in zip(plan.local.tolist(), plan.flips.tolist())])
-    got = DeviceNormalize(mean, std)(item["images"], item["flip"])
+    raw = item["images"].clone()
+    got = model_input(item["images"], item["flip"], DeviceNormalize(mean, std))
     assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert torch.equal(item["images"], raw)  # the loader's batch is not flipped in place
+    # CPU training: the workers normalise and flip; the main process only passes the batch on
+    cpu = TrainImages(ImageDataset(src, train.images, Uint8Resize(size)), normalize=DeviceNormalize(mean, std))[plan]
+    assert torch.equal(cpu["images"], want) and torch.equal(model_input(cpu["images"], cpu["flip"], None), want)
+    one = ImageDataset(src, train.images, Uint8Resize(size, normalize=DeviceNormalize(mean, std)))[int(plan.local[0])]
+    assert torch.equal(one[0], old[(int(plan.local[0]), False)][0])  # eval loaders: no flip
     if torch.cuda.is_available():  # the GPU: float rounding only
         gpu = DeviceNormalize(mean, std, "cuda")(item["images"].pin_memory(), item["flip"]).cpu()
         assert torch.allclose(gpu, want, atol=1e-5, rtol=0)

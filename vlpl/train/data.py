@@ -200,47 +200,58 @@ class BatchPlans:
 
 class Uint8Resize:
     """PIL image -> ``(3, s, s)`` uint8 tensor: ``Resize((s, s))`` bilinear (PIL's, as :func:`image_transform`)
-    without the float conversion, which :class:`DeviceNormalize` does on the device. Picklable (workers)."""
+    without the float conversion, which :class:`DeviceNormalize` does on the device. With ``normalize`` (a
+    CPU :class:`DeviceNormalize`: training on the CPU) the worker also does that, and returns float32.
+    Picklable (workers)."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, normalize: Optional["DeviceNormalize"] = None) -> None:
         self.size = int(size)
         self.resize = T.Resize((self.size, self.size), interpolation=T.InterpolationMode.BILINEAR)
+        self.normalize = normalize
 
     def __call__(self, img: Any) -> torch.Tensor:
-        return T.functional.pil_to_tensor(self.resize(img))
+        x = T.functional.pil_to_tensor(self.resize(img))
+        return x if self.normalize is None else self.normalize(x[None])[0]
 
 
 class TrainImages(Dataset):
-    """Item :class:`BatchPlan` -> ``{"images": (b, 3, s, s) uint8, "index": (b,) int64, "flip": (b,) bool,
+    """Item :class:`BatchPlan` -> ``{"images": (b, 3, s, s), "index": (b,) int64, "flip": (b,) bool,
     "global_index": (B,) int64, "step": int}``: a whole micro-batch, decoded and resized in one DataLoader
-    worker (``DataLoader(TrainImages(...), sampler=order.plans(epoch, start), batch_size=None)``). The flips
-    are only carried: :class:`DeviceNormalize` applies them on the device.
+    worker (``DataLoader(TrainImages(...), sampler=order.plans(epoch, start), batch_size=None)``).
 
     ``base``: a dataset whose item ``k`` is ``(uint8 tensor (3, s, s), k)``, e.g.
-    ``ImageDataset(source, refs, Uint8Resize(s))``.
+    ``ImageDataset(source, refs, Uint8Resize(s))``. Without ``normalize`` the images stay uint8 and the flips
+    are only carried (:func:`model_input` applies both on the device); with a CPU ``normalize`` (training on
+    the CPU, where the "device" work would otherwise run serially in the main process) the worker returns the
+    normalised, flipped float32 batch.
     """
 
-    def __init__(self, base: Dataset) -> None:
+    def __init__(self, base: Dataset, normalize: Optional["DeviceNormalize"] = None) -> None:
         self.base = base
+        self.normalize = normalize
 
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
     def __getitem__(self, plan: BatchPlan) -> Dict[str, Any]:
         images = [self.base[int(k)][0] for k in plan.local]
-        return {"images": torch.stack(images) if images else torch.empty(0, 3, 0, 0, dtype=torch.uint8),
-                "index": torch.from_numpy(np.asarray(plan.local, dtype=np.int64)),
-                "flip": torch.from_numpy(np.asarray(plan.flips, dtype=bool)),
+        x = torch.stack(images) if images else torch.empty(0, 3, 0, 0, dtype=torch.uint8)
+        flip = torch.from_numpy(np.asarray(plan.flips, dtype=bool))
+        if self.normalize is not None:
+            x = self.normalize(x, flip)
+        return {"images": x, "index": torch.from_numpy(np.asarray(plan.local, dtype=np.int64)), "flip": flip,
                 "global_index": torch.from_numpy(np.asarray(plan.global_index, dtype=np.int64)),
                 "step": int(plan.step)}
 
 
 class DeviceNormalize:
-    """uint8 ``(B, 3, H, W)`` on the device -> float32 normalised, mirrored where ``flip`` (B,) is true.
+    """uint8 ``(B, 3, H, W)`` -> float32 on ``device``, normalised, mirrored where ``flip`` (B,) is true.
 
-    The same operations, in the same order, as ``ToTensor`` (``x / 255``) + ``Normalize`` (``(x - mean) /
-    std``) + ``flip(-1)``, batched: on the CPU the result equals the float path's bit for bit; on a GPU it
-    differs by float rounding only. No host synchronisation (the flip is a ``torch.where``, not a mask index).
+    The same arithmetic, in the same order, as ``ToTensor`` (``x / 255``) + ``Normalize`` (``(x - mean) /
+    std``), batched, and the flip (a pure permutation of columns) done on the uint8 data: on the CPU the
+    result equals the float path's (:func:`image_transform` + :class:`FlippedRows`) bit for bit; on a GPU it
+    differs by float rounding only. No host synchronisation: a CPU ``flip`` (the loader's) gives the flipped
+    rows' indices on the CPU; a ``flip`` already on the device is applied with ``torch.where``.
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], device: Union[str, torch.device] = "cpu",
@@ -255,11 +266,28 @@ class DeviceNormalize:
     def __call__(self, x: torch.Tensor, flip: Optional[torch.Tensor] = None) -> torch.Tensor:
         if x.dtype != torch.uint8 or x.dim() != 4:
             raise ValueError(f"DeviceNormalize expects a (B, 3, H, W) uint8 batch, got {tuple(x.shape)} {x.dtype}")
-        x = x.to(self.device, non_blocking=True).float().div_(255).sub_(self.mean).div_(self.std)
-        if flip is not None:
-            f = flip.to(self.device, non_blocking=True).view(-1, 1, 1, 1)
-            x = torch.where(f, x.flip(-1), x)
+        x = x.to(self.device, non_blocking=True)
+        if flip is not None and flip.device.type == "cpu":
+            rows = torch.nonzero(flip.reshape(-1)).reshape(-1)  # host tensor: no device sync
+            if len(rows):
+                rows = rows.to(self.device, non_blocking=True)
+                x = x.index_copy(0, rows, x.index_select(0, rows).flip(-1))  # out of place: the input is kept
+        elif flip is not None:
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        x = x.float().div_(255).sub_(self.mean).div_(self.std)
         return x.contiguous(memory_format=self.memory_format)
+
+
+def model_input(images: torch.Tensor, flip: Optional[torch.Tensor], normalize: Optional["DeviceNormalize"]
+                ) -> torch.Tensor:
+    """The model's input from a loader batch: uint8 images are converted, normalised and flipped on the
+    device by ``normalize``; a float batch was already made by the workers (CPU training) and is moved only
+    (to ``normalize``'s device, if given)."""
+    if images.dtype == torch.uint8:
+        if normalize is None:
+            raise ValueError("model_input: a uint8 batch needs a DeviceNormalize")
+        return normalize(images, flip)
+    return images if normalize is None else images.to(normalize.device, non_blocking=True)
 
 
 def available_cpus() -> int:

@@ -63,6 +63,7 @@ from vlpl.train.data import (
     TrainImages,
     Uint8Resize,
     auto_prefetch,
+    model_input,
     prefetch_scores,
     resolve_num_workers,
 )
@@ -263,7 +264,7 @@ def predict(accelerator: Any, model: torch.nn.Module, loader: DataLoader, n: int
     probs = np.zeros((n, num_classes), np.float32)
     for x, k in loader:
         if normalize is not None:
-            x = normalize(x)
+            x = model_input(x, None, normalize)
         with accelerator.autocast():
             logits = model(x)
         p, k = accelerator.gather_for_metrics((torch.sigmoid(logits.float()), k))
@@ -363,12 +364,15 @@ def setup(cfg: TrainConfig) -> Run:
         raise ConfigError(str(e)) from e
     if cfg.prefetch_factor is not None and cfg.prefetch_factor < 1:
         raise ConfigError(f"prefetch_factor: expected a count >= 1 or null, got {cfg.prefetch_factor}")
-    tf = Uint8Resize(cfg.student.image_size)
+    # (training on the CPU: the workers do the float work too, in parallel, instead of the main process)
     normalize = DeviceNormalize(model.mean, model.std, accelerator.device)
+    in_worker = normalize if accelerator.device.type == "cpu" and workers > 0 else None
+    tf = Uint8Resize(cfg.student.image_size, normalize=in_worker)
     loader_kw = _loader_kwargs(cfg, workers, accelerator.device)
     order = EpochOrder(len(train), cfg.batch_size, cfg.seed, cfg.hflip, W, accelerator.process_index,
                        cfg.max_steps_per_epoch)
-    train_images = TrainImages(ImageDataset(images, train.images, tf))
+    train_images = TrainImages(ImageDataset(images, train.images, Uint8Resize(cfg.student.image_size)),
+                               normalize=in_worker)
     eval_loaders = {s: DataLoader(ImageDataset(images, d.images, tf), batch_size=cfg.eval_batch_size,
                                   shuffle=False, **loader_kw) for s, d in evals.items()}
     pass_loader = DataLoader(ImageDataset(images, train.images, tf), batch_size=cfg.eval_batch_size, shuffle=False,
@@ -458,7 +462,7 @@ def train_epoch(run: Run, epoch: int) -> None:
             wait += time.perf_counter() - t_fetch
             if item["step"] != s:  # the plans and the loop must agree on the position (exact resume)
                 raise RuntimeError(f"training loader gave step {item['step']} where step {s} was expected")
-            batch = TrainBatch(images=run.normalize(item["images"], item["flip"]), index=item["index"],
+            batch = TrainBatch(images=model_input(item["images"], item["flip"], run.normalize), index=item["index"],
                                flip=item["flip"], epoch=epoch, step=p.step,
                                global_index=item["global_index"].numpy() if W > 1 else None,
                                sync=(s + 1) % cfg.grad_accum == 0 or s == steps - 1, scores=item.get("scores"))
