@@ -329,3 +329,26 @@ def test_cuda_decode_is_close_to_the_cpu_decode(odd_images, tmp_path):
     run_pseudolabel(_cfg(odd_images, tmp_path / "cuda", "decode=device", "teacher.device=cuda",
                          "max_failed_fraction=0.5"), stats=stats)
     assert ScoreStore(tmp_path / "cuda").manifest["num_failed"] == 2
+
+
+@pytest.mark.slow
+def test_pipeline_benchmark_runs_and_records(coco256_root, tmp_path):
+    """benchmarks/pseudolabel_pipeline.py at toy size: both measurements, the JSON fields the README's table
+    reads, byte-identical stores and equal views."""
+    import json
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import pseudolabel_pipeline as bench
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "r.json"
+    bench.main(["--what", "all", "--num-images", "8", "--classes-list", "90", "--shard-size", "4",
+                "--batch-size", "4", "--num-workers", "0", "--grid", "2", "--rounds", "1", "--view-size", "32",
+                "--device", "cpu", "--out", str(out)])
+    res = json.loads(out.read_text())
+    w = res["writer"]["90"]
+    assert w["stores_byte_identical"] and set(w) >= {"inline", "background"}
+    assert 0 <= w["background"]["stall_share_median"] <= 1 and w["inline"]["writer_wait_s_rounds"][0] > 0
+    assert res["views"]["equal"] and res["views"]["max_abs_diff"] == 0.0 and res["views"]["images"] == 8
+    assert res["command"].startswith("python benchmarks/pseudolabel_pipeline.py") and res["environment"]["torch"]

@@ -1,9 +1,14 @@
 """``vlpl pseudolabel``: score every image and every view with a frozen VLM into a score store.
 
-DataLoader workers decode images (a bad image becomes a failed row, never a crash); the main loop
-makes all views of many images on the model's device with tensor ops and runs them through the image
-tower in large batches under autocast (bf16 on GPU). Raw cosine scores (V x C) and the global-view
-image embedding are written per shard, atomically. Under ``accelerate launch`` / ``torchrun`` process
+DataLoader workers decode images (a bad image becomes a failed row, never a crash; with ``decode: device``
+they only check JPEGs and the loop decodes them on the device, :mod:`vlpl.pseudolabel.device_decode`); the
+main loop makes all views of a batch on the model's device with batched tensor ops
+(:func:`vlpl.vlm.views.make_views_batch`) and runs them through the image tower in large batches under
+autocast (bf16 on GPU), then hands the per-view features, still on the device, to the shard writer
+(:mod:`vlpl.store.async_writer`; ``writer: background`` by default, a thread behind a queue of
+``writer_queue`` batches), which computes the stored form (raw cosine scores V x C, or a compact form), the
+global-view image embedding, copies them to the host and writes each shard atomically once its last row is
+in. The loop never waits for the device. Under ``accelerate launch`` / ``torchrun`` process
 ``rank`` takes the shards ``i % world == rank``; the main process writes the manifest after a barrier.
 Batches never straddle a shard, so the numbers in a shard do not depend on how many processes ran,
 nor on where an interrupted run resumed.
