@@ -1120,3 +1120,22 @@ def test_killed_run_with_the_reconstruction_term_resumes_to_the_same_bytes(coco2
         assert fork_train(_train_args(coco256_store, run, *args, "resume=true")) == 0, kill
         got = final_state(run)
         assert got == want, (kill, [k for k in want if got.get(k) != want[k]])
+
+
+def test_reconstruction_feature_is_the_heads_when_it_gives_one(coco256_store):
+    """sigrl gives its pooled SVFR output (through its own Linear with reconstruct_dim); linear gives none, so
+    the backbone's pooled feature stands in. The probe changes no weight and leaves the mode as it was."""
+    from vlpl.config import HeadConfig, StudentConfig
+    from vlpl.store.store import ScoreStore
+    from vlpl.train.losses import probe_reconstruction_feature
+    from vlpl.train.model import ClassContext, create_classifier
+
+    store = ScoreStore(coco256_store)
+    sig0 = _sigrl_classifier(store, 0)
+    before = {k: v.clone() for k, v in sig0.state_dict().items()}
+    assert probe_reconstruction_feature(sig0, 64) == (sig0.num_features, "head") and sig0.training
+    assert all(torch.equal(v, before[k]) for k, v in sig0.state_dict().items())
+    assert probe_reconstruction_feature(_sigrl_classifier(store, 7), 64) == (7, "head")
+    lin = create_classifier(StudentConfig(kind="timm", name="test_resnet", pretrained=False, image_size=64,
+                                          head=HeadConfig(name="linear")), ClassContext.from_store(store))
+    assert probe_reconstruction_feature(lin.eval(), 64) == (lin.num_features, "pooled") and not lin.training

@@ -162,8 +162,8 @@ def _markdown() -> str:
             ("Losses", LOSSES, "`loss.name=NAME`, `loss.params.KEY=VALUE`. Any loss takes `loss.reconstruction=W` "
                                "(default 0: off), the reconstruction term of Decision 5 (ours, not in a paper): "
                                "`W mean(1 - cos(P f, e))` between the head's reconstruction feature `f` (the `sigrl` "
-                               "head's pooled SVFR output with `reconstruct_dim` = the store's embedding width; "
-                               "otherwise the backbone's pooled feature) and the teacher's cached image embedding "
+                               "head's pooled SVFR output; for a head without one, the backbone's pooled feature) "
+                               "and the teacher's cached image embedding "
                                "`e`, `P` a learned projection where the widths differ "
                                "(`vlpl/train/losses/reconstruction.py`)"),
             ("Heads", HEADS, "`student.head.name=NAME` (or `student.head=NAME`), `student.head.params.KEY=VALUE`")):

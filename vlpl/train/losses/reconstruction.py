@@ -3,8 +3,8 @@
 SigRL's paper names a *visual feature reconstruction*, but its released code has no reconstruction loss
 (ALGORITHMS.md §8c: "reconstruction" is architectural). This project adds one as its own extension, labelled
 as such: the head's reconstruction feature ``f`` (its auxiliary output ``aux["reconstruction"]``, see
-:meth:`vlpl.train.model.Classifier.forward`: for the ``sigrl`` head with ``reconstruct_dim: D`` the pooled
-SVFR output through the head's own ``Linear(F, D)``; for a head that gives none, e.g. ``linear``, the
+:meth:`vlpl.train.model.Classifier.forward`: for the ``sigrl`` head the pooled SVFR output, through the
+head's own ``Linear(F, reconstruct_dim)`` when that is set; for a head that gives none, e.g. ``linear``, the
 backbone's pooled feature), projected by ``P``, reconstructs the frozen teacher's cached CLIP image
 embedding ``e`` of the same image, read from the score store (``SplitReader.image_embeddings``)::
 
@@ -144,9 +144,9 @@ def build_reconstruction(model: nn.Module, weight: float, target_dim: int, image
     width, source = probe_reconstruction_feature(model, image_size)
     head = getattr(model, "head", None)
     if source == "pooled" and getattr(head, "aux", None) is not None:
-        log.warning("reconstruction: head %s gave no 'reconstruction' output, so the backbone's pooled feature is "
-                    "reconstructed (for the sigrl head set student.head.params.reconstruct_dim to %d to "
-                    "reconstruct from its pooled SVFR output, Decision 5)", type(head).__name__, target_dim)
+        log.warning("reconstruction: head %s gave no 'reconstruction' output (sigrl: svfr is off), so the "
+                    "backbone's pooled feature is reconstructed instead of the pooled SVFR output of Decision 5",
+                    type(head).__name__)
     term = ReconstructionTerm(width, int(target_dim), weight, lr=lr, seed=seed, project=width != int(target_dim))
     log.info("reconstruction term (Decision 5, ours): weight %g, from the %s feature (%d wide) to the teacher's "
              "%d-d image embeddings, %s", term.weight, "head's reconstruction" if source == "head" else
