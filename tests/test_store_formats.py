@@ -180,16 +180,21 @@ def test_topk_form_agrees_with_dense_where_it_keeps_the_information(form_stores)
 
 def test_every_form_evaluates_and_inspects(form_stores):
     """inspect and the evaluate scan stream every form (same dense batches)."""
+    import shutil
+
     from vlpl.config import EvaluateConfig
     from vlpl.eval.stage import _evaluate_store
     from vlpl.store.inspect import summarize
 
     results = {}
     for form in ("dense", "topk"):
+        shutil.rmtree(form_stores[form] / "cache", ignore_errors=True)
         section, _ = _evaluate_store(form_stores[form], EvaluateConfig(store=str(form_stores[form]), rules={"damp": {}}))
         results[form] = section
         s = summarize(form_stores[form])
         assert s["scores"]["global_view"]["max"] > s["scores"]["global_view"]["min"]
+        assert s["score_format"] == form
+        assert not (form_stores[form] / "cache").exists()  # a streamed pass writes nothing beside the store
     for name in ("global", "damp"):  # global cosine AP only sees the kept classes' order: close to dense
         assert abs(results["topk"]["zero_shot"]["scores"][name]["map"]
                    - results["dense"]["zero_shot"]["scores"][name]["map"]) < 10.0
@@ -254,6 +259,12 @@ def test_sidecar_reads_hold_only_the_rows_asked_for(tmp_path):
         assert np.array_equal(sp.scores(p), sp_ref.scores(p))
         assert np.array_equal(sp.observed_at(p), sp_ref.observed[p]) and np.array_equal(sp.labels_at(p), sp_ref.labels[p])
     assert np.array_equal(np.asarray(sp.observed), sp_ref.observed)
+    # the streamed reader (inspect / evaluate): same values, read from row groups, nothing materialised at open
+    st = ScoreStore(root, sidecars=False).split("train", sidecars=False)
+    assert st.sample_ids == sp_ref.sample_ids and st.images[-1] == sp_ref.images[-1]
+    for p in (perm[:B], np.arange(n)[::97]):
+        assert np.array_equal(st.observed_at(p), sp_ref.observed[p]) and np.array_equal(st.labels_at(p), sp_ref.labels[p])
+        assert np.array_equal(st.scores(p), sp_ref.scores(p))
 
 
 def test_a_corrupt_sidecar_is_rebuilt_and_a_changed_shard_is_not_served(tmp_path):

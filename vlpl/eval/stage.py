@@ -232,7 +232,8 @@ def _scan_store(store: ScoreStore, cfg: EvaluateConfig, dparams: Dict[str, float
     scores batch by batch through the store's split readers (rules are row-wise, so batches are exact);
     memory holds one batch of views plus the (N, C) aggregates. Every score form (dense, per-view embeddings,
     top-k) reads as the same dense batches."""
-    readers = {s: store.split(s, include_failed=True) for s in dict.fromkeys([cfg.split, cfg.pseudo_split])}
+    readers = {s: store.split(s, include_failed=True, sidecars=False)  # one streamed pass, nothing written
+               for s in dict.fromkeys([cfg.split, cfg.pseudo_split])}
     rows = {s: {"total": len(sp), "failed": int((~sp.ok).sum()),
                 "labels_unknown": int((sp.ok & ~sp.labels_known).sum()),
                 "used": int((sp.ok & sp.labels_known).sum())} for s, sp in readers.items()}

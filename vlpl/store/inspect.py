@@ -93,7 +93,7 @@ def summarize(root: Path, max_failed: int = 20, batch_size: int = 512, verify_sh
     top1 = np.zeros(C, np.int64)
     n_img, n_pos, n_neg, n_known, n_lab = 0, 0, 0, 0, 0
     for name in store.splits():
-        sp = store.split(name)
+        sp = store.split(name, sidecars=False)  # one streamed pass: nothing written, labels per batch
         n_img += len(sp)
         n_known += int(sp.labels_known.sum())
         for pos, s in sp.iter_scores(batch_size):  # (B, n_variants, n_views, C); labels read per batch too

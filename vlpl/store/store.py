@@ -484,6 +484,49 @@ class _InMemory:
         return self.arr
 
 
+class _GroupRows:
+    """(N, C) label rows of a split read from the shards' row groups on demand (no sidecar)."""
+
+    def __init__(self, store: "ScoreStore", rows: np.ndarray, column: str, lru: "_LRU") -> None:
+        self.store, self.rows, self.column, self.lru = store, rows, column, lru
+
+    def take(self, pos: Any) -> np.ndarray:
+        return self.store._take_rows(self.rows[np.asarray(pos, np.int64).reshape(-1)], self.column, self.lru)
+
+    def mmap(self) -> np.ndarray:
+        return self.take(np.arange(len(self.rows)))
+
+
+class _GroupStrings(Sequence[str]):
+    """A split's ids or image refs read from the shards' row groups on demand (no sidecar)."""
+
+    def __init__(self, store: "ScoreStore", rows: np.ndarray, column: str, lru: "_LRU") -> None:
+        self.store, self.rows, self.column, self.lru = store, rows, column, lru
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: Any) -> Any:  # type: ignore[override]
+        if isinstance(i, slice):
+            return [str(x) for x in self.store._take_rows(self.rows[i], self.column, self.lru)]
+        if isinstance(i, (list, tuple, np.ndarray)):
+            return [str(x) for x in self.store._take_rows(self.rows[np.asarray(i, np.int64)], self.column, self.lru)]
+        n = len(self.rows)
+        j = int(i) + n if int(i) < 0 else int(i)
+        if not 0 <= j < n:
+            raise IndexError(f"index {i} out of range [0, {n})")
+        return str(self.store._take_rows(self.rows[[j]], self.column, self.lru)[0])
+
+    def __iter__(self) -> Iterator[str]:
+        for a in range(0, len(self.rows), 4096):
+            yield from self[a:a + 4096]
+
+    def __eq__(self, other: Any) -> bool:
+        if isinstance(other, (list, tuple, Sequence)) and not isinstance(other, str):
+            return len(self) == len(other) and all(x == y for x, y in zip(self, other))
+        return NotImplemented
+
+
 class SplitReader:
     """The rows of one split: ids, image refs, observed and full labels, and the view scores, all read
     batch-wise on demand (``scores``, ``observed_at``, ``labels_at``).
@@ -1077,12 +1120,19 @@ class ScoreStore:
                        "sample_id": self._decode(int(k), t.column("sample_id"))[local].tolist(),
                        "image": self._decode(int(k), t.column("image"))[local].tolist()}
 
-    def split(self, name: str, include_failed: bool = False) -> SplitReader:
-        """A :class:`SplitReader` over split ``name`` (an unknown split is an empty reader). With sidecars the
-        split's labels and names are written once to flat files and read per batch (memory: 9 bytes a row)."""
+    def split(self, name: str, include_failed: bool = False, sidecars: Optional[bool] = None) -> SplitReader:
+        """A :class:`SplitReader` over split ``name`` (an unknown split is an empty reader).
+
+        ``sidecars`` (default: the store's setting) True: for random access (training), the split's labels
+        and names are written once to flat files and read per batch (memory: 9 bytes a row). False: for one
+        streamed pass (inspect, evaluate): nothing is written; labels and names are read from the shards' row
+        groups as asked for (a few row groups in memory)."""
         rows = self._split_rows(name, include_failed)
-        if self._mmap_ok() and len(rows):
+        use = self.sidecars if sidecars is None else sidecars
+        if use and self._mmap_ok() and len(rows):
             return self._split_sidecar(name, include_failed, rows)
+        if sidecars is False:
+            return self._split_streamed(name, include_failed, rows)
         C = self.num_classes
         observed = np.zeros((len(rows), C), np.int8)
         labels = np.zeros((len(rows), C), np.int8)
@@ -1095,6 +1145,55 @@ class ScoreStore:
             for i, a in enumerate(at.tolist()):
                 ids[a], images[a] = part["sample_id"][i], part["image"][i]
         return SplitReader(self, name, rows, ids, images, observed, labels, known, ok, include_failed)
+
+    def _split_streamed(self, name: str, include_failed: bool, rows: np.ndarray) -> SplitReader:
+        """A reader whose labels and names are read from the shards' row groups on demand."""
+        known = np.zeros(len(rows), bool)
+        shard = np.searchsorted(self._starts, rows, side="right") - 1
+        for k in np.unique(shard):
+            at = np.nonzero(shard == k)[0]
+            col = self._read(int(k), ["labels"]).column("labels")
+            col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+            known[at] = _validity(col)[rows[at] - self._starts[k]]
+        ok = self._row_meta()["ok"][rows].copy()
+        lru = _LRU(STREAM_CACHE_BYTES)
+        return SplitReader(self, name, rows, _GroupStrings(self, rows, "sample_id", lru),
+                           _GroupStrings(self, rows, "image", lru), _GroupRows(self, rows, "observed", lru),
+                           _GroupRows(self, rows, "labels", lru), known, ok, include_failed)
+
+    def _group_column(self, k: int, g: int, column: str, lru: "_LRU") -> np.ndarray:
+        """Column ``column`` of row group g of shard k (labels mapped to the store's classes, unknown = 0)."""
+        key = (column, k, g)
+        hit = lru.get(key)
+        if hit is not None:
+            return hit
+        col = self._read(k, [column], [g]).column(column)
+        if pa.types.is_fixed_size_list(col.type):
+            arr, valid = self._decode(k, col)
+            arr = self._map_labels(arr)
+            arr[~valid] = 0
+        else:
+            arr = self._decode(k, col)
+        lru.put(key, arr if arr.dtype != object else np.asarray(arr))
+        return arr
+
+    def _take_rows(self, rows: np.ndarray, column: str, lru: "_LRU") -> np.ndarray:
+        shard = np.searchsorted(self._starts, rows, side="right") - 1
+        out: Optional[np.ndarray] = None
+        for k in np.unique(shard):
+            sel = np.nonzero(shard == k)[0]
+            local = rows[sel] - self._starts[k]
+            rg = self._row_groups(int(k))
+            group = np.searchsorted(rg, local, side="right") - 1
+            for g in np.unique(group):
+                gsel = np.nonzero(group == g)[0]
+                part = self._group_column(int(k), int(g), column, lru)[local[gsel] - rg[g]]
+                if out is None:
+                    out = np.empty((len(rows), *part.shape[1:]), part.dtype)
+                out[sel[gsel]] = part
+        if out is None:
+            out = np.zeros((0, self.num_classes), np.int8) if column in ("observed", "labels") else np.zeros(0, object)
+        return out
 
     def _split_sidecar(self, name: str, include_failed: bool, rows: np.ndarray) -> SplitReader:
         root = self.cache_dir
