@@ -219,7 +219,8 @@ def _synthetic_store(root: Path, n: int, C: int, V: int = 2, shard: int = 512) -
             sample_id=[f"s{start + i}" for i in range(m)], image=[f"img/{start + i}.jpg" for i in range(m)],
             split=["train"] * m, observed=rng.integers(-1, 2, (m, C)).astype(np.int8),
             labels=rng.integers(0, 2, (m, C)).astype(np.int8), labels_known=np.ones(m, bool),
-            scores=rng.standard_normal((m, V, C)).astype(np.float16), image_embedding=np.zeros((m, 4), np.float16),
+            scores=rng.standard_normal((m, V, C)).astype(np.float16),
+            image_embedding=rng.standard_normal((m, 4)).astype(np.float16),
             ok=np.ones(m, bool), error=[None] * m))
     w.finalize(ident, k + 1, build_index=False)
     return root
@@ -258,6 +259,8 @@ def test_sidecar_reads_hold_only_the_rows_asked_for(tmp_path):
     for p in (perm[:B], np.arange(n)[::97], [3, 3, 2]):
         assert np.array_equal(sp.scores(p), sp_ref.scores(p))
         assert np.array_equal(sp.observed_at(p), sp_ref.observed[p]) and np.array_equal(sp.labels_at(p), sp_ref.labels[p])
+        assert np.array_equal(sp.image_embeddings(p), sp_ref.image_embeddings(p))
+    assert (root / "cache" / "part-00000.embedding.image_embedding.npy").is_file()  # read from its own sidecar
     assert np.array_equal(np.asarray(sp.observed), sp_ref.observed)
     # the streamed reader (inspect / evaluate): same values, read from row groups, nothing materialised at open
     st = ScoreStore(root, sidecars=False).split("train", sidecars=False)
@@ -272,7 +275,7 @@ def test_a_corrupt_sidecar_is_rebuilt_and_a_changed_shard_is_not_served(tmp_path
     store = ScoreStore(root)
     want = ScoreStore(root, sidecars=False).split("train").scores(np.arange(600))
     store.prepare_sidecars()
-    side = root / "cache" / "part-00000.scores.npy"
+    side = root / "cache" / "part-00000.scores.scores.npy"
     data = bytearray(side.read_bytes())
     data[-5] ^= 0x10  # a bit of the last row of shard 0
     side.write_bytes(bytes(data))

@@ -671,7 +671,7 @@ class ScoreStore:
         self.sidecars = sidecars
         self._cache_dir_arg = cache_dir
         self._cache_dir: Any = False  # False: not resolved yet; None: nowhere writable
-        self._shard_sidecars: Dict[int, Tuple[Dict[str, "_sc.FlatArray"], np.ndarray]] = {}
+        self._shard_sidecars: Dict[Tuple[int, str], Tuple[Dict[str, "_sc.FlatArray"], np.ndarray]] = {}
         path = self.root / "manifest.json"
         if manifest is None:
             manifest = read_manifest(path)
@@ -801,14 +801,21 @@ class ScoreStore:
         return bool(self.sidecars and self.manifest.get("complete") and len(self._shard_rows)
                     and self.cache_dir is not None)
 
-    def _shard_sidecar(self, k: int, rebuild: bool = False) -> Tuple[Dict[str, "_sc.FlatArray"], np.ndarray]:
-        """The flat payload files of shard k (built on first use) and its per-row [valid, CRC...] table."""
-        hit = self._shard_sidecars.get(k)
+    def _sidecar_columns(self, kind: str) -> Dict[str, Tuple[Tuple[int, ...], np.dtype]]:
+        """Columns of a sidecar family: ``scores`` (the form's payload) or ``embedding`` (image_embedding)."""
+        if kind == "scores":
+            return self.form.payload()
+        return {"image_embedding": ((self.embedding_dim,), np.dtype(np.float16))}
+
+    def _shard_sidecar(self, k: int, rebuild: bool = False, kind: str = "scores"
+                       ) -> Tuple[Dict[str, "_sc.FlatArray"], np.ndarray]:
+        """The flat files of shard k for ``kind`` (built on first use) and its per-row [valid, CRC...] table."""
+        hit = self._shard_sidecars.get((k, kind))
         if hit is not None and not rebuild:
             return hit
         root = self.cache_dir
         assert root is not None
-        name = shard_name(k)
+        name = f"{shard_name(k)}.{kind}"
         mark_path = root / f"{name}.json"
         entry = self.manifest["shards"][k]
         path = self.shard_paths()[k]
@@ -816,66 +823,73 @@ class ScoreStore:
             st = path.stat()
         except FileNotFoundError:
             raise StoreError(f"{path}: shard file missing (listed in {self.root / 'manifest.json'})") from None
+        columns = self._sidecar_columns(kind)
         want = {"cache_version": _sc.CACHE_VERSION, "shard_sha256": entry.get("sha256"), "size": st.st_size,
                 "mtime_ns": st.st_mtime_ns, "rows": int(self._shard_rows[k]), **self.form.manifest_entry(),
-                "columns": {c: [list(shp), np.dtype(dt).str] for c, (shp, dt) in self.form.payload().items()}}
+                "columns": {c: [list(shp), np.dtype(dt).str] for c, (shp, dt) in columns.items()}}
         mark = None if rebuild else _sc.read_json_mark(mark_path)
         if mark != want:
             with _sc.file_lock(root / f".{name}.lock"):
                 mark = None if rebuild else _sc.read_json_mark(mark_path)
                 if mark != want:
-                    self._build_shard_sidecar(k, root, want)
+                    self._build_shard_sidecar(k, root, name, kind, want)
         try:
             table = np.load(root / f"{name}.rows.npy", allow_pickle=False)
-            cols = {c: _sc.FlatArray(root / f"{name}.{c}.npy", table[:, 1 + i]) for i, c in enumerate(self.form.columns)}
+            cols = {c: _sc.FlatArray(root / f"{name}.{c}.npy", table[:, 1 + i]) for i, c in enumerate(columns)}
         except (OSError, ValueError) as e:
             if rebuild:
                 raise StoreError(f"{root}: sidecar of {path.name} unreadable after a rebuild ({e})") from None
             log.warning("%s: sidecar of shard %d unreadable (%s); rebuilding it", root, k, e)
-            return self._shard_sidecar(k, rebuild=True)
+            return self._shard_sidecar(k, True, kind)
         if table.shape != (self._shard_rows[k], 1 + len(cols)) or any(len(c) != self._shard_rows[k] for c in cols.values()):
             if rebuild:
                 raise StoreError(f"{root}: sidecar of {path.name} has the wrong shape after a rebuild")
-            return self._shard_sidecar(k, rebuild=True)
+            return self._shard_sidecar(k, True, kind)
         out = (cols, table[:, 0].astype(bool))
-        self._shard_sidecars[k] = out
+        self._shard_sidecars[(k, kind)] = out
         return out
 
-    def _build_shard_sidecar(self, k: int, root: Path, mark: Dict[str, Any]) -> None:
-        """Decode shard k's payload row group by row group into flat ``.npy`` files (one group in memory)."""
-        name, n = shard_name(k), int(self._shard_rows[k])
-        payload = self.form.payload()
+    def _group_columns(self, k: int, g: int, kind: str) -> Tuple[Dict[str, np.ndarray], np.ndarray]:
+        if kind == "scores":
+            return self._group_payload(k, g, _LRU(0))
+        arr, valid = self._decode(k, self._read(k, ["image_embedding"], [g]).column("image_embedding"))
+        return {"image_embedding": arr.astype(np.float16, copy=False)}, valid
+
+    def _build_shard_sidecar(self, k: int, root: Path, name: str, kind: str, mark: Dict[str, Any]) -> None:
+        """Decode shard k's columns row group by row group into flat ``.npy`` files (one group in memory)."""
+        n = int(self._shard_rows[k])
+        columns = self._sidecar_columns(kind)
         rg = self._row_groups(k)
-        table = np.zeros((n, 1 + len(payload)), np.uint32)
+        table = np.zeros((n, 1 + len(columns)), np.uint32)
         with contextlib.ExitStack() as stack:
             writers = {}
-            for c, (shape, dt) in payload.items():
+            for c, (shape, dt) in columns.items():
                 tmp = stack.enter_context(atomic_path(root / f"{name}.{c}.npy"))
                 f = stack.enter_context(open(tmp, "wb"))
                 writers[c] = _sc.NpyWriter(f, (n, *shape), dt)
             for g in range(len(rg) - 1):
-                arrays, valid = self._group_payload(k, g, _LRU(0))
+                arrays, valid = self._group_columns(k, g, kind)
                 table[rg[g]:rg[g + 1], 0] = valid
-                for i, c in enumerate(payload):
+                for i, c in enumerate(columns):
                     writers[c].write(arrays[c])
-                    table[rg[g]:rg[g + 1], 1 + i] = _sc.row_crcs(np.ascontiguousarray(arrays[c], payload[c][1]))
+                    table[rg[g]:rg[g + 1], 1 + i] = _sc.row_crcs(np.ascontiguousarray(arrays[c], columns[c][1]))
             for w in writers.values():
                 w.close()
         with atomic_path(root / f"{name}.rows.npy") as tmp, open(tmp, "wb") as f:
             np.save(f, table, allow_pickle=False)
         _sc.write_json_mark(root / f"{name}.json", mark)
-        log.info("%s: flat sidecar of shard %d written (%d rows)", root, k, n)
+        log.info("%s: flat sidecar %s written (%d rows)", root, name, n)
 
-    def _sidecar_payload(self, rows: np.ndarray) -> Tuple[Dict[str, np.ndarray], np.ndarray]:
-        """The payload of store rows read from the sidecars (only those rows), CRC-checked."""
-        out = self.form.empty(len(rows))
+    def _sidecar_payload(self, rows: np.ndarray, kind: str = "scores") -> Tuple[Dict[str, np.ndarray], np.ndarray]:
+        """Columns of store rows read from the sidecars (only those rows), CRC-checked."""
+        out = {c: np.zeros((len(rows), *shape), dt) for c, (shape, dt) in self._sidecar_columns(kind).items()}
         valid = np.zeros(len(rows), bool)
         shard = np.searchsorted(self._starts, rows, side="right") - 1
         for k in np.unique(shard):
             sel = np.nonzero(shard == k)[0]
             local = rows[sel] - self._starts[k]
             for attempt in (0, 1):
-                cols, ok = self._shard_sidecar(int(k), rebuild=attempt == 1)
+                cols, ok = self._shard_sidecar(int(k), attempt == 1, kind)
                 try:
                     for c, fa in cols.items():
                         out[c][sel] = fa.take(local)
@@ -888,13 +902,16 @@ class ScoreStore:
             valid[sel] = ok[local]
         return out, valid
 
-    def prepare_sidecars(self) -> Optional[Path]:
-        """Build every shard's sidecar now (e.g. on the main process before the others start reading);
-        returns the cache directory, or None when sidecars are off."""
+    def prepare_sidecars(self, embeddings: bool = False) -> Optional[Path]:
+        """Build every shard's score sidecar (and, with ``embeddings``, the image-embedding one) now, e.g. on
+        the main process before the others start reading; returns the cache directory, or None when sidecars
+        are off."""
         if not self._mmap_ok():
             return None
         for k in range(len(self._shard_rows)):
             self._shard_sidecar(k)
+            if embeddings and self.embedding_dim:
+                self._shard_sidecar(k, kind="embedding")
         return self.cache_dir
 
     # -- shard access ---------------------------------------------------------------------------------
@@ -1025,6 +1042,11 @@ class ScoreStore:
             return out
         if rows.min() < 0 or rows.max() >= self.num_rows:
             raise IndexError(f"store rows must be in [0, {self.num_rows})")
+        if self._mmap_ok():  # flat sidecar: only these rows are read
+            cols, valid = self._sidecar_payload(rows, "embedding")
+            out[:] = cols["image_embedding"]
+            out[~valid] = np.nan
+            return out
         shard = np.searchsorted(self._starts, rows, side="right") - 1
         for k in np.unique(shard).tolist():
             sel = np.nonzero(shard == k)[0]
