@@ -87,3 +87,33 @@ def test_pseudolabel_throughput_smoke(tmp_path: Path) -> None:
     ag = saved["agreement"]
     assert ag["shape"] == [2, 10, 10]
     assert ag["agree"], ag  # both paths score the same views
+
+
+def test_train_input_smoke(tmp_path: Path) -> None:
+    """The loader benchmark runs both pipelines over the same images and records a rate per worker count."""
+    mod = _load("train_input")
+    out = tmp_path / "ti.json"
+    res = mod.main(["--workers", "0", "1", "--images", "8", "--image-size", "32", "--batch-size", "4", "--rounds", "2",
+                    "--device", "cpu", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    _check_env(saved)
+    assert set(saved["workers"]) == {"0", "1"}
+    for w in saved["workers"].values():
+        assert len(w["old_images_per_s_rounds"]) == len(w["new_images_per_s_rounds"]) == 2
+        assert w["ratio_new_over_old"] == pytest.approx(w["new_images_per_s_median"] / w["old_images_per_s_median"])
+    assert saved["config"]["bytes_per_image_to_device"] == {"old": 3 * 32 * 32 * 4, "new": 3 * 32 * 32}
+    assert res["out"] == str(out)
+
+
+@pytest.mark.slow
+def test_train_memory_smoke(coco256_store: Path, tmp_path: Path) -> None:
+    """The memory benchmark trains in a fresh process on a store and records its peak RSS, the loss state's
+    bytes (N x C float32 for the label-state loss) and the trainer's own logged rate."""
+    mod = _load("train_memory")
+    out = tmp_path / "tm.json"
+    mod.main(["--stores", str(coco256_store), "--steps", "2", "--image-size", "32", "--batch-size", "4",
+              "--num-workers", "0", "--device", "cpu", "--out", str(out)])
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["steps"] == 2 and row["peak_rss_bytes"] > row["loss_state_bytes"] > 0
+    assert row["loss_state_bytes"] >= row["rows_train"] * row["num_classes"] * 4
+    assert row["images_per_s_median"] > 0 and row["views"]["total"] == 10
