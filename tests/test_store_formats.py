@@ -288,3 +288,31 @@ def test_a_corrupt_sidecar_is_rebuilt_and_a_changed_shard_is_not_served(tmp_path
     shard.write_bytes(bytes(raw))
     with pytest.raises(StoreError, match="part-00000.parquet"):
         ScoreStore(root).split("train").scores(np.arange(600))
+
+
+def _open_and_read(root: str, q) -> None:
+    store = ScoreStore(Path(root))
+    sp = store.split("train")
+    q.put(sp.scores(np.arange(len(sp))[::5]).tobytes())
+
+
+def test_processes_opening_a_store_at_once_build_each_sidecar_once(tmp_path):
+    """Two processes reading the same new store at the same time: one builds, the other waits on the file
+    lock and reads the same files; both get the shards' values."""
+    import multiprocessing as mp
+
+    root = _synthetic_store(tmp_path / "s", 1200, 32)
+    want = ScoreStore(root, sidecars=False).split("train").scores(np.arange(1200)[::5]).tobytes()
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_open_and_read, args=(str(root), q)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    got = [q.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert got == [want, want]
+    cache = root / "cache"
+    assert sorted(p.name for p in cache.glob("part-*.scores.json")) == [f"part-0000{i}.scores.json" for i in range(3)]
+    assert not list(cache.rglob("*.tmp"))
