@@ -276,11 +276,13 @@ def test_a_corrupt_sidecar_is_rebuilt_and_a_changed_shard_is_not_served(tmp_path
     want = ScoreStore(root, sidecars=False).split("train").scores(np.arange(600))
     store.prepare_sidecars()
     side = root / "cache" / "part-00000.scores.scores.npy"
+    (root / "cache" / ".part-00000.scores.scores.npy.ab12.tmp").write_bytes(b"x")  # left by a killed reader
     data = bytearray(side.read_bytes())
     data[-5] ^= 0x10  # a bit of the last row of shard 0
     side.write_bytes(bytes(data))
     fresh = ScoreStore(root)
     assert np.array_equal(fresh.split("train").scores(np.arange(600)), want)  # CRC caught it, rebuilt
+    assert not list((root / "cache").glob("*.tmp"))  # the rebuild removed the killed reader's temp file
     # a shard changed on disk (size / mtime differ from the sidecar's mark) is read again, not served stale
     shard = root / "shards" / "part-00000.parquet"
     raw = bytearray(shard.read_bytes())
@@ -296,7 +298,7 @@ def _open_and_read(root: str, q) -> None:
     q.put(sp.scores(np.arange(len(sp))[::5]).tobytes())
 
 
-def test_processes_opening_a_store_at_once_build_each_sidecar_once(tmp_path):
+def test_processes_opening_a_store_at_once_share_its_sidecars(tmp_path):
     """Two processes reading the same new store at the same time: one builds, the other waits on the file
     lock and reads the same files; both get the shards' values."""
     import multiprocessing as mp

@@ -49,6 +49,7 @@ import pyarrow.parquet as pq
 
 from vlpl.store import cache as _sc
 from vlpl.store.atomic import (
+    TEMP_SUFFIX,
     WriteError,
     atomic_path,
     atomic_write_json,
@@ -832,6 +833,8 @@ class ScoreStore:
             with _sc.file_lock(root / f".{name}.lock"):
                 mark = None if rebuild else _sc.read_json_mark(mark_path)
                 if mark != want:
+                    for stale in root.glob(f".{name}.*{TEMP_SUFFIX}"):  # a reader killed mid-build
+                        stale.unlink(missing_ok=True)
                     self._build_shard_sidecar(k, root, name, kind, want)
         try:
             table = np.load(root / f"{name}.rows.npy", allow_pickle=False)
@@ -1231,6 +1234,8 @@ class ScoreStore:
                 with _sc.file_lock(folder / ".lock"):
                     mark = None if attempt else _sc.read_json_mark(folder / "mark.json")
                     if mark != want:
+                        for stale in folder.glob(f".*{TEMP_SUFFIX}"):  # a reader killed mid-build
+                            stale.unlink(missing_ok=True)
                         self._build_split_sidecar(folder, rows, want)
             try:
                 stored_rows = np.load(folder / "rows.npy", allow_pickle=False)
