@@ -81,15 +81,21 @@ def default_results() -> Path:
     return RESULTS / "ci.jsonl"
 
 
-def read_junit(path: Path) -> Optional[Dict[str, List[str]]]:
-    """``{"passed": [...], "failed": [...], "skipped": [...]}`` test ids from a JUnit XML file, or None."""
+def read_junit(path: Path) -> Optional[Dict[str, Any]]:
+    """``{"passed": [...], "failed": [...], "skipped": [...], "seconds": float}`` from a JUnit XML file (test
+    ids and the suite's wall time), or None when there is no such file."""
     if not path.is_file():
         return None
     try:
         root = ET.parse(path).getroot()
     except ET.ParseError as e:
         raise ReportError(f"{path}: not a JUnit XML file ({e})") from None
-    out: Dict[str, List[str]] = {"passed": [], "failed": [], "skipped": []}
+    out: Dict[str, Any] = {"passed": [], "failed": [], "skipped": [], "seconds": 0.0}
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    try:
+        out["seconds"] = sum(float(su.get("time", 0) or 0) for su in suites)
+    except ValueError:
+        pass
     for case in root.iter("testcase"):
         name = f"{case.get('classname', '')}::{case.get('name', '')}"
         if case.find("failure") is not None or case.find("error") is not None:
@@ -153,7 +159,7 @@ def commit_line() -> str:
     return line + (f" ({subject})" if subject else "")
 
 
-def render(records: Sequence[Dict[str, Any]], source: Path, junit: Optional[Dict[str, List[str]]] = None,
+def render(records: Sequence[Dict[str, Any]], source: Path, junit: Optional[Dict[str, Any]] = None,
            commit: Optional[str] = None, generated: Optional[str] = None) -> str:
     """The Markdown page."""
     long = any(r.get("long") for r in records)
@@ -167,8 +173,12 @@ def render(records: Sequence[Dict[str, Any]], source: Path, junit: Optional[Dict
         shown_source = source.resolve().relative_to(REPO).as_posix()
     except ValueError:
         shown_source = str(source)
-    run_kind = ("the **long** run (`VLPL_FAULTS_LONG=1`: 20 trials per randomised fault)" if long else
-                "the **bounded** run that CI makes (3 trials per randomised fault; the long run makes 20)")
+    run_kind = ("the **long** run (`VLPL_FAULTS_LONG=1`: at least 20 trials per randomised fault)" if long else
+                "the **bounded** run that CI makes (at least 3 trials per randomised fault; the long run makes 20 "
+                "or more)")
+    took = ""
+    if junit is not None and junit.get("seconds"):
+        took = f" (the suite took {junit['seconds'] / 60:.1f} minutes)"
     lines = [
         "# Reliability",
         "",
@@ -178,7 +188,7 @@ def render(records: Sequence[Dict[str, Any]], source: Path, junit: Optional[Dict
         "fault-injection suite in `tests/faults/` (issue 9), and what it trusts.",
         "",
         f"- Built from {run_kind}: `{shown_source}`.",
-        f"- Run: {times[0] if times else 'unknown'} to {times[-1] if times else 'unknown'}; "
+        f"- Records written {times[0] if times else 'unknown'} to {times[-1] if times else 'unknown'}{took}; "
         f"page generated {generated or _dt.datetime.now().strftime('%Y-%m-%d %H:%M')}.",
         f"- Commit: {commit if commit is not None else commit_line()}.",
         f"- Machine: {', '.join(machines) or platform.platform()} (CPU only; tiny random models).",
@@ -211,7 +221,7 @@ def render(records: Sequence[Dict[str, Any]], source: Path, junit: Optional[Dict
                      + " ".join(_cell(d if d.endswith(".") else d + ".") for d in r["details"]))
     lines.append("")
     if junit is not None:
-        n_pass, n_fail, n_skip = (len(junit[k]) for k in ("passed", "failed", "skipped"))
+        n_pass, n_fail, n_skip = (len(junit.get(k, [])) for k in ("passed", "failed", "skipped"))
         lines += ["### Test results", "",
                   f"{n_pass} fault tests passed, {n_fail} failed, {n_skip} skipped (pytest JUnit report beside "
                   "the results file)."]

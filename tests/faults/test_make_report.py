@@ -41,14 +41,14 @@ def test_table_sums_per_fault_orders_stages_and_flags_losses(tmp_path):
 def test_bounded_run_is_named_and_junit_failures_listed(tmp_path):
     src = _write(tmp_path / "ci.jsonl", [_rec("inputs", "0-byte file", 1, 1, long=False, test="tests/x.py::test_a")])
     (tmp_path / "ci.xml").write_text(
-        '<testsuites><testsuite><testcase classname="tests.x" name="test_a"/>'
+        '<testsuites><testsuite time="90.0"><testcase classname="tests.x" name="test_a"/>'
         '<testcase classname="tests.x" name="test_b"><failure message="boom"/></testcase>'
         '<testcase classname="tests.x" name="test_c"><skipped/></testcase></testsuite></testsuites>')
     out = tmp_path / "R.md"
     assert mr.main([str(src), "--out", str(out)]) == 0
     text = out.read_text()
     assert "the **bounded** run that CI makes" in text and "VLPL_FAULTS_LONG" not in text.split("## Faults")[0]
-    assert "1 fault tests passed, 1 failed, 1 skipped" in text
+    assert "1 fault tests passed, 1 failed, 1 skipped" in text and "(the suite took 1.5 minutes)" in text
     assert "- FAILED `tests.x::test_b` (recorded nothing: failed before its record)" in text
 
 
