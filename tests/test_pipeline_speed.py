@@ -58,7 +58,13 @@ def _no_writer_thread() -> bool:
     return not any(t.name == THREAD_NAME for t in threading.enumerate())
 
 
-def test_background_writer_store_is_byte_identical_to_inline(mini, inline_store, tmp_path):
+def test_background_writer_store_is_byte_identical_to_inline(mini, inline_store, tmp_path, monkeypatch):
+    import vlpl.pseudolabel.stage as stage
+
+    encoded_on = []  # the stored form and its device-to-host copy are made on the writer thread, not the loop
+    real = stage.encode_views
+    monkeypatch.setattr(stage, "encode_views", lambda *a: (encoded_on.append(threading.current_thread().name),
+                                                            real(*a))[1])
     stats: dict = {}
     # writer_queue=1: the loop is throttled by the writer (back-pressure) and still writes the same bytes
     run_pseudolabel(_cfg(mini, tmp_path / "bg", "writer=background", "writer_queue=1"), stats=stats)
@@ -68,6 +74,7 @@ def test_background_writer_store_is_byte_identical_to_inline(mini, inline_store,
     assert a.keys() == b.keys() and len([k for k in a if k.endswith(".parquet")]) == 3
     assert a == b
     assert ScoreStore(tmp_path / "bg").manifest["num_failed"] == 2
+    assert len(encoded_on) == 6 and set(encoded_on) == {THREAD_NAME}  # 6 batches with decoded images
     assert _no_writer_thread()
 
 
@@ -303,6 +310,39 @@ def test_exif_orientations_match_pil():
         im.info["exif"] = exif.tobytes()
         want = np.asarray(ImageOps.exif_transpose(im))
         assert np.array_equal(apply_orientation(x, o).permute(1, 2, 0).numpy(), want), o
+
+
+@pytest.mark.gpu
+def test_scoring_loop_work_never_syncs_on_cuda(coco256_root):
+    """The loop's device work (uint8 images from pinned memory, batched views of several sizes, the image
+    tower) runs under CUDA's sync debug mode set to error: no host sync; the features stay on the device."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from PIL import Image
+
+    from vlpl.config import TeacherConfig
+    from vlpl.pseudolabel.stage import Scorer
+    from vlpl.vlm.backend import create_backend
+    from vlpl.vlm.views import ViewSpec
+
+    dev = torch.device("cuda")
+    backend = create_backend(TeacherConfig(name="vlpl-tiny", pretrained=None, device="cuda"), dev)
+    spec = ViewSpec(4, True, backend.preprocess.image_size, "squash", backend.preprocess.interpolation)
+    text = backend.encode_text(["cat", "dog", "person"], "a photo of a {}.")
+    scorer = Scorer(backend, spec, text)
+    files = sorted((coco256_root / "images").rglob("*.jpg"))[:12]
+    images = [torch.from_numpy(np.asarray(Image.open(f).convert("RGB")).copy()).permute(2, 0, 1).contiguous()
+              .pin_memory() for f in files]
+    scorer.features(images)  # warm-up (cuDNN / cuBLAS handles, the normalisation constants)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        feats = scorer.features(images)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert feats.is_cuda and feats.shape[:2] == (12, 34)
 
 
 @pytest.mark.gpu

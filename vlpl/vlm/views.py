@@ -126,7 +126,7 @@ def make_views_batch(
         for c in range(0, len(group), step):
             ks = group[c : c + step]
             batch = torch.stack([images[k] for k in ks]).to(torch.float32)  # (m, 3, H, W)
-            idx = slice(ks[0], ks[-1] + 1) if ks[-1] - ks[0] == len(ks) - 1 else torch.tensor(ks, device=device)
+            idx = slice(ks[0], ks[-1] + 1) if ks[-1] - ks[0] == len(ks) - 1 else _index(ks, device)
             out[idx, 0] = _resize(batch, spec.image_size, spec.resize_mode, spec.interpolation)
             if g:
                 out[idx, 1:nv] = _resize(grid_tiles(batch, g), spec.image_size, spec.resize_mode,
@@ -136,6 +136,15 @@ def make_views_batch(
     m, s = _norm_tensors(mean, std, device)
     out = out.view(n * spec.num_views, 3, h, w).sub_(m).div_(s)
     return out if dtype == torch.float32 else out.to(dtype)
+
+
+def _index(ks: List[int], device: torch.device) -> torch.Tensor:
+    """``ks`` as an index tensor on ``device``; on CUDA through pinned memory with ``non_blocking``, so that
+    the host does not wait for the device's queued work (a pageable copy would)."""
+    t = torch.tensor(ks, dtype=torch.long)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def grid_tiles(batch: torch.Tensor, grid: int) -> torch.Tensor:
