@@ -402,11 +402,12 @@ def _score_shards(cfg: PseudolabelConfig, ds: LabelledDataset, backend: VLMBacke
     assembler = ShardAssembler({s: plan.rows(s) for s in shards}, _shard_fields(form, D),
                                encode=_encoder(form, scorer.text),
                                write=lambda s, b: _write(writer, ds, plan, s, b, form))
-    sink = _shard_writer(cfg, assembler)
     total = sum(len(plan.rows(s)) for s in shards)
     t0 = time.perf_counter()
+    batches_in = iter(loader)  # the decode workers are forked before the writer thread starts
+    sink = _shard_writer(cfg, assembler)
     with sink, progress(total, "pseudolabel", "img", enabled=show) as bar:
-        for batch in loader:
+        for batch in batches_in:
             if decoder.device_jpeg:
                 batch = _decode_jpegs(batch, decoder, backend.device)
             good = [(i, im) for i, im, _, _ in batch if im is not None]
