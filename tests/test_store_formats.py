@@ -176,6 +176,9 @@ def test_topk_form_agrees_with_dense_where_it_keeps_the_information(form_stores)
         pn_d = _damp(d, sd.observed, negatives="pseudo", negative_ratio=0.5)
         assert ((pn_t == 1) == (pn_d == 1)).all()
         assert ((pn_t == -1).sum(1) == (pn_d == -1).sum(1)).all()
+        # ... ordered by the store's class prior (text @ mean image embedding), not by class id: most agree
+        assert (pn_t == pn_d).mean() >= 0.85, (pn_t == pn_d).mean()
+        assert len(top.manifest["mean_image_embedding"]) == top.embedding_dim
 
 
 def test_every_form_evaluates_and_inspects(form_stores):

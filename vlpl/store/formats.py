@@ -23,7 +23,10 @@ which the pseudolabel stage calls on the device).
 
         floor_v = T * (logsumexp_{c not kept}(s_vc / T) - log(C - k)),   T = FLOOR_TEMP = 0.01
 
-    A reader fills every dropped class with ``floor_v``. So, at the rules' temperature ``T``, each view's
+    A reader fills every dropped class with ``floor_v``, plus a tiny offset (``TIE_EPS`` = 1e-5 x a score in
+    [-1, 1]) that orders the dropped classes by a class prior, ``text_embeddings @ mean global image
+    embedding`` of the store (``mean_image_embedding`` in the manifest, written at finalize), so rules that
+    rank the bottom of the list pick the usually-lowest classes instead of the lowest class ids. So, at the rules' temperature ``T``, each view's
     softmax denominator (hence every kept class's probability and the total dropped mass) is exact up to
     float16 rounding; ``floor_v`` lies between the mean and the max of the view's dropped cosines. What is lost: the order among dropped classes (they tie), so a rule that ranks the bottom of the
     class list (DAMP / VLPL ``negatives=pseudo``, ``negative_ratio > 0``) picks its bottom set among ties
@@ -51,6 +54,8 @@ FORMATS = ("dense", "embeddings", "topk")
 #: the temperature the top-k floor is exact at: the rules' softmax temperature (vlpl.pseudolabel.params.TEMP)
 FLOOR_TEMP = 0.01
 DEFAULT_TOPK = 64
+#: scale of the prior-ordered offsets of dropped classes (:func:`tie_offsets`)
+TIE_EPS = 1e-5
 
 
 @dataclass(frozen=True)
@@ -134,9 +139,10 @@ class ScoreForm:
         return int(sum(math.prod(shape) * dt.itemsize for shape, dt in self.payload().values()))
 
     # -- reconstruction ---------------------------------------------------------------------------------
-    def dense(self, payload: Mapping[str, np.ndarray], text: Optional[np.ndarray] = None) -> np.ndarray:
+    def dense(self, payload: Mapping[str, np.ndarray], text: Optional[np.ndarray] = None,
+              offsets: Optional[np.ndarray] = None) -> np.ndarray:
         """``(B, V, C)`` float32 cosines from a batch of payload columns (``text``: the store's (C, D) text
-        embeddings, needed by the embeddings form)."""
+        embeddings, needed by the embeddings form; ``offsets``: top-k's tie order of dropped classes)."""
         if self.name == "dense":
             return np.asarray(payload["scores"], np.float32)
         if self.name == "embeddings":
@@ -144,9 +150,11 @@ class ScoreForm:
                 raise ValueError("the embeddings form needs the store's text embeddings to compute scores")
             emb = np.asarray(payload["view_embeddings"], np.float32)
             return emb @ np.asarray(text, np.float32).T
-        return densify(payload["topk_classes"], payload["topk_scores"], payload["topk_floor"], self.num_classes)
+        return densify(payload["topk_classes"], payload["topk_scores"], payload["topk_floor"], self.num_classes,
+                       offsets)
 
-    def dense_torch(self, payload: Mapping[str, np.ndarray], text: Any, device: Any) -> Any:
+    def dense_torch(self, payload: Mapping[str, np.ndarray], text: Any, device: Any,
+                    offsets: Optional[np.ndarray] = None) -> Any:
         """As :meth:`dense`, computed with torch on ``device`` (the payload is moved, not the dense scores)."""
         import torch
 
@@ -162,6 +170,8 @@ class ScoreForm:
         floor = torch.from_numpy(np.asarray(payload["topk_floor"], np.float32)).to(dev)
         B, V, _ = val.shape
         out = floor[:, :, None].expand(B, V, self.num_classes).clone()
+        if offsets is not None:
+            out += torch.from_numpy(np.asarray(offsets, np.float32)).to(dev)[None, None, :]
         return out.scatter_(2, idx[:, None, :].expand(B, V, idx.shape[1]), val)
 
     def from_dense(self, scores: np.ndarray, embeddings: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
@@ -214,11 +224,23 @@ def _selection_key(scores: np.ndarray, k: int) -> np.ndarray:
     return (4.0 * key - scores.max(axis=1)).astype(np.float32)
 
 
-def densify(classes: np.ndarray, scores: np.ndarray, floor: np.ndarray, num_classes: int) -> np.ndarray:
-    """``(B, V, C)`` float32 from a top-k payload: kept classes their scores, every other class the floor."""
+def tie_offsets(prior: np.ndarray) -> np.ndarray:
+    """(C,) float32 offsets that order the dropped classes by a class prior: ``TIE_EPS * z``, ``z`` the
+    prior centred and scaled to [-1, 1] (a change of the dropped mass below 0.1% at T = 0.01)."""
+    z = np.asarray(prior, np.float64) - float(np.mean(prior))
+    m = float(np.abs(z).max()) if z.size else 0.0
+    return (TIE_EPS * z / m).astype(np.float32) if m > 0 else np.zeros(len(z), np.float32)
+
+
+def densify(classes: np.ndarray, scores: np.ndarray, floor: np.ndarray, num_classes: int,
+            offsets: Optional[np.ndarray] = None) -> np.ndarray:
+    """``(B, V, C)`` float32 from a top-k payload: kept classes their scores, every other class the floor
+    (plus ``offsets``, :func:`tie_offsets`, which order the dropped classes by the store's class prior)."""
     B, V, k = scores.shape
     out = np.empty((B, V, num_classes), np.float32)
     out[...] = np.asarray(floor, np.float32)[:, :, None]
+    if offsets is not None:
+        out += np.asarray(offsets, np.float32)[None, None, :]
     idx = np.broadcast_to(np.asarray(classes, np.int64)[:, None, :], (B, V, k))
     np.put_along_axis(out, idx, np.asarray(scores, np.float32), axis=2)
     return out

@@ -56,7 +56,7 @@ from vlpl.store.atomic import (
     atomic_write_text,
     remove_stale_temps,
 )
-from vlpl.store.formats import ScoreForm
+from vlpl.store.formats import ScoreForm, tie_offsets
 from vlpl.store.lock import StoreLock, StoreLockedError
 from vlpl.store.views import ViewSpec
 
@@ -371,6 +371,10 @@ class StoreWriter:
             "shards": shards,
             "complete": True,
         }
+        if manifest.get("score_format") == "topk":  # the class prior that orders top-k's dropped classes
+            manifest["mean_image_embedding"] = [round(float(x), 7) for x in
+                                                mean_image_embedding(ScoreStore(self.root, manifest=manifest,
+                                                                                sidecars=False))]
         try:
             if build_index:
                 from vlpl.store.index import build_index as _build
@@ -382,6 +386,17 @@ class StoreWriter:
             raise StoreError(str(e)) from e
         self.close()
         return manifest
+
+
+def mean_image_embedding(store: "ScoreStore") -> np.ndarray:
+    """(D,) float32 mean of the ok rows' global image embeddings, streamed shard by shard (float64 sums)."""
+    total = np.zeros(max(store.embedding_dim, 1), np.float64)
+    n = 0
+    for _, a in store.iter_shards(("image_embedding",)):
+        ok = a["image_embedding_valid"]
+        total += a["image_embedding"][ok].astype(np.float64).sum(0)
+        n += int(ok.sum())
+    return (total / max(n, 1)).astype(np.float32)
 
 
 def _differences(key: str, old: Any, new: Any) -> str:
@@ -691,6 +706,8 @@ class ScoreStore:
         except (KeyError, TypeError, ValueError) as e:
             raise StoreError(f"{path}: {e}") from None
         self._text: Optional[np.ndarray] = None
+        self._mean_emb: Optional[np.ndarray] = None
+        self._offsets: Optional[np.ndarray] = None
         shards = manifest.get("shards", [])
         self._shard_rows = np.array([int(s["rows"]) for s in shards], np.int64)
         self._starts = np.concatenate([[0], np.cumsum(self._shard_rows)]).astype(np.int64)
@@ -770,9 +787,27 @@ class ScoreStore:
 
     def dense_scores(self, payload: Dict[str, np.ndarray], device: Any = None) -> Any:
         """``(B, V, C)`` float32 scores of a batch of payload columns (numpy, or a torch tensor on ``device``)."""
+        offsets = self._tie_offsets()
         if device is None:
-            return self.form.dense(payload, self._text_embeddings())
-        return self.form.dense_torch(payload, self._text_embeddings(), device)
+            return self.form.dense(payload, self._text_embeddings(), offsets)
+        return self.form.dense_torch(payload, self._text_embeddings(), device, offsets)
+
+    def mean_image_embedding(self) -> np.ndarray:
+        """(D,) float32 mean of the ok rows' global image embeddings (the manifest's, else one streamed pass)."""
+        stored = self.manifest.get("mean_image_embedding")
+        if stored is not None:
+            return np.asarray(stored, np.float32)
+        if self._mean_emb is None:
+            self._mean_emb = mean_image_embedding(self)
+        return self._mean_emb
+
+    def _tie_offsets(self) -> Optional[np.ndarray]:
+        """Top-k only: (C,) offsets ordering dropped classes by ``text @ mean image embedding``."""
+        if self.form.name != "topk" or self.form.k >= self.num_classes or not self.embedding_dim:
+            return None
+        if self._offsets is None:
+            self._offsets = tie_offsets(self.text_embeddings() @ self.mean_image_embedding())
+        return self._offsets
 
     # -- labels of added classes ------------------------------------------------------------------------
     def _map_labels(self, arr: np.ndarray) -> np.ndarray:
@@ -1355,7 +1390,7 @@ class ScoreStore:
             for name, (_, dtype) in self.form.payload().items():
                 arr, v = _decode_fixed(t.column(name))
                 payload[name], valid = arr.astype(dtype, copy=False), valid & v
-            dense = self.form.dense(payload, self._text_embeddings())
+            dense = self.form.dense(payload, self._text_embeddings(), self._tie_offsets())
             dense[~valid] = np.nan
             out["scores"] = dense
         for name in columns:
