@@ -130,6 +130,21 @@ def test_background_writer_back_pressure_and_order():
     assert _no_writer_thread()
 
 
+def test_encode_error_on_the_writer_names_the_shard():
+    """A failure while encoding a batch (e.g. out of device memory on the writer's side) names its shard."""
+    def encode(payload):
+        raise RuntimeError("CUDA out of memory (injected)")
+
+    asm = ShardAssembler({0: range(0, 4), 1: range(4, 8)}, {"x": ((2,), np.float16)}, encode=encode,
+                         write=lambda s, b: None)
+    w = BackgroundWriter(asm, max_pending=2)
+    w.submit(ScoredBatch(rows=[0, 1, 2, 3], good=[], errors={k: "bad" for k in range(4)}))  # no encode needed
+    w.submit(ScoredBatch(rows=[4, 5], good=[4, 5], payload=object()))
+    with pytest.raises(StoreError, match=r"shard 1 \(part-00001\): RuntimeError: CUDA out of memory"):
+        w.close()
+    assert asm.written == [0] and _no_writer_thread()
+
+
 def test_background_writer_error_reaches_the_next_submit():
     w = BackgroundWriter(_SlowAssembler(0.0, fail_on=2), max_pending=1)
     with pytest.raises(StoreError, match=r"shard 0 \(part-00000\): ValueError: bad batch"):

@@ -90,7 +90,7 @@ class ShardAssembler:
         self.write = write
         self._shard_of = {i: s for s, r in self.shard_rows.items() for i in r}
         self._buffers: Dict[int, ShardBuffer] = {}
-        self.current: Optional[int] = None  # the shard being written (for error messages)
+        self.current: Optional[int] = None  # the shard of the batch being added (for error messages)
         self.written: List[int] = []
 
     def _buffer(self, s: int) -> ShardBuffer:
@@ -108,6 +108,7 @@ class ShardAssembler:
         if not batch.rows:
             return
         s = self._shard_of[batch.rows[0]]
+        self.current = s  # named by an error in encode or write
         b = self._buffer(s)
         if batch.good:
             arrays = self.encode(batch.payload)
@@ -122,10 +123,9 @@ class ShardAssembler:
             b.errors[i - b.rows.start] = err
         b.filled += len(batch.rows)
         if b.filled == len(b.rows):
-            self.current = s
             self.write(s, self._buffers.pop(s))
             self.written.append(s)
-            self.current = None
+        self.current = None
 
     @property
     def pending_shards(self) -> List[int]:
