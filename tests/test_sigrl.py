@@ -211,7 +211,7 @@ def test_sda_and_vfr_shapes_attention_and_gradients():
 def test_matching_is_the_mean_of_normalised_local_topk_and_global_scores():
     """s = (lambda/||lambda|| + gamma/||gamma||)/2 with lambda_c the mean of the top-k patch scores;
     patches outside every class's top-k get no gradient from the local score (svfr off: raw tokens)."""
-    head = _head(c=4, d=8, f=8, svfr=False, top_k=2, scale=1.0, learn_scale=False, learn_bias=False)
+    head = _head(c=4, d=8, f=8, svfr=False, top_k=2, scale=1.0, learn_scale=False, bias=0.0, learn_bias=False)
     out = _features(b=2, n=6, f=8, grad=True)
     s = head(out)
     h = head.class_embeddings().detach()
@@ -306,13 +306,15 @@ def test_mixing_runs_in_float32_under_autocast():
 
 
 def test_fixed_unit_scale_is_the_released_sigmoid_and_the_learned_scale_leaves_the_band():
-    fixed = _head(scale=1.0, learn_scale=False, learn_bias=False)
+    fixed = _head(scale=1.0, learn_scale=False, bias=0.0, learn_bias=False)
     assert {n for n, _ in fixed.named_parameters()}.isdisjoint({"log_scale", "logit_bias"})
     p = torch.sigmoid(fixed(_features(b=8)))
     lo, hi = 1 / (1 + math.e), 1 / (1 + math.exp(-1))  # sigmoid(-1), sigmoid(1)
     assert p.min() >= lo - 1e-6 and p.max() <= hi + 1e-6
     learned = _head(c=6)
     assert learned.log_scale.requires_grad and learned.log_scale.item() == pytest.approx(math.log(math.sqrt(6)))
+    assert learned.logit_bias.requires_grad and learned.logit_bias.item() == pytest.approx(-math.log(5))  # logit(1/6)
+    assert _head(bias=0.5).logit_bias.item() == 0.5
     assert _head(scale=7.0).log_scale.item() == pytest.approx(math.log(7.0))
 
 
@@ -353,7 +355,7 @@ def test_gpr_sees_probabilities_outside_the_sigmoid_band_with_the_learned_scale(
     values, p = _gpr_fit(head)
     assert values[-1] < 0.6 * values[0]
     assert p.min() < 0.05 and p.max() > 0.8 and head.log_scale.item() > start + 0.5
-    fixed_values, p_fixed = _gpr_fit(_head(c=6, dropout=0.0, scale=1.0, learn_scale=False, learn_bias=False))
+    fixed_values, p_fixed = _gpr_fit(_head(c=6, dropout=0.0, scale=1.0, learn_scale=False, bias=0.0, learn_bias=False))
     assert p_fixed.min() >= band[0] - 1e-6 and p_fixed.max() <= band[1] + 1e-6
     assert min(fixed_values) > values[-1]  # the bounded head cannot fit GPR as far
 

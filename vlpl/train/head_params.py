@@ -64,7 +64,9 @@ class SigRLParams(HeadParams):
                                          "score (null: sqrt(C), so that t s has about unit RMS over classes)", gt=0)
     learn_scale: bool = param(True, "learn t (as log t); false: fixed (t = 1 and b = 0 fixed is the released "
                                     "code's sigmoid(s), p in [0.27, 0.73])")
-    bias: float = param(0.0, "initial logit bias b (shared by the classes)")
+    bias: Optional[float] = param(None, "initial logit bias b, shared by the classes (null: logit(1/C) = "
+                                        "-log(C - 1): p = 1/C where s = 0, most labels of an image being "
+                                        "negative; 0 with a scale of about 1 is the released code's)")
     learn_bias: bool = param(True, "learn b")
     reconstruct_dim: int = param(0, "ours (Decision 5): the patch-mean of the SVFR output is head.aux["
                                      "'reconstruction'] for the reconstruction loss (loss.reconstruction); > 0 "

@@ -32,8 +32,13 @@ where D != F, mapped into the feature space by a learned ``Linear(D, F)`` (``pro
 * **Logits** (ours; the released code applies ``sigmoid(s)`` and so only ever sees p in [0.27, 0.73], where
   GPR's, GR's and EM's weights and thresholds, set for p over (0, 1), do not work): ``logits = t s + b`` with
   a learned scale ``t`` (stored as log t; initial value ``scale``, default sqrt(C), since s has unit norm over
-  the C classes) and a learned bias ``b``. ``scale: 1, learn_scale: false, learn_bias: false`` is the
-  released code's ``sigmoid(s)`` (the ``sigrl`` recipe).
+  the C classes) and a learned bias ``b`` shared by the classes (initial value ``bias``, default
+  ``logit(1/C) = -log(C - 1)``: p = 1/C where s = 0). The bias start matters: s lies on the unit sphere of R^C,
+  so a head started at b = 0 (p about 1/2 everywhere) can only lower most of its logits by bending the
+  features toward one common direction, which costs the ranking; with a slow head learning rate b takes
+  epochs to get there (measured on coco256 with the tiny student: mAP falls below the untrained start at
+  b = 0 and rises at b = -log(C - 1); tests/test_sigrl.py). ``scale: 1, learn_scale: false, bias: 0,
+  learn_bias: false`` is the released code's ``sigmoid(s)`` (the ``sigrl`` recipe).
 
 SDA and VFR materialise (B, N, c, F) values per class chunk (B 32, N 196, C 80, F 512 is 1 GB in float32
 unchunked): classes go in chunks of ``chunk_mb`` MiB, each chunk recomputed in backward
@@ -250,7 +255,8 @@ class SigRLHead(Head):
                  graph_k: int = _D.graph_k, dense_max_classes: int = _D.dense_max_classes, norm: str = _D.norm,
                  chunk_mb: float = _D.chunk_mb, project: str = _D.project,
                  normalize_embeddings: bool = _D.normalize_embeddings, scale: Optional[float] = _D.scale,
-                 learn_scale: bool = _D.learn_scale, bias: float = _D.bias, learn_bias: bool = _D.learn_bias,
+                 learn_scale: bool = _D.learn_scale, bias: Optional[float] = _D.bias,
+                 learn_bias: bool = _D.learn_bias,
                  reconstruct_dim: int = _D.reconstruct_dim) -> None:
         super().__init__(in_features, context)
         p = SigRLParams(top_k=top_k, gmc=gmc, svfr=svfr, gat_heads=gat_heads, gat_hidden=gat_hidden,
@@ -281,7 +287,7 @@ class SigRLHead(Head):
         self.reconstruct = nn.Linear(f, p.reconstruct_dim) if p.reconstruct_dim else None
         t0 = math.log(p.scale if p.scale is not None else math.sqrt(c))
         log_scale = torch.tensor(t0, dtype=torch.float32)
-        b0 = torch.tensor(float(p.bias), dtype=torch.float32)
+        b0 = torch.tensor(float(p.bias) if p.bias is not None else -math.log(max(c - 1, 1)), dtype=torch.float32)
         if p.learn_scale:
             self.log_scale = nn.Parameter(log_scale)
         else:
