@@ -15,8 +15,13 @@ A directory::
 
 Row schema: ``sample_id`` (string), ``image`` (path relative to the dataset root), ``split``,
 ``observed`` (C x int8 in {-1,0,1}), ``labels`` (C x int8 in {0,1}, null when unknown),
-``scores`` (V x C float16 raw cosine, null for a failed row), ``image_embedding`` (D float16, null for
-a failed row), ``status`` ("ok" | "failed"), ``error`` (null or the reason).
+``scores`` (V x C float16 raw cosine, null for a failed row) or, in a compact score form
+(``score_format``, :mod:`vlpl.store.formats`), ``view_embeddings`` (V x D float16) or ``topk_classes`` /
+``topk_scores`` / ``topk_floor``; ``image_embedding`` (D float16, null for a failed row), ``status``
+("ok" | "failed"), ``error`` (null or the reason). Readers return dense scores whatever the form.
+
+``cache/`` (not part of the store's content; rebuilt from the shards when missing or stale): flat,
+CRC-checked sidecars for random access with memory independent of the store's size (:mod:`vlpl.store.cache`).
 
 Writing: every file is written to a temporary name and renamed. A shard is complete when its ``.json``
 mark exists and the shard's sha256 matches it; a re-run skips complete shards and re-does the others
