@@ -146,6 +146,11 @@ def test_embedding_form_equals_dense_and_takes_a_new_class_without_an_image_pass
         same = (_damp(e, sd.observed, negatives="pseudo", negative_ratio=0.5)
                 == _damp(d, sd.observed, negatives="pseudo", negative_ratio=0.5)).mean()
         assert same >= 0.995, same
+    # re-running the stage with the new class list on the embeddings store points at retarget_classes
+    with pytest.raises(StoreError, match="retarget_classes"):
+        with StoreWriter(form_stores["embeddings"]) as w:
+            w.prepare({**emb.manifest, "classes_sha256": "other", "samples_sha256": "other"}, ["a"],
+                      np.zeros((1, emb.embedding_dim), np.float32))
     # a dense store cannot change its classes without an image pass
     with pytest.raises(StoreError, match="only an 'embeddings' store"):
         retarget_classes(form_stores["dense"], dense.classes, new_text)

@@ -292,9 +292,14 @@ class StoreWriter:
             diffs = [k for k in IDENTITY_KEYS if old.get(k) != identity.get(k)]
             if diffs and not overwrite:
                 detail = "; ".join(_differences(k, old.get(k), identity.get(k)) for k in diffs)
+                hint = ""
+                if old.get("score_format") == "embeddings" and set(diffs) <= {"classes_sha256", "templates_sha256",
+                                                                               "samples_sha256"}:
+                    hint = (" This store keeps per-view image embeddings: new classes or prompts need no image "
+                            "pass (vlpl.store.store.retarget_classes with the teacher's text embeddings).")
                 raise StoreError(
                     f"{self.root} was built with a different {', '.join(diffs)} ({detail}). Nothing was "
-                    f"changed. Use another output directory, or overwrite=true to replace it."
+                    f"changed. Use another output directory, or overwrite=true to replace it.{hint}"
                 )
             if diffs:
                 log.warning("overwriting %s (different %s)", self.root, ", ".join(diffs))
