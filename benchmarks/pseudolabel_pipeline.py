@@ -137,6 +137,7 @@ def run_writer(args: argparse.Namespace, device: torch.device, work: Path) -> Di
             w: {"stall_share_median": C.median([s["stall_share"] for s in v]),
                 "stall_share_rounds": [s["stall_share"] for s in v],
                 "writer_wait_s_rounds": [s["writer_wait_s"] for s in v],
+                "writer_drain_s_rounds": [s.get("writer_drain_s", 0.0) for s in v],
                 "loop_seconds_rounds": [s["seconds"] for s in v],
                 "images_per_s_median": C.median([s["images_per_s"] for s in v]),
                 "images_per_s_rounds": [s["images_per_s"] for s in v],

@@ -125,7 +125,7 @@ def test_background_writer_back_pressure_and_order():
             w.submit(ScoredBatch(rows=[k], good=[]))
             assert w._queue.qsize() <= 2
     # 10 batches of 20 ms through a queue of 2: the loop was held back, and waited for the rest at close
-    assert time.perf_counter() - t0 >= 0.19 and w.wait_s >= 0.1
+    assert time.perf_counter() - t0 >= 0.19 and w.wait_s >= 0.1 and 0.0 < w.drain_s < w.wait_s
     assert asm.seen == list(range(10)) and w.max_seen <= 2
     assert _no_writer_thread()
 

@@ -434,6 +434,7 @@ def _score_shards(cfg: PseudolabelConfig, ds: LabelledDataset, backend: VLMBacke
              cfg.writer)
     if stats is not None:
         stats.update(images=tally.done, seconds=dt, writer=cfg.writer, writer_wait_s=sink.wait_s,
+                     writer_drain_s=getattr(sink, "drain_s", 0.0),
                      stall_share=sink.wait_s / max(dt, 1e-9), images_per_s=tally.done / max(dt, 1e-9),
                      max_pending=getattr(sink, "max_pending", 0), max_queued=getattr(sink, "max_seen", 0))
 

@@ -200,6 +200,7 @@ class BackgroundWriter:
         self.assembler = assembler
         self.max_pending = max_pending
         self.wait_s = 0.0
+        self.drain_s = 0.0  # the part of wait_s spent in close(), writing what was still queued
         self.max_seen = 0  # the most batches ever queued at once
         self._queue: "queue.Queue[Any]" = queue.Queue(maxsize=max_pending)
         self._error: Optional[BaseException] = None
@@ -256,7 +257,8 @@ class BackgroundWriter:
             t0 = time.perf_counter()
             self._queue.put(_STOP)
             self._thread.join()
-            self.wait_s += time.perf_counter() - t0
+            self.drain_s = time.perf_counter() - t0
+            self.wait_s += self.drain_s
         self._raise_error()
 
     def abort(self) -> None:
