@@ -386,7 +386,6 @@ def test_cuda_decode_is_close_to_the_cpu_decode(odd_images, tmp_path):
     assert ScoreStore(tmp_path / "cuda").manifest["num_failed"] == 2
 
 
-@pytest.mark.slow
 def test_pipeline_benchmark_runs_and_records(coco256_root, tmp_path):
     """benchmarks/pseudolabel_pipeline.py at toy size: both measurements, the JSON fields the README's table
     reads, byte-identical stores and equal views."""
