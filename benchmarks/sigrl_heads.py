@@ -70,7 +70,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--unchunked-max-classes", type=int, default=1000,
                    help="also run the unchunked variant up to this C (its memory grows with C)")
     p.add_argument("--steps", type=int, default=2, help="timed steps per configuration")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (0 above 5,000 classes on a CPU)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    p.add_argument("--warmup-max-classes", type=int, default=5000,
+                   help="no warm-up step above this C (a CPU step at C = 10,000 takes minutes)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch threads on a CPU (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
@@ -168,7 +170,8 @@ def run_one(classes: int, batch: int, variant: str, args: argparse.Namespace) ->
 def _child(args: argparse.Namespace, classes: int, batch: int, variant: str) -> Dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", f"{classes},{batch},{variant}",
            "--patches", str(args.patches), "--features", str(args.features), "--chunk-mb", str(args.chunk_mb),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
+           "--steps", str(args.steps), "--warmup", str(args.warmup if classes <= args.warmup_max_classes else 0),
+           "--device", args.device,
            "--threads", str(args.threads), "--seed", str(args.seed)]
     log.info("C=%d B=%d %s ...", classes, batch, variant)
     res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})

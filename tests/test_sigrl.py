@@ -487,3 +487,143 @@ def test_two_processes_take_the_one_process_step_with_the_batch_norm(tmp_path):
             assert torch.allclose(ranks[0][name], ref[name], atol=1e-5, rtol=1e-4), name
     # without the all-reduce, the process holding the tiny image computes another step
     assert not torch.allclose(got[False][0]["logits"], ref["logits"][:1], atol=1e-3)
+
+
+# --------------------------------------------------------------------------------------------------
+# Recipes
+# --------------------------------------------------------------------------------------------------
+
+
+def test_sigrl_recipe_is_the_released_spml_recipe_and_aevlp_sigrl_keeps_aevlps_rows(tmp_path):
+    from vlpl.config import yaml_load
+    from vlpl.train.recipes import load_train_config
+
+    base = [f"store={tmp_path}", f"out={tmp_path / 'o'}"]
+    voc = load_train_config([], ["method=sigrl", "dataset=voc2012", *base])
+    coco = load_train_config([], ["method=sigrl", "dataset=coco2014", *base])
+    s = voc.student
+    assert (s.kind, s.name, s.open_clip_pretrained, s.image_size) == ("open_clip", "ViT-B-16", "openai", 224)
+    assert s.head.name == "sigrl" and s.head.text_embeddings == "student"
+    assert s.head.params == {"scale": 1.0, "learn_scale": False, "bias": 0.0, "learn_bias": False}  # sigmoid(s)
+    assert (voc.loss.name, voc.loss.params["alpha"], coco.loss.params["alpha"]) == ("em", 0.2, 0.1)
+    assert voc.pseudo.rule is None and (voc.batch_size, voc.epochs, voc.mixed_precision) == (1, 10, "no")
+    assert (voc.optim.name, voc.optim.lr, voc.optim.head_lr) == ("adam", 1e-5, None)
+    assert voc.early_stop_patience is None and voc.early_stop_drop is None
+    mine = yaml_load((REPO / "configs" / "methods" / "aevlp_sigrl.yaml").read_text())
+    theirs = yaml_load((REPO / "configs" / "methods" / "aevlp.yaml").read_text())
+    assert mine["datasets"] == theirs["datasets"]  # AEVLP's per-dataset rows, unchanged
+    for key in ("loss", "pseudo", "optim", "early_stop_patience", "early_stop_drop"):
+        assert mine["defaults"][key] == theirs["defaults"][key], key
+    assert mine["defaults"]["student"]["head"] == {"name": "sigrl", "text_embeddings": "student"}
+
+
+# --------------------------------------------------------------------------------------------------
+# End to end on coco256 (tiny open_clip student)
+# --------------------------------------------------------------------------------------------------
+
+TINY_OPEN_CLIP = ["student.name=vlpl-tiny", "student.open_clip_pretrained=null", "student.image_size=64",
+                  "num_workers=0", "progress=false"]
+
+
+def _untrained_map(cfg, store: Path, split: str) -> float:
+    """mAP on ``split`` of the run's own initial weights (same seed as setup()), as the trainer predicts."""
+    from accelerate.utils import set_seed
+
+    from vlpl.data.images import ImageDataset, ImageSource
+    from vlpl.eval.metrics import mean_average_precision
+    from vlpl.store.store import ScoreStore
+    from vlpl.train.data import image_transform
+    from vlpl.train.model import create_classifier
+
+    st = ScoreStore(store)
+    rows = st.split(split)
+    set_seed(cfg.seed)
+    model = create_classifier(cfg.student, ClassContext.from_store(st)).eval()
+    tf = image_transform(cfg.student.image_size, model.mean, model.std, False, False)
+    ds = ImageDataset(ImageSource.from_store(st.dataset_info, None), rows.images, tf)
+    with torch.no_grad():
+        p = torch.sigmoid(model(torch.stack([ds[i][0] for i in range(len(ds))]))).double().numpy()
+    return mean_average_precision(rows.labels, p)["map"]
+
+
+# The recipes at the tiny scale: the learning rates of a tiny random model (the recipes' 1e-5 is for a
+# pretrained ViT-B/16), batch 17, "val" = the training images (their full labels; 26 val images are too
+# few to rank anything), no flips, no early stop. Margins are those measured when the test was written.
+E2E = {
+    "sigrl": ["epochs=8", "batch_size=17", "optim.lr=1e-3"],
+    "aevlp_sigrl": ["epochs=3", "batch_size=17", "optim.lr=3e-3", "optim.head_lr=3e-3", "early_stop_patience=null",
+                    "early_stop_drop=null"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(E2E))
+def test_recipe_trains_to_a_checkpoint_and_a_report_and_beats_its_untrained_start(method, coco256_store, tmp_path):
+    from vlpl.config import EvaluateConfig, load_config
+    from vlpl.eval.stage import run_evaluate
+    from vlpl.train.loop import load_best, run_train
+    from vlpl.train.recipes import load_train_config
+
+    out = tmp_path / method
+    cfg = load_train_config([], [f"store={coco256_store}", f"out={out}", f"method={method}", "dataset=coco2014",
+                                 *TINY_OPEN_CLIP, *E2E[method], "val_split=train", "hflip=false"])
+    assert cfg.student.head.name == "sigrl" and cfg.student.kind == "open_clip"
+    run_train(cfg)
+    assert (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
+    summary = json.loads((out / "summary.json").read_text())
+    model, classes = load_best(out)
+    assert isinstance(model.head, SigRLHead) and len(classes) == 80
+    meta = json.loads((out / "best" / "model.json").read_text())
+    assert meta["student"]["head"]["name"] == "sigrl" and meta["text_embeddings"]["source"] == "student"
+    report = run_evaluate(load_config(EvaluateConfig, [], [f"run={out}", "plots=false"]))
+    head = json.loads((Path(report) / "report.json").read_text())["headline"]
+    run_row = next(r for r in head if r["kind"] == "run")
+    assert run_row["split"] == "test" and run_row["map"] == pytest.approx(summary["test_map_at_best"], abs=1e-6)
+    base = _untrained_map(cfg, coco256_store, "train")
+    assert summary["best_val_map"] > base + 0.5, (summary["best_val_map"], base)
+
+
+@pytest.mark.slow
+def test_killed_sigrl_run_resumes_to_identical_weights(coco256_store, tmp_path):
+    """aevlp_sigrl (DAMP + GPR + the sigrl head, its GMC dropout drawing from the step's RNG) killed -9
+    mid-epoch resumes to the bytes of an uninterrupted run: weights, optimizer, loss state, RNG, best/,
+    predictions and the logged losses (the kill switch VLPL_FAULT_KILL_AT of vlpl/train/checkpoint.py)."""
+    from test_train import final_state, fork_train
+
+    def args(out: Path, *extra: str) -> list:
+        return [f"store={coco256_store}", f"out={out}", "log_every=1", "method=aevlp_sigrl", "dataset=coco2014",
+                *TINY_OPEN_CLIP, "epochs=2", "batch_size=16", "max_steps_per_epoch=4", "checkpoint_every_steps=2",
+                "early_stop_patience=null", "early_stop_drop=null", "optim.lr=1e-3", *extra]
+
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert fork_train(args(ref), files=()) == 0
+    assert fork_train(args(run), kill_at="step:3", files=()) == -9
+    assert fork_train(args(run, "resume=true"), files=()) == 0
+    want, got = final_state(ref), final_state(run)
+    assert got == want, [k for k in want if got.get(k) != want[k]]
+
+
+# --------------------------------------------------------------------------------------------------
+# The benchmark script does not rot
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # two child processes importing torch: ~20 s on an idle machine, minutes on a busy one
+def test_sigrl_heads_benchmark_smoke(tmp_path):
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("_bench_sigrl_heads", REPO / "benchmarks" / "sigrl_heads.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    out = tmp_path / "b.json"
+    mod.main(["--classes", "12", "--batch-sizes", "2", "--patches", "4", "--features", "8", "--steps", "1",
+              "--warmup", "0", "--unchunked-max-classes", "12", "--chunk-mb", str(2 * 2 * 4 * 8 * 4 / 2**20),
+              "--device", "cpu", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["benchmark"] == "sigrl_heads" and res["environment"]["torch"] and res["date"]
+    chunked, unchunked = res["rows"]
+    assert (chunked["variant"], chunked["classes_per_chunk"], unchunked["classes_per_chunk"]) == ("chunked", 2, 12)
+    assert chunked["graph"] == "dense" and chunked["graph_edges"] == 144
+    assert chunked["step_s_median"] > 0 and chunked["peak_memory_mib"] >= 0
