@@ -63,6 +63,14 @@ TINY_TEACHER = BENCH_DIR.parent / "configs" / "models" / "tiny.yaml"
 # --------------------------------------------------------------------------------------------------
 
 
+def _count(n: int) -> str:
+    """1000000 -> '1m', 100000 -> '100k', 1500 -> '1500'."""
+    for div, suffix in ((1_000_000, "m"), (1_000, "k")):
+        if n >= div and n % div == 0:
+            return f"{n // div}{suffix}"
+    return str(n)
+
+
 def commit() -> Dict[str, Any]:
     """The commit the benchmark ran on, and whether the work tree had changes."""
     def git(*a: str) -> str:
@@ -90,7 +98,24 @@ def rss_mb() -> float:
     return float("nan")
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux: ``5`` into /proc/self/clear_refs),
+    so that :func:`peak_rss_mb` measures from here on; False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss_mb() -> float:
+    """Peak RSS (MB) since the last :func:`reset_peak_rss` (VmHWM), or of the whole process (ru_maxrss)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
 
 
@@ -102,7 +127,8 @@ def record(what: str, args: argparse.Namespace, argv: Optional[Sequence[str]], d
     dev = torch.device(device)
     res = {"benchmark": f"scaling_{what}", "date": C.now_date(), "time": C.now_iso(), "command": command(argv),
            **commit(), "environment": C.environment(dev), "args": vars(args), "rows": rows, "notes": notes}
-    path = Path(out) if out else C.RESULTS_DIR / f"scaling-{what}-{C.slug(C.device_name(dev))}-{C.now_date()}.json"
+    tag = what if what != "index" else f"index-{_count(args.rows)}"
+    path = Path(out) if out else C.RESULTS_DIR / f"scaling-{tag}-{C.slug(C.device_name(dev))}-{C.now_date()}.json"
     C.write_json(path, res)
     res["file"] = str(path)
     log.info("wrote %s", path)
@@ -253,6 +279,7 @@ def index_one(args: argparse.Namespace) -> Dict[str, Any]:
     queries = np.load(args.queries)
     exact = np.load(args.exact)
     base_rss = rss_mb()
+    peak_reset = reset_peak_rss()  # opening the store and the imports peaked higher than where the build starts
     path = Path(args.index_path)
     cfg = IndexConfig(factory=args.factory, train_sample=args.train_sample, gpu=args.gpu)
     t0 = time.perf_counter()
@@ -277,7 +304,8 @@ def index_one(args: argparse.Namespace) -> Dict[str, Any]:
             "trained_on": entry["trained_on"], "build_s": round(build_s, 2), "device": entry["device"],
             "default_search_params": entry["search_params"],
             "peak_rss_mb": round(peak, 1), "baseline_rss_mb": round(base_rss, 1),
-            "rss_growth_mb": round(peak - base_rss, 1), "index_bytes": path.stat().st_size,
+            "rss_growth_mb": round(peak - base_rss, 1), "peak_measured_from_build_start": peak_reset,
+            "index_bytes": path.stat().st_size,
             "index_bytes_per_vector": round(path.stat().st_size / max(entry["num_vectors"], 1), 1),
             "search": results}
 
@@ -295,9 +323,13 @@ def run_index(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> Dict[s
         t0 = time.perf_counter()
         store = make_synthetic_store(work / "store", spec, index=False, show_progress=False)
         gen_s = time.perf_counter() - t0
-        qspec = SyntheticSpec(rows=args.queries, classes=args.vocab, grid=0, flips=False, dim=args.dim,
-                              form="embeddings", shard_size=args.queries, seed=args.seed + 1, noise=args.noise)
-        queries = Generator(qspec).shard(0)["image_embedding"].astype(np.float32)  # held out: another seed
+        # held-out queries from the same generative model (same text embeddings): a shard number the store
+        # does not have (its rows are drawn from their own random stream)
+        q_shard = 999_999
+        qspec = SyntheticSpec(rows=(q_shard + 1) * args.queries, classes=args.vocab, grid=0, flips=False,
+                              dim=args.dim, form="embeddings", shard_size=args.queries, seed=args.seed,
+                              noise=args.noise)
+        queries = Generator(qspec).shard(q_shard)["image_embedding"].astype(np.float32)
         t0 = time.perf_counter()
         exact = exact_top(store, queries, 10)
         exact_s = time.perf_counter() - t0
@@ -330,7 +362,7 @@ def run_index(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> Dict[s
         f"0.45 u + 0.15 sum of the positives' text embeddings + {args.noise} noise, normalised; {args.vocab} "
         f"classes): the more noise, the less structure for IVF/PQ/HNSW to exploit (the stores' default 0.9 is "
         f"near-isotropic, a worst case)",
-        f"{args.queries} held-out queries (another seed); exact top-10 by brute force over the store "
+        f"{args.queries} held-out queries (same model, rows the store does not have); exact top-10 by brute force over the store "
         f"({exact_s:.1f}s); store generation {gen_s:.1f}s",
         "build_s: vlpl.store.index.build_index on the store (training on a seeded sample of "
         f"{args.train_sample:,} rows read shard by shard, then adding shard by shard, write); peak RSS of its "
@@ -393,7 +425,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     o.add_argument("--threads", type=int, default=0)
     o.add_argument("--search", action="append", default=[])
     for q in (s, i):
-        q.add_argument("--out", default=None, help="result JSON (default benchmarks/results/scaling-<what>-...)")
+        q.add_argument("--out", default=None, help="result JSON (default benchmarks/results/scaling-<what>[-<rows>]-<device>-<date>.json)")
         q.add_argument("--work", default=None, help="folder for temporary stores (default: the system's)")
     return p.parse_args(argv)
 
