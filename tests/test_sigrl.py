@@ -529,10 +529,12 @@ TINY_OPEN_CLIP = ["student.name=vlpl-tiny", "student.open_clip_pretrained=null",
 # pretrained ViT-B/16), batch 17, "val" = the training images (their full labels; 26 val images rank
 # nothing), no flips, no early stop.
 #
-# NOT asserted: that val mAP beats the untrained start. With the random vlpl-tiny CLIP the class embeddings
-# are random directions and the 2-layer tower barely learns; measured (train images, untrained 7.61):
-# sigrl 8 epochs lr 1e-3 -> 7.46, aevlp_sigrl 3-6 epochs lr 1e-3/3e-3 -> 6.4-6.95, while the linear head
-# on the same tower goes 6.12 -> 7.9 (AN) / 10.8 (aevlp). See the helper's report; it needs a real CLIP.
+# Learning beyond the untrained start is asserted for sigrl only, over 16 epochs (below): with the random
+# vlpl-tiny CLIP the class embeddings are random directions, the released sigmoid(s) keeps p in
+# [0.27, 0.73] and EM's loss is nearly flat there, so the tower learns slowly (train images, untrained
+# 7.61: 7.46 after 8 epochs, 10.60 after 16). aevlp_sigrl did not beat its start in any setting tried
+# (3-6 epochs, lr 1e-3 / 3e-3: 6.4-6.95; DAMP pseudo-labels of a random teacher are noise), while the
+# linear head on the same tower goes 6.12 -> 10.8 with aevlp: a real CLIP is needed to show it.
 E2E = {
     "sigrl": ["epochs=3", "batch_size=17", "optim.lr=1e-3"],
     "aevlp_sigrl": ["epochs=3", "batch_size=17", "optim.lr=1e-3", "optim.head_lr=1e-3", "early_stop_patience=null",
@@ -613,3 +615,42 @@ def test_sigrl_heads_benchmark_smoke(tmp_path):
     assert (chunked["variant"], chunked["classes_per_chunk"], unchunked["classes_per_chunk"]) == ("chunked", 2, 12)
     assert chunked["graph"] == "dense" and chunked["graph_edges"] == 144
     assert chunked["step_s_median"] > 0 and chunked["peak_memory_mib"] >= 0
+
+
+def _untrained_map(cfg, store: Path, split: str) -> float:
+    """mAP on ``split`` of the run's own initial weights (same seed as setup()), predicted as the trainer does."""
+    from accelerate.utils import set_seed
+
+    from vlpl.data.images import ImageDataset, ImageSource
+    from vlpl.eval.metrics import mean_average_precision
+    from vlpl.store.store import ScoreStore
+    from vlpl.train.data import image_transform
+    from vlpl.train.model import create_classifier
+
+    st = ScoreStore(store)
+    rows = st.split(split)
+    set_seed(cfg.seed)
+    model = create_classifier(cfg.student, ClassContext.from_store(st)).eval()
+    tf = image_transform(cfg.student.image_size, model.mean, model.std, False, False)
+    ds = ImageDataset(ImageSource.from_store(st.dataset_info, None), rows.images, tf)
+    with torch.no_grad():
+        p = torch.sigmoid(model(torch.stack([ds[i][0] for i in range(len(ds))]))).double().numpy()
+    return mean_average_precision(rows.labels, p)["map"]
+
+
+@pytest.mark.slow
+def test_sigrl_recipe_beats_its_untrained_start(coco256_store, tmp_path):
+    """The released recipe (EM, sigmoid(s), fixed scale) with the tiny open_clip student, 16 epochs at lr 1e-3
+    on the training images (their full labels as "val"): measured 7.61 -> 10.60 when written (the curve
+    rises steadily from epoch 2); asserted with a margin of 1.5 points."""
+    from vlpl.train.loop import run_train
+    from vlpl.train.recipes import load_train_config
+
+    out = tmp_path / "sigrl16"
+    cfg = load_train_config([], [f"store={coco256_store}", f"out={out}", "method=sigrl", "dataset=coco2014",
+                                 *TINY_OPEN_CLIP, "epochs=16", "batch_size=17", "optim.lr=1e-3",
+                                 "val_split=train", "hflip=false"])
+    run_train(cfg)
+    best = json.loads((out / "summary.json").read_text())["best_val_map"]
+    base = _untrained_map(cfg, coco256_store, "train")
+    assert best > base + 1.5, (best, base)
