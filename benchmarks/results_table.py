@@ -132,7 +132,7 @@ def tables(files: Sequence[Path]) -> str:
         if rows[kind]:
             out += [title, "", header, "|" + "---|" * (header.count("|") - 1), *rows[kind], ""]
     if other:
-        out += ["Not tabulated here: " + ", ".join(other), ""]
+        out += ["Not tabulated here (their own sections above give their tables): " + ", ".join(other), ""]
     return "\n".join(out)
 
 
