@@ -169,6 +169,8 @@ def test_bad_factory_and_gpu_settings_name_the_key(flat_store, tmp_path):
         build_index(ScoreStore(flat_store), IndexConfig(factory="IVFx,Nope"), path=tmp_path / "x.faiss")
     with pytest.raises(IndexBuildError, match="index.gpu"):
         build_index(ScoreStore(flat_store), IndexConfig(gpu="sometimes"), path=tmp_path / "x.faiss")
+    with pytest.raises(IndexBuildError, match="index.train_sample is 0"):
+        build_index(ScoreStore(flat_store), IndexConfig(factory="IVF4,Flat", train_sample=0), path=tmp_path / "x.faiss")
     if faiss.get_num_gpus() == 0:
         with pytest.raises(IndexBuildError, match="index.gpu is true but FAISS sees no GPU"):
             build_index(ScoreStore(flat_store), IndexConfig(gpu=True), path=tmp_path / "x.faiss")

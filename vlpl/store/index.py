@@ -299,6 +299,9 @@ def build_index(store: "ScoreStore", cfg: Any = None, path: Optional[Path] = Non
     t0 = time.perf_counter()
     builder = IndexBuilder(dim, cfg)
     if builder.needs_training:
+        if cfg.train_sample < 1:
+            raise IndexBuildError(f"index.train_sample is {cfg.train_sample}: index.factory {cfg.factory!r} needs "
+                                  f"training vectors (e.g. train_sample: 100000)")
         builder.train(training_sample(store, cfg.train_sample, cfg.seed))
     n = 0
     for ids, emb in _embedding_chunks(store):
