@@ -17,6 +17,12 @@ Exact resume: vlpl owns the data order (:class:`~vlpl.train.data.EpochOrder`: pe
 from ``(seed, epoch, step)`` (:mod:`vlpl.train.step`), so a run killed at any point and resumed from its
 last checkpoint ends with the weights of an uninterrupted run, byte for byte.
 
+Input (issue 10.5, :mod:`vlpl.train.data`): DataLoader workers (``num_workers: auto`` from the CPUs) build
+whole uint8 micro-batches; they travel pinned and ``non_blocking`` to the device, where they are flipped,
+converted and normalised (on a CPU device the workers do that too); the rule's scores are read a few batches
+ahead on a thread and the rule runs on the device. The loss is read back to the host every ``log_every``
+steps only. ``compile: true`` runs the training forward through ``torch.compile``.
+
 Run directory::
 
     config.yaml  classes.txt  store.json  metrics.jsonl  summary.json
