@@ -91,9 +91,17 @@ def _cli_env() -> Dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "PYTHONHASHSEED": "0"}
 
 
+# Derived, rebuildable data that is not part of the store contract: the flat read sidecars (vlpl.store.cache)
+# are built on first read and marked with their shard's sha256, size and mtime, so a re-done shard's sidecar
+# is rebuilt rather than served stale; the tests compare what is read instead (``_read_everything``).
+DERIVED_DIRS = ("cache",)
+
+
 def _files(root: Path) -> Dict[str, Path]:
-    """Every file under ``root`` (hidden ones too: temp files and locks count), by relative path."""
-    return {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file under ``root`` (hidden ones too: temp files and locks count), by relative path; the derived
+    sidecar folders are left out."""
+    return {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*"))
+            if p.is_file() and p.relative_to(root).parts[0] not in DERIVED_DIRS}
 
 
 _TIME_KEY = re.compile(r"(^|_)(time|timestamp|date|created|started|finished|updated)(_|$)", re.I)
@@ -674,6 +682,8 @@ def test_bit_flip_in_a_shard_is_detected_and_resume_redoes_it(bench, record_faul
         # resume: the shard's sha256 no longer matches its mark, so it is re-done
         _run_inprocess(bench.data, store)
         diff = store_diff(store, bench.ref)
+        if not diff and _read_everything(store) != expected:  # nothing read from a stale sidecar
+            diff = ["values read after the resume differ from the reference's"]
         if diff:
             failures.append(f"{label}: after resume the store differs: {diff}")
         if diff or not read_ok:
