@@ -93,6 +93,7 @@ def runs(tmp_path_factory):
     return _run(tmp, True), _run(tmp, False)
 
 
+@pytest.mark.slow  # spawns 2 gloo processes (about 25 s on 2 cores)
 @pytest.mark.parametrize("name", list(CASES))
 def test_two_processes_give_the_one_process_gradient(name, runs):
     ref = _step(name, slice(0, B), distributed=False)
@@ -108,6 +109,7 @@ def test_two_processes_give_the_one_process_gradient(name, runs):
         not torch.equal(local["state"], ref["state"])
 
 
+@pytest.mark.slow
 def test_ll_cp_writes_reach_every_process(runs):
     ref = _step("ll_cp", slice(0, B), distributed=False)
     written = int((ref["state"] != _problem("ll_cp")[0]).sum())

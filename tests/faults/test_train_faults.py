@@ -61,6 +61,7 @@ def test_kill_at_random_points_resumes_byte_identical(loss, coco256_store, tmp_p
     assert ok == n, details
 
 
+@pytest.mark.slow
 def test_full_disk_during_a_checkpoint_write(coco256_store, tmp_path, monkeypatch, record_fault, caplog):
     """ENOSPC at the write call of the 3rd checkpoint: a clear error naming the file, the previous checkpoint
     intact, no temp folder left; the resumed run ends byte-identical to an uninterrupted one."""
