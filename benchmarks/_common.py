@@ -198,3 +198,14 @@ def table(rows: List[List[str]], header: List[str]) -> str:
     widths = [max(len(str(r[i])) for r in cols) for i in range(len(header))]
     fmt = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
     return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
+
+
+def git_commit() -> Optional[str]:
+    """The repository's HEAD commit (recorded with every result), or None outside a git checkout."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None

@@ -28,7 +28,6 @@ import csv
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -64,14 +63,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="result JSON (default benchmarks/results/"
                    "pseudolabel_pipeline-<what>-<device>-<date>.json)")
     return p.parse_args(argv)
-
-
-def _commit() -> Optional[str]:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=C.REPO_ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def make_dataset(root: Path, n: int, num_classes: int) -> Path:
@@ -193,7 +184,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     result: Dict[str, Any] = {
         "benchmark": "pseudolabel_pipeline", "date": C.now_date(), "timestamp_utc": C.now_iso(),
         "command": "python benchmarks/pseudolabel_pipeline.py " + " ".join(sys.argv[1:]),
-        "commit": _commit(), "environment": C.environment(device), "args": vars(args),
+        "commit": C.git_commit(), "environment": C.environment(device), "args": vars(args),
         "load_average_start": list(os.getloadavg()),
     }
     if args.what in ("writer", "all"):

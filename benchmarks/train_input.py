@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         "timestamp_utc": C.now_iso(),
         "command": "python benchmarks/train_input.py " + " ".join(sys.argv[1:]) if sys.argv and
                    sys.argv[0].endswith("train_input.py") else None,
-        "commit": _commit(),
+        "commit": C.git_commit(),
         "environment": {**C.environment(device), "available_cpus": available_cpus(),
                         "auto_num_workers": auto_num_workers(local_processes=1)},
         "args": vars(args),
@@ -175,16 +175,6 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     out = Path(args.out) if args.out else C.default_out("train_input", device, date)
     result["out"] = str(C.write_json(out, result))
     return result
-
-
-def _commit() -> Optional[str]:
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "-C", str(C.REPO_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip() or None
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def report(res: Dict[str, Any]) -> str:

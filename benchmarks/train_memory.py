@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                  res["images_per_s_median"])
     result = {
         "benchmark": "train_memory", "date": date, "timestamp_utc": C.now_iso(),
-        "command": "python benchmarks/train_memory.py " + " ".join(sys.argv[1:]), "commit": _commit(),
+        "command": "python benchmarks/train_memory.py " + " ".join(sys.argv[1:]), "commit": C.git_commit(),
         "environment": C.environment(device), "torch_threads": torch.get_num_threads(), "args": vars(args),
         "rows": rows,
         "notes": [
@@ -186,14 +186,6 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     out = Path(args.out) if args.out else C.default_out("train_memory", device, date)
     result["out"] = str(C.write_json(out, result))
     return result
-
-
-def _commit() -> Optional[str]:
-    try:
-        return subprocess.run(["git", "-C", str(C.REPO_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip() or None
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def report(res: Dict[str, Any]) -> str:
