@@ -654,3 +654,131 @@ def test_sigrl_recipe_beats_its_untrained_start(coco256_store, tmp_path):
     best = json.loads((out / "summary.json").read_text())["best_val_map"]
     base = _untrained_map(cfg, coco256_store, "train")
     assert best > base + 1.5, (best, base)
+
+
+# --------------------------------------------------------------------------------------------------
+# aevlp_sigrl with an informative teacher: a store over coco256's real images and true labels whose cached
+# scores come from benchmarks/synthetic.py's generative model (positives score higher than negatives)
+# --------------------------------------------------------------------------------------------------
+
+
+def _synthetic_module():
+    """benchmarks/synthetic.py as a module (the name tests/test_index.py uses, so it is loaded once)."""
+    import importlib.util
+    import sys
+
+    name = "_bench_synthetic"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / "synthetic.py")
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+def _coco256_teacher_store(out: Path, seed: int = 0, informative: bool = True) -> Path:
+    """A complete store (StoreWriter: manifest, checksums, text embeddings) with one row per coco256 image:
+    its real split, its TRUE labels (labels.csv, C = 80) and one observed positive drawn among them (Cole et
+    al.'s single-positive protocol; the 2 images without a label observe none), grid 2 with flips (V = 10).
+
+    The cached scores are benchmarks/synthetic.py's CLIP-like cosines with the image's true labels as the
+    positives: view embedding ``normalize(0.45 u + 0.15 sum_{p visible} t_p + 0.9 n_v)`` against the text
+    embeddings ``t_c`` (D = 256; the global view sees every positive, a tile each with probability 0.4, a
+    flipped tile what its mirror sees). ``informative=False``: no positive is visible anywhere, so the scores
+    are the same generative noise without the labels (a random teacher)."""
+    import csv
+
+    from vlpl.store.store import StoreWriter
+
+    syn = _synthetic_module()
+    try:
+        syn.image_refs()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    spec = syn.SyntheticSpec(rows=256, classes=80, grid=2, flips=True, dim=256, shard_size=256, seed=seed,
+                             splits={"train": 0.5, "test": 0.5})
+    gen = syn.Generator(spec)
+    classes = syn.class_names(spec.classes)
+    column = {c: i for i, c in enumerate(classes)}
+    rows = list(csv.DictReader(open(syn.COCO256 / "labels.csv")))
+    assert sorted(r["image"] for r in rows) == gen.images and len(classes) == 80
+    n, c, d = len(rows), spec.classes, spec.dim
+    labels = np.zeros((n, c), np.int8)
+    for i, r in enumerate(rows):
+        labels[i, [column[x] for x in r["labels"].split("|") if x.strip()]] = 1
+    rng = np.random.default_rng([seed, 7])
+    observed = np.zeros((n, c), np.int8)
+    for i in np.flatnonzero(labels.any(axis=1)):
+        observed[i, rng.choice(np.flatnonzero(labels[i]))] = 1
+    vis = np.ones((n, spec.n_views, c), np.float32)
+    vis[:, 1:] = rng.random((n, spec.n_views - 1, c)) < syn.TILE_VISIBLE
+    vis = np.concatenate([vis, vis[:, gen.mirror]], axis=1) * labels[:, None, :] * float(informative)
+    emb = syn.IMAGE_SHARED * gen.u + syn.SIGNAL * np.einsum("nvc,cd->nvd", vis, gen.text)
+    emb = syn._normalize(emb + spec.noise / math.sqrt(d) * rng.standard_normal((n, spec.num_views, d)))
+    emb = emb.astype(np.float32)
+    data = {"sample_id": [f"coco256-{i:03d}" for i in range(n)], "image": [r["image"] for r in rows],
+            "split": [r["split"] for r in rows], "labels": labels, "observed": observed,
+            "view_embeddings": emb.astype(np.float16), "scores": (emb @ gen.text.T).astype(np.float16),
+            "image_embedding": emb[:, 0].astype(np.float16), "ok": np.ones(n, bool)}
+    ident = syn.identity(spec, gen)
+    ident["splits"] = {s: data["split"].count(s) for s in sorted(set(data["split"]))}
+    ident["model"]["informative"] = informative
+    writer = StoreWriter(out)
+    try:
+        writer.prepare(ident, classes, gen.text)
+        writer.write_shard(0, syn._shard_rows(data, syn.score_form(spec)))
+        writer.finalize(ident, 1, build_index=False)
+    finally:
+        writer.close()
+    return out
+
+
+def _damp_new_positives(cfg, store: Path, split: str):
+    """(precision against the true labels, count) of the positives the run's own rule (DAMP, its params)
+    adds beyond the observed ones on ``split``, from the store's cached scores (unflipped variant)."""
+    from vlpl.pseudolabel.rules import apply_rule
+    from vlpl.store.store import ScoreStore
+
+    rows = ScoreStore(store).split(split)
+    observed = rows.observed.astype(np.int8)
+    scores = torch.from_numpy(rows.scores(np.arange(len(rows.rows))))
+    pseudo = apply_rule(cfg.pseudo.rule, scores, torch.from_numpy(observed), dynamic=False,
+                        **cfg.pseudo.params).numpy()
+    new = (pseudo == 1) & (observed != 1)
+    return float((rows.labels[new] == 1).mean()), int(new.sum())
+
+
+@pytest.mark.slow
+def test_aevlp_sigrl_beats_its_untrained_start_with_an_informative_teacher(coco256_root, tmp_path):
+    """aevlp_sigrl (DAMP + GPR + the sigrl head) with the tiny open_clip student, 8 epochs at lr 1e-3,
+    batch 4, on a store whose cached teacher scores follow coco256's true labels; "val" = the training
+    images (their full labels). Measured when written (untrained -> best val mAP, store and run seeds
+    0 / 1 / 2): 6.83 -> 8.73, 6.44 -> 8.21, 5.84 -> 8.81; asserted (seed 0) with a margin of 1.0 point.
+
+    The teacher is informative: DAMP (the recipe's coco2014 params) adds positives of precision 0.81 on
+    this store, 0.0 on the same store with the labels taken out of the scores (measured). What this does
+    NOT show: that the better pseudo-labels raise the student's mAP at this scale. The same run on the
+    uninformative store measured 6.83 -> 9.76 (seed 0) and 6.44 -> 8.37 (seed 1): with the random 64 px
+    tower the gain over the start comes from fitting the observed positives, and DAMP's ~0.5 extra
+    positive per image is inside the epoch-to-epoch noise of the val curve. (At batch 17 the same
+    recipe barely moved in 6-12 epochs: 6.83 -> 7.13 / 7.83, 6.44 -> 7.73 / 7.95 / 8.19 in 16.)"""
+    from vlpl.train.loop import run_train
+    from vlpl.train.recipes import load_train_config
+
+    store = _coco256_teacher_store(tmp_path / "store", seed=0)
+    out = tmp_path / "aevlp_sigrl"
+    cfg = load_train_config([], [f"store={store}", f"out={out}", "method=aevlp_sigrl", "dataset=coco2014",
+                                 *TINY_OPEN_CLIP, "epochs=8", "batch_size=4", "optim.lr=1e-3",
+                                 "optim.head_lr=1e-3", "early_stop_patience=null", "early_stop_drop=null",
+                                 "val_split=train", "hflip=false", "seed=0"])
+    assert cfg.pseudo.rule == "damp" and cfg.loss.name == "gpr" and cfg.student.head.name == "sigrl"
+    # the control: the teacher's cached scores make DAMP's extra positives mostly right, a random one's not
+    precision, count = _damp_new_positives(cfg, store, "train")
+    noise_precision, _ = _damp_new_positives(cfg, _coco256_teacher_store(tmp_path / "noise", informative=False),
+                                             "train")
+    assert count >= 30 and precision >= 0.6 and noise_precision <= 0.3, (precision, count, noise_precision)
+    run_train(cfg)
+    best = json.loads((out / "summary.json").read_text())["best_val_map"]
+    base = _untrained_map(cfg, store, "train")
+    assert best > base + 1.0, (best, base)
