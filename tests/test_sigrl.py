@@ -529,7 +529,7 @@ TINY_OPEN_CLIP = ["student.name=vlpl-tiny", "student.open_clip_pretrained=null",
 # pretrained ViT-B/16), batch 17, "val" = the training images (their full labels; 26 val images rank
 # nothing), no flips, no early stop.
 #
-# Learning beyond the untrained start is asserted for sigrl only, over 16 epochs (below): with the random
+# Learning beyond the untrained start is asserted for sigrl over 16 epochs (below): with the random
 # vlpl-tiny CLIP the class embeddings are random directions, the released sigmoid(s) keeps p in
 # [0.27, 0.73] and EM's loss is nearly flat there, so the tower learns slowly (train images, untrained
 # 7.61: 7.46 after 8 epochs, 10.60 after 16). aevlp_sigrl did not beat its start in any setting tried
