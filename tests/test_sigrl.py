@@ -463,6 +463,7 @@ def _dist_worker(rank: int, init_file: str, out_dir: str, global_batch: bool) ->
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned gloo processes
 def test_two_processes_take_the_one_process_step_with_the_batch_norm(tmp_path):
     import torch.multiprocessing as mp
 
@@ -471,14 +472,9 @@ def test_two_processes_take_the_one_process_step_with_the_batch_norm(tmp_path):
     for global_batch in (True, False):
         out = tmp_path / str(global_batch)
         out.mkdir()
-        ctx = mp.get_context("fork")
-        procs = [ctx.Process(target=_dist_worker, args=(r, str(tmp_path / f"init{global_batch}"), str(out),
-                                                        global_batch)) for r in range(2)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(120)
-            assert p.exitcode == 0
+        # spawn, not fork: forking a process whose intra-op thread pool has run can deadlock the children
+        mp.spawn(_dist_worker, args=(str(tmp_path / f"init{global_batch}"), str(out), global_batch), nprocs=2,
+                 join=True)
         got[global_batch] = [torch.load(out / f"rank{r}.pt") for r in range(2)]
     ranks = got[True]
     assert torch.allclose(torch.cat([ranks[0]["logits"], ranks[1]["logits"]]), ref["logits"], atol=1e-5)
