@@ -103,6 +103,11 @@ def sha256_lines(lines: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
 
 
+def templates_hash(templates: Sequence[str]) -> str:
+    """The store's ``templates_sha256``: the first 16 hex digits of the templates' line hash."""
+    return sha256_lines(templates)[:16]
+
+
 def manifest_checksum(manifest: Dict[str, Any]) -> str:
     """sha256 of the manifest's canonical JSON (sorted keys, no spaces) without its checksum field."""
     body = {k: v for k, v in manifest.items() if k != MANIFEST_CHECKSUM_KEY}
@@ -1050,20 +1055,25 @@ class ScoreStore:
             raise IndexError(f"store rows must be in [0, {self.num_rows})")
         if cache is None and self._mmap_ok():
             return self._sidecar_payload(rows)
+        for k, g, where, at in self._locate(rows):
+            payload, ok = self._group_payload(k, g, cache)
+            for name in out:
+                out[name][where] = payload[name][at]
+            valid[where] = ok[at]
+        return out, valid
+
+    def _locate(self, rows: np.ndarray) -> Iterator[Tuple[int, int, np.ndarray, np.ndarray]]:
+        """Store rows (any order) grouped by Parquet row group: ``(shard, row group, positions in rows,
+        offsets inside the group)``, so that each row group is decoded once per batch."""
         shard = np.searchsorted(self._starts, rows, side="right") - 1
-        for k in np.unique(shard):
+        for k in np.unique(shard).tolist():
             sel = np.nonzero(shard == k)[0]
             local = rows[sel] - self._starts[k]
-            rg = self._row_groups(int(k))
+            rg = self._row_groups(k)
             group = np.searchsorted(rg, local, side="right") - 1
-            for g in np.unique(group):
+            for g in np.unique(group).tolist():
                 gsel = np.nonzero(group == g)[0]
-                payload, ok = self._group_payload(int(k), int(g), cache)
-                at = local[gsel] - rg[g]
-                for name in out:
-                    out[name][sel[gsel]] = payload[name][at]
-                valid[sel[gsel]] = ok[at]
-        return out, valid
+                yield k, g, sel[gsel], local[gsel] - rg[g]
 
     def _read_scores(self, rows: np.ndarray, cache: Optional[_LRU] = None, device: Any = None) -> Any:
         """(B, V, C) float32 scores of store rows (any order); NaN for failed rows. ``device``: a torch
@@ -1095,23 +1105,16 @@ class ScoreStore:
             out[:] = cols["image_embedding"]
             out[~valid] = np.nan
             return out
-        shard = np.searchsorted(self._starts, rows, side="right") - 1
-        for k in np.unique(shard).tolist():
-            sel = np.nonzero(shard == k)[0]
-            local = rows[sel] - self._starts[k]
-            rg = self._row_groups(k)
-            group = np.searchsorted(rg, local, side="right") - 1
-            for g in np.unique(group).tolist():
-                key = ("image_embedding", k, g)
-                arr = self._cache.get(key)
-                if arr is None:
-                    arr, valid = self._decode(k, self._read(k, ["image_embedding"], [g]).column("image_embedding"))
-                    arr = arr.astype(np.float16, copy=False)
-                    if not valid.all():
-                        arr[~valid] = np.nan
-                    self._cache.put(key, arr)
-                gsel = np.nonzero(group == g)[0]
-                out[sel[gsel]] = arr[local[gsel] - rg[g]]
+        for k, g, where, at in self._locate(rows):
+            key = ("image_embedding", k, g)
+            arr = self._cache.get(key)
+            if arr is None:
+                arr, valid = self._decode(k, self._read(k, ["image_embedding"], [g]).column("image_embedding"))
+                arr = arr.astype(np.float16, copy=False)
+                if not valid.all():
+                    arr[~valid] = np.nan
+                self._cache.put(key, arr)
+            out[where] = arr[at]
         return out
 
     def iter_shards(self, columns: Sequence[str]) -> Iterator[Tuple[int, Dict[str, np.ndarray]]]:
@@ -1248,19 +1251,12 @@ class ScoreStore:
         return arr
 
     def _take_rows(self, rows: np.ndarray, column: str, lru: "_LRU") -> np.ndarray:
-        shard = np.searchsorted(self._starts, rows, side="right") - 1
         out: Optional[np.ndarray] = None
-        for k in np.unique(shard):
-            sel = np.nonzero(shard == k)[0]
-            local = rows[sel] - self._starts[k]
-            rg = self._row_groups(int(k))
-            group = np.searchsorted(rg, local, side="right") - 1
-            for g in np.unique(group):
-                gsel = np.nonzero(group == g)[0]
-                part = self._group_column(int(k), int(g), column, lru)[local[gsel] - rg[g]]
-                if out is None:
-                    out = np.empty((len(rows), *part.shape[1:]), part.dtype)
-                out[sel[gsel]] = part
+        for k, g, where, at in self._locate(rows):
+            part = self._group_column(k, g, column, lru)[at]
+            if out is None:
+                out = np.empty((len(rows), *part.shape[1:]), part.dtype)
+            out[where] = part
         if out is None:
             out = np.zeros((0, self.num_classes), np.int8) if column in ("observed", "labels") else np.zeros(0, object)
         return out
@@ -1454,7 +1450,7 @@ def retarget_classes(root: Path, classes: Sequence[str], text_embeddings: np.nda
     manifest["classes_sha256"] = sha256_lines(classes)
     if templates is not None:
         manifest["templates"] = list(templates)
-        manifest["templates_sha256"] = templates_sha256 or hashlib.sha256("\n".join(templates).encode()).hexdigest()[:16]
+        manifest["templates_sha256"] = templates_sha256 or templates_hash(templates)
     with StoreWriter(root) as w:
         w.lock()
         try:
