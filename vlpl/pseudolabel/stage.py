@@ -37,8 +37,8 @@ from vlpl.progress import progress
 from vlpl.pseudolabel.device_decode import EncodedJPEG, decode_on_device, probe_jpeg
 from vlpl.store.async_writer import BackgroundWriter, InlineWriter, ScoredBatch, ShardAssembler, ShardBuffer
 from vlpl.store.formats import ScoreForm, encode_views
-from vlpl.store.store import SCHEMA_VERSION, ShardRows, StoreWriter, sha256_lines, shard_name
-from vlpl.vlm.backend import VLMBackend, create_backend, resolve_device, template_strings, templates_hash
+from vlpl.store.store import SCHEMA_VERSION, ShardRows, StoreWriter, sha256_lines, shard_name, templates_hash
+from vlpl.vlm.backend import VLMBackend, create_backend, resolve_device, template_strings
 from vlpl.vlm.views import ViewSpec, make_views_batch
 
 log = logging.getLogger(__name__)

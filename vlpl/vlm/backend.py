@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from vlpl.config import ConfigError, TeacherConfig
+from vlpl.store.store import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -85,19 +86,6 @@ def template_strings(templates: Union[str, Sequence[Any]]) -> List[str]:
     return out
 
 
-def templates_hash(templates: Sequence[str]) -> str:
-    return hashlib.sha256("\n".join(templates).encode()).hexdigest()[:16]
-
-
-def file_sha256(path: Union[str, Path], chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -188,7 +176,7 @@ class OpenClipBackend(VLMBackend):
             path = Path(os.path.expanduser(pretrained))
             if not path.is_file():
                 raise ConfigError(f"model.pretrained: checkpoint file {path} does not exist")
-            self.checkpoint_sha256 = file_sha256(path)
+            self.checkpoint_sha256 = sha256_file(path)
             pretrained = str(path)
         # Random-initialised weights (tiny model, or no pretrained tag) must be identical in every
         # process and every run, so that stores are reproducible: seed the init, then restore the RNG.
@@ -284,7 +272,7 @@ class HFBackend(VLMBackend):
         if weights:
             h = hashlib.sha256()
             for w in weights:
-                h.update(file_sha256(w).encode())
+                h.update(sha256_file(w).encode())
             self.checkpoint_sha256 = h.hexdigest()
 
     @staticmethod
