@@ -61,6 +61,10 @@ class ObservedConfig:
     * ``given``: read from ``file`` (N x C npy in {-1,0,1}, rows in the official train order).
     * ``full``: the full labels (positives +1, negatives -1): the full-label upper bound.
     * ``none``: nothing observed (zero-shot use).
+    * ``fpc`` / ``rps``: CSL's FPC(N) (``per_class`` positives and negatives per class) and RPS(q) (each label
+      unknown with probability ``drop``), ALGORITHMS.md 9e; seed 0 unless ``seed`` is set.
+    * ``given`` also takes partial annotations from the labels file itself (``positives``/``negatives``
+      columns, OpenImages image-level CSV): see docs/PARTIAL_LABELS.md.
     """
 
     mode: str = "single_positive"
@@ -68,6 +72,8 @@ class ObservedConfig:
     num_neg: int = 0
     keep: float = 0.5
     file: Optional[str] = None
+    per_class: int = 1000  # fpc: CSL's FPC(N), N annotated positives and N negatives per class (ALGORITHMS.md 9e)
+    drop: float = 0.5  # rps: CSL's RPS(q), each label made unknown with probability q (ALGORITHMS.md 9e)
 
 
 @dataclass
@@ -116,6 +122,9 @@ class DataConfig:
     observed: ObservedConfig = field(default_factory=ObservedConfig)
     max_samples: Optional[int] = None  # per official split, for quick runs (first N in file order)
     images: ImageConfig = field(default_factory=ImageConfig)
+    # coco: row order of an official split: "id_str" (Cole: image ids sorted as strings, 2b) or "json" (the
+    # instances JSON's images list, pycocotools' order: the MLR-PL keep-ratio protocol's rows, ALGORITHMS.md 10)
+    image_order: str = "id_str"
 
 
 @dataclass
@@ -224,11 +233,16 @@ class StudentConfig:
 
     kind: str = "timm"  # timm | open_clip
     name: str = "resnet50"
-    pretrained: bool = True  # ImageNet weights when they can be had; random init (with a warning) otherwise
+    # true: the weights of timm's tag in ``name`` (``resnet50.tv_in1k``; a bare name: timm's default tag), random
+    # init (with a warning) when they cannot be had; a path: a local checkpoint file (.safetensors/.pth/.bin)
+    pretrained: Union[bool, str] = True
     open_clip_pretrained: Optional[str] = None  # kind=open_clip: a pretrained tag or a local checkpoint
     image_size: int = 448
     normalization: str = "imagenet"  # imagenet | model (the backbone's own mean/std)
     head: HeadConfig = field(default_factory=HeadConfig)
+    # written by vlpl train (not an input): the weights the student was actually built from, e.g.
+    # "resnet50.tv_in1k", "ViT-B-16/openai", "file:PATH sha256:HEX16", or null (random initialisation)
+    pretrained_tag: Optional[str] = None
 
 
 @dataclass

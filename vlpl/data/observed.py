@@ -6,6 +6,8 @@ All functions are pure numpy. Observed labels follow ALGORITHMS.md 1: ``+1`` obs
 * :func:`single_positive_cole` — Cole et al.'s single-positive protocol (ALGORITHMS.md 2b,
   Decision 8), bit-identical to ``preproc/generate_observed_labels.py``.
 * :func:`partial_keep_mask` — the MLR-PL keep-ratio protocol (ALGORITHMS.md 10).
+* :func:`fixed_per_class` / :func:`random_per_sample` — CSL's FPC(N) and RPS(q) simulations (ALGORITHMS.md
+  9e), seeded (the reference draws from numpy's unseeded global state; ours records its seed in the store).
 * :func:`full_observed` / :func:`no_observed` — the full-label upper bound and zero-shot use.
 * :func:`load_given_observed` — observed labels read from an ``.npy`` file, checked.
 * :func:`simulate_observed` — dispatch on an :class:`~vlpl.config.ObservedConfig` mode.
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 
@@ -22,8 +24,10 @@ from vlpl.config import ConfigError, ObservedConfig
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SEEDS = {"single_positive": 1200, "partial": 0}
-MODES = ("single_positive", "partial", "given", "full", "none")
+DEFAULT_SEEDS = {"single_positive": 1200, "partial": 0, "fpc": 0, "rps": 0}
+MODES = ("single_positive", "partial", "fpc", "rps", "given", "full", "none")
+#: the modes that draw from a seeded RandomState
+SEEDED_MODES = ("single_positive", "partial", "fpc", "rps")
 
 
 def _check_labels01(labels01: np.ndarray) -> np.ndarray:
@@ -95,6 +99,53 @@ def partial_keep_mask(labels01: np.ndarray, keep: float, seed: int = 0) -> np.nd
     return np.where(u < keep, pm, 0).astype(np.int8)
 
 
+def fixed_per_class(labels01: np.ndarray, per_class: int, seed: int = 0) -> np.ndarray:
+    """CSL's FPC(N) ("fix_per_class", ALGORITHMS.md 9e): per class, ``min(N, #pos)`` annotated positives and
+    ``min(N, #neg)`` annotated negatives, drawn uniformly without replacement; everything else unknown.
+
+    The draws replay CSL's ``coco_simulation.py`` call for call on one ``RandomState(seed)``: for each class
+    ``c`` in order, ``rng.choice(idx_pos, min(N, len(idx_pos)), replace=False)`` then the same for the
+    negatives (``idx_*`` = ``np.where`` over the rows, increasing). With ``np.random.seed(seed)`` set before
+    the reference runs, its simulated matrix equals ours (the reference itself sets no seed).
+
+    Returns:
+        ``(N, C)`` int8: +1 / -1 at the drawn entries, 0 elsewhere.
+    """
+    a = _check_labels01(labels01)
+    if int(per_class) != per_class or per_class < 0:
+        raise ValueError(f"per_class must be a non-negative integer, got {per_class!r}")
+    n = int(per_class)
+    rng = np.random.RandomState(seed)
+    out = np.zeros(a.shape, dtype=np.int8)
+    for c in range(a.shape[1]):
+        idx_pos = np.where(a[:, c] == 1)[0]
+        idx_neg = np.where(a[:, c] == 0)[0]
+        pos = rng.choice(idx_pos, min(n, len(idx_pos)), replace=False)
+        neg = rng.choice(idx_neg, min(n, len(idx_neg)), replace=False)
+        out[pos, c] = 1
+        out[neg, c] = -1
+    return out
+
+
+def random_per_sample(labels01: np.ndarray, drop: float, seed: int = 0) -> np.ndarray:
+    """CSL's RPS(q) ("random_per_sample", ALGORITHMS.md 9e): each label independently becomes unknown with
+    probability ``q = drop``; the others keep their +1 / -1.
+
+    ``u = RandomState(seed).random_sample((N, C))`` (the reference's ``np.random.random(S.shape)``, C order);
+    an entry is dropped iff ``u < drop``. Note the complement of :func:`partial_keep_mask`: RPS(q) on the same
+    seed keeps exactly the entries that the keep-ratio protocol with ``keep = q`` drops.
+
+    Returns:
+        ``(N, C)`` int8: +1 / -1 where kept, 0 where dropped.
+    """
+    a = _check_labels01(labels01)
+    if not 0.0 <= drop <= 1.0:
+        raise ValueError(f"drop must be in [0, 1], got {drop}")
+    u = np.random.RandomState(seed).random_sample(a.shape)
+    pm = (2 * a.astype(np.int8) - 1).astype(np.int8)
+    return np.where(u < drop, 0, pm).astype(np.int8)
+
+
 def full_observed(labels01: np.ndarray) -> np.ndarray:
     """Every label observed: +1 for positives, -1 for negatives (the full-label upper bound)."""
     a = _check_labels01(labels01)
@@ -143,8 +194,27 @@ def load_given_observed(
 
 
 def resolve_seed(cfg: ObservedConfig) -> Optional[int]:
-    """The seed in effect: ``cfg.seed``, else 1200 for single_positive and 0 for partial."""
+    """The seed in effect: ``cfg.seed``, else 1200 for single_positive and 0 for partial, fpc and rps."""
     return cfg.seed if cfg.seed is not None else DEFAULT_SEEDS.get(cfg.mode)
+
+
+def protocol_entry(cfg: ObservedConfig) -> Dict[str, Any]:
+    """What produced the observed labels, for the store manifest: the mode, the seed in effect (for the
+    seeded modes) and the mode's own parameter (``keep``, ``per_class``, ``drop``, ``num_neg`` or ``file``)."""
+    entry: Dict[str, Any] = {"mode": cfg.mode}
+    if cfg.mode in SEEDED_MODES:
+        entry["seed"] = resolve_seed(cfg)
+    if cfg.mode == "single_positive":
+        entry["num_neg"] = cfg.num_neg
+    elif cfg.mode == "partial":
+        entry["keep"] = cfg.keep
+    elif cfg.mode == "fpc":
+        entry["per_class"] = cfg.per_class
+    elif cfg.mode == "rps":
+        entry["drop"] = cfg.drop
+    elif cfg.mode == "given" and cfg.file is not None:
+        entry["file"] = cfg.file
+    return entry
 
 
 def simulate_observed(labels01: np.ndarray, cfg: ObservedConfig) -> np.ndarray:
@@ -158,7 +228,19 @@ def simulate_observed(labels01: np.ndarray, cfg: ObservedConfig) -> np.ndarray:
     if mode == "single_positive":
         return single_positive_cole(labels01, seed=int(resolve_seed(cfg)), num_neg=cfg.num_neg)  # type: ignore[arg-type]
     if mode == "partial":
+        if not 0.0 < cfg.keep <= 1.0:
+            raise ConfigError(f"data.observed.keep: expected the known-label proportion p in (0, 1] "
+                              f"(the protocol's 0.1 .. 0.9), got {cfg.keep}")
         return partial_keep_mask(labels01, keep=cfg.keep, seed=int(resolve_seed(cfg)))  # type: ignore[arg-type]
+    if mode == "fpc":
+        if isinstance(cfg.per_class, bool) or not isinstance(cfg.per_class, int) or cfg.per_class < 1:
+            raise ConfigError(f"data.observed.per_class: expected FPC's N, an integer >= 1, got {cfg.per_class!r}")
+        return fixed_per_class(labels01, per_class=cfg.per_class, seed=int(resolve_seed(cfg)))  # type: ignore[arg-type]
+    if mode == "rps":
+        if not 0.0 <= cfg.drop < 1.0:
+            raise ConfigError(f"data.observed.drop: expected RPS's q (share of labels made unknown) in [0, 1), "
+                              f"got {cfg.drop}")
+        return random_per_sample(labels01, drop=cfg.drop, seed=int(resolve_seed(cfg)))  # type: ignore[arg-type]
     if mode == "full":
         return full_observed(labels01)
     if mode == "none":

@@ -13,7 +13,11 @@ as Cole et al. (ALGORITHMS.md 2b, Decision 8):
 Formats (``cfg.format``):
 
 * ``folder`` — ``labels.csv`` (``image,split,labels``, names joined by ``|``) or ``labels.jsonl``,
-  plus ``classes.txt``: :func:`read_folder`.
+  plus ``classes.txt``: :func:`read_folder`. With columns ``positives,negatives`` instead of ``labels`` the
+  file holds real partial annotations (everything not listed is unknown).
+* ``openimages`` — OpenImages image-level CSVs (``ImageID,Source,LabelName,Confidence``) and the
+  class-descriptions CSV: :func:`read_openimages` (partial annotations).
+* ``vg200`` — VG-200 as the MLR-PL release lays it out: :func:`read_vg200`.
 * ``coco`` — official instances JSON: :func:`read_coco`.
 * ``voc`` — ``VOCdevkit/VOC2012/ImageSets/Main``: :func:`read_voc`.
 * ``cole`` — Cole's ``formatted_*.npy``: :func:`read_cole`.
@@ -31,7 +35,7 @@ from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Se
 import numpy as np
 
 from vlpl.config import ConfigError, DataConfig, resolve_path
-from vlpl.data.observed import MODES, load_given_observed, no_observed, simulate_observed
+from vlpl.data.observed import MODES, load_given_observed, no_observed, protocol_entry, simulate_observed
 from vlpl.data.records import HF_PREFIX, LabelledDataset, Sample
 
 logger = logging.getLogger(__name__)
@@ -61,7 +65,7 @@ class RawItem(NamedTuple):
 
     sample_id: str
     image: str
-    labels: Optional[np.ndarray]  # (C,) int8 in {0,1}, or None when unknown
+    labels: Optional[np.ndarray]  # (C,) int8 in {0,1}; {-1,0,1} for partial annotations; None when unknown
 
 
 @dataclass
@@ -81,6 +85,9 @@ class OfficialSplits:
         hf_image_column: its image column.
         hf_path: where ``hf`` was loaded from (absolute local path or hub id).
         default_name: the dataset name used when ``cfg.name`` is not set.
+        labels_kind: ``"full"`` (``RawItem.labels`` in {0,1}: every entry known) or ``"partial"`` (real partial
+            annotations, ``RawItem.labels`` in {-1,0,1} with 0 = unknown; they are also the observed labels of
+            ``observed.mode: given``).
     """
 
     root: Path
@@ -93,6 +100,7 @@ class OfficialSplits:
     hf_path: Optional[str] = None
     hf_image_column: str = "image"
     default_name: Optional[str] = None
+    labels_kind: str = "full"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -160,7 +168,19 @@ def train_val_split(n: int, val_fraction: float = 0.2, seed: int = 1200) -> Tupl
 # --------------------------------------------------------------------------------------------------
 
 FOLDER_COLUMNS = ("image", "split", "labels")
+#: the columns (JSON keys) of a labels file with real partial annotations
+PARTIAL_COLUMNS = ("image", "split", "positives", "negatives")
 FOLDER_SPLITS = ("train", "val", "test")
+
+
+class _Row(NamedTuple):
+    """One row of a folder labels file: names of its positives and, for a partial file, its negatives."""
+
+    line_no: int
+    image: str
+    split: str
+    positives: List[str]
+    negatives: Optional[List[str]]  # None: a full-label file (everything not positive is negative)
 
 
 def read_folder(cfg: DataConfig) -> OfficialSplits:
@@ -170,6 +190,11 @@ def read_folder(cfg: DataConfig) -> OfficialSplits:
       ``|`` (empty: no label, an all-zero row).
     * ``labels.jsonl``: one object per line with keys ``image``, ``split`` and ``labels`` (a list of
       class names).
+    * **Real partial annotations**: columns (keys) ``image,split,positives,negatives`` instead, ``positives`` and
+      ``negatives`` written as ``labels`` is (names joined by ``|``; JSON lists). Listed positives are +1, listed
+      negatives -1, every other class unknown (0); the dataset's labels are then ``partial``
+      (:attr:`OfficialSplits.labels_kind`) and ``observed.mode: given`` takes them as the observed labels.
+      A class listed both positive and negative on one row is an error.
     * ``image`` is relative to ``cfg.root``; ``split`` is ``train`` or ``test`` (the official
       splits), or ``val``. ``val`` rows are an already-carved validation split: they belong to the
       official train split (observed labels are simulated over ``train`` + ``val`` rows together in
@@ -177,12 +202,13 @@ def read_folder(cfg: DataConfig) -> OfficialSplits:
     * ``cfg.labels`` chooses the file (``.jsonl`` suffix: JSON lines, else CSV); by default
       ``labels.csv``, else ``labels.jsonl``. ``cfg.classes`` defaults to ``classes.txt``.
     * ``sample_id`` is the image path without its extension.
-    * Strict: exactly the three columns (keys), every CSV row with three fields, UTF-8 text (a leading
-      BOM is accepted); every error names the file and the line.
+    * Strict: exactly one of the two column sets (keys), every CSV row with as many fields as the header,
+      UTF-8 text (a leading BOM is accepted); every error names the file and the line.
     """
     root = Path(cfg.root)
     classes = read_class_list(_classes_path(cfg, root))
     index = {n: i for i, n in enumerate(classes)}
+    C = len(classes)
     if cfg.labels is not None:
         lpath = resolve_path(root, cfg.labels)
         assert lpath is not None
@@ -197,33 +223,55 @@ def read_folder(cfg: DataConfig) -> OfficialSplits:
             )
         lpath = found[0]
     rows = _read_jsonl_rows(lpath) if lpath.suffix.lower() == ".jsonl" else _read_csv_rows(lpath)
+    partial = bool(rows) and rows[0].negatives is not None
 
-    train: List[RawItem] = []
-    is_val: List[bool] = []
-    test: List[RawItem] = []
-    for line_no, image, split, names in rows:
-        if not image:
-            raise DatasetFormatError(f"{lpath}, line {line_no}: empty image path")
-        if split not in FOLDER_SPLITS:
-            raise DatasetFormatError(
-                f"{lpath}, line {line_no}: split {split!r}; expected one of: {', '.join(FOLDER_SPLITS)}"
-            )
+    def columns(names: List[str], line_no: int, what: str) -> List[int]:
         idx = []
         for name in names:
             if name not in index:
                 raise DatasetFormatError(
-                    f"{lpath}, line {line_no}: unknown class name {name!r} (not in the class list)"
+                    f"{lpath}, line {line_no}: unknown class name {name!r} in {what} (not in the class list)"
                 )
             idx.append(index[name])
-        item = RawItem(_sample_id_from_path(image), image, _multi_hot(idx, len(classes)))
-        if split == "test":
+        return idx
+
+    train: List[RawItem] = []
+    is_val: List[bool] = []
+    test: List[RawItem] = []
+    for row in rows:
+        if not row.image:
+            raise DatasetFormatError(f"{lpath}, line {row.line_no}: empty image path")
+        if row.split not in FOLDER_SPLITS:
+            raise DatasetFormatError(
+                f"{lpath}, line {row.line_no}: split {row.split!r}; expected one of: {', '.join(FOLDER_SPLITS)}"
+            )
+        pos = columns(row.positives, row.line_no, "positives" if partial else "labels")
+        if row.negatives is None:
+            vec = _multi_hot(pos, C)
+        else:
+            neg = columns(row.negatives, row.line_no, "negatives")
+            both = sorted(set(pos) & set(neg))
+            if both:
+                raise DatasetFormatError(
+                    f"{lpath}, line {row.line_no}: class {classes[both[0]]!r} is listed both as a positive and as "
+                    f"a negative; an annotation is one or the other"
+                )
+            vec = _multi_hot(pos, C) - _multi_hot(neg, C)
+        item = RawItem(_sample_id_from_path(row.image), row.image, vec)
+        if row.split == "test":
             test.append(item)
         else:
             train.append(item)
-            is_val.append(split == "val")
+            is_val.append(row.split == "val")
     carved = np.array(is_val, dtype=bool) if any(is_val) else None
     return OfficialSplits(root=root, classes=classes, train=train, test=test, carved_val=carved,
-                          default_name=root.name)
+                          default_name=root.name, labels_kind="partial" if partial else "full")
+
+
+def _names(raw: str) -> List[str]:
+    """Class names of one CSV cell: joined by ``|``, stripped, empty ones dropped."""
+    raw = raw.strip()
+    return [n for n in (x.strip() for x in raw.split("|")) if n] if raw else []
 
 
 def _text_lines(path: Path) -> Iterator[Tuple[int, str]]:
@@ -242,8 +290,17 @@ def _text_lines(path: Path) -> Iterator[Tuple[int, str]]:
                 ) from None
 
 
-def _read_csv_rows(path: Path) -> List[Tuple[int, str, str, List[str]]]:
-    """Rows of a ``image,split,labels`` CSV: exactly these columns (any order), every row with 3 fields."""
+def _column_set(header: List[str]) -> Optional[Tuple[str, ...]]:
+    """Which of the two accepted column sets ``header`` is (any order), or None."""
+    for cols in (FOLDER_COLUMNS, PARTIAL_COLUMNS):
+        if sorted(header) == sorted(cols):
+            return cols
+    return None
+
+
+def _read_csv_rows(path: Path) -> List[_Row]:
+    """Rows of an ``image,split,labels`` or ``image,split,positives,negatives`` CSV: exactly one of these
+    column sets (any order), every row with as many fields as the header."""
     lines = _text_lines(path)
     counter = {"line": 0}
 
@@ -256,22 +313,27 @@ def _read_csv_rows(path: Path) -> List[Tuple[int, str, str, List[str]]]:
     try:
         header = [h.strip() for h in next(reader)]
     except StopIteration:
-        raise DatasetFormatError(f"{path}: empty file; expected a header line {','.join(FOLDER_COLUMNS)}") from None
+        raise DatasetFormatError(f"{path}: empty file; expected a header line {','.join(FOLDER_COLUMNS)} "
+                                 f"(or {','.join(PARTIAL_COLUMNS)})") from None
     except csv.Error as e:
         raise DatasetFormatError(f"{path}, line {counter['line']}: {e}") from None
-    expected = ", ".join(FOLDER_COLUMNS)
-    missing = [c for c in FOLDER_COLUMNS if c not in header]
-    extra = [c for c in header if c not in FOLDER_COLUMNS]
-    dup = sorted({c for c in header if header.count(c) > 1})
-    if missing or extra or dup:
+    cols = _column_set(header)
+    if cols is None:
+        ref = PARTIAL_COLUMNS if any(h in ("positives", "negatives") for h in header) else FOLDER_COLUMNS
+        missing = [c for c in ref if c not in header]
+        extra = [c for c in header if c not in ref]
+        dup = sorted({c for c in header if header.count(c) > 1})
         what = "; ".join(x for x in (
             f"missing column(s) {', '.join(missing)}" if missing else "",
             f"unexpected column(s) {', '.join(repr(c) for c in extra)}" if extra else "",
             f"repeated column(s) {', '.join(dup)}" if dup else "") if x)
         raise DatasetFormatError(
-            f"{path}, line 1: {what}; expected exactly the columns {','.join(FOLDER_COLUMNS)} (found: {','.join(header) or 'none'})"
+            f"{path}, line 1: {what}; expected exactly the columns {','.join(FOLDER_COLUMNS)} (full labels) or "
+            f"{','.join(PARTIAL_COLUMNS)} (partial annotations) (found: {','.join(header) or 'none'})"
         )
-    col = {c: header.index(c) for c in FOLDER_COLUMNS}
+    expected = ", ".join(cols)
+    col = {c: header.index(c) for c in cols}
+    partial = cols == PARTIAL_COLUMNS
     out = []
     while True:
         try:
@@ -287,16 +349,20 @@ def _read_csv_rows(path: Path) -> List[Tuple[int, str, str, List[str]]]:
             raise DatasetFormatError(
                 f"{path}, line {line_no}: {len(fields)} field(s), expected {len(header)} ({expected})"
             )
-        raw = fields[col["labels"]].strip()
-        names = [n.strip() for n in raw.split("|")] if raw else []
-        out.append((line_no, fields[col["image"]].strip(), fields[col["split"]].strip(), [n for n in names if n]))
+        image, split = fields[col["image"]].strip(), fields[col["split"]].strip()
+        if partial:
+            out.append(_Row(line_no, image, split, _names(fields[col["positives"]]),
+                            _names(fields[col["negatives"]])))
+        else:
+            out.append(_Row(line_no, image, split, _names(fields[col["labels"]]), None))
     return out
 
 
-def _read_jsonl_rows(path: Path) -> List[Tuple[int, str, str, List[str]]]:
-    """Rows of a JSON-lines file: one object per line with exactly the keys image, split, labels."""
+def _read_jsonl_rows(path: Path) -> List[_Row]:
+    """Rows of a JSON-lines file: one object per line with exactly the keys image, split, labels, or (every
+    line alike) image, split, positives, negatives."""
     out = []
-    expected = ", ".join(FOLDER_COLUMNS)
+    cols: Optional[Tuple[str, ...]] = None
     for line_no, line in _text_lines(path):
         if not line.strip():
             continue
@@ -305,21 +371,33 @@ def _read_jsonl_rows(path: Path) -> List[Tuple[int, str, str, List[str]]]:
         except json.JSONDecodeError as e:
             raise DatasetFormatError(f"{path}, line {line_no}: not valid JSON: {e}") from None
         if not isinstance(obj, dict):
-            raise DatasetFormatError(f"{path}, line {line_no}: expected an object with keys {expected}")
-        missing = [k for k in FOLDER_COLUMNS if k not in obj]
-        extra = [k for k in obj if k not in FOLDER_COLUMNS]
-        if missing or extra:
+            raise DatasetFormatError(f"{path}, line {line_no}: expected an object with keys {', '.join(FOLDER_COLUMNS)}"
+                                     f" (or {', '.join(PARTIAL_COLUMNS)})")
+        this = _column_set(list(obj))
+        if this is None or (cols is not None and this != cols):
+            ref = cols or (PARTIAL_COLUMNS if "positives" in obj or "negatives" in obj else FOLDER_COLUMNS)
+            missing = [k for k in ref if k not in obj]
+            extra = [k for k in obj if k not in ref]
             what = "; ".join(x for x in (f"missing key(s) {', '.join(missing)}" if missing else "",
                                          f"unexpected key(s) {', '.join(repr(k) for k in extra)}" if extra else "")
                              if x)
-            raise DatasetFormatError(f"{path}, line {line_no}: {what}; expected exactly the keys {expected}")
+            same = " (every line must use the keys of the first)" if cols is not None else ""
+            raise DatasetFormatError(f"{path}, line {line_no}: {what}; expected exactly the keys {', '.join(ref)}{same}")
+        cols = this
         for key in ("image", "split"):
             if not isinstance(obj[key], str):
                 raise DatasetFormatError(f"{path}, line {line_no}: {key!r} must be a string, got {obj[key]!r}")
-        labels = obj["labels"]
-        if not isinstance(labels, list) or not all(isinstance(n, str) for n in labels):
-            raise DatasetFormatError(f"{path}, line {line_no}: 'labels' must be a list of class names")
-        out.append((line_no, obj["image"].strip(), obj["split"].strip(), [n.strip() for n in labels if n.strip()]))
+        lists = {}
+        for key in cols[2:]:
+            v = obj[key]
+            if not isinstance(v, list) or not all(isinstance(n, str) for n in v):
+                raise DatasetFormatError(f"{path}, line {line_no}: {key!r} must be a list of class names")
+            lists[key] = [n.strip() for n in v if n.strip()]
+        if cols == PARTIAL_COLUMNS:
+            out.append(_Row(line_no, obj["image"].strip(), obj["split"].strip(), lists["positives"],
+                            lists["negatives"]))
+        else:
+            out.append(_Row(line_no, obj["image"].strip(), obj["split"].strip(), lists["labels"], None))
     return out
 
 
@@ -347,13 +425,19 @@ def read_coco(cfg: DataConfig) -> OfficialSplits:
     * Class ``k`` is the ``k``-th entry of the JSON's ``categories`` list (category ids are not
       contiguous); classes are the category names. Both JSON files must list the same categories.
     * Image-level label: positive iff the image has at least one instance of the category.
-    * Images are sorted by ``str(image_id)`` (Cole sorts the ids as strings).
+    * Images are sorted by ``str(image_id)`` (Cole sorts the ids as strings); with
+      ``cfg.image_order: json`` they keep the order of the JSON's ``images`` list instead, which is
+      pycocotools' ``coco.imgs`` order and so the rows the MLR-PL keep-ratio protocol draws its mask over
+      (``HCP-MLR-PL datasets/coco2014.py``: ``ids = list(coco.imgs.keys())``; ALGORITHMS.md 10).
     * ``cfg.keep_unannotated=False`` (Cole) keeps only images with at least one annotation; True
       (the MLR-PL protocol, ALGORITHMS.md 10) also keeps the others, as all-zero rows.
     * Image path: ``<image_dir>/<file_name>`` from the JSON's ``images`` list; ``sample_id`` is that
       path without the extension, e.g. ``train2014/COCO_train2014_000000000009``.
     """
     root = Path(cfg.root)
+    if cfg.image_order not in ("id_str", "json"):
+        raise ConfigError(f"data.image_order: expected 'id_str' (Cole) or 'json' (the instances JSON's images "
+                          f"order, MLR-PL), got {cfg.image_order!r}")
     ann_files = {**COCO_DEFAULT_ANNOTATIONS, **cfg.annotations}
     image_dirs = {**COCO_DEFAULT_IMAGE_DIRS, **cfg.image_dirs}
     classes: Optional[List[str]] = None
@@ -391,7 +475,12 @@ def read_coco(cfg: DataConfig) -> OfficialSplits:
             keep_ids |= set(file_names)
         n_unannotated = len(set(file_names) - set(pos))
         items = []
-        for img_id in sorted(keep_ids, key=str):
+        if cfg.image_order == "json":
+            order = [i for i in dict.fromkeys(img["id"] for img in data.get("images", [])) if i in keep_ids]
+            order += sorted(keep_ids - set(order), key=str)  # annotated ids missing from 'images': error below
+        else:
+            order = sorted(keep_ids, key=str)
+        for img_id in order:
             fname = file_names.get(img_id)
             if not fname:
                 raise DatasetFormatError(f"{path}: image id {img_id!r} is annotated but has no 'images' entry")
@@ -678,6 +767,235 @@ def read_hf(cfg: DataConfig) -> OfficialSplits:
 
 
 # --------------------------------------------------------------------------------------------------
+# openimages: image-level CSVs with human-verified positives and negatives
+# --------------------------------------------------------------------------------------------------
+
+OPENIMAGES_COLUMNS = ("ImageID", "Source", "LabelName", "Confidence")
+OPENIMAGES_DEFAULT_ANNOTATIONS = {
+    "train": "oidv6-train-annotations-human-imagelabels.csv",
+    "test": "test-annotations-human-imagelabels.csv",
+}
+OPENIMAGES_DEFAULT_IMAGE_DIRS = {"train": "train", "val": "validation", "test": "test"}
+OPENIMAGES_DEFAULT_CLASSES = "oidv6-class-descriptions.csv"
+
+
+def _read_csv_table(path: Path, what: str) -> Any:
+    """A CSV as a pyarrow table of strings (header row required); errors name the file."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    if not path.is_file():
+        raise DatasetFormatError(f"{what} {path} not found")
+    try:
+        with open(path, "rb") as f:
+            first = f.readline().decode("utf-8-sig", errors="replace")
+        names = next(csv.reader([first]), [])
+        return pacsv.read_csv(
+            path, convert_options=pacsv.ConvertOptions(column_types={n.strip(): pa.string() for n in names}),
+            parse_options=pacsv.ParseOptions(newlines_in_values=False))
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DatasetFormatError(f"{path}: not a readable CSV ({e})") from None
+
+
+def read_openimages_classes(path: Path) -> Tuple[List[str], List[str]]:
+    """The class-descriptions CSV: rows ``MID,DisplayName`` (a header ``LabelName,DisplayName`` or
+    ``MID,DisplayName`` is skipped; OpenImages V4's file has none). Returns ``(mids, names)`` in file order.
+    A MID listed twice is an error; a display name shared by several MIDs (OpenImages has a few) becomes
+    ``"<name> (<MID>)"`` for each of them, so class names stay unique."""
+    if not path.is_file():
+        raise DatasetFormatError(f"class descriptions {path} not found (expected a CSV of MID,DisplayName rows)")
+    mids: List[str] = []
+    names: List[str] = []
+    where: Dict[str, int] = {}
+    for line_no, line in _text_lines(path):
+        try:
+            fields = next(csv.reader([line]), [])
+        except csv.Error as e:
+            raise DatasetFormatError(f"{path}, line {line_no}: {e}") from None
+        if not fields or all(not f.strip() for f in fields):
+            continue
+        if line_no == 1 and [f.strip() for f in fields] in (["LabelName", "DisplayName"], ["MID", "DisplayName"]):
+            continue
+        if len(fields) != 2 or not fields[0].strip() or not fields[1].strip():
+            raise DatasetFormatError(f"{path}, line {line_no}: expected 'MID,DisplayName', got {line.rstrip()!r}")
+        mid = fields[0].strip()
+        if mid in where:
+            raise DatasetFormatError(f"{path}, line {line_no}: MID {mid!r} already listed on line {where[mid]}")
+        where[mid] = line_no
+        mids.append(mid)
+        names.append(fields[1].strip())
+    if not mids:
+        raise DatasetFormatError(f"class descriptions {path} list no class")
+    counts: Dict[str, int] = {}
+    for n in names:
+        counts[n] = counts.get(n, 0) + 1
+    dup = {n for n, k in counts.items() if k > 1}
+    if dup:
+        logger.info("%s: %d display name(s) shared by several MIDs; those classes are named '<name> (<MID>)'",
+                    path, len(dup))
+        names = [f"{n} ({m})" if n in dup else n for n, m in zip(names, mids)]
+    return mids, names
+
+
+def _openimages_split(path: Path, mid_index: Dict[str, int], C: int, image_dir: str) -> List[RawItem]:
+    """Rows of one OpenImages image-level CSV, one item per ImageID (sorted), labels in {-1,0,1}."""
+    table = _read_csv_table(path, "image-level label file")
+    header = table.column_names
+    missing = [c for c in OPENIMAGES_COLUMNS if c not in header]
+    if missing:
+        raise DatasetFormatError(f"{path}, line 1: missing column(s) {', '.join(missing)}; expected "
+                                 f"{','.join(OPENIMAGES_COLUMNS)} (found: {','.join(header)})")
+    ids = np.asarray(table.column("ImageID").to_pylist(), dtype=object)
+    mids = np.asarray(table.column("LabelName").to_pylist(), dtype=object)
+    conf = np.asarray(table.column("Confidence").to_pylist(), dtype=object)
+    n = len(ids)
+    for name, arr in (("ImageID", ids), ("LabelName", mids), ("Confidence", conf)):
+        empty = np.nonzero(np.array([v is None or not str(v).strip() for v in arr], bool))[0]
+        if len(empty):
+            raise DatasetFormatError(f"{path}, line {int(empty[0]) + 2}: empty {name}")
+    cvals = np.array([str(v).strip() for v in conf], dtype=object)
+    value = np.zeros(n, np.int8)
+    for text, v in (("1", 1), ("0", -1), ("1.0", 1), ("0.0", -1)):
+        value[cvals == text] = v
+    bad = np.nonzero(value == 0)[0]
+    if len(bad):
+        r = int(bad[0])
+        raise DatasetFormatError(f"{path}, line {r + 2}: Confidence {conf[r]!r}; expected 1 (a verified positive) "
+                                 f"or 0 (a verified negative)")
+    col = np.empty(n, np.int64)
+    for r, m in enumerate(mids):
+        k = mid_index.get(str(m).strip())
+        if k is None:
+            raise DatasetFormatError(f"{path}, line {r + 2}: LabelName {m!r} is not in the class descriptions "
+                                     f"(unknown class)")
+        col[r] = k
+    uniq, inv = np.unique(np.array([str(i).strip() for i in ids], dtype=object), return_inverse=True)
+    lab = np.zeros((len(uniq), C), np.int8)
+    # conflicting annotations of one (image, class): both a positive and a negative row
+    pos = np.zeros((len(uniq), C), bool)
+    neg = np.zeros((len(uniq), C), bool)
+    pos[inv[value == 1], col[value == 1]] = True
+    neg[inv[value == -1], col[value == -1]] = True
+    clash = pos & neg
+    if clash.any():
+        i, c = (int(x) for x in np.argwhere(clash)[0])
+        rows = np.nonzero((inv == i) & (col == c))[0] + 2
+        raise DatasetFormatError(f"{path}, lines {', '.join(map(str, rows[:4]))}: image {uniq[i]!r} has class "
+                                 f"{mids[rows[0] - 2]!r} both as a positive (Confidence 1) and as a negative "
+                                 f"(Confidence 0)")
+    lab[pos] = 1
+    lab[neg] = -1
+    return [RawItem(_sample_id_from_path(f"{image_dir}/{i}.jpg"), f"{image_dir}/{i}.jpg", lab[k])
+            for k, i in enumerate(uniq.tolist())]
+
+
+def read_openimages(cfg: DataConfig) -> OfficialSplits:
+    """OpenImages image-level labels (human-verified positives and negatives; ALGORITHMS.md 9f).
+
+    * ``cfg.annotations``: per official split (``train``, ``test``, and optionally ``val``, a validation split
+      carved by the dataset, e.g. OpenImages' own ``validation``) an image-level CSV with the columns
+      ``ImageID,Source,LabelName,Confidence`` (others ignored). ``Confidence`` 1 is a verified positive (+1),
+      0 a verified negative (-1); every (image, class) not in the file is unknown (0). Defaults:
+      ``oidv6-train-annotations-human-imagelabels.csv`` and ``test-annotations-human-imagelabels.csv``.
+    * ``cfg.classes``: the class-descriptions CSV (``MID,DisplayName``; default
+      ``oidv6-class-descriptions.csv``); its rows, in file order, are the classes, so a descriptions file cut
+      down to the trainable classes restricts the class set. A ``LabelName`` not in it is an error.
+    * Images: ``<image_dirs[split]>/<ImageID>.jpg`` (defaults ``train``, ``validation``, ``test``); one row per
+      ImageID that the CSV names, sorted by ImageID; ``sample_id`` is the path without the extension.
+    * Errors name the file and line: a missing column, an empty field, a Confidence other than 0/1, an unknown
+      MID, or one (image, class) given both as a positive and as a negative (repeated equal rows, e.g. from
+      two ``Source`` values, are fine).
+
+    The labels are partial (:attr:`OfficialSplits.labels_kind`): ``observed.mode: given`` trains on them and
+    ``vlpl evaluate`` scores the test split with the masked mAP.
+    """
+    root = Path(cfg.root)
+    cpath = resolve_path(root, cfg.classes or OPENIMAGES_DEFAULT_CLASSES)
+    assert cpath is not None
+    mids, classes = read_openimages_classes(cpath)
+    mid_index = {m: k for k, m in enumerate(mids)}
+    files = {**OPENIMAGES_DEFAULT_ANNOTATIONS, **cfg.annotations}
+    unknown = [k for k in files if k not in FOLDER_SPLITS]
+    if unknown:
+        raise ConfigError(f"data.annotations: keys must be train, val and/or test for format openimages, got {unknown}")
+    dirs = {**OPENIMAGES_DEFAULT_IMAGE_DIRS, **cfg.image_dirs}
+    out: Dict[str, List[RawItem]] = {}
+    for split, f in files.items():
+        path = resolve_path(root, f)
+        assert path is not None
+        out[split] = _openimages_split(path, mid_index, len(classes), dirs.get(split, split))
+        logger.info("openimages %s: %d images from %s", split, len(out[split]), path)
+    val = out.get("val", [])
+    carved = np.array([False] * len(out["train"]) + [True] * len(val), bool) if val else None
+    return OfficialSplits(root=root, classes=classes, train=out["train"] + val, test=out.get("test", []),
+                          carved_val=carved, default_name="openimages", labels_kind="partial")
+
+
+# --------------------------------------------------------------------------------------------------
+# vg200: Visual Genome 200 classes, as the MLR-PL release (HCP-MLR-PL) lays it out
+# --------------------------------------------------------------------------------------------------
+
+VG_DEFAULT_LISTS = {"train": "train_list_500.txt", "test": "test_list_500.txt"}
+VG_DEFAULT_LABELS = "vg_category_200_labels_index.json"
+VG_DEFAULT_IMAGE_DIR = "VG_100K"
+
+
+def read_vg200(cfg: DataConfig) -> OfficialSplits:
+    """VG-200 in the files of the MLR-PL code release (ALGORITHMS.md 10; docs/PARTIAL_LABELS.md).
+
+    * ``cfg.annotations``: the image lists per official split, one image file name per line (defaults
+      ``train_list_500.txt``, ``test_list_500.txt``); row order is line order (the order the protocol's
+      keep mask is drawn over).
+    * ``cfg.labels``: a JSON object mapping each image file name to the list of its positive class indices
+      (0-based; default ``vg_category_200_labels_index.json``); every other class is negative (full labels).
+    * ``cfg.classes``: the class names, one per line, in index order (default ``classes.txt``). The release
+      ships no names (only word vectors), so this file must be supplied; its length is C.
+    * Images: ``<image_dirs[split]>/<name>`` (default ``VG_100K`` for both splits).
+    """
+    root = Path(cfg.root)
+    cpath = _classes_path(cfg, root)
+    if not cpath.is_file():
+        raise ConfigError(f"data.classes: format 'vg200' needs the 200 class names, one per line in index order; "
+                          f"{cpath} not found (the MLR-PL release ships none: see docs/PARTIAL_LABELS.md)")
+    classes = read_class_list(cpath)
+    C = len(classes)
+    lpath = resolve_path(root, cfg.labels or VG_DEFAULT_LABELS)
+    assert lpath is not None
+    index = _load_json(lpath)
+    if not isinstance(index, dict):
+        raise DatasetFormatError(f"{lpath}: expected a JSON object mapping image names to lists of class indices")
+    files = {**VG_DEFAULT_LISTS, **cfg.annotations}
+    unknown = [k for k in files if k not in OFFICIAL_SPLITS]
+    if unknown:
+        raise ConfigError(f"data.annotations: keys must be train and/or test for format vg200, got {unknown}")
+    out: Dict[str, List[RawItem]] = {}
+    for split in OFFICIAL_SPLITS:
+        path = resolve_path(root, files[split])
+        assert path is not None
+        if not path.is_file():
+            raise DatasetFormatError(f"image list {path} not found (one image file name per line)")
+        image_dir = cfg.image_dirs.get(split, VG_DEFAULT_IMAGE_DIR)
+        items = []
+        for line_no, line in _text_lines(path):
+            name = line.strip()
+            if not name:
+                continue
+            if name not in index:
+                raise DatasetFormatError(f"{path}, line {line_no}: image {name!r} has no entry in {lpath}")
+            idx = index[name]
+            if not isinstance(idx, list) or not all(isinstance(k, int) and not isinstance(k, bool) for k in idx):
+                raise DatasetFormatError(f"{lpath}: entry {name!r} must be a list of class indices, got {idx!r}")
+            out_of_range = [k for k in idx if not 0 <= k < C]
+            if out_of_range:
+                raise DatasetFormatError(f"{lpath}: entry {name!r} has class index {out_of_range[0]}, outside "
+                                         f"0..{C - 1} ({C} classes in {cpath})")
+            image = str(PurePosixPath(image_dir) / name)
+            items.append(RawItem(_sample_id_from_path(image), image, _multi_hot(sorted(set(idx)), C)))
+        out[split] = items
+    return OfficialSplits(root=root, classes=classes, train=out["train"], test=out["test"], default_name="vg200")
+
+
+# --------------------------------------------------------------------------------------------------
 # Common assembly
 # --------------------------------------------------------------------------------------------------
 
@@ -687,10 +1005,13 @@ READERS: Dict[str, Callable[[DataConfig], OfficialSplits]] = {
     "voc": read_voc,
     "cole": read_cole,
     "hf": read_hf,
+    "openimages": read_openimages,
+    "vg200": read_vg200,
 }
 
 
 def _split_labels(items: List[RawItem], split: str, C: int) -> Optional[np.ndarray]:
+    """The split's label matrix (full {0,1} or partial {-1,0,1}, as read), or None when unknown."""
     known = [it.labels is not None for it in items]
     if not items:
         return np.zeros((0, C), dtype=np.int8)
@@ -706,6 +1027,17 @@ def _observed_for_split(
 ) -> np.ndarray:
     ocfg = cfg.observed
     C = len(raw.classes)
+    if raw.labels_kind == "partial" and ocfg.mode not in ("given", "none"):
+        raise ConfigError(
+            f"data.observed.mode: {ocfg.mode!r} simulates observed labels from full labels, but this dataset's "
+            f"labels are partial annotations (format {cfg.format!r}); use mode 'given' (the annotations are the "
+            f"observed labels) or 'none'"
+        )
+    if ocfg.mode == "given" and raw.labels_kind == "partial" and ocfg.file is None:
+        if labels is None:
+            return no_observed((n, C))
+        logger.info("observed labels of official %s split: the dataset's partial annotations", split)
+        return labels.astype(np.int8).copy()
     if ocfg.mode == "given":
         path: Optional[Path] = None
         if split == "train" and ocfg.file is not None:
@@ -783,7 +1115,8 @@ def build_dataset(raw: OfficialSplits, cfg: DataConfig) -> LabelledDataset:
     name = cfg.name or raw.default_name or cfg.format
     ds = LabelledDataset(root=raw.root, classes=list(raw.classes), samples=samples, name=name,
                          _hf=raw.hf, _hf_image_column=raw.hf_image_column, hf_path=raw.hf_path,
-                         image_config=cfg.images)
+                         image_config=cfg.images, labels_kind=raw.labels_kind,
+                         observed_protocol=protocol_entry(cfg.observed))
     logger.info(
         "dataset %s (%s): %d classes, train %d / val %d / test %d, observed mode %s",
         name, cfg.format, C, len(train_idx), len(val_idx), len(official["test"]), cfg.observed.mode,

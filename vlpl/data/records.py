@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 import numpy as np
 
@@ -37,7 +37,9 @@ class Sample:
         image: image path relative to :attr:`LabelledDataset.root` (``"hf://<hfsplit>/<index>"`` for
             Hugging Face datasets).
         split: ``"train"``, ``"val"`` (the part carved out of the official train split) or ``"test"``.
-        labels: ``(C,)`` int8 in {0,1}, or ``None`` when the full labels are unknown.
+        labels: ``(C,)`` int8 in {0,1} (full labels), or in {-1,0,1} when the dataset's labels are partial
+            annotations (:attr:`LabelledDataset.labels_kind` ``"partial"``: 0 = unknown, never a negative), or
+            ``None`` when unknown.
         observed: ``(C,)`` int8 in {-1,0,1} (negative, unknown, positive; ALGORITHMS.md 1).
     """
 
@@ -57,6 +59,10 @@ class LabelledDataset:
         classes: class names; column ``c`` of every label vector is ``classes[c]``.
         samples: train samples, then val, then test (see the module docstring).
         name: a short dataset name (for logs and output folders).
+        labels_kind: ``"full"`` (sample labels in {0,1}) or ``"partial"`` (real partial annotations in {-1,0,1});
+            recorded in the store manifest, where it tells evaluation to use the masked mAP.
+        observed_protocol: how the observed labels were made (mode, seed, parameter;
+            :func:`vlpl.data.observed.protocol_entry`), recorded in the store manifest.
     """
 
     root: Path
@@ -67,6 +73,8 @@ class LabelledDataset:
     _hf_image_column: str = field(default="image", repr=False, compare=False)
     hf_path: Optional[str] = field(default=None, repr=False, compare=False)  # where _hf was loaded from
     image_config: ImageConfig = field(default_factory=ImageConfig, repr=False, compare=False)
+    labels_kind: str = "full"
+    observed_protocol: Dict[str, Any] = field(default_factory=dict)
     _source: Optional[ImageSource] = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
@@ -110,7 +118,8 @@ class LabelledDataset:
         return [self.samples[i] for i in self.split_indices(split)]
 
     def label_matrix(self, split: Optional[str] = None) -> np.ndarray:
-        """Full labels ``(N, C)`` int8 in {0,1} of ``split`` (all samples when None).
+        """Labels ``(N, C)`` int8 of ``split`` (all samples when None): in {0,1}, or in {-1,0,1} when
+        :attr:`labels_kind` is ``"partial"``.
 
         Raises:
             ValueError: some of those samples have unknown full labels.
