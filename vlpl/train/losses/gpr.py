@@ -74,9 +74,9 @@ class GPRLoss(_GRScheduled):
         return 1.0 - v.clamp(1.0 - self.lambda1, 1.0 - self.lambda2)
 
     def forward(self, batch: LossBatch) -> Dict[str, torch.Tensor]:
-        _, p, _, m = self._prepare(batch)
+        s, p, _, m = self._prepare(batch)
         pp, pn, neutral = self._pseudo_masks(batch, p, m)
-        gr_term, v = self._gr_unknown(p)
+        gr_term, v = self._gr_unknown(s, p)
         lpos, lneg = neg_log_pos(p, self.eps), neg_log_neg(p, self.eps)
         omega = self.pseudo_pos_weight(v)
         terms = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from vlpl.registry import LOSSES
 from vlpl.train import loss_params as P
@@ -12,20 +13,33 @@ from vlpl.train.losses.base import LossBatch, SPMLLoss, neg_log_neg, neg_log_pos
 from vlpl.train.schedules import gr_mu_sigma, gr_wb
 
 
-def gce_pos(p: torch.Tensor, q2: float) -> torch.Tensor:
-    """``L+(p) = (1 - p^q2) / q2`` (ALGORITHMS.md §5a).
+def _one_minus_exp(x: torch.Tensor) -> torch.Tensor:
+    """``1 - exp(x)`` for ``x <= 0``, exact in value and gradient: ``-expm1(x)`` near 0 (no cancellation), and
+    ``1 - exp(x)`` below -1, where ``expm1``'s backward (``result + 1``) would cancel to 0 while ``exp(x)``
+    is still representable (e.g. ``x = -30``: slope ``-e^-30``, not 0)."""
+    return torch.where(x < -1.0, 1.0 - torch.exp(x), -torch.expm1(x))
 
-    ``p`` is clamped below at the smallest positive float, which changes no value that has not
-    underflowed to 0 and keeps the gradient of ``p^q2`` finite.
+
+def gce_pos(s: torch.Tensor, q2: float) -> torch.Tensor:
+    """``L+(p) = (1 - p^q2) / q2`` with ``p = sigmoid(s)`` (ALGORITHMS.md §5a), from the logits ``s``.
+
+    Computed exactly as ``(1 - exp(q2 logsigmoid(s))) / q2`` (``p^q2 = exp(q2 log p)``; see
+    :func:`_one_minus_exp`), so it stays right where ``p`` underflows in float32 (``s`` below about -87,
+    where ``sigmoid(s)`` leaves the normal range, and 0 from about -104): at ``s = -100`` and ``q2 = 0.01``
+    the value is ``(1 - e^-1) / 0.01 = 63.21`` and the gradient ``dL+/ds = -p^q2 (1 - p) = -e^-1``. A clamp
+    of ``p`` at the smallest normal float (the previous form) gave 58.24 there and a zero gradient: it did
+    change the values whose ``p`` had underflowed.
     """
-    tiny = torch.finfo(p.dtype).tiny
-    return (1.0 - p.clamp_min(tiny) ** q2) / q2
+    return _one_minus_exp(q2 * F.logsigmoid(s)) / q2
 
 
-def gce_neg(p: torch.Tensor, q3: float) -> torch.Tensor:
-    """``L-(p) = (1 - (1 - p)^q3) / q3`` (ALGORITHMS.md §5a); ``q3 = 1`` gives ``L- = p``."""
-    tiny = torch.finfo(p.dtype).tiny
-    return (1.0 - (1.0 - p).clamp_min(tiny) ** q3) / q3
+def gce_neg(s: torch.Tensor, q3: float) -> torch.Tensor:
+    """``L-(p) = (1 - (1 - p)^q3) / q3`` with ``p = sigmoid(s)`` (ALGORITHMS.md §5a), from the logits ``s``.
+
+    Computed exactly as ``(1 - exp(q3 logsigmoid(-s))) / q3`` (``1 - p = sigmoid(-s)``), finite with the
+    exact gradient ``dL-/ds = (1 - p)^q3 p`` at any logit; ``q3 = 1`` gives ``L- = p``.
+    """
+    return _one_minus_exp(q3 * F.logsigmoid(-s)) / q3
 
 
 def gr_k(p_detached: torch.Tensor, w: float, b: float) -> torch.Tensor:
@@ -75,13 +89,14 @@ class _GRScheduled(SPMLLoss):
             raise RuntimeError(f"{type(self).__name__}: call set_epoch(epoch, num_epochs) before forward")
         return self.w, self.b, self.mu, self.sigma
 
-    def _gr_unknown(self, p: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(v [k L+ + (1 - k) L-], v)`` per entry, ``k``/``v`` on detached ``p`` (§5a)."""
+    def _gr_unknown(self, s: torch.Tensor, p: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(v [k L+ + (1 - k) L-], v)`` per entry for logits ``s`` and ``p = sigmoid(s)``; ``k``/``v`` on
+        detached ``p``, the GCE terms exact from ``s`` (§5a)."""
         w, b, mu, sigma = self._schedule()
         pd = p.detach()
         k = gr_k(pd, w, b)
         v = gr_v(pd, mu, sigma)
-        return v * (k * gce_pos(p, self.q2) + (1.0 - k) * gce_neg(p, self.q3)), v
+        return v * (k * gce_pos(s, self.q2) + (1.0 - k) * gce_neg(s, self.q3)), v
 
     def extra_repr(self) -> str:
         return (
@@ -125,8 +140,8 @@ class GRLoss(_GRScheduled):
         )
 
     def forward(self, batch: LossBatch) -> Dict[str, torch.Tensor]:
-        _, p, _, m = self._prepare(batch)
-        unknown, _ = self._gr_unknown(p)
+        s, p, _, m = self._prepare(batch)
+        unknown, _ = self._gr_unknown(s, p)
         terms = {
             "obs_pos": m.pos * neg_log_pos(p, self.eps),
             "obs_neg": m.neg * neg_log_neg(p, self.eps),
