@@ -14,7 +14,8 @@ A directory::
     .lock                    present while a run writes the store (:mod:`vlpl.store.lock`)
 
 Row schema: ``sample_id`` (string), ``image`` (path relative to the dataset root), ``split``,
-``observed`` (C x int8 in {-1,0,1}), ``labels`` (C x int8 in {0,1}, null when unknown),
+``observed`` (C x int8 in {-1,0,1}), ``labels`` (C x int8 in {0,1}, null when unknown; in {-1,0,1} with
+0 = unknown when the manifest says ``labels_kind: partial``, real partial annotations),
 ``scores`` (V x C float16 raw cosine, null for a failed row) or, in a compact score form
 (``score_format``, :mod:`vlpl.store.formats`), ``view_embeddings`` (V x D float16) or ``topk_classes`` /
 ``topk_scores`` / ``topk_floor``; ``image_embedding`` (D float16, null for a failed row), ``status``
@@ -63,7 +64,7 @@ from vlpl.store.atomic import (
 )
 from vlpl.store.formats import ScoreForm, tie_offsets
 from vlpl.store.lock import StoreLock, StoreLockedError
-from vlpl.store.views import ViewSpec
+from vlpl.store.views import ScoreKind, ViewSpec
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,19 @@ CACHE_DIR = "cache"  # flat sidecars for memory-bounded random access (vlpl.stor
 IDENTITY_KEYS = ("model", "templates_sha256", "classes_sha256", "views", "samples_sha256", "shard_size",
                  "score_kind", "score_format", "score_form", "decode")
 _RESUME_HINT = "free space (or fix the permission) and re-run the same command: completed shards are kept"
+
+
+LABELS_KINDS = ("full", "partial")
+
+
+def labels_kind_of(manifest: Dict[str, Any]) -> str:
+    """The manifest's ``labels_kind``: ``"full"`` (the ``labels`` column holds full labels in {0,1}; stores
+    written before the field existed) or ``"partial"`` (real partial annotations in {-1,0,1}, 0 = unknown, never
+    a negative: evaluate with the masked mAP, :func:`vlpl.eval.metrics.masked_average_precision`)."""
+    kind = manifest.get("labels_kind") or "full"
+    if kind not in LABELS_KINDS:
+        raise StoreError(f"manifest labels_kind {kind!r}; expected one of: {', '.join(LABELS_KINDS)}")
+    return str(kind)
 
 
 class StoreError(Exception):
@@ -596,6 +610,17 @@ class SplitReader:
         return self.store.view_spec
 
     @property
+    def score_kind(self) -> ScoreKind:
+        """What the raw scores are (:class:`vlpl.store.views.ScoreKind`): cosine, siglip, ..."""
+        return self.store.score_kind
+
+    def probabilities(self, idx: Any, temp: float, device: Any = None) -> Any:
+        """``(B, n_variants, n_views, C)`` per-class probabilities of the rows at ``idx``: :meth:`scores` through
+        the store's :class:`ScoreKind` (cosine: ``softmax_c(cos / temp)`` per view; siglip:
+        ``sigmoid(scale * cos + bias)``). The common space teachers of different kinds are compared in."""
+        return self.score_kind.probabilities(self.scores(idx, device), temp)
+
+    @property
     def observed(self) -> np.ndarray:
         """``(N, C)`` int8 observed labels, loaded into memory on first use (N x C bytes: per-batch code should
         use :meth:`observed_at`, which reads only the rows asked for)."""
@@ -604,8 +629,14 @@ class SplitReader:
         return self._observed
 
     @property
+    def labels_kind(self) -> str:
+        """``"full"`` or ``"partial"`` (:func:`labels_kind_of`): what :attr:`labels` / :meth:`labels_at` hold."""
+        return labels_kind_of(self.store.manifest)
+
+    @property
     def labels(self) -> Optional[np.ndarray]:
-        """``(N, C)`` int8 full labels when every row has them, else None."""
+        """``(N, C)`` int8 labels when every row has them, else None: full labels in {0,1}, or partial
+        annotations in {-1,0,1} when :attr:`labels_kind` is ``"partial"``."""
         if not len(self.rows) or not self.labels_known.all():
             return None
         if self._labels is None:
@@ -716,6 +747,8 @@ class ScoreStore:
             self.classes: List[str] = list(manifest["classes"])
             self.view_spec: ViewSpec = ViewSpec.from_manifest(manifest)
             self.form: ScoreForm = ScoreForm.from_manifest(manifest, self.view_spec.num_views, len(self.classes))
+            # what the raw scores are (cosine / siglip ...): the rules' probabilities (docs/TEACHERS.md)
+            self.score_kind: ScoreKind = ScoreKind.from_manifest(manifest)
             # classes the shards' observed/labels columns cover (differs after retarget_classes)
             self.label_classes: List[str] = list(manifest.get("label_classes") or self.classes)
         except (KeyError, TypeError, ValueError) as e:
@@ -729,6 +762,20 @@ class ScoreStore:
         self._rg_starts: Dict[int, np.ndarray] = {}
         self._cache = _LRU(cache_bytes)
         self._meta: Optional[Dict[str, np.ndarray]] = None
+
+    @classmethod
+    def open(cls, root: Any, weights: Optional[Sequence[float]] = None, **kwargs: Any) -> Any:
+        """The store at ``root``, or a teacher ensemble (:class:`vlpl.store.ensemble.EnsembleStore`, the same read
+        API) when ``root`` is an ensemble directory (``ensemble.json``) or a list of store directories, combined
+        with ``weights`` (default: the ensemble's own, or equal). ``kwargs`` go to :class:`ScoreStore`."""
+        from vlpl.store import ensemble as _ensemble  # the ensemble hook (issue 14, item 10)
+
+        if _ensemble.is_ensemble_source(root):
+            return _ensemble.open_ensemble(root, weights, **kwargs)
+        if weights is not None:
+            raise StoreError(f"{root}: ensemble_weights {list(weights)} given for a single store; give a list of "
+                             f"stores (store=[A,B]) or an ensemble directory")
+        return cls(Path(root), **kwargs)
 
     # -- identity -------------------------------------------------------------------------------------
     @property
@@ -770,6 +817,11 @@ class ScoreStore:
     def columns(self) -> List[str]:
         """Every shard column of this store."""
         return row_schema(1, 1, 1, self.form).names
+
+    @property
+    def labels_kind(self) -> str:
+        """``"full"`` or ``"partial"``: what the ``labels`` column holds (:func:`labels_kind_of`)."""
+        return labels_kind_of(self.manifest)
 
     @property
     def dataset_info(self) -> Dict[str, Any]:
