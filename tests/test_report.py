@@ -316,3 +316,83 @@ def test_histograms_pr_curves_and_ap_have_ticks_labels_units_and_free_legends(fi
     assert ax.get_ylabel() == "AP (%)" and ax.get_ylim() == (0, 100) and "split test" in ax.get_title()
     assert f"mAP {100 * np.mean(ap):.2f} %" in [t.get_text() for t in fig.legends[0].get_texts()]
     assert not _overlaps(fig.legends[0].get_window_extent(), ax.get_window_extent())
+
+
+# --------------------------------------------------------------------------------------------------
+# the zero-label baseline (issue 14, item 13): the teacher's zero-shot mAP beside the trained model's
+# --------------------------------------------------------------------------------------------------
+
+
+def _hand_map(labels: np.ndarray, scores: np.ndarray) -> float:
+    """100 x mean over classes of sklearn's average precision (0 for a class without positives)."""
+    from sklearn.metrics import average_precision_score
+
+    aps = [average_precision_score(labels[:, c], scores[:, c]) if labels[:, c].any() else 0.0
+           for c in range(labels.shape[1])]
+    return 100.0 * float(np.mean(aps))
+
+
+def _hand_damp_phi(unflipped: np.ndarray, observed: np.ndarray, temp: float, eta: float) -> np.ndarray:
+    """DAMP's phi (ALGORITHMS.md 7c) in numpy: per-view softmax, gate = min(global score of the observed
+    positive, eta), best tile above the gate else worst tile, averaged with the global view."""
+    z = unflipped.astype(np.float64) / temp
+    pi = np.exp(z - z.max(axis=2, keepdims=True))
+    pi /= pi.sum(axis=2, keepdims=True)
+    glob, tiles = pi[:, 0], pi[:, 1:]
+    gate = np.minimum(np.where(observed == 1, glob, 0.0).max(axis=1), eta)
+    loc = np.where(tiles.max(axis=1) > gate[:, None], tiles.max(axis=1), tiles.min(axis=1))
+    return 0.5 * (glob + loc)
+
+
+def test_run_report_shows_the_teacher_baseline_with_hand_computed_map(coco256_store: Path, tmp_path: Path) -> None:
+    from vlpl.config import EvaluateConfig
+    from vlpl.eval.report import teacher_baseline
+    from vlpl.eval.stage import run_evaluate
+    from vlpl.store.store import ScoreStore
+
+    sp = ScoreStore(coco256_store).split("test")
+    labels = sp.labels
+    scores = sp.scores(np.arange(len(sp)))[:, 0]  # (N, n_views, C) unflipped
+    want_global = _hand_map(labels, scores[:, 0])
+    want_damp = _hand_map(labels, _hand_damp_phi(scores, sp.observed, temp=0.01, eta=0.5))
+    # a run by the trainer's contract that trained on this store with DAMP (eta 0.5)
+    run = tmp_path / "run"
+    (run / "predictions").mkdir(parents=True)
+    probs = np.random.default_rng(0).random(labels.shape).astype(np.float32)
+    np.savez(run / "predictions" / "test.npz", probs=probs, labels=labels, sample_ids=np.asarray(sp.sample_ids))
+    (run / "classes.txt").write_text("".join(f"{c}\n" for c in ScoreStore(coco256_store).classes))
+    (run / "config.yaml").write_text(yaml.safe_dump({"store": str(coco256_store),
+                                                     "pseudo": {"rule": "damp", "params": {"eta": 0.5}}}))
+    (run / "summary.json").write_text(json.dumps({"store": str(coco256_store), "best_epoch": 1}))
+    trained = _hand_map(labels, probs)
+
+    base = teacher_baseline(coco256_store, "test", "damp", {"eta": 0.5})
+    assert base["num_images"] == len(sp)
+    assert base["scores"]["global"]["map"] == pytest.approx(want_global, abs=1e-9)
+    assert base["scores"]["damp"]["map"] == pytest.approx(want_damp, abs=1e-9)
+    assert base["scores"]["damp"]["eta"] == 0.5
+
+    out = run_evaluate(EvaluateConfig(run=str(run), split="test", plots=False))
+    report = json.loads((out / "report.json").read_text())
+    assert report["run"]["metrics"]["map"] == pytest.approx(trained, abs=1e-9)
+    assert report["baseline"]["scores"]["global"]["map"] == pytest.approx(want_global, abs=1e-9)
+    assert report["baseline"]["scores"]["damp"]["map"] == pytest.approx(want_damp, abs=1e-9)
+    assert report["summary"]["teacher_global_map"] == pytest.approx(want_global, abs=1e-9)
+    assert report["summary"]["teacher_damp_map"] == pytest.approx(want_damp, abs=1e-9)
+    md = (out / "report.md").read_text()
+    assert "## Zero-label baseline" in md
+    assert f"| trained model | {trained:.2f} |  |" in md
+    assert f"| teacher zero-shot, global view | {want_global:.2f} | {trained - want_global:+.2f} |" in md
+    assert f"| teacher zero-shot, DAMP phi (temp 0.01, eta 0.5) | {want_damp:.2f} | {trained - want_damp:+.2f} |" in md
+    # the baseline section sits right under the headline, before the run's own section
+    assert md.index("## Zero-label baseline") < md.index("## Training run")
+
+
+def test_run_report_says_why_the_baseline_is_missing(tmp_path: Path) -> None:
+    from vlpl.config import EvaluateConfig
+    from vlpl.eval.stage import run_evaluate
+
+    out = run_evaluate(EvaluateConfig(run=str(_fake_run(tmp_path / "run")), split="test", plots=False))
+    report = json.loads((out / "report.json").read_text())
+    assert report["baseline"] is None and "/nonexistent" in report["baseline_reason"]
+    assert "Not measured: the run's store /nonexistent could not be scored" in (out / "report.md").read_text()

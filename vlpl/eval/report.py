@@ -41,6 +41,9 @@ __all__ = [
     "render_markdown",
     "load_report",
     "compare_table",
+    "teacher_baseline",
+    "baseline_deltas",
+    "baseline_markdown",
 ]
 
 # /1: precision / recall / F1 / per-class AP as fractions; /2: every metric in percent, with "units"
@@ -60,6 +63,7 @@ UNITS: Dict[str, str] = {
     "per_image": "count per image", "observed_per_image": "count per image",
     "threshold": "score (the scale of the thresholded score)", "f1_threshold": "probability",
     "top_k": "classes per image", "k": "classes per image",
+    "masked_map": "percent", "map_macro": "percent",
 }
 
 _F1_SCALARS = ("CP", "CR", "CF1", "OP", "OR", "OF1")
@@ -140,6 +144,7 @@ def _metrics_to_percent(m: Optional[Dict[str, Any]]) -> None:
     if not m:
         return
     _scale(m, ("per_class_ap",))
+    _scale(m.get("masked"), ("per_class_ap",))  # partial labels' masked mAP: per-class AP, None where skipped
     for part in ("f1", "f1_topk"):
         _scale(m.get(part), _F1_SCALARS + _F1_LISTS)
 
@@ -228,7 +233,7 @@ def random_model_notice(report: Dict[str, Any]) -> Optional[str]:
 def metric_row(name: str, kind: str, split: str, metrics: Dict[str, Any], num_images: int) -> Dict[str, Any]:
     """One headline row from a metrics dict (``map``, ``map_pos``, ``f1``, ``f1_topk``)."""
     f1, topk = metrics["f1"], metrics["f1_topk"]
-    return {
+    row = {
         "name": name,
         "kind": kind,
         "split": split,
@@ -242,6 +247,10 @@ def metric_row(name: str, kind: str, split: str, metrics: Dict[str, Any], num_im
         "OF1_topk": topk["OF1"],
         "top_k": topk["k"],
     }
+    if metrics.get("masked") is not None:  # partial evaluation labels: the masked mAP beside Cole's
+        row.update(masked_map=metrics["masked"]["map"], masked_classes_used=metrics["masked"]["num_classes_used"],
+                   masked_classes_skipped=metrics["masked"]["num_classes_skipped"])
+    return row
 
 
 # --------------------------------------------------------------------------------------------------
@@ -328,7 +337,8 @@ def _run_section(run: Dict[str, Any], plots: Dict[str, str]) -> List[str]:
     facts = [("method", s.get("method")), ("loss", s.get("loss")), ("pseudo-label rule", s.get("rule")),
              ("backbone", s.get("backbone")), ("store", s.get("store")), ("epochs run", s.get("epochs_run")),
              ("best epoch", s.get("best_epoch")), ("best val mAP (%)", s.get("best_val_map")),
-             ("test mAP at best (%)", s.get("test_map_at_best")), ("stop reason", s.get("stop_reason"))]
+             ("test mAP at best (%)", s.get("test_map_at_best")), ("stop reason", s.get("stop_reason")),
+             ("best epoch chosen by", _SELECT_TEXT.get(s.get("select"), s.get("select")))]
     out += _table(["", ""], [[k, _f(v)] for k, v in facts])
     epochs = run.get("epochs") or []
     if epochs:
@@ -395,6 +405,36 @@ def _store_section(store: Dict[str, Any], plots: Dict[str, str]) -> List[str]:
     return out
 
 
+#: how the trainer chose the best epoch (``summary.json`` ``select``; vlpl.eval.selection)
+_SELECT_TEXT = {
+    "map": "val mAP (Cole, full labels)",
+    "masked_map": "val masked mAP on the val split's partial annotations",
+    "masked_map_observed": "val masked mAP on the val split's observed labels (no full labels needed)",
+    "teacher_agreement": "val agreement with the teacher: mAP against the pseudo-labels of the run's rule",
+    "last": "the last epoch (no val split to select on)",
+}
+
+
+def partial_labels_markdown(report: Dict[str, Any]) -> List[str]:
+    """The "Partial evaluation labels" section: for each headline row scored on partial labels, the masked mAP
+    (CSL's ``mAP_partial``) beside Cole's mAP, which counts the unknown entries as negatives, with the classes
+    used and skipped. Empty when no row was scored on partial labels."""
+    rows = [r for r in report.get("headline") or [] if r.get("masked_map") is not None]
+    if not rows:
+        return []
+    out = ["## Partial evaluation labels", "",
+           "The evaluation labels are partial annotations (+1 annotated positive, -1 annotated negative, 0 unknown). "
+           "**masked mAP** is CSL's `mAP_partial`: per class, AP over the annotated entries only; a class without an "
+           "annotated positive or an annotated negative is skipped and the mean is over the classes used. "
+           "**Cole's mAP** (the headline's mAP, CF1/OF1, per-class tables and plots) counts every unknown entry as a "
+           "negative, so it is lower than the truth; read the masked mAP.", ""]
+    out += _table(["name", "kind", "split", "masked mAP (%)", "classes used", "classes skipped",
+                   "Cole's mAP, unknown = negative (%)"],
+                  [[r["name"], r["kind"], r["split"], _pct(r["masked_map"]), r.get("masked_classes_used", "n/a"),
+                    r.get("masked_classes_skipped", "n/a"), _pct(r["map"])] for r in rows])
+    return out + [""]
+
+
 def render_markdown(report: Dict[str, Any]) -> str:
     """``report.md`` from a ``report.json`` dict."""
     v = report["versions"]
@@ -412,6 +452,10 @@ def render_markdown(report: Dict[str, Any]) -> str:
             "still in the mean); *mAP pos. classes* averages only classes with a positive. CF1/OF1 "
             f"predict `score >= {report['config']['f1_threshold']}` (sigmoid for the trained model, softmax over "
             "classes or DAMP phi for zero-shot scores); @top-k predicts each image's k best classes.", ""]
+    out += partial_labels_markdown(report)  # masked mAP beside Cole's when the evaluation labels are partial
+    if report.get("run") and "baseline" in report:  # the zero-label baseline, right under the headline
+        out += baseline_markdown(report["run"]["metrics"]["map"], report["baseline"],
+                                 report.get("baseline_reason")) + [""]
     if report.get("run"):
         out += _run_section(report["run"], plots) + [""]
     if report.get("store"):
@@ -461,6 +505,18 @@ def summary_text(report: Dict[str, Any], out_dir: Optional[str | Path] = None) -
         for lb, r in zip(labels, rows):
             out.append(f"  {lb:{w}s}  {r.get('num_images', 'n/a')!s:>6s}  {_pct(r.get('map')):>8s}  "
                        f"{_pct(r.get('CF1')):>8s}  {_pct(r.get('OF1')):>8s}")
+        masked = [(lb, r) for lb, r in zip(labels, rows) if r.get("masked_map") is not None]
+        if masked:  # partial evaluation labels: the number to read
+            out.append("Partial evaluation labels: the mAP above counts unknown entries as negatives; masked mAP "
+                       "(annotated entries only, CSL's mAP_partial):")
+            out += [f"  {lb:{w}s}  masked mAP {_pct(r['masked_map'])} % over {r.get('masked_classes_used')} classes "
+                    f"({r.get('masked_classes_skipped')} skipped: no annotated positive or negative)" for lb, r in masked]
+    base = report.get("baseline")
+    if base and report.get("run"):
+        trained = report["run"]["metrics"]["map"]
+        parts = [f"{view} {_pct(s['map'])} % ({d:+.2f})" for (view, s), d in
+                 zip(base["scores"].items(), baseline_deltas(trained, base).values()) if d is not None]
+        out.append(f"Teacher zero-shot mAP, no training (trained - teacher in points): {', '.join(parts)}")
     pl = (report.get("store") or {}).get("pseudo_labels")
     if pl and pl.get("rules"):
         out.append(f"Pseudo-labels on split {pl['split']} ({pl['num_images']} images), unobserved entries only:")
@@ -515,3 +571,110 @@ def compare_table(reports: Sequence[Dict[str, Any]]) -> str:
             row["name"] = f"{name} ({Path(rep['_path']).parent})"
         rows.append(row)
     return "\n".join(_headline_table(rows)) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# the zero-label baseline: the teacher's own zero-shot mAP beside a trained model's (issue 14, item 13)
+# --------------------------------------------------------------------------------------------------
+
+UNITS.update({"teacher_global_map": "percent", "teacher_damp_map": "percent"})
+
+#: the teacher's score views the baseline reports (the same definitions as the store report's zero-shot rows)
+BASELINE_VIEWS = ("global", "damp")
+
+
+def teacher_baseline(store: Any, split: str, rule: Optional[str] = None,
+                     rule_params: Optional[Dict[str, Any]] = None, *, weights: Optional[Sequence[float]] = None,
+                     batch_size: int = 256) -> Dict[str, Any]:
+    """The teacher's own zero-shot mAP on ``split``: what a user gets with no training at all.
+
+    Args:
+        store: an open store (:class:`vlpl.store.store.ScoreStore` or an ensemble,
+            :class:`vlpl.store.ensemble.EnsembleStore`), or what :meth:`ScoreStore.open` opens: a store
+            directory, an ensemble directory, or a list of store directories (with ``weights``).
+        split: the split to score (rows with status ok and known full labels).
+        rule, rule_params: the training run's pseudo-label rule and its parameters; when the rule is
+            ``damp`` its ``temp`` / ``eta`` shape the DAMP aggregate, otherwise DAMP's defaults are used.
+        weights: ensemble weights when ``store`` is a list of directories.
+
+    Returns a plain dict (mAP in percent, Cole et al.'s definition)::
+
+        {"store": path, "split": split, "num_images": N, "rule": rule,
+         "scores": {"global": {"map", "map_pos"}, "damp": {"map", "map_pos", "temp", "eta"}},
+         "definitions": {view: what was ranked}}
+
+    ``global`` ranks the raw score of the unflipped global view, ``damp`` DAMP's positive score phi on the
+    unflipped views (gate on the split's observed labels): exactly the ``zero-shot:global`` and
+    ``zero-shot:damp`` rows of the store report (``vlpl evaluate store=...``), so the two agree. Scores are read
+    batch by batch through the store's split reader (nothing is written to the store). Raises ``ValueError``
+    when no row of ``split`` has known labels.
+    """
+    import torch
+
+    from vlpl.eval.metrics import mean_average_precision
+    from vlpl.pseudolabel.params import rule_params as _rule_params
+    from vlpl.pseudolabel.rules import damp_scores
+    from vlpl.store.store import ScoreStore
+
+    if isinstance(store, (str, Path, list, tuple)):
+        store = ScoreStore.open(store, weights=weights)
+    given = dict(rule_params or {}) if rule == "damp" else {}
+    dp = _rule_params("damp", given, where="pseudo.params")
+    reader = store.split(split, include_failed=True, sidecars=False)
+    use = np.nonzero(reader.ok & reader.labels_known)[0]
+    if not len(use):
+        raise ValueError(f"{getattr(store, 'root', store)}: no row of split {split!r} has known labels and status "
+                         f"ok: no zero-label baseline (the store's splits: {store.splits()})")
+    labels, glob, phi = [], [], []
+    for pos, scores in reader.iter_scores(batch_size, use):
+        unflipped = torch.from_numpy(np.ascontiguousarray(scores[:, 0]))  # (B, n_views, C)
+        labels.append(reader.labels_at(pos))
+        glob.append(unflipped[:, 0].numpy())
+        phi.append(damp_scores(unflipped, torch.from_numpy(reader.observed_at(pos)), temp=dp.temp, eta=dp.eta)[0]
+                   .numpy())
+    y = np.concatenate(labels)
+    out: Dict[str, Any] = {
+        "store": str(getattr(store, "root", "")),
+        "split": split,
+        "num_images": int(len(y)),
+        "rule": rule,
+        "scores": {},
+        "definitions": {
+            "global": "raw score of the teacher's unflipped global view",
+            "damp": "DAMP's positive score phi on the unflipped views (gate on the observed labels)",
+        },
+    }
+    for view, s in (("global", glob), ("damp", phi)):
+        m = mean_average_precision(y, np.concatenate(s))
+        out["scores"][view] = {"map": m["map"], "map_pos": m["map_pos"]}
+    out["scores"]["damp"].update(temp=float(dp.temp), eta=float(dp.eta))
+    return out
+
+
+def baseline_deltas(trained_map: Optional[float], baseline: Optional[Dict[str, Any]]) -> Dict[str, Optional[float]]:
+    """``{view: trained mAP - teacher mAP}`` in percentage points (None where a number is missing)."""
+    if not baseline:
+        return {}
+    return {view: (None if trained_map is None or s.get("map") is None else float(trained_map) - float(s["map"]))
+            for view, s in (baseline.get("scores") or {}).items()}
+
+
+def baseline_markdown(trained_map: Optional[float], baseline: Optional[Dict[str, Any]],
+                      reason: Optional[str] = None) -> List[str]:
+    """The report's "Zero-label baseline" section: the trained model's mAP beside the teacher's zero-shot mAP
+    on the same split, with the difference."""
+    out = ["## Zero-label baseline", ""]
+    if not baseline:
+        return out + [f"Not measured: {reason or 'the run has no score store to compare with'}."]
+    deltas = baseline_deltas(trained_map, baseline)
+    out += [f"The teacher's own zero-shot scores (no training) on split `{baseline['split']}` "
+            f"({baseline['num_images']} images) of the store `{baseline['store']}`: training on pseudo-labels "
+            f"is worth it where the trained model's mAP is above them.", ""]
+    rows = [["trained model", _pct(trained_map), ""]]
+    for view, s in baseline["scores"].items():
+        what = "teacher zero-shot, global view" if view == "global" else \
+            f"teacher zero-shot, DAMP phi (temp {s.get('temp', 0):g}, eta {s.get('eta', 0):g})" if view == "damp" \
+            else f"teacher zero-shot, {view}"
+        d = deltas.get(view)
+        rows.append([what, _pct(s["map"]), "n/a" if d is None else f"{d:+.2f}"])
+    return out + _table(["scores", "mAP (%)", "trained - teacher (points)"], rows)

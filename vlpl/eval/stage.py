@@ -13,6 +13,12 @@
   kept, so memory does not grow with the number of views. With no ``cfg.rules``, a run's own rule and
   parameters (its ``config.yaml``) are measured.
 * Both: one report.
+* **Partial evaluation labels** (a store with ``labels_kind: partial``, real partial annotations in {-1, 0, 1};
+  a run trained on one saves them with ``labels_kind`` in its predictions): beside Cole's mAP, which then counts
+  the unknown entries as negatives, the report gives the **masked mAP** (CSL's ``mAP_partial``,
+  :func:`vlpl.eval.metrics.masked_average_precision`: annotated entries only, classes lacking an annotated
+  positive or negative skipped) and says which is which and how many classes were skipped. Pseudo-label
+  quality needs full labels and is skipped for such a store.
 
 Outputs in ``cfg.out`` (default ``<run>/eval``, else ``<store>/eval``): ``report.json``, ``report.md``,
 ``config.yaml`` and ``plots/*.png``; each written atomically.
@@ -30,7 +36,7 @@ import torch
 import yaml
 
 from vlpl.config import ConfigError, EvaluateConfig, save_resolved, to_dict, yaml_load
-from vlpl.eval.metrics import f1_metrics, f1_metrics_topk, mean_average_precision
+from vlpl.eval.metrics import f1_metrics, f1_metrics_topk, masked_average_precision, mean_average_precision
 from vlpl.eval.quality import pseudo_label_quality, threshold_sweep
 from vlpl.eval.report import (
     REPORT_SCHEMA,
@@ -41,11 +47,12 @@ from vlpl.eval.report import (
     metric_row,
     package_versions,
     render_markdown,
+    teacher_baseline,
     utc_now,
 )
 from vlpl.progress import progress
 from vlpl.pseudolabel.params import TEMP, rule_params
-from vlpl.pseudolabel.rules import aggregate_scores, apply_rule, damp_scores
+from vlpl.pseudolabel.rules import RuleRows, aggregate_scores, apply_rule, damp_scores
 from vlpl.store.atomic import atomic_write_json, atomic_write_text
 from vlpl.store.store import ScoreStore, StoreError
 
@@ -62,13 +69,25 @@ _ZS_TEMP = TEMP  # the rules' softmax temperature (vlpl.pseudolabel.params)
 
 
 def evaluate_predictions(labels: np.ndarray, ap_scores: np.ndarray, prob_scores: Optional[np.ndarray] = None,
-                         threshold: float = 0.5, k: int = 3) -> Dict[str, Any]:
+                         threshold: float = 0.5, k: int = 3, labels_kind: str = "full") -> Dict[str, Any]:
     """mAP (Cole), mAP over classes with positives, per-class AP, and CF1/OF1 at a threshold and at top-k.
 
     ``ap_scores`` rank the images per class (AP); ``prob_scores`` (default: ``ap_scores``) are the
     probability-like scores that are thresholded for F1 and ranked per image for top-k.
+
+    ``labels_kind="partial"``: ``labels`` are partial annotations in {-1, 0, 1}; the metrics above are then
+    computed with the annotated positives as positives and **every other entry, unknown ones included, as a
+    negative** (what Cole's mAP does with such labels), and ``masked`` adds the masked mAP
+    (:func:`~vlpl.eval.metrics.masked_average_precision`, annotated entries only), ``labels_kind`` says which.
     """
     probs = ap_scores if prob_scores is None else prob_scores
+    if labels_kind == "partial":
+        masked = masked_average_precision(labels, ap_scores)
+        pos = np.asarray(labels) == 1
+        return {**mean_average_precision(pos, ap_scores), "f1": f1_metrics(pos, probs, threshold),
+                "f1_topk": f1_metrics_topk(pos, probs, k), "labels_kind": "partial", "masked": masked}
+    if labels_kind != "full":
+        raise ValueError(f"labels_kind: expected 'full' or 'partial', got {labels_kind!r}")
     m = mean_average_precision(labels, ap_scores)
     return {**m, "f1": f1_metrics(labels, probs, threshold), "f1_topk": f1_metrics_topk(labels, probs, k)}
 
@@ -86,7 +105,9 @@ def _classes_file(path: Path) -> Optional[List[str]]:
 
 def load_predictions(run: Path, split: str) -> Dict[str, Any]:
     """``RUN/predictions/<split>.npz`` checked against the contract: ``probs`` (N, C) float in [0, 1],
-    ``labels`` (N, C) in {0, 1}, ``sample_ids`` (N,) str (optional), and ``classes.txt`` with C names."""
+    ``labels`` (N, C) in {0, 1}, ``sample_ids`` (N,) str (optional), and ``classes.txt`` with C names.
+    ``labels_kind`` (optional, a 0-d string: ``full`` or ``partial``) marks partial annotations, whose
+    ``labels`` are in {-1, 0, 1}."""
     path = run / "predictions" / f"{split}.npz"
     if not path.is_file():
         have = sorted(p.name for p in (run / "predictions").glob("*.npz")) if (run / "predictions").is_dir() else []
@@ -113,9 +134,13 @@ def load_predictions(run: Path, split: str) -> Dict[str, Any]:
         raise ValueError(f"{path}: probs must be floating point (sigmoid outputs); got {probs.dtype}")
     if not np.isfinite(probs).all():
         raise ValueError(f"{path}: probs contain NaN or infinite values")
-    if not np.isin(labels, (0, 1)).all():
-        raise ValueError(f"{path}: labels must be the full ground truth in {{0, 1}}; found values "
-                         f"{sorted(set(np.unique(labels).tolist()) - {0, 1})[:5]}")
+    kind = str(data["labels_kind"]) if "labels_kind" in data else "full"
+    if kind not in ("full", "partial"):
+        raise ValueError(f"{path}: labels_kind {kind!r}; expected 'full' or 'partial'")
+    allowed = {0, 1} if kind == "full" else {-1, 0, 1}
+    if not np.isin(labels, list(allowed)).all():
+        raise ValueError(f"{path}: labels ({kind}) must be in {{{', '.join(map(str, sorted(allowed)))}}}; found "
+                         f"values {sorted(set(np.unique(labels).tolist()) - allowed)[:5]}")
     ids = data.get("sample_ids")
     if ids is not None and (ids.ndim != 1 or len(ids) != len(probs)):
         raise ValueError(f"{path}: sample_ids must be (N,) with N = {len(probs)} rows of probs; got {ids.shape}")
@@ -127,7 +152,7 @@ def load_predictions(run: Path, split: str) -> Dict[str, Any]:
     elif len(classes) != c:
         raise ValueError(f"{run / 'classes.txt'} lists {len(classes)} classes but {path} has C = {c} columns")
     return {"path": path, "probs": probs.astype(np.float64), "labels": labels.astype(np.int8),
-            "sample_ids": None if ids is None else ids.astype(str), "classes": classes}
+            "sample_ids": None if ids is None else ids.astype(str), "classes": classes, "labels_kind": kind}
 
 
 def _read_epochs(path: Path) -> List[Dict[str, Any]]:
@@ -177,13 +202,16 @@ def _evaluate_run(run: Path, cfg: EvaluateConfig) -> Tuple[Dict[str, Any], Dict[
         except yaml.YAMLError as e:
             log.warning("%s: not valid YAML (%s)", run / "config.yaml", e)
     epochs = _read_epochs(run / "metrics.jsonl")
-    metrics = evaluate_predictions(labels, probs, threshold=cfg.f1_threshold, k=cfg.top_k)
+    kind = pred["labels_kind"]
+    metrics = evaluate_predictions(labels, probs, threshold=cfg.f1_threshold, k=cfg.top_k, labels_kind=kind)
     section = {
         "path": str(run.resolve()),
         "predictions_file": str(pred["path"].relative_to(run)),
         "num_images": int(probs.shape[0]),
         "classes": list(pred["classes"]),
-        "num_pos_per_class": labels.sum(axis=0).astype(int).tolist(),
+        "num_pos_per_class": (labels == 1).sum(axis=0).astype(int).tolist(),
+        "labels_kind": kind,
+        "selected_by": (summary or {}).get("select"),
         "summary": summary,
         "train_config": train_config,
         "best_epoch": (summary or {}).get("best_epoch"),
@@ -192,7 +220,13 @@ def _evaluate_run(run: Path, cfg: EvaluateConfig) -> Tuple[Dict[str, Any], Dict[
     }
     log.info("run %s: mAP %.2f %% (classes with positives %.2f %%), CF1 %.2f %%, OF1 %.2f %%", run.name,
              metrics["map"], metrics["map_pos"], 100 * metrics["f1"]["CF1"], 100 * metrics["f1"]["OF1"])
-    return section, {"labels": labels, "probs": probs, "classes": pred["classes"]}
+    if kind == "partial":
+        mk = metrics["masked"]
+        log.info("run %s: masked mAP %.2f %% over %d classes (%d skipped: no annotated positive or negative); "
+                 "Cole's mAP with unknowns as negatives %.2f %%", run.name, mk["map"], mk["num_classes_used"],
+                 mk["num_classes_skipped"], metrics["map"])
+    # plots rank against the annotated positives (partial labels: unknown entries drawn as negatives)
+    return section, {"labels": (labels == 1).astype(np.int8), "probs": probs, "classes": pred["classes"]}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -259,14 +293,15 @@ def _scan_store(store: ScoreStore, cfg: EvaluateConfig, dparams: Dict[str, float
                     coll.add("mean_soft", aggregate_scores(every, score="softmax", temp=_ZS_TEMP, view="mean"))
                 else:
                     for name, kwargs in cfg.rules.items():
-                        coll.add(f"rule:{name}", apply_rule(name, full, obs, dynamic=False, **(kwargs or {})))
+                        coll.add(f"rule:{name}", apply_rule(name, full, obs, dynamic=False, rows=RuleRows(sp, pos),
+                                                            **(kwargs or {})))
                 bar.update(len(pos))
     return rows, ev, ps
 
 
 def _evaluate_store(root: Path, cfg: EvaluateConfig) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     _check_rules(cfg.rules)
-    store = ScoreStore(root)
+    store = ScoreStore.open(root)  # a store, or a teacher ensemble (vlpl.store.ensemble)
     C = store.num_classes
     dparams = _damp_params(cfg)
     log.info("store %s: %d rows, %d views x %d classes; evaluating split %r, pseudo-labels on %r",
@@ -279,12 +314,14 @@ def _evaluate_store(root: Path, cfg: EvaluateConfig) -> Tuple[Dict[str, Any], Di
             f"({rows[cfg.split]}); the store's splits: {have}"
         )
     labels = ev.get("labels", (C,), np.int8)
+    kind = store.labels_kind
     zs_scores: Dict[str, Any] = {
         "global": evaluate_predictions(labels, ev.get("global_cos", (C,), np.float32),
-                                       ev.get("global_soft", (C,), np.float32), cfg.f1_threshold, cfg.top_k),
+                                       ev.get("global_soft", (C,), np.float32), cfg.f1_threshold, cfg.top_k, kind),
         "mean": evaluate_predictions(labels, ev.get("mean_cos", (C,), np.float32),
-                                     ev.get("mean_soft", (C,), np.float32), cfg.f1_threshold, cfg.top_k),
-        "damp": evaluate_predictions(labels, ev.get("phi", (C,), np.float32), None, cfg.f1_threshold, cfg.top_k),
+                                     ev.get("mean_soft", (C,), np.float32), cfg.f1_threshold, cfg.top_k, kind),
+        "damp": evaluate_predictions(labels, ev.get("phi", (C,), np.float32), None, cfg.f1_threshold, cfg.top_k,
+                                     kind),
     }
     for name, met in zs_scores.items():
         log.info("zero-shot %s: mAP %.2f %%, CF1 %.2f %%, OF1 %.2f %%", name, met["map"], 100 * met["f1"]["CF1"],
@@ -301,10 +338,12 @@ def _evaluate_store(root: Path, cfg: EvaluateConfig) -> Tuple[Dict[str, Any], Di
         "num_rows": store.num_rows,
         "classes": list(store.classes),
         "rows": rows,
+        "labels_kind": kind,
+        "observed_protocol": store.manifest.get("observed"),
         "zero_shot": {
             "split": cfg.split,
             "num_images": int(labels.shape[0]),
-            "num_pos_per_class": labels.sum(axis=0).astype(int).tolist(),
+            "num_pos_per_class": (labels == 1).sum(axis=0).astype(int).tolist(),
             "temp": _ZS_TEMP,
             "damp_params": dparams,
             "score_definitions": {
@@ -316,10 +355,15 @@ def _evaluate_store(root: Path, cfg: EvaluateConfig) -> Tuple[Dict[str, Any], Di
         },
         "pseudo_labels": None,
     }
-    arrays: Dict[str, Any] = {"labels": labels, "phi": ev.get("phi", (C,), np.float32), "classes": store.classes}
+    arrays: Dict[str, Any] = {"labels": (labels == 1).astype(np.int8), "phi": ev.get("phi", (C,), np.float32),
+                              "classes": store.classes}
 
     n_ps = rows[cfg.pseudo_split]["used"]
-    if n_ps == 0:
+    if kind == "partial":  # the truth of the unobserved entries is unknown: nothing to measure them against
+        log.warning("store %s: its labels are partial annotations: pseudo-label quality (which needs full labels) "
+                    "skipped", root)
+        section["pseudo_labels_skipped"] = "the store's labels are partial annotations (labels_kind: partial)"
+    elif n_ps == 0:
         log.warning("store %s: no row of split %r has known labels: pseudo-label quality skipped", root,
                     cfg.pseudo_split)
     else:
@@ -382,6 +426,27 @@ def _model_identity(store_section: Optional[Dict[str, Any]], run_section: Option
     return None
 
 
+def _run_baseline(run_section: Dict[str, Any], split: str) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    """The teacher's zero-shot mAP on ``split`` of the store the run trained on
+    (:func:`vlpl.eval.report.teacher_baseline`, with the run's rule parameters and ensemble weights), or
+    ``(None, why not)`` when that store cannot be read."""
+    cfg = run_section.get("train_config") or {}
+    store = (run_section.get("summary") or {}).get("store") or cfg.get("store")
+    if not store:
+        return None, "the run records no score store (no summary.json or config.yaml with `store`)"
+    pseudo = cfg.get("pseudo") or {}
+    try:
+        base = teacher_baseline(store, split, pseudo.get("rule"), pseudo.get("params") or {},
+                                weights=cfg.get("ensemble_weights"))
+    except (StoreError, FileNotFoundError, ValueError) as e:
+        log.warning("zero-label baseline not measured: %s", e)
+        return None, f"the run's store {store} could not be scored on split {split!r} ({e})"
+    for view, s in base["scores"].items():
+        log.info("teacher zero-shot %s on %s: mAP %.2f %% (trained: %.2f %%)", view, split, s["map"],
+                 run_section["metrics"]["map"])
+    return base, None
+
+
 def _default_rules(run: Optional[Path]) -> Dict[str, Dict[str, Any]]:
     """The rules to measure when the config names none: the run's own rule with the run's own parameters
     (so a VOC run's DAMP quality uses VOC's eta, not the defaults), else damp and vlpl with their defaults."""
@@ -424,9 +489,14 @@ def run_evaluate(cfg: EvaluateConfig) -> Path:
                     len(store_arr["classes"]))
 
     headline: List[Dict[str, Any]] = []
+    baseline: Optional[Dict[str, Any]] = None
+    baseline_reason: Optional[str] = None
     if run_section is not None:
         headline.append(metric_row(Path(run_section["path"]).name, "run", cfg.split, run_section["metrics"],
                                    run_section["num_images"]))
+        baseline, baseline_reason = _run_baseline(run_section, cfg.split)  # the zero-label baseline (issue 14.13)
+        if baseline is not None:
+            headline[0].update({f"teacher_{view}_map": s["map"] for view, s in baseline["scores"].items()})
     if store_section is not None:
         zs = store_section["zero_shot"]
         for view, met in zs["scores"].items():
@@ -453,6 +523,7 @@ def run_evaluate(cfg: EvaluateConfig) -> Path:
         "store": store_section,
         "model": _model_identity(store_section, run_section),
         "plots": plots,
+        **({"baseline": baseline, "baseline_reason": baseline_reason} if run_section is not None else {}),
         "config": to_dict(resolved),
         "versions": package_versions(),
     }))
