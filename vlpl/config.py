@@ -318,6 +318,9 @@ class TrainConfig:
     deterministic: bool = False
     log_every: int = 10
     progress: bool = True
+    # which epoch is the best (vlpl.eval.selection): auto | map | masked_map_observed | teacher_agreement;
+    # auto = Cole's val mAP when the val split has full labels, else the masked mAP on its observed labels
+    select: str = "auto"
 
 
 @dataclass

@@ -1034,7 +1034,7 @@ def _observed_for_split(
             f"observed labels) or 'none'"
         )
     if ocfg.mode == "given" and raw.labels_kind == "partial" and ocfg.file is None:
-        if labels is None:
+        if labels is None or split == "test":  # the test split's annotations are for evaluation only
             return no_observed((n, C))
         logger.info("observed labels of official %s split: the dataset's partial annotations", split)
         return labels.astype(np.int8).copy()

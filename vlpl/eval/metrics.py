@@ -6,6 +6,9 @@
   class with no positive, which still counts in the mean.
 * :func:`f1_metrics` / :func:`f1_metrics_topk`: the per-class and overall precision / recall / F1
   of the ML-GCN evaluation (CP, CR, CF1, OP, OR, OF1).
+* :func:`masked_average_precision`: CSL's ``mAP_partial`` (ALGORITHMS.md 9f) for partial evaluation labels in
+  {-1, 0, 1}: per class, AP over the annotated entries only; a class without an annotated positive or an
+  annotated negative is skipped, and the mean is over the remaining classes.
 
 All functions are vectorised over classes (one sort per column, no per-class Python loop) and
 return plain Python floats/lists, so results serialise to JSON directly.
@@ -22,7 +25,8 @@ from typing import Any, Dict, NamedTuple
 
 import numpy as np
 
-__all__ = ["average_precision", "mean_average_precision", "f1_metrics", "f1_metrics_topk"]
+__all__ = ["average_precision", "mean_average_precision", "masked_average_precision", "f1_metrics",
+           "f1_metrics_topk"]
 
 
 def _as_2d(y_true: Any, scores: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -107,6 +111,81 @@ def mean_average_precision(y_true: Any, scores: Any) -> Dict[str, Any]:
         "map_pos": float(100.0 * ap[has_pos].mean()) if n_with else 0.0,
         "per_class_ap": ap.tolist(),
         "num_classes_with_pos": n_with,
+    }
+
+
+def masked_average_precision(y: Any, scores: Any) -> Dict[str, Any]:
+    """CSL's ``mAP_partial`` (ALGORITHMS.md 9f): mAP over annotated entries only.
+
+    ``y`` uses this project's coding (ALGORITHMS.md 1): +1 annotated positive, -1 annotated negative, 0 unknown
+    (CSL codes unknown as -1 and negative as 0; the rule is the same). Per class ``c``, the entries with
+    ``y[:, c] != 0`` are kept and their AP computed exactly as :func:`average_precision` does (step-wise, tie
+    groups entered together; an unknown entry tied with annotated ones does not count). A class with no
+    annotated entry, no annotated positive or no annotated negative is **skipped** (CSL: AP = -1, left out of
+    the mean), and ``map`` is the mean over the remaining classes. CSL's own per-class AP is the same
+    precision-at-each-positive sum, except that it breaks score ties by sort order (``argsort``) where this
+    one enters a tie group at once; without ties they agree.
+
+    Args:
+        y: ``(N, C)`` in {-1, 0, 1}.
+        scores: ``(N, C)`` real scores.
+
+    Returns:
+        dict with
+          * ``map``: 100 x mean AP over the classes used (0.0 when none is);
+          * ``map_macro``: CSL's ``map_macro``, the used classes' APs weighted by their annotated positives;
+          * ``per_class_ap``: C entries, the AP in [0, 1] or None for a skipped class;
+          * ``num_classes_used`` / ``num_classes_skipped``;
+          * ``skipped``: class indices skipped, by reason (``no_annotation``, ``no_positive``, ``no_negative``;
+            CSL's order of tests);
+          * ``num_annotated``: annotated entries (all classes).
+    """
+    yy = np.asarray(y)
+    s = np.asarray(scores, dtype=np.float64)
+    if yy.ndim == 1:
+        yy = yy[:, None]
+    if s.ndim == 1:
+        s = s[:, None]
+    if yy.ndim != 2 or yy.shape != s.shape:
+        raise ValueError(f"y and scores must both be (N, C) of the same shape; got {yy.shape} and {s.shape}")
+    if not np.isin(yy, (-1, 0, 1)).all():
+        raise ValueError("y must contain only -1 (annotated negative), 0 (unknown) and 1 (annotated positive)")
+    if np.isnan(s[yy != 0]).any():
+        raise ValueError("scores contain NaN at annotated entries")
+    n, c = s.shape
+    pos = yy == 1
+    annotated = yy != 0
+    n_pos = pos.sum(axis=0)
+    n_ann = annotated.sum(axis=0)
+    no_ann = n_ann == 0
+    no_pos = ~no_ann & (n_pos == 0)
+    no_neg = ~no_ann & ~no_pos & (n_pos == n_ann)
+    used = ~(no_ann | no_pos | no_neg)
+    ap = np.zeros(c, dtype=np.float64)
+    if n and used.any():
+        s_used = np.where(annotated, s, -np.inf)[:, used]  # unknown entries: value irrelevant, not counted
+        order = np.argsort(-s_used, axis=0, kind="stable")
+        s_sorted = np.take_along_axis(s_used, order, axis=0)
+        p_sorted = np.take_along_axis(pos[:, used], order, axis=0)
+        a_sorted = np.take_along_axis(annotated[:, used], order, axis=0)
+        tp = np.cumsum(p_sorted, axis=0, dtype=np.float64)
+        counted = np.cumsum(a_sorted, axis=0, dtype=np.float64)
+        group_end = np.ones(s_sorted.shape, dtype=bool)
+        group_end[:-1] = s_sorted[:-1] != s_sorted[1:]
+        end_idx = np.where(group_end, np.arange(n)[:, None], n)
+        end_idx = np.minimum.accumulate(end_idx[::-1], axis=0)[::-1]
+        precision_at_end = np.take_along_axis(safe_div(tp, counted), end_idx, axis=0)
+        ap[used] = safe_div((p_sorted * precision_at_end).sum(axis=0), tp[-1])
+    weights = n_pos[used].astype(np.float64)
+    return {
+        "map": float(100.0 * ap[used].mean()) if used.any() else 0.0,
+        "map_macro": float(100.0 * (ap[used] * weights).sum() / weights.sum()) if used.any() else 0.0,
+        "per_class_ap": [float(a) if u else None for a, u in zip(ap, used)],
+        "num_classes_used": int(used.sum()),
+        "num_classes_skipped": int(c - used.sum()),
+        "skipped": {"no_annotation": np.nonzero(no_ann)[0].tolist(), "no_positive": np.nonzero(no_pos)[0].tolist(),
+                    "no_negative": np.nonzero(no_neg)[0].tolist()},
+        "num_annotated": int(n_ann.sum()),
     }
 
 

@@ -320,6 +320,8 @@ def run_pseudolabel(cfg: PseudolabelConfig, stats: Optional[Dict[str, Any]] = No
         "logit_scale": round(backend.logit_scale, 6),
         "embedding_dim": int(text.shape[1]),
         "dataset": dataset_entry(cfg, ds),
+        "labels_kind": ds.labels_kind,  # full | partial (vlpl.store.store.labels_kind_of)
+        "observed": ds.observed_protocol,  # mode, seed, parameter (vlpl.data.observed.protocol_entry)
         "samples_sha256": samples_digest(ds),
         "shard_size": cfg.shard_size,
         "num_shards": plan.num_shards,

@@ -49,7 +49,7 @@ from torch.utils.data import DataLoader
 
 from vlpl.config import ConfigError, TrainConfig, save_resolved, to_dict, yaml_load
 from vlpl.data.images import ImageDataset, ImageSource
-from vlpl.eval.metrics import mean_average_precision
+from vlpl.eval.selection import Selector, keeps_split, prediction_arrays
 from vlpl.progress import progress as progress_bar
 from vlpl.store.atomic import atomic_path, atomic_write_json, atomic_write_text
 from vlpl.store.store import IDENTITY_KEYS, ScoreStore, SplitReader
@@ -173,6 +173,7 @@ class Run:
     last_checkpoint_time: float = field(default_factory=time.monotonic)
 
 
+    selector: Any = None  # vlpl.eval.selection.Selector: the best-epoch criterion and the per-split scores
 # ---- helpers -------------------------------------------------------------------------------------------
 
 
@@ -333,7 +334,8 @@ def setup(cfg: TrainConfig) -> Run:
     use_rule = cfg.pseudo.rule is not None
     train = store.split("train")
     evals = {s: store.split(s) for s in (cfg.val_split, cfg.test_split) if s in store.splits()}
-    evals = {s: d for s, d in evals.items() if len(d) and d.labels is not None}
+    evals = {s: d for s, d in evals.items() if keeps_split(cfg.select, s, cfg.val_split, d)}  # vlpl.eval.selection
+    selector = Selector(cfg.select, evals.get(cfg.val_split), cfg.pseudo.rule, cfg.pseudo.params)
     if not len(train):
         raise ValueError(f"store {cfg.store} has no usable 'train' rows")
     for s, counts in store.split_counts().items():
@@ -422,7 +424,8 @@ def setup(cfg: TrainConfig) -> Run:
     return Run(cfg=cfg, accelerator=accelerator, out=out, store=store, train=train, evals=evals, model=model,
                loss=loss_fn, rule=rule, optimizer=optimizer, scheduler=scheduler, order=order,
                train_images=train_images, normalize=normalize, num_workers=workers, eval_loaders=eval_loaders, pass_loader=pass_loader, state=state,
-               progress=prog, metrics=metrics, flops=flops, peak=peak_flops(accelerator.device), main=main)
+               progress=prog, metrics=metrics, flops=flops, peak=peak_flops(accelerator.device), main=main,
+               selector=selector)
 
 
 def _checkpoint_due(run: Run, log_step: bool) -> bool:
@@ -533,7 +536,7 @@ def validate(run: Run, epoch: int) -> None:
     preds: Dict[str, np.ndarray] = {}
     for s, dl in run.eval_loaders.items():
         preds[s] = predict(acc, run.model, dl, len(run.evals[s]), C, run.normalize)
-        maps[s] = mean_average_precision(run.evals[s].labels, preds[s])["map"]
+        maps[s] = run.selector.score(s, run.evals[s], preds[s], is_val=s == cfg.val_split)
         fault_point("validate")
     val_map = maps.get(cfg.val_split)
     improved = val_map is None or p.best_map is None or val_map > p.best_map
@@ -548,7 +551,8 @@ def validate(run: Run, epoch: int) -> None:
     train_loss = _terms_over_processes(acc, {"loss": torch.tensor(p.epoch_loss_sum / n_steps)})["loss"]
     rec = {"kind": "epoch", "epoch": epoch, "step": p.step, "train_loss": train_loss,
            "val_map": val_map, "test_map": maps.get(cfg.test_split), "epoch_time_s": p.epoch_time_s,
-           "images_per_s": p.epoch_images / max(p.epoch_time_s, 1e-9), "best_epoch": p.best_epoch, **extra}
+           "images_per_s": p.epoch_images / max(p.epoch_time_s, 1e-9), "best_epoch": p.best_epoch,
+           "select": run.selector.criterion, **extra}
     p.history.append(rec)
     run.metrics.write(rec)
     log.info("epoch %d: train loss %.4f, val mAP %s, test mAP %s, %.1f img/s", epoch, train_loss,
@@ -595,6 +599,7 @@ def finish(run: Run) -> None:
         }
         atomic_write_json(run.out / "summary.json", summary)
         log.info("best epoch %d: val mAP %s, test mAP %s -> %s", p.best_epoch, _fmt(summary["best_val_map"]),
+            "select": run.selector.criterion if cfg.val_split in run.evals else "last",
                  _fmt(summary["test_map_at_best"]), run.out)
     run.accelerator.wait_for_everyone()
     run.accelerator.end_training()
@@ -624,7 +629,7 @@ def _save_best(run: Run, preds: Dict[str, np.ndarray]) -> None:
     model = run.accelerator.unwrap_model(run.model)
     save_model(run.out / "best", model, run.cfg.student, state_dict=run.accelerator.get_state_dict(run.model))
     for s, pr in preds.items():
-        _save_npz(run.out / "predictions" / f"{s}.npz", probs=pr, labels=run.evals[s].labels,
+        _save_npz(run.out / "predictions" / f"{s}.npz", probs=pr, **prediction_arrays(run.evals[s]),
                   sample_ids=np.asarray(run.evals[s].sample_ids, dtype=str))
 
 
