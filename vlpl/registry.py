@@ -161,7 +161,8 @@ LOSS_PARAMS: Registry[Any] = Registry("loss", ["vlpl.train.loss_params"])
 HEAD_PARAMS: Registry[Any] = Registry("head", ["vlpl.train.head_params"])
 
 LOSSES: Registry[Any] = Registry("loss", ["vlpl.train.losses"], schemas=LOSS_PARAMS, skip=1)
-RULES: Registry[Any] = Registry("pseudo-label rule", ["vlpl.pseudolabel.rules"], schemas=RULE_PARAMS, skip=2)
+RULES: Registry[Any] = Registry("pseudo-label rule", ["vlpl.pseudolabel.rules", "vlpl.pseudolabel.calibrate",
+                                                      "vlpl.pseudolabel.neighbours"], schemas=RULE_PARAMS, skip=2)
 HEADS: Registry[Any] = Registry("head", ["vlpl.train.heads"], schemas=HEAD_PARAMS, fixed=("in_features", "context"))
 
 

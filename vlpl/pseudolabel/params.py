@@ -105,3 +105,69 @@ def rule_params(name: str, values: Optional[Mapping[str, Any]] = None, *, where:
     schema = RULES.schema(name)
     return schema.from_dict(values, where=where, source=source, sources=sources,
                             what=f"pseudo-label rule {name!r}")
+
+
+# ---- per-class calibrated thresholds and neighbour consensus (issue 12, items 5 and 6; ours) ----------------
+from dataclasses import field  # noqa: E402
+from typing import Dict  # noqa: E402
+
+CALIBRATE_AGGREGATES = ("damp", "global")
+KNN_WEIGHTINGS = ("softmax", "power", "uniform")
+KNN_VIEWS = ("all", "global")
+
+
+@RULE_PARAMS.register("calibrated")
+@dataclass(frozen=True)
+class CalibratedParams(Params):
+    """Per-class thresholds from `vlpl calibrate` (two-Gaussian fit per class on the cached scores; ours)."""
+
+    see = "vlpl/pseudolabel/calibrate.py; docs/SWEEPS.md (vlpl calibrate)"
+
+    thresholds: str = field(metadata={"help": "a thresholds file written by `vlpl calibrate STORE --out FILE`; "
+                                              "the aggregate it was fitted on (damp phi or global cosine) is used"})
+    negative_posterior: Optional[float] = param(None, "an unobserved entry whose posterior of the fitted negative "
+                                                      "component is >= this becomes -1 (e.g. 0.99); null: no "
+                                                      "negatives")
+
+    def check(self) -> None:
+        if not str(self.thresholds).strip():
+            raise ParamValueError("thresholds", "expected the path of a thresholds file (vlpl calibrate)")
+        if self.negative_posterior is not None and not 0.5 < self.negative_posterior <= 1.0:
+            raise ParamValueError("negative_posterior", f"must be in (0.5, 1] or null; got {self.negative_posterior!r}")
+
+
+@RULE_PARAMS.register("knn")
+@dataclass(frozen=True)
+class KnnParams(Params):
+    """Neighbour consensus: each image's cached scores smoothed with its k nearest training images', then a base rule."""
+
+    see = "vlpl/pseudolabel/neighbours.py; docs/SWEEPS.md (neighbour consensus; ours)"
+
+    base: str = param("damp", "the rule run on the smoothed scores (any registered rule but knn)")
+    base_params: Optional[Dict[str, Any]] = param(None, "the base rule's parameters (its own schema checks them)")
+    k: int = param(10, "neighbours per image, from the store's FAISS index over training images, itself excluded",
+                   ge=1)
+    alpha: float = param(0.5, "mixing weight: s' = (1 - alpha) s + alpha sum_j w_j s_j", ge=0, le=1)
+    weighting: str = param("softmax", "neighbour weights w_j from the cosine similarities: softmax(sim / tau), "
+                                      "sim^power (negative sims count 0), or uniform 1/k", choices=KNN_WEIGHTINGS)
+    tau: float = param(0.05, "softmax temperature over the k similarities (weighting=softmax)", gt=0)
+    power: float = param(3.0, "exponent of the similarities (weighting=power)", ge=0)
+    views: str = param("all", "which views are smoothed: all (each view with the neighbours' same view) or "
+                              "global (view 0 only)", choices=KNN_VIEWS)
+
+    def check(self) -> None:
+        if self.base == "knn":
+            raise ParamValueError("base", "knn cannot be its own base rule")
+        try:
+            RULES.schema(self.base)
+        except Exception as e:  # UnknownNameError: name the key
+            raise ParamValueError("base", str(e)) from None
+        try:
+            rule_params(self.base, self.base_params or {}, where="base_params")
+        except ParamValueError as e:
+            raise ParamValueError("base_params", e.reason) from None
+        except Exception as e:  # UnknownParamError
+            raise ParamValueError("base_params", str(e)) from None
+
+
+__all__ += ["CalibratedParams", "KnnParams", "CALIBRATE_AGGREGATES", "KNN_WEIGHTINGS", "KNN_VIEWS"]

@@ -26,7 +26,7 @@ their defaults from those schemas and validate their options through them.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Tuple
+from typing import Any, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -54,6 +54,7 @@ __all__ = [
     "topk",
     "apply_rule",
     "rule_params",
+    "RuleRows",
 ]
 
 _NEGATIVE_MODES = NEGATIVE_MODES
@@ -366,6 +367,16 @@ def topk(
 # --------------------------------------------------------------------------------------------
 # entry point
 # --------------------------------------------------------------------------------------------
+class RuleRows(NamedTuple):
+    """Which rows a rule is labelling: ``split`` (a :class:`vlpl.store.store.SplitReader`) and ``positions``
+    ``(B,)`` in it. Passed by the trainer and evaluate to rules that read other rows of the store (e.g.
+    ``knn``: the neighbours' scores) or check a file against the store (``calibrated``); such a rule marks
+    itself with ``fn.needs_rows = True`` and receives ``rows=`` (the others never see it)."""
+
+    split: Any
+    positions: Any
+
+
 def apply_rule(
     name: str,
     scores_full: torch.Tensor,
@@ -373,6 +384,7 @@ def apply_rule(
     *,
     dynamic: bool = True,
     generator: Optional[torch.Generator] = None,
+    rows: Optional[RuleRows] = None,
     **kwargs: Any,
 ) -> torch.Tensor:
     """Select flip variants (:func:`select_variants`, Decision 4) then run rule ``name``.
@@ -383,6 +395,7 @@ def apply_rule(
         observed: ``(B, C)`` in {-1, 0, 1}.
         dynamic: per-(image, view) random variant (True) or always variant 0 (False).
         generator: RNG for the variant draws.
+        rows: the split and positions of the batch (:class:`RuleRows`), for rules with ``needs_rows``.
         **kwargs: the rule's options, validated through its schema (:func:`rule_params`): an option the
             rule does not declare raises :class:`vlpl.params.UnknownParamError` (a
             :class:`vlpl.registry.RegistryError`) naming it, a bad value a :class:`ValueError`.
@@ -394,4 +407,5 @@ def apply_rule(
     fn = RULES.get(name)
     params = rule_params(name, kwargs)
     scores = select_variants(scores_full, generator, dynamic=dynamic)
-    return fn(scores, observed, **params.kwargs(), **params.extras(kwargs))
+    extra = {"rows": rows} if getattr(fn, "needs_rows", False) else {}
+    return fn(scores, observed, **params.kwargs(), **params.extras(kwargs), **extra)

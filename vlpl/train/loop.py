@@ -359,7 +359,7 @@ def setup(cfg: TrainConfig) -> Run:
         except ValueError as e:
             raise ConfigError(f"loss.reconstruction: {e}") from e
     rule = RuleRunner(cfg.pseudo.rule, cfg.pseudo.params, cfg.pseudo.dynamic,
-                      lambda pos: torch.from_numpy(train.scores(pos)), train_obs) \
+                      lambda pos: torch.from_numpy(train.scores(pos)), train_obs, split=train) \
         if use_rule else None
     optimizer = create_optimizer(cfg.optim, model, loss_fn.param_groups(cfg.optim.lr))
     scheduler = create_scheduler(cfg.optim, optimizer, cfg.epochs)  # per epoch; not prepared: we step it

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vlpl.pseudolabel.rules import apply_rule
+from vlpl.pseudolabel.rules import RuleRows, apply_rule
 from vlpl.registry import RULES, check_kwargs
 from vlpl.train.data import SEED_RULE, SEED_STEP, generator, mix_seed
 from vlpl.train.losses import LossBatch, SPMLLoss
@@ -104,10 +104,11 @@ class RuleRunner:
     """
 
     def __init__(self, name: str, params: Dict[str, Any], dynamic: bool,
-                 scores: Callable[[np.ndarray], torch.Tensor], observed: torch.Tensor) -> None:
+                 scores: Callable[[np.ndarray], torch.Tensor], observed: torch.Tensor, split: Any = None) -> None:
         check_kwargs(RULES.get(name), params, f"pseudo-label rule {name!r}")
         self.name, self.params, self.dynamic = name, dict(params), bool(dynamic)
         self.scores, self.observed = scores, observed
+        self.split = split  # the training split's reader: rules with ``needs_rows`` (knn, calibrated) get RuleRows
 
     def __call__(self, positions: np.ndarray, gen: Optional[torch.Generator], scores: Optional[torch.Tensor] = None,
                  device: Optional[torch.device] = None) -> torch.Tensor:
@@ -120,7 +121,8 @@ class RuleRunner:
         dev = scores.device if device is None else torch.device(device)
         obs = self.observed[torch.from_numpy(pos).long()]
         return apply_rule(self.name, scores.to(dev, non_blocking=True).float(), obs.to(dev, non_blocking=True),
-                          dynamic=self.dynamic, generator=gen, **self.params)
+                          dynamic=self.dynamic, generator=gen,
+                          rows=RuleRows(self.split, pos) if self.split is not None else None, **self.params)
 
 
 def step_seed(seed: int, epoch: int, step: int, process_index: int = 0) -> int:
