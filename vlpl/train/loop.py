@@ -85,6 +85,8 @@ log = logging.getLogger(__name__)
 # keys that may differ between a run and its resumption (everything else must match: see _check_resume)
 RESUME_MAY_CHANGE = ("epochs", "progress", "num_workers", "prefetch_factor", "log_every", "checkpoint_every_steps",
                      "checkpoint_every_minutes", "resume", "keep_checkpoints", "store", "out")
+# keys written by the run itself (what it found, not what it was asked): not compared on resume
+RECORDED_KEYS = ("student.pretrained_tag",)
 
 
 @dataclass
@@ -238,7 +240,7 @@ def _check_resume(cfg: TrainConfig, out: Path, ident: Dict[str, Any]) -> None:
             raise ConfigError(f"{saved_path}: cannot read the run's saved config ({e})") from e
         old, new = _flatten(saved), _flatten(json.loads(json.dumps(to_dict(cfg))))
         diffs = [k for k in sorted(set(old) | set(new))
-                 if k.split(".")[0] not in RESUME_MAY_CHANGE and old.get(k) != new.get(k)]
+                 if k.split(".")[0] not in RESUME_MAY_CHANGE and k not in RECORDED_KEYS and old.get(k) != new.get(k)]
         if diffs:
             detail = "; ".join(f"{k}: run has {_short(old.get(k))}, now {_short(new.get(k))}" for k in diffs)
             raise ConfigError(f"resume=true: the config differs from the run's {saved_path} ({detail}). Only "
@@ -347,6 +349,7 @@ def setup(cfg: TrainConfig) -> Run:
     # ---- model, loss, rule, optimizer ---------------------------------------------------------------
     set_seed(cfg.seed)
     model = create_classifier(cfg.student, ClassContext.from_store(store))
+    cfg.student.pretrained_tag = model.pretrained_tag  # the weights actually loaded, recorded in config.yaml
     train_obs = torch.from_numpy(np.ascontiguousarray(train.observed))
     loss_fn = create_loss(cfg.loss.name, train_obs, **cfg.loss.params)
     if loss_fn.requires_pseudo and not use_rule:

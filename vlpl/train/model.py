@@ -127,6 +127,9 @@ class Backbone(nn.Module):
     num_features: int
     mean: Tuple[float, ...]
     std: Tuple[float, ...]
+    #: the weights the backbone was built from ("resnet50.tv_in1k", "ViT-B-16/openai", "file:PATH sha256:HEX16");
+    #: None: random initialisation (see :func:`timm_weights_tag`)
+    pretrained_tag: Optional[str] = None
 
     def forward(self, x: torch.Tensor, with_tokens: bool = True) -> ModelOutput:  # pragma: no cover
         raise NotImplementedError
@@ -222,26 +225,100 @@ def _close(name: str, names: Sequence[str]) -> str:
     return f"; close matches: {', '.join(m)}" if m else ""
 
 
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+def _checkpoint_path(value: Any, key: str) -> Optional[str]:
+    """``value`` as a local checkpoint file path when it names one (a string with a path separator or a
+    checkpoint suffix), else None. A named file that does not exist is a :class:`ConfigError` naming ``key``."""
+    if not isinstance(value, str) or not (os.path.sep in value or value.endswith(CHECKPOINT_SUFFIXES)):
+        return None
+    path = os.path.abspath(os.path.expanduser(value))
+    if not os.path.isfile(path):
+        raise ConfigError(f"{key}: checkpoint file {path} does not exist (expected a .safetensors, .pth or .bin "
+                          f"state dict, or true for the named pretrained weights)")
+    return path
+
+
+def _file_tag(path: str) -> str:
+    """The recorded tag of a local checkpoint: its path and the first 16 hex digits of its sha256."""
+    from vlpl.store.store import sha256_file
+
+    return f"file:{path} sha256:{sha256_file(path)[:16]}"
+
+
+def timm_weights_tag(cfg: StudentConfig) -> Optional[str]:
+    """The weights ``cfg`` (``kind=timm``) asks for, resolved without loading or downloading anything.
+
+    * ``pretrained: false`` -> None (random initialisation);
+    * ``pretrained: PATH`` -> ``"file:PATH"`` (the checkpoint file, resolved to an absolute path);
+    * ``pretrained: true`` -> ``"<arch>.<tag>"``: the tag in the name (``resnet50.tv_in1k``: torchvision's
+      V1 ImageNet weights, the papers' ResNet-50), else timm's default tag for the architecture
+      (``timm.models.get_pretrained_cfg(arch).tag``; for ``resnet50`` that is ``a1_in1k``, timm's own BCE
+      recipe, *not* the papers' weights); an ``hf-hub:`` / ``local-dir:`` name is its own tag; None where
+      timm knows no pretrained weights for the architecture.
+    """
+    if not cfg.pretrained:
+        return None
+    path = _checkpoint_path(cfg.pretrained, "student.pretrained")
+    if path is not None:
+        return f"file:{path}"
+    if isinstance(cfg.pretrained, str):
+        raise ConfigError(f"student.pretrained: expected true, false or a checkpoint file path, got "
+                          f"{cfg.pretrained!r} (a weights tag goes in the name: student.name=resnet50.tv_in1k)")
+    import timm.models
+
+    source, _ = timm.models.parse_model_name(cfg.name)
+    if source is not None:  # hf-hub:org/repo, local-dir:PATH
+        return cfg.name
+    arch, tag = timm.models.split_model_name_tag(cfg.name)
+    if not tag:
+        pc = timm.models.get_pretrained_cfg(arch)
+        tag = getattr(pc, "tag", None) if pc is not None else None
+        if not tag:
+            return None
+    return f"{arch}.{tag}"
+
+
 def _timm_backbone(cfg: StudentConfig) -> TimmBackbone:
+    """A timm backbone with the weights of :func:`timm_weights_tag`; the tag actually loaded (None for random
+    initialisation) is the backbone's ``pretrained_tag``."""
     import timm
 
     if not timm.is_model(cfg.name) and not cfg.name.startswith(("hf-hub:", "hf_hub:", "local-dir:")):
         raise ConfigError(f"student.name: {cfg.name!r} is not a timm model (see timm.list_models())"
                           + _close(cfg.name, timm.list_models()))
-    model = None
-    if cfg.pretrained:
+    want = timm_weights_tag(cfg)
+    model, loaded = None, None
+    if want is not None and want.startswith("file:"):
+        path = want[len("file:"):]
+        try:  # timm's own loader: the file's classifier is dropped for num_classes=0, as for hub weights
+            model = timm.create_model(cfg.name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": path})
+        except Exception as e:  # noqa: BLE001 - a file that is not a state dict of this architecture
+            raise ConfigError(f"student.pretrained: cannot load {path} into timm {cfg.name!r} "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from e
+        loaded = _file_tag(path)
+    elif want is not None:
         if os.environ.get("HF_HUB_OFFLINE") == "1":
-            log.warning("HF_HUB_OFFLINE=1: no ImageNet weights for %s; using random initialisation", cfg.name)
+            log.warning("HF_HUB_OFFLINE=1: no ImageNet weights for %s (%s); using random initialisation",
+                        cfg.name, want)
         else:
             try:
-                model = timm.create_model(cfg.name, pretrained=True, num_classes=0)
+                model = timm.create_model(want, pretrained=True, num_classes=0)
+                loaded = want
             except Exception as e:  # noqa: BLE001 - offline, no cache, or no such weights
-                log.warning("could not load ImageNet weights for %s (%s: %s); using random initialisation",
-                            cfg.name, type(e).__name__, str(e).splitlines()[0][:200])
+                log.warning("could not load the ImageNet weights %s for %s (%s: %s); using random initialisation",
+                            want, cfg.name, type(e).__name__, str(e).splitlines()[0][:200])
+    elif cfg.pretrained:
+        log.warning("timm knows no pretrained weights for %s; using random initialisation", cfg.name)
     if model is None:
         model = timm.create_model(cfg.name, pretrained=False, num_classes=0)
     pc = getattr(model, "pretrained_cfg", {}) or {}
-    return TimmBackbone(model, pc.get("mean", IMAGENET_MEAN), pc.get("std", IMAGENET_STD))
+    backbone = TimmBackbone(model, pc.get("mean", IMAGENET_MEAN), pc.get("std", IMAGENET_STD))
+    backbone.pretrained_tag = loaded
+    if loaded is not None:
+        log.info("student weights: %s", loaded)
+    return backbone
 
 
 def _open_clip_model(cfg: StudentConfig, pretrained: Optional[str]) -> nn.Module:
@@ -298,6 +375,7 @@ class Classifier(nn.Module):
         self.head = head
         self.context = context
         self.num_features = int(backbone.num_features)
+        self.pretrained_tag: Optional[str] = backbone.pretrained_tag  # the weights it started from (None: random)
         self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
     @property
@@ -342,9 +420,13 @@ def create_backbone(cfg: StudentConfig, pretrained: bool = True) -> Tuple[Backbo
     if cfg.kind == "open_clip":
         import open_clip
 
-        clip = _open_clip_model(cfg, cfg.open_clip_pretrained if pretrained else None)
+        tag = cfg.open_clip_pretrained if pretrained else None
+        path = _checkpoint_path(tag, "student.open_clip_pretrained")
+        clip = _open_clip_model(cfg, path or tag)
         pp = open_clip.get_model_preprocess_cfg(clip)
-        return OpenClipBackbone(clip.visual, pp["mean"], pp["std"]), clip
+        backbone = OpenClipBackbone(clip.visual, pp["mean"], pp["std"])
+        backbone.pretrained_tag = _file_tag(path) if path else f"{cfg.name}/{tag}" if tag else None
+        return backbone, clip
     raise ConfigError(f"student.kind: expected 'timm' or 'open_clip', got {cfg.kind!r}")
 
 

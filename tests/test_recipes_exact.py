@@ -1,0 +1,129 @@
+"""The papers' recipes, exactly (issue 14, track 1): the student's weights, VLPL's teacher prompts, the shared
+flip, the relation-GCN residual, and the training / teacher precision of each recipe."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from vlpl.config import ConfigError, StudentConfig
+from vlpl.train.model import ClassContext, create_classifier, timm_weights_tag
+from vlpl.train.recipes import list_methods, load_train_config, recipe
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_NET = str(REPO / "configs" / "models" / "tiny_classifier.yaml")
+TRAIN = ["store=s", "out=o"]
+
+# the papers that train torchvision's ResNet-50 with its V1 ImageNet weights (ALGORITHMS.md 2c, 3, 4, 5, 6d, 7e)
+RESNET_PAPERS = ["an", "an_ls", "wan", "epr", "role", "em", "em_apl", "ll_r", "ll_ct", "ll_cp", "gr", "full",
+                 "vlpl", "aevlp"]
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. the student's exact weights
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", RESNET_PAPERS)
+def test_paper_recipes_name_torchvisions_v1_resnet50_weights(method):
+    """Every dataset row of a ResNet-50 paper resolves to timm's ``resnet50.tv_in1k`` (torchvision V1), not
+    ``pretrained: true`` on the bare name (which timm resolves to its own ``a1_in1k`` recipe)."""
+    _, path = recipe(method, None)
+    rows = sorted((yaml.safe_load(path.read_text()) or {}).get("datasets") or {})
+    for dataset in [None, *rows]:
+        cfg = load_train_config([], [f"method={method}", *([f"dataset={dataset}"] if dataset else []), *TRAIN])
+        assert cfg.student.kind == "timm" and cfg.student.pretrained is True
+        assert timm_weights_tag(cfg.student) == "resnet50.tv_in1k", (method, dataset)
+
+
+def test_sigrl_recipe_names_openai_clip_vit_b16():
+    cfg = load_train_config([], ["method=sigrl", "dataset=coco2014", *TRAIN])
+    assert (cfg.student.kind, cfg.student.name, cfg.student.open_clip_pretrained) == ("open_clip", "ViT-B-16", "openai")
+
+
+def test_every_shipped_recipe_names_exact_weights():
+    """No recipe leaves the weights to a library default: a timm student names its tag in the name."""
+    import timm.models
+
+    for method in list_methods():
+        cfg = load_train_config([], [f"method={method}", *TRAIN])
+        if cfg.student.kind == "timm" and cfg.student.pretrained is True:
+            assert timm.models.split_model_name_tag(cfg.student.name)[1], f"{method}: {cfg.student.name} has no tag"
+
+
+def test_a_bare_name_records_timms_default_tag():
+    import timm.models
+
+    default = timm.models.get_pretrained_cfg("resnet50").tag
+    assert timm_weights_tag(StudentConfig(name="resnet50")) == f"resnet50.{default}" == "resnet50.a1_in1k"
+    assert timm_weights_tag(StudentConfig(name="resnet50.tv_in1k")) == "resnet50.tv_in1k"
+    assert timm_weights_tag(StudentConfig(name="resnet50", pretrained=False)) is None
+    assert timm_weights_tag(StudentConfig(name="hf-hub:timm/resnet50.tv_in1k")) == "hf-hub:timm/resnet50.tv_in1k"
+    with pytest.raises(ConfigError, match=r"student.name=resnet50.tv_in1k"):
+        timm_weights_tag(StudentConfig(name="resnet50", pretrained="tv_in1k"))
+
+
+def _names(n: int = 5) -> ClassContext:
+    return ClassContext([f"c{i}" for i in range(n)])
+
+
+def test_a_local_checkpoint_loads_real_weights_and_records_its_hash(tmp_path):
+    """``pretrained: PATH.safetensors`` goes through timm's own loader (the file's classifier is dropped for the
+    headless backbone); the recorded tag names the file and its sha256."""
+    import hashlib
+
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(7)
+    ref = timm.create_model("test_resnet", pretrained=False)
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
+    torch.manual_seed(8)  # a different random init: only the file can make the weights equal
+    model = create_classifier(StudentConfig(name="test_resnet", pretrained=str(path), image_size=64), _names())
+    got = model.backbone.model.state_dict()
+    want = ref.state_dict()
+    assert got and all(torch.equal(v, want[k]) for k, v in got.items())
+    assert "fc.weight" not in got  # headless (num_classes=0)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    assert model.pretrained_tag == f"file:{path} sha256:{digest}"
+    rand = create_classifier(StudentConfig(name="test_resnet", pretrained=False, image_size=64), _names())
+    assert rand.pretrained_tag is None
+    with pytest.raises(ConfigError, match=r"student.pretrained: checkpoint file .*missing.safetensors does not exist"):
+        create_classifier(StudentConfig(name="test_resnet", pretrained=str(tmp_path / "missing.safetensors")), _names())
+
+
+def test_unloadable_hub_weights_are_recorded_as_random(monkeypatch, caplog):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with caplog.at_level(logging.WARNING, logger="vlpl.train.model"):
+        model = create_classifier(StudentConfig(name="test_resnet.r160_in1k", image_size=64), _names())
+    assert model.pretrained_tag is None
+    assert any("test_resnet.r160_in1k" in r.getMessage() for r in caplog.records)
+
+
+def test_a_run_records_the_weights_it_loaded_and_resumes(coco256_store, tmp_path):
+    """config.yaml of the run records ``student.pretrained_tag`` (what was loaded, not what was asked), and a
+    resumed run (which starts with the field empty) is not refused for it."""
+    import timm
+    from safetensors.torch import save_file
+
+    from vlpl.train.loop import run_train
+
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()}, str(path))
+    out = tmp_path / "run"
+    args = [f"store={coco256_store}", f"out={out}", "progress=false", "method=an", "epochs=1",
+            "max_steps_per_epoch=1", f"student.pretrained={path}", "num_workers=0"]
+    cfg = load_train_config([TINY_NET], args)
+    assert cfg.student.pretrained_tag is None
+    run_train(cfg)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["student"]["pretrained_tag"].startswith(f"file:{path} sha256:")
+    assert json.loads((out / "best" / "model.json").read_text())["student"]["pretrained_tag"] == \
+        saved["student"]["pretrained_tag"]
+    run_train(load_train_config([TINY_NET], [*args, "epochs=2", "resume=true"]))
+    assert (out / "summary.json").is_file()
