@@ -42,6 +42,7 @@ from vlpl.pseudolabel.params import (
     rule_params,
 )
 from vlpl.registry import RULES
+from vlpl.store.views import ScoreKind, active_score_kind
 
 __all__ = [
     "select_variants",
@@ -93,10 +94,17 @@ def view_softmax(scores: torch.Tensor, temp: float) -> torch.Tensor:
     Computed in float32 at least (the store may cache float16 cosines). The released codes apply no
     CLIP logit scale; ``temp = 0.01`` plays the role of CLIP's x100 (§7g.3). ``temp`` must be > 0
     (the rules validate it through their schemas; this helper only guards against a division by zero).
+
+    Under a sigmoid teacher's score kind (:class:`vlpl.store.views.ScoreKind`, entered by :func:`apply_rule`
+    from the store) the per-view score is that teacher's own per-class probability
+    ``sigmoid(logit_scale * cos + logit_bias)`` instead, ``temp`` unused (docs/TEACHERS.md).
     """
     if not temp > 0:
         raise ValueError(f"temp must be > 0; got {temp}")
     x = scores if scores.dtype in (torch.float32, torch.float64) else scores.float()
+    kind = active_score_kind()
+    if kind.kind != "cosine":
+        return kind.probabilities(x, temp)
     return torch.softmax(x / temp, dim=-1)
 
 
@@ -385,6 +393,7 @@ def apply_rule(
     dynamic: bool = True,
     generator: Optional[torch.Generator] = None,
     rows: Optional[RuleRows] = None,
+    score_kind: Optional[ScoreKind] = None,
     **kwargs: Any,
 ) -> torch.Tensor:
     """Select flip variants (:func:`select_variants`, Decision 4) then run rule ``name``.
@@ -396,6 +405,10 @@ def apply_rule(
         dynamic: per-(image, view) random variant (True) or always variant 0 (False).
         generator: RNG for the variant draws.
         rows: the split and positions of the batch (:class:`RuleRows`), for rules with ``needs_rows``.
+        score_kind: what the scores are (default: ``rows.split.score_kind`` when ``rows`` is given): the rule
+            runs inside its :meth:`~vlpl.store.views.ScoreKind.scope`, so its per-view probabilities are the
+            teacher's own (a SigLIP-type store: per-class sigmoids, docs/TEACHERS.md); None: the kind already
+            active (cosine unless a caller entered another).
         **kwargs: the rule's options, validated through its schema (:func:`rule_params`): an option the
             rule does not declare raises :class:`vlpl.params.UnknownParamError` (a
             :class:`vlpl.registry.RegistryError`) naming it, a bad value a :class:`ValueError`.
@@ -408,4 +421,9 @@ def apply_rule(
     params = rule_params(name, kwargs)
     scores = select_variants(scores_full, generator, dynamic=dynamic)
     extra = {"rows": rows} if getattr(fn, "needs_rows", False) else {}
-    return fn(scores, observed, **params.kwargs(), **params.extras(kwargs), **extra)
+    if score_kind is None and rows is not None:
+        score_kind = getattr(rows.split, "score_kind", None)
+    if score_kind is None:
+        return fn(scores, observed, **params.kwargs(), **params.extras(kwargs), **extra)
+    with score_kind.scope():
+        return fn(scores, observed, **params.kwargs(), **params.extras(kwargs), **extra)

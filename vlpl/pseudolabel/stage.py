@@ -314,10 +314,10 @@ def run_pseudolabel(cfg: PseudolabelConfig, stats: Optional[Dict[str, Any]] = No
         "classes_sha256": sha256_lines(ds.classes),
         "views": spec.to_dict(),
         "decode": decode_identity(cfg, backend.device),
-        "score_kind": "cosine",
+        **backend.score_kind().to_dict(),  # score_kind, logit_scale (+ logit_bias): docs/TEACHERS.md
+        "text_context_length": backend.context_length,
         **_score_form(cfg, spec, len(ds.classes), int(text.shape[1])).manifest_entry(),
         "score_dtype": "float16",
-        "logit_scale": round(backend.logit_scale, 6),
         "embedding_dim": int(text.shape[1]),
         "dataset": dataset_entry(cfg, ds),
         "labels_kind": ds.labels_kind,  # full | partial (vlpl.store.store.labels_kind_of)

@@ -13,10 +13,13 @@ views live in :mod:`vlpl.vlm.views`.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
-__all__ = ["ViewSpec", "GLOBAL_VIEW", "LAYOUT"]
+__all__ = ["ViewSpec", "GLOBAL_VIEW", "LAYOUT", "ScoreKind", "SCORE_KINDS", "active_score_kind"]
 
 GLOBAL_VIEW = 0
 LAYOUT = "variant-major: v = variant*(1+g^2) + view; view 0 global, 1+i*g+j tile (i,j)"
@@ -165,3 +168,131 @@ class ViewSpec:
         if len(shape) != 4 or shape[1:3] != (self.n_variants, self.n_views):
             raise ValueError(f"expected scores of shape (N, {self.n_variants}, {self.n_views}, C), got {shape}")
         return scores.reshape(shape[0], self.num_views, shape[3])
+
+
+# --------------------------------------------------------------------------------------------------------
+# score kinds: how the cached scores become per-class probabilities (docs/TEACHERS.md)
+# --------------------------------------------------------------------------------------------------------
+
+#: ``cosine``: a softmax-trained CLIP (the papers' teachers; probabilities ``softmax_c(cos / temp)``);
+#: ``siglip``: a sigmoid-trained teacher (SigLIP / SigLIP 2; probabilities ``sigmoid(scale * cos + bias)`` per
+#: class, the model's own logit scale and bias); ``probability``: the cached scores are already per-class
+#: probabilities (a derived store, e.g. a teacher ensemble combined in probability space): used as they are.
+SCORE_KINDS = ("cosine", "siglip", "probability")
+
+
+@dataclass(frozen=True)
+class ScoreKind:
+    """What a store's raw scores are, and the ONE place that turns them into per-class probabilities.
+
+    The store always caches raw image-text cosines (``kind`` cosine or siglip); the rules' per-view score
+    (:func:`vlpl.pseudolabel.rules.view_softmax`) is :meth:`probabilities` of the kind the rule runs under
+    (:meth:`scope`, entered by :func:`vlpl.pseudolabel.rules.apply_rule` from ``ScoreStore.score_kind``), so a
+    rule needs no special case for a sigmoid teacher. Torch-free: numpy arrays and torch tensors both work.
+    """
+
+    kind: str = "cosine"
+    logit_scale: Optional[float] = None
+    logit_bias: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in SCORE_KINDS:
+            raise ValueError(f"score_kind must be one of {', '.join(SCORE_KINDS)}, got {self.kind!r}")
+        if self.kind == "siglip":
+            for name in ("logit_scale", "logit_bias"):
+                v = getattr(self, name)
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise ValueError(f"score_kind 'siglip' needs a finite {name}, got {v!r}")
+            if self.logit_scale <= 0:  # type: ignore[operator]
+                raise ValueError(f"score_kind 'siglip' needs logit_scale > 0, got {self.logit_scale!r}")
+
+    @classmethod
+    def from_manifest(cls, manifest: Mapping[str, Any]) -> "ScoreKind":
+        """The kind of a store from its manifest (``score_kind``, ``logit_scale``, ``logit_bias``); a manifest
+        without ``score_kind`` (older stores) holds cosines."""
+        kind = manifest.get("score_kind") or "cosine"
+        try:
+            return cls(str(kind), _num(manifest.get("logit_scale")), _num(manifest.get("logit_bias")))
+        except ValueError as e:
+            raise ValueError(f"manifest: {e}") from None
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The manifest's fields: ``score_kind``, ``logit_scale`` and (sigmoid teachers) ``logit_bias``."""
+        out: Dict[str, Any] = {"score_kind": self.kind, "logit_scale": self.logit_scale}
+        if self.logit_bias is not None:
+            out["logit_bias"] = self.logit_bias
+        return out
+
+    @property
+    def sigmoid(self) -> bool:
+        """Whether the teacher's own probabilities are per-class sigmoids (SigLIP-type)."""
+        return self.kind == "siglip"
+
+    def logits(self, scores: Any) -> Any:
+        """``logit_scale * cos + logit_bias`` (siglip only): the teacher's own per-class logits."""
+        if not self.sigmoid:
+            raise ValueError(f"logits: score_kind {self.kind!r} has no per-class logit (only 'siglip' does)")
+        return scores * float(self.logit_scale) + float(self.logit_bias)  # type: ignore[arg-type]
+
+    def probabilities(self, scores: Any, temp: float) -> Any:
+        """Per-class probabilities of raw scores ``(..., C)`` (float32 at least; numpy or torch):
+
+        * cosine: ``softmax_c(cos / temp)`` over the last axis (the papers' rule, ALGORITHMS.md 6b / 7c);
+        * siglip: ``sigmoid(logit_scale * cos + logit_bias)`` per class, ``temp`` unused (the model's own
+          calibrated scale and bias replace the rules' temperature; ours, docs/TEACHERS.md);
+        * probability: the scores themselves.
+        """
+        x = _as_float(scores)
+        if self.kind == "probability":
+            return x
+        if self.sigmoid:
+            z = self.logits(x)
+            return z.sigmoid() if _is_torch(z) else _np().exp(-_np().logaddexp(0.0, -z))  # no cancellation
+        if not temp > 0:
+            raise ValueError(f"temp must be > 0; got {temp}")
+        if _is_torch(x):
+            return (x / temp).softmax(dim=-1)
+        np = _np()
+        z = x / temp
+        z = np.exp(z - z.max(axis=-1, keepdims=True))
+        return z / z.sum(axis=-1, keepdims=True)
+
+    @contextlib.contextmanager
+    def scope(self) -> Iterator["ScoreKind"]:
+        """Run the rules inside under this kind (:func:`active_score_kind`); nests and restores."""
+        token = _ACTIVE.set(self)
+        try:
+            yield self
+        finally:
+            _ACTIVE.reset(token)
+
+
+COSINE = ScoreKind()
+_ACTIVE: "contextvars.ContextVar[ScoreKind]" = contextvars.ContextVar("vlpl_score_kind", default=COSINE)
+
+
+def active_score_kind() -> ScoreKind:
+    """The kind the rules run under now (cosine unless inside a :meth:`ScoreKind.scope`)."""
+    return _ACTIVE.get()
+
+
+def _num(v: Any) -> Optional[float]:
+    return None if v is None else float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.startswith("torch")
+
+
+def _np() -> Any:
+    import numpy
+
+    return numpy
+
+
+def _as_float(x: Any) -> Any:
+    if _is_torch(x):
+        return x if x.dtype.is_floating_point and x.element_size() >= 4 else x.float()
+    np = _np()
+    x = np.asarray(x)
+    return x if x.dtype in (np.float32, np.float64) else x.astype(np.float32)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from vlpl.config import ConfigError, TeacherConfig
 from vlpl.store.store import sha256_file
+from vlpl.store.views import ScoreKind
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,10 @@ class VLMBackend:
     preprocess: Preprocess
     embed_dim: int
     logit_scale: float
+    #: a sigmoid-trained teacher's logit bias (SigLIP: ``logit = scale * cos + bias``); None for a softmax CLIP
+    logit_bias: Optional[float] = None
+    #: the text tower's context length (tokens; longer prompts are truncated by the tokenizer)
+    context_length: Optional[int] = None
     device: torch.device
 
     def __init__(self, cfg: TeacherConfig, device: torch.device) -> None:
@@ -131,6 +136,14 @@ class VLMBackend:
         raise NotImplementedError
 
     # -- shared -------------------------------------------------------------------------------------
+    def score_kind(self) -> ScoreKind:
+        """How this teacher's cosines become probabilities: ``siglip`` (per-class sigmoid of
+        ``scale * cos + bias``) when the model has a logit bias, else ``cosine`` (softmax over classes)."""
+        scale = round(float(self.logit_scale), 6)
+        if self.logit_bias is None:
+            return ScoreKind("cosine", scale)
+        return ScoreKind("siglip", scale, round(float(self.logit_bias), 6))
+
     def _autocast(self):
         if self.amp_dtype is None:
             return torch.autocast(self.device.type, enabled=False)
@@ -191,7 +204,8 @@ class OpenClipBackend(VLMBackend):
                                   f"with pretrained={cfg.pretrained!r}: {e}") from e
         model.eval().requires_grad_(False)
         self.model = model
-        self.tokenizer = open_clip.get_tokenizer(cfg.name)
+        self.tokenizer = open_clip.get_tokenizer(cfg.name)  # the model's own tokenizer and context length
+        self.context_length = int(getattr(self.tokenizer, "context_length", 0) or 0) or None
         pp = open_clip.get_model_preprocess_cfg(model)
         size = pp.get("size", model.visual.image_size)
         if isinstance(size, int):
@@ -203,6 +217,9 @@ class OpenClipBackend(VLMBackend):
             interpolation=str(pp.get("interpolation", "bicubic")),
         )
         self.logit_scale = float(model.logit_scale.exp().item())
+        # SigLIP-type models (init_logit_bias in their config) score with sigmoid(scale * cos + bias)
+        bias = getattr(model, "logit_bias", None)
+        self.logit_bias = None if bias is None else float(bias.item())
         self.embed_dim = int(self.encode_text(["x"], ["{}"]).shape[1])
 
     def _encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -252,6 +269,7 @@ class HFBackend(VLMBackend):
             )
         self.model = AutoModel.from_pretrained(cfg.name).to(device).eval().requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.name)
+        self.context_length = int(getattr(mcfg.text_config, "max_position_embeddings", 0) or 0) or None
         self.is_siglip = mcfg.model_type.startswith("siglip")
         size = mcfg.vision_config.image_size
         mean, std = IMAGENET_MEAN, IMAGENET_STD
@@ -265,6 +283,8 @@ class HFBackend(VLMBackend):
             mean, std = OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
         self.preprocess = Preprocess((int(size), int(size)), tuple(map(float, mean)), tuple(map(float, std)))
         self.logit_scale = float(self.model.logit_scale.exp().item())
+        bias = getattr(self.model, "logit_bias", None) if self.is_siglip else None
+        self.logit_bias = None if bias is None else float(bias.item())
         self.embed_dim = int(getattr(mcfg, "projection_dim", None) or mcfg.text_config.hidden_size)
         self.checkpoint_sha256 = None
         weights = sorted(Path(cfg.name).glob("*.safetensors")) + sorted(Path(cfg.name).glob("*.bin")) \
