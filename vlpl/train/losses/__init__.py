@@ -30,10 +30,31 @@ setting every loss here treats an observed ``-1`` as a known (clean) negative wi
 weight 1 (``ll_*`` use the logits BCE toward 0, which is the same thing without ``eps``); each class
 states where this enters its formula.
 
-**State.** A loss owns the training label state: the float32 ``N x C`` buffer ``state`` initialised from
-``observed`` (EM+APL writes soft negatives ``-p`` into it, LL-Cp writes permanent ``+1`` corrections);
-ROLE's estimator is the ``N x C`` parameter ``estimator_logits``. ``state_dict()`` therefore holds all
-loss state for checkpoint / resume. Logits are computed on in float32 whatever their dtype (AMP-safe).
+**Observed labels and state.** A loss is built on the training set's ``(N, C)`` observed labels, given as
+a reader (``observed_at(positions)`` and ``observed_shape``: the trainer passes its
+:class:`~vlpl.store.store.SplitReader`) or a matrix (numpy / torch; tests, plugins), wrapped in
+:class:`~vlpl.train.losses.base.ObservedLabels` without a copy. At every step the trainer hands the batch's
+rows as ``LossBatch.observed`` (``(B, C)`` int8, from ``SplitReader.observed_at``); loss code reads labels
+only through ``self._prepare(batch)`` (``s, p, z, masks``; ``z`` int8), which falls back to reading the rows
+from the labels the loss was built on when ``batch.observed`` is ``None``. A loss therefore holds no
+``N x C`` tensor unless it keeps per-sample state, and then it says so with the class attribute
+``stateful = True`` and registers that state as buffers / parameters in its ``__init__`` after
+``super().__init__`` (``state_dict()`` holds it: checkpoint / resume stay exact), built chunk by chunk from
+``self.observed_labels.chunks()`` (no full-size float temporaries):
+
+* ``ll_cp``: the int8 ``N x C`` buffer ``label_state`` (observed labels + permanent ``+1`` corrections,
+  :meth:`SPMLLoss.register_label_state`: ``_prepare`` then reads ``z`` from it; any loss that rewrites
+  labels uses the same);
+* ``em_apl``: the float32 ``N x C`` buffer ``apl_target`` (the stored ``p`` of each soft negative, NaN
+  elsewhere; float32 because the targets are the model's float32 ``p``) and ``unknown_at_start`` (C,);
+* ``role``: the float32 ``N x C`` estimator parameter ``estimator_logits`` (the method itself).
+
+Every other registered loss is stateless (no tensor with ``N`` rows: :meth:`SPMLLoss.per_sample_state`).
+``loss.state`` still gives the ``(N, C)`` float32 label state (observed labels, LL-Cp's corrections,
+EM+APL's ``-p``), materialised on demand for inspection and tests; training never reads it. Losses that need
+a pass over the training set after each epoch (``needs_train_pass``) get it streamed
+(:meth:`SPMLLoss.end_epoch_stream`: EM+APL keeps memory bounded with a scratch file). Logits are computed on
+in float32 whatever their dtype (AMP-safe).
 
 **Several processes.** The papers train on one GPU. Under data parallelism each process holds a slice of
 the global batch; after :meth:`SPMLLoss.set_distributed` the two batch-level statistics are computed over
@@ -67,6 +88,7 @@ from __future__ import annotations
 from vlpl.train.loss_params import EPS_COLE, EPS_GR
 from vlpl.train.losses.base import (
     LossBatch,
+    ObservedLabels,
     SPMLLoss,
     binary_entropy,
     create_loss,
@@ -107,6 +129,7 @@ __all__ = [
     "LossBatch",
     "SPMLLoss",
     "create_loss",
+    "ObservedLabels",
     "loss_defaults",
     "loss_description",
     "neg_log_pos",

@@ -7,7 +7,8 @@ docstring, :mod:`vlpl.train.losses`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from vlpl.train.losses.reconstruction import ReconstructionTerm
 
 __all__ = [
     "LossBatch",
+    "ObservedLabels",
     "SPMLLoss",
     "create_loss",
     "loss_defaults",
@@ -45,6 +47,9 @@ class LossBatch:
             (:meth:`SPMLLoss.set_reconstruction`, Decision 5); else ``None``.
         image_embedding: ``(B, D)`` float32 the teacher's cached image embeddings of the batch's images
             (``SplitReader.image_embeddings``), with ``features``; else ``None``.
+        observed: ``(B, C)`` int8 observed labels of the batch's rows (the trainer reads them per batch with
+            ``SplitReader.observed_at``); ``None``: the loss reads the rows from the labels it was built on
+            (:class:`ObservedLabels`, e.g. a small matrix in tests).
     """
 
     logits: torch.Tensor
@@ -52,6 +57,7 @@ class LossBatch:
     pseudo: Optional[torch.Tensor] = None
     features: Optional[torch.Tensor] = None
     image_embedding: Optional[torch.Tensor] = None
+    observed: Optional[torch.Tensor] = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -100,15 +106,74 @@ def expected_positive_regularizer(p: torch.Tensor, expected_positives: float, gl
 # --------------------------------------------------------------------------------------------------
 
 
-def _as_observed(observed: Any) -> torch.Tensor:
-    obs = torch.as_tensor(np.asarray(observed) if not torch.is_tensor(observed) else observed)
-    if obs.dim() != 2:
-        raise ValueError(f"observed must be an (N, C) matrix, got shape {tuple(obs.shape)}")
-    obs = obs.detach().to(device="cpu", dtype=torch.float32).clone()
-    bad = ~((obs == 1) | (obs == 0) | (obs == -1))
-    if bool(bad.any()):
-        raise ValueError("observed labels must be in {-1, 0, 1}")
-    return obs
+# rows per chunk when a loss reads all its observed labels (state built at construction, validation,
+# EM+APL's candidates): about 16M entries, 16 MB of int8 whatever N
+CHUNK_ENTRIES = 1 << 24
+
+
+class ObservedLabels:
+    """Row access to the ``(N, C)`` observed labels (in {-1, 0, 1}) a loss is built on, without a copy.
+
+    Wraps either a reader with ``observed_at(positions) -> (B, C) int8`` and a shape (``observed_shape``
+    or ``shape``), e.g. :class:`vlpl.store.store.SplitReader` (training: nothing of size ``N x C`` is
+    read), or an ``(N, C)`` matrix (torch tensor of any dtype, numpy array or nested lists), which is kept
+    by reference (a numpy array or tensor is not copied) and validated once, chunk by chunk. A reader's
+    labels are trusted (the store writes validated int8).
+    """
+
+    def __init__(self, observed: Any) -> None:
+        if isinstance(observed, ObservedLabels):
+            self._matrix, self._reader, self.shape = observed._matrix, observed._reader, observed.shape
+            return
+        self._matrix: Optional[torch.Tensor] = None
+        self._reader: Any = None
+        if callable(getattr(observed, "observed_at", None)) and not torch.is_tensor(observed):
+            shape = getattr(observed, "observed_shape", None) or getattr(observed, "shape", None)
+            if shape is None or len(tuple(shape)) != 2:
+                raise ValueError(f"observed: a reader must give its (N, C) shape as observed_shape or shape; "
+                                 f"{type(observed).__name__} gives {shape!r}")
+            self._reader = observed
+            self.shape: Tuple[int, int] = (int(shape[0]), int(shape[1]))
+            return
+        mat = observed if torch.is_tensor(observed) else torch.as_tensor(np.asarray(observed))
+        if mat.dim() != 2:
+            raise ValueError(f"observed must be an (N, C) matrix, got shape {tuple(mat.shape)}")
+        self._matrix = mat.detach()
+        self.shape = (int(mat.shape[0]), int(mat.shape[1]))
+        step = max(1, CHUNK_ENTRIES // max(self.shape[1], 1))
+        for start in range(0, self.shape[0], step):
+            rows = self._matrix[start:start + step]  # in the matrix's own dtype: 0.5 is not a label
+            bad = ~((rows == 1) | (rows == 0) | (rows == -1))
+            if bool(bad.any()):
+                r, c = (int(v) for v in bad.nonzero()[0])
+                raise ValueError(f"observed labels must be in {{-1, 0, 1}}: row {start + r}, class {c} holds "
+                                 f"{rows[r, c].item()}")
+
+    def rows(self, index: Any) -> torch.Tensor:
+        """``(B, C)`` int8 CPU labels of the rows at ``index`` (a tensor, array or list of positions)."""
+        pos = index.detach().to("cpu", torch.long) if torch.is_tensor(index) else \
+            torch.as_tensor(np.asarray(index, dtype=np.int64))
+        pos = pos.reshape(-1)
+        if self._reader is not None:
+            out = torch.from_numpy(np.ascontiguousarray(self._reader.observed_at(pos.numpy()), dtype=np.int8))
+            if tuple(out.shape) != (pos.numel(), self.shape[1]):
+                raise ValueError(f"observed_at of {type(self._reader).__name__} gave shape {tuple(out.shape)} for "
+                                 f"{pos.numel()} rows; expected ({pos.numel()}, {self.shape[1]})")
+            return out
+        assert self._matrix is not None
+        return self._matrix[pos.to(self._matrix.device)].to(device="cpu", dtype=torch.int8)
+
+    def chunks(self, rows_per_chunk: Optional[int] = None) -> Iterator[Tuple[int, torch.Tensor]]:
+        """``(start, (b, C) int8 rows start..start+b-1)`` over all rows, in order, a chunk at a time."""
+        n, c = self.shape
+        step = rows_per_chunk or max(1, CHUNK_ENTRIES // max(c, 1))
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            if self._reader is not None:
+                yield start, self.rows(torch.arange(start, stop))
+            else:
+                assert self._matrix is not None
+                yield start, self._matrix[start:stop].to(device="cpu", dtype=torch.int8)
 
 
 @dataclass
@@ -125,37 +190,92 @@ class SPMLLoss(nn.Module):
     """Base class of every registered loss (see the module docstring for the conventions).
 
     Args:
-        observed: ``(N, C)`` training observed-label matrix in {-1, 0, 1} (torch int8/float or numpy).
+        observed: the training set's ``(N, C)`` observed labels in {-1, 0, 1}: a reader with
+            ``observed_at`` and ``observed_shape`` (the trainer passes its :class:`~vlpl.store.store.SplitReader`),
+            or a matrix (torch int8/float or numpy); see :class:`ObservedLabels`. A stateless loss keeps no
+            copy: it reads ``batch.observed`` (or, without it, the batch's rows from ``observed``).
         eps: the ``eps`` inside ``l+`` / ``l-`` (ALGORITHMS.md §1).
 
     Class attributes:
         requires_pseudo: the loss needs ``batch.pseudo`` (VLPL, GPR).
         needs_train_pass: after each epoch the trainer runs the model in eval mode over the whole training
             set and calls :meth:`end_epoch` (EM+APL).
+        stateful: the loss keeps per-sample state (``N`` rows) in buffers or parameters it registers in its
+            ``__init__`` after ``super().__init__`` (from :attr:`observed_labels`, chunk by chunk:
+            :meth:`register_label_state`, :meth:`ObservedLabels.chunks`), so that ``state_dict()`` holds it.
+            A loss with ``stateful = False`` must hold no tensor with ``N`` rows (checked by the tests for
+            every registered loss, and logged by the trainer: :meth:`per_sample_state`).
     """
 
     requires_pseudo: bool = False
     needs_train_pass: bool = False
+    stateful: bool = False
 
     def __init__(self, observed: Any, eps: float) -> None:
         super().__init__()
-        self.register_buffer("state", _as_observed(observed))
+        self.observed_labels = ObservedLabels(observed)
         self.eps = float(eps)
         self.epoch = 1
         self.num_epochs: Optional[int] = None
         self.distributed = False
         self.reconstruction: Optional[ReconstructionTerm] = None
         self._reconstruction_hook: Optional[Any] = None
+        self.register_buffer("label_state", None)  # set by register_label_state (stateful losses)
 
-    state: torch.Tensor
+    label_state: Optional[torch.Tensor]
 
     @property
     def num_examples(self) -> int:
-        return int(self.state.shape[0])
+        return int(self.observed_labels.shape[0])
 
     @property
     def num_classes(self) -> int:
-        return int(self.state.shape[1])
+        return int(self.observed_labels.shape[1])
+
+    # -- per-sample state ------------------------------------------------------------------------------
+
+    def register_label_state(self) -> None:
+        """Keep a writable ``(N, C)`` int8 copy of the observed labels as the buffer ``label_state``
+        (1 byte an entry; built chunk by chunk, no full-size temporary). :meth:`_prepare` then reads the
+        batch's labels from it instead of ``batch.observed``, so writes into it (LL-Cp's corrections) change
+        later batches, and it is checkpointed with the loss. For ``stateful`` losses only."""
+        if not self.stateful:
+            raise TypeError(f"{type(self).__name__}: register_label_state needs stateful = True")
+        buf = torch.empty(self.observed_labels.shape, dtype=torch.int8)
+        for start, rows in self.observed_labels.chunks():
+            buf[start:start + rows.shape[0]] = rows
+        self.register_buffer("label_state", buf)
+
+    def per_sample_state(self) -> Dict[str, Tuple[int, ...]]:
+        """Shapes of the tensors in ``state_dict()`` with ``N`` (= :attr:`num_examples`) rows: the loss's
+        per-sample state. Empty for a stateless loss (unless ``N`` happens to equal another dimension)."""
+        n = self.num_examples
+        return {k: tuple(v.shape) for k, v in self.state_dict().items()
+                if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == n}
+
+    @property
+    def state(self) -> torch.Tensor:
+        """The ``(N, C)`` float32 label state, materialised on demand for inspection and tests: the observed
+        labels with the loss's own changes (LL-Cp's corrections; EM+APL's soft negatives as ``-p``). It is
+        built at every access (``N x C x 4`` bytes): training never reads it."""
+        if self.label_state is not None:
+            return self.label_state.float()
+        out = torch.empty(self.observed_labels.shape, dtype=torch.float32)
+        for start, rows in self.observed_labels.chunks():
+            out[start:start + rows.shape[0]] = rows
+        return out
+
+    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        """Reads checkpoints written before the compact state too (their float32 ``state`` buffer)."""
+        old = state_dict.get(prefix + "state")
+        if old is not None:
+            self._upgrade_state(state_dict, prefix, state_dict.pop(prefix + "state"))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _upgrade_state(self, state_dict: Dict[str, Any], prefix: str, old_state: torch.Tensor) -> None:
+        """Turn an old float32 ``state`` (observed labels plus the loss's writes) into this loss's buffers."""
+        if self.label_state is not None and prefix + "label_state" not in state_dict:
+            state_dict[prefix + "label_state"] = old_state.to(torch.int8)
 
     # -- interface -----------------------------------------------------------------------------------
 
@@ -205,8 +325,24 @@ class SPMLLoss(nn.Module):
             self._reconstruction_hook = self.register_forward_hook(_add_reconstruction)
 
     def end_epoch(self, probs: torch.Tensor, index: torch.Tensor, epoch: int) -> Dict[str, float]:
-        """Hook after the training pass of ``epoch`` (only called when ``needs_train_pass``)."""
+        """Hook after the training pass of ``epoch``, on all rows' probabilities at once (only called when
+        ``needs_train_pass``)."""
         return {}
+
+    def end_epoch_stream(self, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], epoch: int,
+                         workdir: Optional[Path] = None) -> Dict[str, float]:
+        """The hook the trainer calls after the training pass of ``epoch`` (when ``needs_train_pass``):
+        ``batches`` yields ``(probs (b, C), positions (b,))`` covering the training set once, lazily (the
+        pass runs as they are read); ``workdir`` is a folder for scratch files. Default: the batches
+        gathered into one ``(N, C)`` matrix for :meth:`end_epoch` (``N x C x 4`` bytes); a loss whose pass
+        must stay bounded in memory overrides it (EM+APL)."""
+        probs, index = [], []
+        for p, k in batches:
+            probs.append(p.detach().float().cpu())
+            index.append(k.reshape(-1).cpu())
+        if not probs:
+            return self.end_epoch(torch.zeros(0, self.num_classes), torch.zeros(0, dtype=torch.long), epoch)
+        return self.end_epoch(torch.cat(probs), torch.cat(index), epoch)
 
     # -- several processes ---------------------------------------------------------------------------
 
@@ -263,8 +399,22 @@ class SPMLLoss(nn.Module):
         """Bool mask of APL soft negatives for ``rows`` (``None`` for losses without APL)."""
         return None
 
+    def _label_rows(self, batch: LossBatch, rows: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``(B, C)`` int8 labels of the batch on ``device``: ``label_state`` rows (stateful losses that keep
+        one), else ``batch.observed``, else the rows read from :attr:`observed_labels`."""
+        if self.label_state is not None:
+            return self.label_state[rows.to(self.label_state.device)].to(device)
+        if batch.observed is not None:
+            z = batch.observed
+            if tuple(z.shape) != (rows.numel(), self.num_classes):
+                raise ValueError(f"batch.observed must be ({rows.numel()}, {self.num_classes}), got "
+                                 f"{tuple(z.shape)}")
+            return z.to(device, non_blocking=True)
+        return self.observed_labels.rows(rows).to(device, non_blocking=True)
+
     def _prepare(self, batch: LossBatch) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, _Masks]:
-        """Return ``(s, p, z, masks)`` for the batch: float32 logits, probabilities, state rows, masks."""
+        """Return ``(s, p, z, masks)`` for the batch: float32 logits, probabilities, the ``(B, C)`` int8
+        labels of its rows (:meth:`_label_rows`) and the float masks. Loss code reads labels only here."""
         logits = batch.logits
         if logits.dim() != 2 or logits.shape[1] != self.num_classes:
             raise ValueError(
@@ -275,9 +425,8 @@ class SPMLLoss(nn.Module):
             raise ValueError(f"index has {index.numel()} rows but logits have {logits.shape[0]}")
         s = logits.float()
         p = torch.sigmoid(s)
-        rows = index.to(device=self.state.device, dtype=torch.long)
-        z = self.state[rows].to(s.device)
-        soft = self._soft_mask_rows(rows)
+        z = self._label_rows(batch, index, s.device)
+        soft = self._soft_mask_rows(index)
         if soft is not None:
             soft = soft.to(s.device)
             hard = ~soft
@@ -348,7 +497,8 @@ def _add_reconstruction(module: SPMLLoss, args: Tuple[Any, ...], out: Dict[str, 
 
 
 def create_loss(name: str, observed: Any, **hparams: Any) -> SPMLLoss:
-    """Build the registered loss ``name`` on the ``(N, C)`` observed labels.
+    """Build the registered loss ``name`` on the ``(N, C)`` observed labels (a reader such as a
+    :class:`~vlpl.store.store.SplitReader`, or a matrix: :class:`ObservedLabels`).
 
     The hyper-parameters are validated through the loss's schema (:mod:`vlpl.train.loss_params`): an
     unknown one raises :class:`vlpl.params.UnknownParamError` (a :class:`vlpl.registry.RegistryError`)

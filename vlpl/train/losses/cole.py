@@ -165,6 +165,10 @@ class ExpectedPositiveRegularizerLoss(SPMLLoss):
 class ROLELoss(SPMLLoss):
     """ROLE, regularised online label estimation (ALGORITHMS.md §2e).
 
+    Stateful: the label estimator, a free ``N x C`` float32 parameter, *is* the method (Cole et al. learn
+    one logit per training entry), so ROLE's memory grows with ``N`` by design; it is built in place from
+    the observed labels, a chunk of rows at a time (no other ``N x C`` tensor).
+
     The label estimator is a free logit matrix ``Phi`` (parameter ``estimator_logits``, N x C) with
     ``y^ = sigmoid(Phi)``, initialised with unknowns ~ ``U(-logit(0.6), logit(0.6))`` (drawn from a
     ``torch.Generator`` seeded with ``seed``), observed positives ``logit(0.995)`` and observed
@@ -185,6 +189,8 @@ class ROLELoss(SPMLLoss):
         eps: inside ``l+``/``l-``; Cole's 1e-5.
     """
 
+    stateful = True
+
     def __init__(
         self,
         observed: Any,
@@ -200,9 +206,13 @@ class ROLELoss(SPMLLoss):
         self.seed = int(seed)
         gen = torch.Generator().manual_seed(self.seed)
         width = _logit(_ROLE_UNKNOWN_P)
-        init = width * (2.0 * torch.rand(self.state.shape, generator=gen) - 1.0)
-        init[self.state == 1] = _logit(_ROLE_POS_P)
-        init[self.state == -1] = _logit(_ROLE_NEG_P)
+        # width * (2 u - 1), in place (the same float32 operations, no full-size temporaries), then the
+        # observed entries, a chunk of rows at a time
+        init = torch.rand(self.observed_labels.shape, generator=gen).mul_(2.0).sub_(1.0).mul_(width)
+        for start, rows in self.observed_labels.chunks():
+            block = init[start:start + rows.shape[0]]
+            block[rows == 1] = _logit(_ROLE_POS_P)
+            block[rows == -1] = _logit(_ROLE_NEG_P)
         self.estimator_logits = nn.Parameter(init)
 
     def param_groups(self, lr: float) -> List[dict]:

@@ -74,10 +74,10 @@ class _LargeLossBase(SPMLLoss):
         if self.scheme in ("ct", "cp"):
             corrected = F.binary_cross_entropy_with_logits(s, torch.ones_like(s), reduction="none")
             terms["corrected"] = modified.float() * corrected
-        if self._writes_permanent() and self.training and bool(write.any()):
-            rows = batch.index.reshape(-1).to(device=self.state.device, dtype=torch.long)
+        if self._writes_permanent() and self.training and self.label_state is not None and bool(write.any()):
+            rows = batch.index.reshape(-1).to(device=self.label_state.device, dtype=torch.long)
             r, c = write.nonzero(as_tuple=True)
-            self.state[rows[r.to(rows.device)], c.to(rows.device)] = 1.0
+            self.label_state[rows[r.to(rows.device)], c.to(rows.device)] = 1
         extra = {"num_modified": modified.sum().float()}
         if self._writes_permanent():
             extra["num_written"] = write.sum().float()
@@ -116,11 +116,15 @@ class LargeLossPermanentCorrectionLoss(_LargeLossBase):
 
     From epoch 2, ``K = ceil(B C delta_rel)`` (constant); entries with ``U >= tau`` use
     ``BCEwithLogits(s, 1)`` and those with ``U > tau`` (strictly) are written as observed positives into
-    ``state``, so later batches treat them as positives. Writes happen only in training mode
+    the label state, so later batches treat them as positives. Writes happen only in training mode
     (``self.training``). This is the ``==`` reading of the released code's scheme test.
 
+    Stateful: the label state is the int8 ``N x C`` buffer ``label_state`` (the observed labels plus the
+    corrections, 1 byte an entry; :meth:`SPMLLoss.register_label_state`).
+
     ``released_is_bug=True`` reproduces the code as released (§3e: ``mod_scheme is 'LL-Cp'`` is False):
-    ``K`` comes from the clean rate as for LL-Ct and nothing is written, i.e. it behaves like ``ll_ct``.
+    ``K`` comes from the clean rate as for LL-Ct and nothing is written, i.e. it behaves like ``ll_ct``
+    (and keeps no label state).
 
     Args:
         delta_rel: per-epoch fraction ``Delta_rel`` (0.002 for the CLI's 0.2%).
@@ -128,11 +132,14 @@ class LargeLossPermanentCorrectionLoss(_LargeLossBase):
     """
 
     scheme = "cp"
+    stateful = True
 
     def __init__(self, observed: Any, *, delta_rel: float = P.LLCpParams.delta_rel,
                  released_is_bug: bool = P.LLCpParams.released_is_bug) -> None:
         super().__init__(observed, delta_rel=delta_rel)
         self.released_is_bug = bool(released_is_bug)
+        if self._writes_permanent():
+            self.register_label_state()
 
     def _num_modified(self, num_entries: int) -> int:
         if self.released_is_bug:
@@ -144,5 +151,5 @@ class LargeLossPermanentCorrectionLoss(_LargeLossBase):
 
     def sync_state(self) -> None:
         """Union of every process's permanent writes: they only turn unknown ``0`` entries into ``+1``."""
-        if self.distributed and self._writes_permanent():
-            dist.all_reduce(self.state, op=dist.ReduceOp.MAX)
+        if self.distributed and self.label_state is not None:
+            dist.all_reduce(self.label_state, op=dist.ReduceOp.MAX)
