@@ -155,3 +155,36 @@ def test_input_validation() -> None:
         average_precision(np.ones((2, 2)), np.ones((2, 3)))
     with pytest.raises(ValueError):
         pseudo_label_quality(PSEUDO, LABELS, OBSERVED[:, :3])
+
+
+# ---- masked mAP (CSL's mAP_partial, ALGORITHMS.md 9f) ------------------------------------------------------
+
+
+def test_masked_average_precision_by_hand() -> None:
+    from vlpl.eval.metrics import masked_average_precision
+
+    y = np.array([[1, 1, 0, -1, -1],
+                  [-1, 1, 0, 1, -1],
+                  [0, 0, 0, -1, 0],
+                  [1, 0, 0, 0, 0],
+                  [-1, 1, 0, 0, 0]])
+    s = np.array([[0.9, 0.1, 0.5, 0.5, 0.3],
+                  [0.8, 0.2, 0.5, 0.5, 0.4],
+                  [0.95, 0.3, 0.5, 0.2, 0.5],
+                  [0.3, 0.4, 0.5, 0.9, 0.6],
+                  [0.1, 0.5, 0.5, 0.0, 0.7]])
+    m = masked_average_precision(y, s)
+    # class 0: annotated 0.9+, 0.8-, 0.3+, 0.1- (the unknown 0.95 is left out): (1 + 2/3) / 2 = 5/6
+    # class 3: annotated 0.5-, 0.5+ (one tie group), 0.2-: the positive's precision is 1/2 -> 1/2
+    # class 1: no annotated negative; class 2: nothing annotated; class 4: no annotated positive -> skipped
+    assert m["per_class_ap"] == [pytest.approx(5 / 6), None, None, pytest.approx(0.5), None]
+    assert m["map"] == pytest.approx(100 * (5 / 6 + 0.5) / 2)
+    assert m["map_macro"] == pytest.approx(100 * (2 * 5 / 6 + 1 * 0.5) / 3)  # weighted by annotated positives
+    assert (m["num_classes_used"], m["num_classes_skipped"]) == (2, 3)
+    assert m["skipped"] == {"no_annotation": [2], "no_positive": [4], "no_negative": [1]}
+    assert m["num_annotated"] == int((y != 0).sum())
+    # Cole's mAP counts the unknown 0.95 of class 0 as a negative ranked first: (1/2 + 2/4) / 2 = 1/2
+    assert mean_average_precision(y == 1, s)["per_class_ap"][0] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="only -1"):
+        masked_average_precision(np.array([[2]]), np.array([[0.1]]))
+    assert masked_average_precision(np.zeros((3, 2)), np.zeros((3, 2)))["map"] == 0.0  # nothing to score
