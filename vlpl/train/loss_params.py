@@ -227,3 +227,52 @@ def loss_params(name: str, values: Optional[Mapping[str, Any]] = None, *, where:
     """The validated parameters of loss ``name`` (defaults for what ``values`` leaves out); torch-free for
     the built-in losses. Errors as :func:`vlpl.pseudolabel.params.rule_params`."""
     return LOSSES.schema(name).from_dict(values, where=where, source=source, sources=sources, what=f"loss {name!r}")
+
+
+# ---- Cole et al.'s remaining baselines and VLPL's ASL variant (issue 14, items 5; docs/LOSSES.md) ---------
+
+
+@LOSS_PARAMS.register("iun")
+@dataclass(frozen=True)
+class IUNParams(LossParams):
+    """IUN, ignore unobserved positives: the observed positive plus ALL true negatives (an oracle baseline)."""
+
+    see = "Cole et al. (CVPR'21), losses.py loss_iun; docs/LOSSES.md (store: data.observed.num_neg >= C)"
+    eps: float = param(EPS_COLE, _EPS, ge=0)
+
+
+@LOSS_PARAMS.register("iu")
+@dataclass(frozen=True)
+class IUParams(LossParams):
+    """IU, ignore unobserved: BCE on the observed positives and observed negatives only."""
+
+    see = "Cole et al. (CVPR'21), losses.py loss_iu; docs/LOSSES.md"
+    eps: float = param(EPS_COLE, _EPS, ge=0)
+
+
+@LOSS_PARAMS.register("pr")
+@dataclass(frozen=True)
+class PRParams(LossParams):
+    """PR, pairwise ranking: hinge max(0, 1 - p_i + p_j) of each observed positive i over the unobserved j."""
+
+    see = "Cole et al. (CVPR'21), losses.py loss_pr; docs/LOSSES.md"
+    eps: float = param(EPS_COLE, _EPS + " (observed negatives only)", ge=0)
+
+
+@LOSS_PARAMS.register("vlpl_asl")
+@dataclass(frozen=True)
+class VLPLASLParams(LossParams):
+    """VLPL's EM_PL_ASL: focal (ASL-style) weights on positives, pseudo-labels and the entropy of unknowns."""
+
+    see = "Xing et al., VLPL (CVPRW'24), losses.py loss_EM_PL_ASL; docs/LOSSES.md"
+    requires_pseudo = True
+
+    gamma_pos: float = param(2.0, "focusing exponent of observed and pseudo positives, (1 - p)^gamma_pos l+(p)", ge=0)
+    gamma_neg: float = param(4.0, "focusing exponent of pseudo-negatives, p^gamma_neg l-(p)", ge=0)
+    gamma_unknown: float = param(4.0, "focusing exponent of the neutral unknowns' entropy, -(1 - p)^gamma_unknown "
+                                      "H(p)", ge=0)
+    warmup_epochs: int = param(0, "epochs of plain EM (observed positives, -alpha H(p) on every unknown) before "
+                                  "the pseudo-labels are used (VLPL: 0)", ge=0)
+    alpha: float = param(0.1, "EM weight during the warm-up epochs only (VOC 0.2, COCO 0.1, NUS 0.1, CUB 0.01)",
+                         ge=0)
+    eps: float = param(EPS_COLE, _EPS, ge=0)

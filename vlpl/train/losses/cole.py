@@ -1,9 +1,9 @@
 """Full-label BCE and Cole et al.'s baselines (ALGORITHMS.md §2e): ``bce``, ``an``, ``an_ls``, ``wan``,
-``epr``, ``role``."""
+``epr``, ``role``, and ``iun``, ``iu``, ``pr`` (docs/LOSSES.md)."""
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -241,3 +241,120 @@ class ROLELoss(SPMLLoss):
             + expected_positive_regularizer(y_hat, self.expected_positives, self.distributed)
         )
         return self._finish(terms, reg)
+
+
+# --------------------------------------------------------------------------------------------------
+# Cole et al.'s remaining baselines (issue 14, item 5): IUN, IU, PR. Their sources and the code-vs-paper
+# notes are in docs/LOSSES.md.
+# --------------------------------------------------------------------------------------------------
+
+
+def _first_negative_row(loss: SPMLLoss) -> Optional[int]:
+    """The first row of ``loss``'s observed labels holding a ``-1`` (``None``: none), read a chunk at a time
+    and stopping at the first chunk that has one."""
+    for start, rows in loss.observed_labels.chunks():
+        hit = (rows == -1).any(dim=1).nonzero()
+        if hit.numel():
+            return start + int(hit[0, 0])
+    return None
+
+
+class _IgnoreUnobserved(SPMLLoss):
+    """Per entry ``l+(p)`` if ``z = 1``, ``l-(p)`` if ``z = -1``, ``0`` if ``z = 0``; batch mean over B x C."""
+
+    def forward(self, batch: LossBatch) -> Dict[str, torch.Tensor]:
+        _, p, _, m = self._prepare(batch)
+        terms = {
+            "obs_pos": m.pos * neg_log_pos(p, self.eps),
+            "obs_neg": m.neg * neg_log_neg(p, self.eps),
+        }
+        return self._finish(terms)
+
+
+@LOSSES.register("iun")
+class IgnoreUnobservedPositivesLoss(_IgnoreUnobserved):
+    """IUN, "ignore unobserved positives" (Cole et al. CVPR'21, ``losses.py: loss_iun``; docs/LOSSES.md).
+
+    The oracle baseline that knows every true negative: one observed positive per image plus all the true
+    negatives, and the unobserved (true) positives ignored. Per entry, batch mean over B x C::
+
+        L = l+(p)   if z = 1            (obs_pos, the single observed positive)
+            l-(p)   if y = 0            (obs_neg, every true negative)
+            0       otherwise           (the unobserved positives)
+
+    In ``vlpl`` the true negatives reach the loss as observed ``-1``: build the store with Cole's sampler
+    and every negative kept, ``data.observed: {mode: single_positive, num_neg: N}`` with ``N >= C`` (the
+    sampler draws the positive first, so the positive is the one of the single-positive store). The loss
+    refuses observed labels without any ``-1`` (a single-positive store: IUN would then train on positives
+    only). The released ``loss_iun`` reads ``label_vec_true == -1`` on labels stored in {0, 1}, so it never
+    sees a negative; this class follows the method it names (VLPL's copy of that file tests ``== 0``).
+
+    Args:
+        eps: inside ``l+``/``l-``; Cole's 1e-5.
+    """
+
+    def __init__(self, observed: Any, *, eps: float = P.IUNParams.eps) -> None:
+        super().__init__(observed, eps)
+        if _first_negative_row(self) is None:
+            raise ValueError("loss 'iun' trains on the true negatives, but the observed labels hold no -1: build the "
+                             "store with every negative observed (data.observed: {mode: single_positive, "
+                             f"num_neg: {self.num_classes}}} or more), or use an/an_ls/wan/epr/role for "
+                             "single-positive labels")
+
+
+@LOSSES.register("iu")
+class IgnoreUnobservedLoss(_IgnoreUnobserved):
+    """IU, "ignore unobserved" (Cole et al. CVPR'21, ``losses.py: loss_iu``; docs/LOSSES.md).
+
+    BCE on the observed labels only, the unobserved ones ignored; batch mean over B x C (the denominator
+    counts every entry, as Cole's ``compute_batch_loss`` does)::
+
+        L = l+(p) if z = 1;  l-(p) if z = -1;  0 if z = 0
+
+    It needs observed negatives (partial labels, or ``num_neg > 0``): the released code asserts one in every
+    batch, and with single positives alone its minimiser predicts every class positive. This class refuses
+    observed labels without any ``-1`` when it is built (a per-batch check would cost a host sync per step).
+
+    Args:
+        eps: inside ``l+``/``l-``; Cole's 1e-5.
+    """
+
+    def __init__(self, observed: Any, *, eps: float = P.IUParams.eps) -> None:
+        super().__init__(observed, eps)
+        if _first_negative_row(self) is None:
+            raise ValueError("loss 'iu' ignores the unobserved labels and needs observed negatives, but the observed "
+                             "labels hold no -1 (single positives only: every class would be predicted positive); "
+                             "use partial labels or data.observed.num_neg > 0")
+
+
+@LOSSES.register("pr")
+class PairwiseRankingLoss(SPMLLoss):
+    """PR, pairwise ranking (Cole et al. CVPR'21, ``losses.py: loss_pr``; ALGORITHMS.md §2e; docs/LOSSES.md).
+
+    For each observed positive ``i`` of row ``n``, a margin-1 hinge against every unobserved ``j`` of the
+    row, at entry ``(n, i)``; batch mean over B x C::
+
+        L_ni = sum_{j: z_nj = 0} max(0, 1 - p_ni + p_nj)          if z_ni = 1      (pairs)
+             = U_n (1 - p_ni) + sum_{j: z_nj = 0} p_nj            (U_n = number of unobserved j in row n)
+
+    The second line is the same value: on probabilities ``1 - p_i + p_j >= 0`` always, so the hinge never
+    clips (its gradient is that of the linear form too) and the loss costs O(B C) instead of the pairs'
+    O(B C^2). Observed ``-1`` (partial labels; the released code asserts there are none) get ``l-(p)``
+    with weight 1 (``obs_neg``), the package's rule for known negatives; they are not hinge partners.
+
+    Args:
+        eps: inside ``l-`` of observed negatives; Cole's 1e-5.
+    """
+
+    def __init__(self, observed: Any, *, eps: float = P.PRParams.eps) -> None:
+        super().__init__(observed, eps)
+
+    def forward(self, batch: LossBatch) -> Dict[str, torch.Tensor]:
+        _, p, _, m = self._prepare(batch)
+        n_unk = m.unk.sum(dim=1, keepdim=True)  # U_n
+        sum_unk = (m.unk * p).sum(dim=1, keepdim=True)  # sum over the unobserved of p_nj
+        terms = {
+            "pairs": m.pos * (n_unk * (1.0 - p) + sum_unk),
+            "obs_neg": m.neg * neg_log_neg(p, self.eps),
+        }
+        return self._finish(terms)
