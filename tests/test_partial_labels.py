@@ -370,3 +370,16 @@ def test_real_partial_end_to_end(partial_coco256: Path, coco256_root: Path, tmp_
     md = (out / "report.md").read_text()
     assert "## Partial evaluation labels" in md and "masked mAP (%)" in md and "unknown = negative" in md
     assert "val masked mAP on the val split's observed labels" in md
+
+
+@pytest.mark.parametrize("name,mode,fmt", [("coco2014_partial", "partial", "coco"), ("coco2014_fpc1000", "fpc", "coco"),
+                                           ("coco2014_rps05", "rps", "coco"), ("openimages_v6", "given", "openimages"),
+                                           ("vg200_partial", "partial", "vg200"),
+                                           ("coco256_partial_real", "given", "folder")])
+def test_partial_dataset_configs_load(name: str, mode: str, fmt: str, tmp_path: Path) -> None:
+    from vlpl.config import PseudolabelConfig
+
+    cfg = load_config(PseudolabelConfig, [REPO / "configs" / "datasets" / f"{name}.yaml"], [f"out={tmp_path}"])
+    assert (cfg.data.observed.mode, cfg.data.format) == (mode, fmt)
+    if name == "coco2014_partial":
+        assert cfg.data.image_order == "json" and cfg.data.keep_unannotated
