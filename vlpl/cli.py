@@ -23,6 +23,8 @@ stages:
   evaluate      mAP, F1 and pseudo-label quality of a run or a store: report.json, report.md, plots
   inspect       summarise a score store (--verify: check every shard's hash)
   run           several stages from one pipeline file (pipelines/*.yaml)
+  calibrate     per-class thresholds from a label-free two-Gaussian fit on a store's scores (a JSON file)
+  sweep         train + evaluate a list of variants on a store, then one comparison table
   demo          the whole job on bundled photographs
 
 first command to try:
@@ -62,6 +64,7 @@ examples:
   vlpl evaluate store=stores/coco-b16                          # a store alone: zero-shot and rules
   vlpl evaluate store=stores/coco-b16 "rules={damp: {eta: 0.0}, topk: {k: 2}}"
   vlpl evaluate --compare runs/aevlp-coco/eval runs/an/eval
+  vlpl evaluate --compare runs/sweep/an runs/sweep/aevlp --out runs/sweep/compare   # + JSON and a plot
 
 keys: run, store, split, out, rules (default: the run's own rule and parameters), thresholds, plots.
 """
@@ -179,6 +182,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from vlpl.eval.report import compare_table, load_report, summary_text
 
     if args.compare:
+        if getattr(args, "compare_out", None):
+            from vlpl.eval.compare import write_comparison
+
+            out = write_comparison(args.compare, args.compare_out)
+            print((out / "compare.md").read_text(encoding="utf-8"), end="")
+            return 0
         print(compare_table([load_report(p) for p in args.compare]), end="")
         return 0
     from vlpl.config import EvaluateConfig, load_config
@@ -188,6 +197,50 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     out = run_evaluate(cfg)
     print(summary_text(load_report(out / "report.json"), out), end="")
+    return 0
+
+
+_CALIBRATE_EPILOG = """\
+examples:
+  vlpl calibrate runs/coco256-store                                  # -> STORE/thresholds-damp.json
+  vlpl calibrate runs/coco256-store --aggregate global --out runs/th-global.json
+  vlpl train ... pseudo.rule=calibrated pseudo.params.thresholds=runs/coco256-store/thresholds-damp.json
+  vlpl train ... pseudo.rule=threshold "pseudo.params={score: cosine, thresholds: runs/th-global.json}"
+
+per class, a two-Gaussian mixture fitted by EM on the train split's scores (DAMP's phi in logit space, or
+the global view's cosine), anchored on the observed labels; threshold = the Bayes boundary (docs/SWEEPS.md).
+"""
+
+_SWEEP_EPILOG = """\
+examples:
+  vlpl sweep sweeps/coco256_methods.yaml
+  vlpl sweep sweeps/coco256_methods.yaml work=/tmp/sweep              # set the file's vars
+
+a sweep file: {store: STORE, base: {config: [...], set: {...}}, variants: [{name: an, set: {method: an}}, ...],
+out: DIR}. Each variant is a normal `vlpl train` run in OUT/<name> (finished ones are skipped, interrupted
+ones resumed), then evaluated; the table is OUT/compare/compare.md (+ .json, .png). See docs/SWEEPS.md.
+"""
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    _check_store("store", args.store)
+    from vlpl.pseudolabel.calibrate import calibrate_store, write_thresholds
+
+    doc = calibrate_store(args.store, aggregate=args.aggregate, split=args.split, bins=args.bins)
+    out = Path(args.out) if args.out else Path(args.store) / f"thresholds-{args.aggregate}.json"
+    write_thresholds(out, doc)
+    fallback = sum(d["fallback"] is not None for d in doc["diagnostics"])
+    print(f"vlpl calibrate: {len(doc['classes'])} class thresholds on the {doc['aggregate']} aggregate "
+          f"({doc['fit_space']}) of split {doc['split']}, {fallback} degenerate fit(s) -> {out}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from vlpl.sweep import run_sweep
+
+    out = run_sweep(args.sweep, args.overrides)
+    print((out / "compare.md").read_text(encoding="utf-8"), end="")
+    print(f"comparison: {out / 'compare.md'} ({out / 'compare.json'}, {out / 'compare.png'})")
     return 0
 
 
@@ -215,6 +268,11 @@ def _precheck(args: argparse.Namespace) -> None:
         _missing("store", cfg.store)
     elif args.command == "run":
         _missing("pipeline", args.pipeline)
+    elif args.command == "sweep":
+        _missing("sweep", args.sweep)
+        from vlpl.sweep import load_sweep
+
+        load_sweep(args.sweep, args.overrides)  # every variant's config checked before anything trains
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -257,12 +315,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("evaluate", "mAP, F1, pseudo-label quality: report.json, report.md and plots", _EVALUATE_EPILOG)
     _add_config_args(p, "run=RUN store=STORE split=test")
     p.add_argument("--compare", nargs="+", metavar="RUN", help="one table across runs / eval folders")
+    p.add_argument("--out", dest="compare_out", metavar="DIR", default=None,
+                   help="with --compare: write compare.md, compare.json and compare.png (teacher baseline row, "
+                        "masked mAP where labels are partial) into DIR")
     p.set_defaults(func=cmd_evaluate)
 
     p = add("run", "run a multi-stage pipeline (pipelines/*.yaml)", _RUN_EPILOG)
     p.add_argument("pipeline")
     p.add_argument("overrides", nargs="*", metavar="VAR=VALUE", help="set the pipeline's vars")
     p.set_defaults(func=cmd_run)
+
+    p = add("calibrate", "per-class thresholds from a label-free two-Gaussian fit on a store's cached scores",
+            _CALIBRATE_EPILOG)
+    p.add_argument("store")
+    p.add_argument("--out", default=None, metavar="FILE", help="thresholds file (default STORE/thresholds-AGG.json)")
+    p.add_argument("--aggregate", default="damp", choices=("damp", "global"),
+                   help="what the thresholds apply to: DAMP's phi (default) or the global view's cosine")
+    p.add_argument("--split", default="train", help="the split fitted on (default train)")
+    p.add_argument("--bins", type=int, default=2048, help="histogram bins per class (default 2048)")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = add("sweep", "train and evaluate a list of variants on a store, then one comparison table", _SWEEP_EPILOG)
+    p.add_argument("sweep")
+    p.add_argument("overrides", nargs="*", metavar="VAR=VALUE", help="set the sweep file's vars")
+    p.set_defaults(func=cmd_sweep)
 
     p = add("demo", "pseudolabel -> train -> evaluate on an embedded default (skimage photos)",
             "examples:\n  vlpl demo --offline\n  vlpl demo --out runs/demo --epochs 6\n")

@@ -32,7 +32,7 @@ What is fitted (per class ``c``, over the rows of ``split``, default ``train``, 
   - ``"no-separation"``: a component weight below ``1e-4``, or ``m1 - m0`` below ``1e-3`` of the class's
     score range, or no root between the means: the threshold is the midpoint ``(m0 + m1) / 2`` when
     ``m1 > m0`` (Decision 6's "midpoint if degenerate"), else
-  - ``"constant"``: the class's scores span no range (or the midpoint is undefined): the threshold is
+  - ``"constant"``: the class's scores span no range (all in one bin; or the midpoint is undefined): the threshold is
     ``null`` in the file, read as ``+inf`` (the class gets no pseudo-positive).
 
 The thresholds file (JSON, written atomically)::
@@ -66,7 +66,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["FORMAT", "AGGREGATES", "MixtureFit", "Thresholds", "bayes_boundary", "fit_histograms", "fit_values",
            "to_fit_space", "from_fit_space", "aggregate_values", "calibrate_store", "write_thresholds",
-           "load_thresholds", "check_classes", "calibrated"]
+           "load_thresholds", "check_classes", "per_class_thresholds", "calibrated"]
 
 FORMAT = "vlpl-thresholds/1"
 AGGREGATES = CALIBRATE_AGGREGATES
@@ -259,12 +259,13 @@ def fit_histograms(edges: np.ndarray, h_unl: np.ndarray, h_pos: Optional[np.ndar
     w1 = np.where(swap, 1 - w1, w1)
 
     thr = np.full(C, np.nan)
+    occupied = (total > 0).sum(axis=1)  # one occupied bin: the class's scores do not vary
     fallback: List[Optional[str]] = []
     for c in range(C):
         s0, s1 = math.sqrt(v0[c]), math.sqrt(v1[c])
         sep_ok = m1[c] - m0[c] > _MIN_SEPARATION * max(width[c], 1e-12)
         weight_ok = _MIN_WEIGHT < w1[c] < 1 - _MIN_WEIGHT
-        if n[c] == 0 or not width[c] > 0:
+        if n[c] == 0 or not width[c] > 0 or occupied[c] <= 1:
             fallback.append("constant")
             continue
         t = bayes_boundary(1 - w1[c], m0[c], s0, w1[c], m1[c], s1) if sep_ok and weight_ok else None
@@ -346,7 +347,7 @@ def calibrate_store(store: Any, *, aggregate: str = "damp", split: str = "train"
     if bins < 8:
         raise ValueError(f"bins: expected at least 8, got {bins}")
     DampParams(temp=temp, eta=eta)
-    if not hasattr(store, "split"):
+    if isinstance(store, (str, Path)):
         store = ScoreStore(Path(store))
     if split not in store.splits():
         raise ValueError(f"store {store.root} has no split {split!r} (it has: {', '.join(store.splits())})")
@@ -508,6 +509,18 @@ def _checked(path: str, num_classes: int, rows: Any) -> Thresholds:
     elif len(th.classes) != num_classes:
         raise ValueError(f"thresholds file {path} has {len(th.classes)} classes, the scores have {num_classes}")
     return th
+
+
+def per_class_thresholds(path: str, aggregate: str, like: Any, rows: Any = None) -> Any:
+    """The file's ``(C,)`` thresholds as a tensor like ``like`` (a ``(B, C)`` aggregate), checked: the file's
+    aggregate must be ``aggregate`` and its classes the store's (``rows`` given) or as many as ``like``'s."""
+    import torch
+
+    th = _checked(path, like.shape[-1], rows)
+    if th.aggregate != aggregate:
+        raise ValueError(f"thresholds file {path} was fitted on the {th.aggregate!r} aggregate; this rule compares "
+                         f"the {aggregate!r} one (calibrate with --aggregate {aggregate}, or use rule 'calibrated')")
+    return torch.as_tensor(th.thresholds, dtype=like.dtype, device=like.device)
 
 
 # --------------------------------------------------------------------------------------------------

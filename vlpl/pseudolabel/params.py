@@ -73,8 +73,13 @@ class ThresholdParams(Params):
     view: str = param("global", _VIEW_HELP, choices=VIEW_AGGREGATES)
     threshold: float = param(0.3, "a class is pseudo-positive iff its score >= threshold "
                                   "(softmax: in [0, 1]; cosine: in [-1, 1])")
+    thresholds: Optional[str] = param(None, "per-class thresholds from a `vlpl calibrate --aggregate global` file "
+                                            "instead of threshold (needs score: cosine, view: global)")
 
     def check(self) -> None:
+        if self.thresholds is not None and (self.score, self.view) != ("cosine", "global"):
+            raise ParamValueError("thresholds", f"a calibrated thresholds file holds global-view cosine thresholds: "
+                                                f"set score: cosine and view: global (got {self.score}, {self.view})")
         lo = 0.0 if self.score == "softmax" else -1.0
         if not lo <= self.threshold <= 1.0:
             raise ParamValueError("threshold", f"must be in [{lo:g}, 1] for score={self.score}; got {self.threshold!r}")

@@ -328,19 +328,30 @@ def threshold(
     temp: float = ThresholdParams.temp,
     view: str = ThresholdParams.view,
     threshold: float = ThresholdParams.threshold,
+    thresholds: Optional[str] = ThresholdParams.thresholds,
+    rows: Any = None,
 ) -> torch.Tensor:
     """Fixed-threshold positives on :func:`aggregate_scores`: +1 iff ``score >= threshold``.
 
     A baseline rule (no negatives, ``observed`` unused). With the defaults it differs from
-    :func:`vlpl` only in ``>=`` versus ``>``. Options: :class:`ThresholdParams`.
+    :func:`vlpl` only in ``>=`` versus ``>``. Options: :class:`ThresholdParams`. With ``thresholds`` (a
+    ``vlpl calibrate --aggregate global`` file) each class has its own threshold on the global cosine; its
+    classes are checked against the store's when ``rows`` (:class:`RuleRows`) is given.
 
     Returns:
         ``(B, C)`` int8 in {0, 1}.
     """
-    p = ThresholdParams(score=score, temp=temp, view=view, threshold=threshold)
+    p = ThresholdParams(score=score, temp=temp, view=view, threshold=threshold, thresholds=thresholds)
     _check_scores(scores, observed)
     agg = aggregate_scores(scores, score=p.score, temp=p.temp, view=p.view)
+    if p.thresholds is not None:
+        from vlpl.pseudolabel.calibrate import per_class_thresholds
+
+        return (agg >= per_class_thresholds(p.thresholds, "global", agg, rows)).to(torch.int8)
     return (agg >= p.threshold).to(torch.int8)
+
+
+threshold.needs_rows = True  # type: ignore[attr-defined]  # only to check a thresholds file's classes
 
 
 @RULES.register("topk")
