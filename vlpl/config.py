@@ -216,6 +216,11 @@ class HeadConfig:
     """The classifier head: a registered head (``vlpl train --list``) and its parameters.
 
     A head is built from this config and a *class context* (class names + class text embeddings, from the
+    # a teacher ensemble (vlpl/store/ensemble.py): each entry a teacher config file (its `teacher:` section) or a
+    # mapping of teacher keys (plus an optional `id`, the sub-store's name) over `teacher`; one store per teacher is
+    # written to OUT/teachers/<id>/ and OUT/ensemble.json names them with their ensemble_weights (default: equal)
+    teachers: List[Union[str, Dict[str, Any]]] = field(default_factory=list)
+    ensemble_weights: Optional[List[float]] = None
     store by default, ``text_embeddings: student`` = the student's own open_clip text tower where it has
     one). ``student.head=linear`` (a bare name) is read as ``{name: linear}``.
     """
@@ -282,11 +287,29 @@ class TrainConfig:
     # "model" was the student's key before 0.2; it is still read, with a deprecation message
     RENAMED: ClassVar[Dict[str, str]] = {"model": "student"}
 
-    store: str = required()
+    store: Union[str, List[str]] = required()  # a store, a teacher-ensemble directory, or a list of stores
     out: str = required()
     method: Optional[str] = None  # configs/methods/<method>.yaml: the recipe, with per-dataset tables
     dataset: Optional[str] = None  # which per-dataset row of the recipe (voc2012, coco2014, nuswide, cub)
     data_root: Optional[str] = None  # default: the dataset root recorded in the store
+@dataclass
+class PhasesConfig:
+    """Cole et al.'s training modes (ALGORITHMS.md §2c) as phases of one run (:mod:`vlpl.train.phases`).
+
+    ``linear_init_epochs``: the first N epochs train the head alone on the frozen backbone (Cole's
+    ``linear_init``: 25, then 10 end-to-end epochs: ``epochs: 35``); ``freeze_backbone``: the whole run
+    (Cole's ``linear_fixed_features``). A frozen backbone gets no gradient and runs in eval mode.
+    """
+
+    linear_init_epochs: int = 0
+    freeze_backbone: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.linear_init_epochs, bool) or not isinstance(self.linear_init_epochs, int) \
+                or self.linear_init_epochs < 0:
+            raise ConfigError(f"phases.linear_init_epochs: expected an epoch count >= 0, got {self.linear_init_epochs!r}")
+
+
     student: StudentConfig = field(default_factory=StudentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     pseudo: PseudoConfig = field(default_factory=PseudoConfig)

@@ -201,6 +201,8 @@ def _teacher_is_random(model: Optional[Dict[str, Any]]) -> bool:
     (``vlpl-tiny``, ``vlpl demo --offline``). A Hugging Face teacher is always loaded from weights."""
     if not model:
         return False
+    if isinstance(model.get("ensemble"), list):  # a teacher ensemble: random when every member is
+        return all(_teacher_is_random(m.get("model")) for m in model["ensemble"])
     if model.get("name") == "vlpl-tiny":
         return True
     return model.get("backend", "open_clip") == "open_clip" and not model.get("pretrained") \

@@ -418,9 +418,10 @@ def _model_identity(store_section: Optional[Dict[str, Any]], run_section: Option
     if store_section is not None:
         return store_section.get("model")
     store = ((run_section or {}).get("summary") or {}).get("store")
-    if store and (Path(store) / "manifest.json").is_file():
-        try:
-            return ScoreStore(Path(store), require_complete=False).manifest.get("model")
+    if isinstance(store, list) or (store and ((Path(store) / "manifest.json").is_file()
+                                              or (Path(store) / "ensemble.json").is_file())):
+        try:  # a store, or a teacher ensemble (its model entry names every member)
+            return ScoreStore.open(store, require_complete=False).manifest.get("model")
         except StoreError as e:
             log.warning("%s; model identity not recorded", e)
     return None

@@ -308,6 +308,10 @@ def run_pseudolabel(cfg: PseudolabelConfig, stats: Optional[Dict[str, Any]] = No
         "schema_version": SCHEMA_VERSION,
         "vlpl_version": __version__,
         "model": backend.identity(),
+    if cfg.teachers:  # a teacher ensemble: one store per teacher + OUT/ensemble.json (vlpl/pseudolabel/ensemble.py)
+        from vlpl.pseudolabel.ensemble import run_ensemble_pseudolabel
+
+        return run_ensemble_pseudolabel(cfg, stats)
         "templates": templates,
         "templates_sha256": templates_hash(templates),
         "classes": list(ds.classes),

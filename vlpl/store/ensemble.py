@@ -18,13 +18,15 @@ observed labels, in the same order), and the view layout (grid and flips; the te
 differ). A mismatch is a :class:`~vlpl.store.store.StoreError` naming both stores and the first differing
 item. A row that failed in any member is a failed row of the ensemble.
 
-Combination space (our decision; docs/TEACHERS.md, "Ensembles"): members of the same score kind with the same
-logit scale and bias (e.g. two CLIP models: raw cosines, softmax logits ``scale * cos`` with the same scale)
-are combined as the weighted mean of their raw scores, so the ensemble keeps that kind and every rule reads it
-as it reads one member (the mean of softmax logits: DAMP's per-view softmax of the mean is the normalised
-weighted geometric mean of the members' softmaxes). Members of different kinds (a CLIP cosine store and a
-SigLIP sigmoid store) are first mapped to a common space by the store's score-kind helper, see
-:func:`common_space`.
+Combination space (our decision; docs/TEACHERS.md, "Ensembles"): members of one score kind with the same
+logit scale and bias (:class:`~vlpl.store.views.ScoreKind`; e.g. two CLIP models) are combined as the weighted
+mean of their raw scores, so the ensemble keeps that kind, every rule reads it as it reads one member and the
+rules' ``temp`` keeps its meaning (for cosine teachers this is the weighted mean of the softmax logits: DAMP's
+per-view softmax of it is the normalised weighted geometric mean of the members' softmaxes). Members of
+different kinds (a CLIP cosine store and a SigLIP sigmoid store) have no common raw scale: each is mapped to
+per-class probabilities by its own kind (:meth:`ScoreKind.probabilities`; cosine members at the rules' default
+temperature, recorded as ``temp``), the weighted mean of those is the ensemble's score, and its kind is
+``probability`` (rules use it as it is).
 
 The first member is the *primary*: its text embeddings, image embeddings, dataset entry and index stand for
 the ensemble (a head built from the class text embeddings, the reconstruction target and the image source
@@ -51,13 +53,13 @@ from vlpl.store.store import (
     StoreError,
     manifest_checksum,
 )
-from vlpl.store.views import ViewSpec
+from vlpl.store.views import ScoreKind, ViewSpec
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ENSEMBLE_FILE", "ENSEMBLE_SCHEMA", "TEACHERS_DIR", "EnsembleStore", "EnsembleSplitReader",
            "is_ensemble_source", "open_ensemble", "write_ensemble", "read_ensemble", "normalise_weights",
-           "check_members", "common_space"]
+           "check_members"]
 
 ENSEMBLE_FILE = "ensemble.json"
 ENSEMBLE_SCHEMA = "vlpl.ensemble/1"
@@ -268,33 +270,37 @@ def _first_row_difference(a: ScoreStore, b: ScoreStore, where: str) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _kind(store: ScoreStore) -> Tuple[Any, ...]:
-    m = store.manifest
-    return (m.get("score_kind", "cosine"), m.get("logit_scale"), m.get("logit_bias"))
+def _kind(store: ScoreStore) -> ScoreKind:
+    return getattr(store, "score_kind", None) or ScoreKind.from_manifest(store.manifest)
 
 
-def _combine_rule(stores: Sequence[ScoreStore]) -> Dict[str, Any]:
-    kinds = {_kind(s) for s in stores}
-    if len(kinds) == 1:
-        kind, scale, bias = kinds.pop()
-        return {"space": "raw", "score_kind": kind, "logit_scale": scale, "logit_bias": bias,
-                "rule": "weighted mean of the members' raw scores (one score kind)"}
-    return {"space": "common", **common_space(stores),
-            "rule": "weighted mean after mapping each member to the common space"}
+def _combine_rule(stores: Sequence[ScoreStore], temp: Optional[float] = None) -> Dict[str, Any]:
+    """How the members' scores are combined (recorded in the ensemble manifest and the run's store identity):
+    ``space: raw`` (one score kind: the weighted mean of raw scores, the ensemble keeps the kind) or
+    ``space: probability`` (mixed kinds: each member's :meth:`ScoreKind.probabilities`, cosine members at
+    ``temp``, default the rules' temperature; the ensemble's kind is ``probability``)."""
+    kinds = [_kind(s) for s in stores]
+    if len(set(kinds)) == 1:
+        return {"space": "raw", **kinds[0].to_dict(),
+                "rule": "weighted mean of the members' raw scores (members of one score kind)"}
+    if temp is None:
+        from vlpl.pseudolabel.params import TEMP  # the rules' softmax temperature (torch-free)
 
-
-def common_space(stores: Sequence[ScoreStore]) -> Dict[str, Any]:
-    """The space in which members of different score kinds are combined. Members of one kind need none (their
-    raw scores are combined). Mixed kinds need the store's score-kind helper (raw scores -> a common
-    logit form); until a store records a kind other than ``cosine`` every ensemble is of one kind."""
-    kinds = sorted({str(_kind(s)) for s in stores})
-    raise StoreError(f"ensemble members have different score kinds or logit scales ({'; '.join(kinds)}): "
-                     f"combining them needs a common score space; use members of one kind")
+        temp = TEMP
+    return {"space": "probability", "score_kind": "probability", "temp": float(temp),
+            "member_kinds": [k.to_dict() for k in kinds],
+            "rule": "weighted mean of the members' per-class probabilities (cosine: softmax_c(cos / temp); "
+                    "siglip: sigmoid(scale * cos + bias))"}
 
 
 # --------------------------------------------------------------------------------------------------
 # reading
 # --------------------------------------------------------------------------------------------------
+
+
+def _score_like(name: str) -> bool:
+    """Attributes a single member cannot answer for the ensemble (scores, probabilities, forms, the index)."""
+    return any(w in name for w in ("score", "prob", "form", "payload", "index", "text", "embedding", "manifest"))
 
 
 class _Subset(Sequence[str]):
@@ -377,6 +383,35 @@ class EnsembleSplitReader:
             self._labels = whole
         return self._labels
 
+    @property
+    def score_kind(self) -> ScoreKind:
+        """What the combined scores are (:attr:`EnsembleStore.score_kind`)."""
+        return self.store.score_kind
+
+    @property
+    def labels_kind(self) -> str:
+        return self.members[0].labels_kind
+
+    @property
+    def observed_shape(self) -> Tuple[int, int]:
+        """``(N, C)`` of the observed labels, without reading them."""
+        return (len(self._pos), self.store.num_classes)
+
+    def __getattr__(self, name: str) -> Any:
+        """Other :class:`SplitReader` attributes come from the primary member when they cannot depend on the
+        teachers' scores and the positions coincide (every row ok in every member); anything else is refused
+        rather than answered with one teacher's numbers."""
+        if name.startswith("_") or _score_like(name):
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+        if not self.__dict__.get("_identity", False):
+            raise AttributeError(f"{type(self).__name__}.{name}: not available when the members' failed rows "
+                                 f"differ (split {self.__dict__.get('name')!r})")
+        return getattr(self.members[0], name)
+
+    def probabilities(self, idx: Any, temp: float, device: Any = None) -> Any:
+        """Per-class probabilities of the combined scores (:meth:`ScoreKind.probabilities`)."""
+        return self.score_kind.probabilities(self.scores(idx, device), temp)
+
     def observed_at(self, idx: Any) -> np.ndarray:
         return self.members[0].observed_at(self._member_pos(idx))
 
@@ -410,7 +445,7 @@ class EnsembleStore:
     :class:`~vlpl.store.store.ScoreStore` read API, scores combined with ``weights``."""
 
     def __init__(self, members: Sequence[ScoreStore], weights: Sequence[float], names: Sequence[str],
-                 root: Optional[Path] = None) -> None:
+                 root: Optional[Path] = None, temp: Optional[float] = None) -> None:
         if len(members) != len(names):
             raise ValueError("one name per member")
         check_members(members)
@@ -419,7 +454,10 @@ class EnsembleStore:
         self.weights = normalise_weights(weights, len(members))
         self.root = Path(root) if root is not None else self.members[0].root
         self.is_ensemble = True
-        self.combine_rule = _combine_rule(self.members)
+        self.combine_rule = _combine_rule(self.members, temp)
+        #: what the combined scores are: the members' kind (raw space) or ``probability`` (mixed kinds)
+        self.score_kind: ScoreKind = _kind(self.members[0]) if self.combine_rule["space"] == "raw" else \
+            ScoreKind("probability")
         primary = self.members[0]
         self.classes: List[str] = list(primary.classes)
         self.view_spec: ViewSpec = primary.view_spec
@@ -440,7 +478,7 @@ class EnsembleStore:
             "templates": [s.manifest.get("templates") for s in self.members],
             "templates_sha256": hashlib.sha256(json.dumps(
                 [s.manifest.get("templates_sha256") for s in self.members]).encode()).hexdigest()[:16],
-            "score_kind": self.combine_rule.get("score_kind", "ensemble"),
+            **self.score_kind.to_dict(),
             "score_format": "ensemble",
             "shards": [{**sh, "file": f"{n}/{sh.get('file')}"} for n, s in zip(self.names, self.members)
                        for sh in s.manifest.get("shards", [])],
@@ -452,6 +490,14 @@ class EnsembleStore:
     @property
     def primary(self) -> ScoreStore:
         return self.members[0]
+
+    def __getattr__(self, name: str) -> Any:
+        """Other :class:`ScoreStore` attributes that cannot depend on the teachers' scores (e.g. ``labels_kind``,
+        ``label_classes``, ``failures``) come from the primary member; score-like ones are refused rather than
+        answered with one teacher's numbers."""
+        if name.startswith("_") or _score_like(name) or "members" not in self.__dict__:
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+        return getattr(self.members[0], name)
 
     @property
     def num_classes(self) -> int:
@@ -523,8 +569,11 @@ class EnsembleStore:
     # -- combination ------------------------------------------------------------------------------------------
     def combine(self, parts: Sequence[Any]) -> Any:
         """The weighted combination of the members' ``(B, n_variants, n_views, C)`` scores (numpy arrays or torch
-        tensors): the weighted mean of raw scores (members of one score kind). NaN (a failed row) in any member
-        stays NaN."""
+        tensors), in the space of :attr:`combine_rule`: raw scores (one score kind), or each member's per-class
+        probabilities (mixed kinds). NaN (a failed row) in any member stays NaN."""
+        if self.combine_rule["space"] == "probability":
+            t = self.combine_rule["temp"]
+            parts = [_kind(m).probabilities(p, t) for m, p in zip(self.members, parts)]
         out = parts[0] * self.weights[0]
         for w, p in zip(self.weights[1:], parts[1:]):
             out = out + p * w

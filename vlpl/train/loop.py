@@ -277,8 +277,7 @@ def predict(accelerator: Any, model: torch.nn.Module, loader: DataLoader, n: int
         with accelerator.autocast():
             logits = model(x)
         p, k = accelerator.gather_for_metrics((torch.sigmoid(logits.float()), k))
-        probs[k.cpu().numpy()] = p.cpu().numpy()
-    return probs
+        yield p.cpu().numpy(), k.cpu().numpy()
 
 
 def _loader_kwargs(cfg: TrainConfig, workers: int, device: torch.device) -> Dict[str, Any]:
@@ -530,10 +529,11 @@ def validate(run: Run, epoch: int) -> None:
     cfg, p, acc = run.cfg, run.progress, run.accelerator
     C = run.store.num_classes
     extra: Dict[str, float] = {}
-    if run.pass_loader is not None:
-        probs = predict(acc, run.model, run.pass_loader, len(run.train), C, run.normalize)
-        extra = run.loss.end_epoch(torch.from_numpy(probs).to(acc.device),
-                                   torch.arange(len(run.train), device=acc.device), epoch)
+    if run.pass_loader is not None:  # streamed: the loss reads the pass batch by batch (bounded memory)
+        extra = run.loss.end_epoch_stream(
+            ((torch.from_numpy(pr), torch.from_numpy(k))
+             for pr, k in predict_batches(acc, run.model, run.pass_loader, run.normalize)),
+            epoch, workdir=run.out if run.out.is_dir() else None)
     run.scheduler.step()
     maps: Dict[str, float] = {}
     preds: Dict[str, np.ndarray] = {}
@@ -561,6 +561,15 @@ def validate(run: Run, epoch: int) -> None:
     log.info("epoch %d: train loss %.4f, val mAP %s, test mAP %s, %.1f img/s", epoch, train_loss,
              _fmt(val_map), _fmt(rec["test_map"]), rec["images_per_s"])
     if val_map is not None and cfg.early_stop_drop is not None and p.best_map is not None \
+    best_model = None
+    for name, other in (run.loss.eval_models() if hasattr(run.loss, "eval_models") else {}).items():
+        # a loss's extra models (CSL's model EMA) are scored too; the better val score counts, best/ holds its model
+        o_preds = {s: predict(acc, other, dl, len(run.evals[s]), C, run.normalize) for s, dl in run.eval_loaders.items()}
+        o_maps = {s: run.selector.score(s, run.evals[s], o_preds[s], is_val=s == cfg.val_split) for s in o_preds}
+        extra.update({"val_map_model": maps.get(cfg.val_split), f"val_map_{name}": o_maps.get(cfg.val_split)})
+        if val_map is not None and o_maps.get(cfg.val_split) is not None and o_maps[cfg.val_split] > val_map:
+            preds, maps, val_map, best_model = o_preds, o_maps, o_maps[cfg.val_split], other
+            extra["scored_by"] = name
             and val_map < p.best_map - cfg.early_stop_drop:
         p.stop_reason = f"val mAP {val_map:.2f} fell more than {cfg.early_stop_drop} below the best {p.best_map:.2f}"
     if cfg.early_stop_patience is not None and p.since_best >= cfg.early_stop_patience:
