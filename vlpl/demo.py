@@ -140,7 +140,7 @@ def _pseudo_label_table(store_root: Path, max_rows: int = 40) -> str:
     observed = train.observed[:n]
     pseudo = apply_rule("damp", scores, torch.from_numpy(observed), dynamic=False, **DAMP).numpy()
     known = np.nonzero(train.labels_known[:n])[0]
-    truth = {int(i): set(cls[c] for c in np.nonzero(row)[0]) for i, row in zip(known, train.labels_at(known))}
+    truth = {int(i): set(cls[c] for c in np.nonzero(row == 1)[0]) for i, row in zip(known, train.labels_at(known))}
     lines = ["", "DAMP pseudo-labels on the training images (observed = the one given label; "
              "pseudo = what DAMP adds; + correct, - wrong):",
              f"  {'image':28s} {'observed':10s} {'pseudo-positives':34s} true labels"]

@@ -101,7 +101,7 @@ def summarize(root: Path, max_failed: int = 20, batch_size: int = 512, verify_sh
             n_pos += int((obs == 1).sum())
             n_neg += int((obs == -1).sum())
             known = pos[sp.labels_known[pos]]
-            n_lab += int(sp.labels_at(known).astype(np.int64).sum()) if len(known) else 0
+            n_lab += int((sp.labels_at(known) == 1).sum()) if len(known) else 0  # partial labels: -1 = negative
             every.add(s)
             g = s[:, 0, spec.global_index()]
             glob.add(g)
