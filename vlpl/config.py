@@ -143,6 +143,9 @@ class TeacherConfig:
     normalization: str = "model"  # "model" (open_clip's mean/std, Decision 3) or "imagenet"
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
     device: str = "auto"
+    # class descriptions (RAM++/CuPL style): a JSON or YAML file mapping each class to a list of strings, embedded
+    # with the templated class names and averaged per class (docs/TEACHERS.md); `templates: []` uses them alone
+    descriptions: Optional[str] = None
 
 
 @dataclass
@@ -153,6 +156,10 @@ class ViewsConfig:
     flips: bool = True
     resize_mode: str = "squash"  # squash (AEVLP: Resize((s,s))) | shortest (resize + centre crop)
     max_side: Optional[int] = None  # downscale decoded images whose longer side exceeds this
+    # the dense patch-token view (docs/TEACHERS.md): per class, the mean of the dense_topk best patch-text cosines
+    # of the global view's projected patch tokens (1 = the max), stored as one more view after the tiles
+    dense: bool = False
+    dense_topk: int = 1
 
 
 @dataclass
@@ -209,6 +216,11 @@ class PseudolabelConfig:
     # per-view image embeddings, scored against the text embeddings when read) | topk (k classes per image)
     score_format: str = "dense"
     topk: int = 64  # classes kept per image by score_format=topk
+    # a teacher ensemble (vlpl/store/ensemble.py): each entry a teacher config file (its `teacher:` section) or a
+    # mapping of teacher keys (plus an optional `id`, the sub-store's name) over `teacher`; one store per teacher is
+    # written to OUT/teachers/<id>/ and OUT/ensemble.json names them with their ensemble_weights (default: equal)
+    teachers: List[Union[str, Dict[str, Any]]] = field(default_factory=list)
+    ensemble_weights: Optional[List[float]] = None
 
 
 @dataclass
@@ -216,11 +228,6 @@ class HeadConfig:
     """The classifier head: a registered head (``vlpl train --list``) and its parameters.
 
     A head is built from this config and a *class context* (class names + class text embeddings, from the
-    # a teacher ensemble (vlpl/store/ensemble.py): each entry a teacher config file (its `teacher:` section) or a
-    # mapping of teacher keys (plus an optional `id`, the sub-store's name) over `teacher`; one store per teacher is
-    # written to OUT/teachers/<id>/ and OUT/ensemble.json names them with their ensemble_weights (default: equal)
-    teachers: List[Union[str, Dict[str, Any]]] = field(default_factory=list)
-    ensemble_weights: Optional[List[float]] = None
     store by default, ``text_embeddings: student`` = the student's own open_clip text tower where it has
     one). ``student.head=linear`` (a bare name) is read as ``{name: linear}``.
     """
@@ -266,6 +273,9 @@ class PseudoConfig:
     rule: Optional[str] = "damp"  # a registered rule, or null for none
     dynamic: bool = True  # each step each view takes its cached flipped or unflipped variant (Decision 4)
     params: Dict[str, Any] = field(default_factory=dict)
+    # which cached flip variant each view takes: random (Decision 4, AEVLP) | follow_student_flip (the views of the
+    # image the student sees, VLPL's released code) | unflipped; null: random if dynamic else unflipped
+    variant: Optional[str] = None
 
 
 @dataclass
@@ -282,16 +292,6 @@ class OptimConfig:
     params: Dict[str, Any] = field(default_factory=dict)  # extra optimizer arguments (momentum, betas, ...)
 
 
-@dataclass
-class TrainConfig:
-    # "model" was the student's key before 0.2; it is still read, with a deprecation message
-    RENAMED: ClassVar[Dict[str, str]] = {"model": "student"}
-
-    store: Union[str, List[str]] = required()  # a store, a teacher-ensemble directory, or a list of stores
-    out: str = required()
-    method: Optional[str] = None  # configs/methods/<method>.yaml: the recipe, with per-dataset tables
-    dataset: Optional[str] = None  # which per-dataset row of the recipe (voc2012, coco2014, nuswide, cub)
-    data_root: Optional[str] = None  # default: the dataset root recorded in the store
 @dataclass
 class PhasesConfig:
     """Cole et al.'s training modes (ALGORITHMS.md §2c) as phases of one run (:mod:`vlpl.train.phases`).
@@ -310,6 +310,16 @@ class PhasesConfig:
             raise ConfigError(f"phases.linear_init_epochs: expected an epoch count >= 0, got {self.linear_init_epochs!r}")
 
 
+@dataclass
+class TrainConfig:
+    # "model" was the student's key before 0.2; it is still read, with a deprecation message
+    RENAMED: ClassVar[Dict[str, str]] = {"model": "student"}
+
+    store: Union[str, List[str]] = required()  # a store, a teacher-ensemble directory, or a list of stores
+    out: str = required()
+    method: Optional[str] = None  # configs/methods/<method>.yaml: the recipe, with per-dataset tables
+    dataset: Optional[str] = None  # which per-dataset row of the recipe (voc2012, coco2014, nuswide, cub)
+    data_root: Optional[str] = None  # default: the dataset root recorded in the store
     student: StudentConfig = field(default_factory=StudentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     pseudo: PseudoConfig = field(default_factory=PseudoConfig)
@@ -344,6 +354,11 @@ class PhasesConfig:
     # which epoch is the best (vlpl.eval.selection): auto | map | masked_map_observed | teacher_agreement;
     # auto = Cole's val mAP when the val split has full labels, else the masked mAP on its observed labels
     select: str = "auto"
+    # Cole et al.'s linear-init / fixed-features modes: epochs (or the whole run) with the backbone frozen
+    phases: PhasesConfig = field(default_factory=PhasesConfig)
+    # weights of the stores given as store=[A,B] (or, for an ensemble directory, instead of its own); null: equal
+    # (a list) or the ensemble's (vlpl/store/ensemble.py)
+    ensemble_weights: Optional[List[float]] = None
 
 
 @dataclass

@@ -36,9 +36,25 @@ from vlpl.data.records import LabelledDataset
 from vlpl.progress import progress
 from vlpl.pseudolabel.device_decode import EncodedJPEG, decode_on_device, probe_jpeg
 from vlpl.store.async_writer import BackgroundWriter, InlineWriter, ScoredBatch, ShardAssembler, ShardBuffer
+from vlpl.store.atomic import atomic_write_json
 from vlpl.store.formats import ScoreForm, encode_views
-from vlpl.store.store import SCHEMA_VERSION, ShardRows, StoreWriter, sha256_lines, shard_name, templates_hash
-from vlpl.vlm.backend import VLMBackend, create_backend, resolve_device, template_strings
+from vlpl.store.store import (
+    SCHEMA_VERSION,
+    ShardRows,
+    StoreWriter,
+    sha256_file,
+    sha256_lines,
+    shard_name,
+    templates_hash,
+)
+from vlpl.vlm.backend import (
+    VLMBackend,
+    class_prompts,
+    create_backend,
+    load_descriptions,
+    resolve_device,
+    template_strings,
+)
 from vlpl.vlm.views import ViewSpec, make_views_batch
 
 log = logging.getLogger(__name__)
@@ -292,6 +308,10 @@ def run_pseudolabel(cfg: PseudolabelConfig, stats: Optional[Dict[str, Any]] = No
     if not 0.0 <= cfg.max_failed_fraction <= 1.0:
         raise ConfigError(f"max_failed_fraction: expected a share in [0, 1], got {cfg.max_failed_fraction}")
     _check_pipeline_settings(cfg)
+    if cfg.teachers:  # a teacher ensemble: one store per teacher + OUT/ensemble.json (vlpl/pseudolabel/ensemble.py)
+        from vlpl.pseudolabel.ensemble import run_ensemble_pseudolabel
+
+        return run_ensemble_pseudolabel(cfg, stats)
     state = PartialState(cpu=resolve_device(cfg.teacher.device).type == "cpu")
     out = Path(cfg.out)
     ds = load_dataset(cfg.data)
@@ -299,21 +319,16 @@ def run_pseudolabel(cfg: PseudolabelConfig, stats: Optional[Dict[str, Any]] = No
         raise ValueError(f"dataset at {cfg.data.root} has no samples")
     device = state.device if cfg.teacher.device == "auto" else torch.device(cfg.teacher.device)
     backend = create_backend(cfg.teacher, device)
-    templates = template_strings(cfg.teacher.templates)
-    text = backend.encode_text(ds.classes, templates)
-    spec = ViewSpec(cfg.views.grid, cfg.views.flips, backend.preprocess.image_size, cfg.views.resize_mode,
+    text, prompt_entry, prompts_record = teacher_text(cfg, backend, ds.classes)
+    resize_mode = backend.resize_mode if cfg.views.resize_mode == "model" else cfg.views.resize_mode
+    spec = ViewSpec(cfg.views.grid, cfg.views.flips, backend.preprocess.image_size, resize_mode,
                     backend.preprocess.interpolation)
     plan = ShardPlan(math.ceil(len(ds.samples) / cfg.shard_size), cfg.shard_size, len(ds.samples))
     identity: Dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "vlpl_version": __version__,
         "model": backend.identity(),
-    if cfg.teachers:  # a teacher ensemble: one store per teacher + OUT/ensemble.json (vlpl/pseudolabel/ensemble.py)
-        from vlpl.pseudolabel.ensemble import run_ensemble_pseudolabel
-
-        return run_ensemble_pseudolabel(cfg, stats)
-        "templates": templates,
-        "templates_sha256": templates_hash(templates),
+        **prompt_entry,  # templates, templates_sha256 (covering the descriptions), descriptions
         "classes": list(ds.classes),
         "classes_sha256": sha256_lines(ds.classes),
         "views": spec.to_dict(),
@@ -336,6 +351,8 @@ def run_pseudolabel(cfg: PseudolabelConfig, stats: Optional[Dict[str, Any]] = No
     try:
         if state.is_main_process:
             writer.prepare(identity, ds.classes, text.numpy(), overwrite=cfg.overwrite)
+            if prompts_record is not None:  # the prompts used, beside the manifest (docs/TEACHERS.md)
+                atomic_write_json(out / PROMPTS_FILE, prompts_record)
             save_resolved(cfg, out / "config.yaml")
         state.wait_for_everyone()
 
@@ -368,6 +385,39 @@ def run_pseudolabel(cfg: PseudolabelConfig, stats: Optional[Dict[str, Any]] = No
     finally:
         writer.close()
     return out
+
+
+PROMPTS_FILE = "prompts.json"
+
+
+def teacher_text(cfg: PseudolabelConfig, backend: VLMBackend, classes: Sequence[str]
+                 ) -> Tuple[torch.Tensor, Dict[str, Any], Optional[Dict[str, Any]]]:
+    """The class text embeddings (C, D) and what the store records about the prompts.
+
+    Templates alone: open_clip's prompt ensembling (:meth:`VLMBackend.encode_text`). With
+    ``teacher.descriptions``: each class's templated names plus its descriptions, every prompt's embedding
+    normalised, averaged per class and re-normalised (:meth:`VLMBackend.encode_prompts`); ``templates_sha256``
+    then covers the descriptions too, the manifest's ``descriptions`` names the file, its sha256 and the count,
+    and the third value (written to ``prompts.json`` beside the manifest) lists every description used.
+    """
+    desc_file = cfg.teacher.descriptions
+    templates = template_strings(cfg.teacher.templates, allow_empty=bool(desc_file))
+    if not desc_file:
+        return backend.encode_text(classes, templates), {"templates": templates,
+                                                          "templates_sha256": templates_hash(templates)}, None
+    descriptions = load_descriptions(desc_file, classes)
+    text = backend.encode_prompts(class_prompts(classes, templates, descriptions))
+    lines = templates + ["#descriptions"] + [f"{c}\t{d}" for c in classes for d in descriptions[c]]
+    path = Path(desc_file).expanduser()
+    entry = {"templates": templates, "templates_sha256": templates_hash(lines),
+             "descriptions": {"file": str(path), "sha256": sha256_file(path), "prompts_file": PROMPTS_FILE,
+                              "num_descriptions": sum(len(v) for v in descriptions.values())}}
+    record = {"templates": templates, "descriptions": descriptions,
+              "combination": "per class: each template formatted with the class name, then each description; "
+                             "every prompt's text embedding L2-normalised, averaged, re-normalised"}
+    log.info("teacher text: %d templates + %d descriptions over %d classes (%s)", len(templates),
+             entry["descriptions"]["num_descriptions"], len(classes), path)
+    return text, entry, record
 
 
 def _score_form(cfg: PseudolabelConfig, spec: ViewSpec, C: int, D: int) -> ScoreForm:

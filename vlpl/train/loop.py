@@ -41,7 +41,7 @@ import time
 import zipfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -51,6 +51,7 @@ from vlpl.config import ConfigError, TrainConfig, save_resolved, to_dict, yaml_l
 from vlpl.data.images import ImageDataset, ImageSource
 from vlpl.eval.selection import Selector, keeps_split, prediction_arrays
 from vlpl.progress import progress as progress_bar
+from vlpl.registry import LOSSES
 from vlpl.store.atomic import atomic_path, atomic_write_json, atomic_write_text
 from vlpl.store.store import IDENTITY_KEYS, ScoreStore, SplitReader
 from vlpl.train.checkpoint import (
@@ -74,10 +75,11 @@ from vlpl.train.data import (
     resolve_num_workers,
 )
 from vlpl.train.flops import forward_flops, peak_flops
-from vlpl.train.losses import SPMLLoss, build_reconstruction, create_loss
+from vlpl.train.losses import ObservedLabels, SPMLLoss, build_reconstruction, create_loss
 from vlpl.train.model import ClassContext, Classifier, create_classifier
 from vlpl.train.model_io import load_model, save_model
 from vlpl.train.optim import create_optimizer, create_scheduler
+from vlpl.train.phases import apply_phase, ddp_kwargs
 from vlpl.train.step import RuleRunner, StepState, TrainBatch, train_step
 
 log = logging.getLogger(__name__)
@@ -173,9 +175,9 @@ class Run:
     peak: Optional[float]
     main: bool
     last_checkpoint_time: float = field(default_factory=time.monotonic)
-
-
     selector: Any = None  # vlpl.eval.selection.Selector: the best-epoch criterion and the per-split scores
+
+
 # ---- helpers -------------------------------------------------------------------------------------------
 
 
@@ -269,8 +271,17 @@ def predict(accelerator: Any, model: torch.nn.Module, loader: DataLoader, n: int
             normalize: Optional[DeviceNormalize] = None) -> np.ndarray:
     """Sigmoid outputs (n, C) in dataset order, gathered over processes; ``normalize`` turns the loader's
     uint8 batches into the model's input on the device."""
-    model.eval()
     probs = np.zeros((n, num_classes), np.float32)
+    for p, k in predict_batches(accelerator, model, loader, normalize):
+        probs[k] = p
+    return probs
+
+
+def predict_batches(accelerator: Any, model: torch.nn.Module, loader: DataLoader,
+                    normalize: Optional[DeviceNormalize] = None) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+    """:func:`predict` a batch at a time: ``(probs (b, C) float32, positions (b,))`` numpy pairs, gathered over
+    processes, in the loader's order (memory: one batch, whatever the set's size)."""
+    model.eval()
     for x, k in loader:
         if normalize is not None:
             x = model_input(x, None, normalize)
@@ -305,7 +316,8 @@ def setup(cfg: TrainConfig) -> Run:
     # It must go through DataLoaderConfiguration: Accelerator(split_batches=True) is silently ignored
     # (huggingface/accelerate#3177). The training loader is vlpl's own (EpochOrder), never prepared.
     accelerator = Accelerator(mixed_precision=_mixed_precision(cfg), cpu=not torch.cuda.is_available(),
-                              dataloader_config=DataLoaderConfiguration(split_batches=True))
+                              dataloader_config=DataLoaderConfiguration(split_batches=True),
+                              kwargs_handlers=ddp_kwargs(cfg.phases))
     W = accelerator.num_processes
     for key in ("batch_size", "eval_batch_size"):  # both are global batches, split across processes
         if getattr(cfg, key) % W:
@@ -318,7 +330,7 @@ def setup(cfg: TrainConfig) -> Run:
     main = accelerator.is_main_process
 
     # ---- the store, and the resume checks: nothing is written before they pass --------------------------
-    store = ScoreStore(Path(cfg.store))
+    store = ScoreStore.open(cfg.store, weights=cfg.ensemble_weights)  # a store, or a teacher ensemble
     ident = store_identity(store)
     ckdir = out / "checkpoints"
     held = list_checkpoints(ckdir) + foreign_entries(ckdir)
@@ -349,8 +361,11 @@ def setup(cfg: TrainConfig) -> Run:
     set_seed(cfg.seed)
     model = create_classifier(cfg.student, ClassContext.from_store(store))
     cfg.student.pretrained_tag = model.pretrained_tag  # the weights actually loaded, recorded in config.yaml
-    train_obs = torch.from_numpy(np.ascontiguousarray(train.observed))
+    # the observed labels stay in the store: the loss and the rule read the batch's rows (observed_at)
+    train_obs = ObservedLabels(train, shape=(len(train), store.num_classes))
     loss_fn = create_loss(cfg.loss.name, train_obs, **cfg.loss.params)
+    if hasattr(loss_fn, "bind_model"):  # a loss keeping a copy of the student (CSL's model EMA): before prepare/resume
+        loss_fn.bind_model(model)
     if loss_fn.requires_pseudo and not use_rule:
         raise ConfigError(f"loss {cfg.loss.name!r} needs pseudo-labels: set pseudo.rule (e.g. damp)")
     if cfg.loss.reconstruction:  # Decision 5 (ours, off by default): before the optimizer takes its parameters
@@ -361,7 +376,8 @@ def setup(cfg: TrainConfig) -> Run:
         except ValueError as e:
             raise ConfigError(f"loss.reconstruction: {e}") from e
     rule = RuleRunner(cfg.pseudo.rule, cfg.pseudo.params, cfg.pseudo.dynamic,
-                      lambda pos: torch.from_numpy(train.scores(pos)), train_obs, split=train) \
+                      lambda pos: torch.from_numpy(train.scores(pos)), train_obs, split=train,
+                      variant=cfg.pseudo.variant) \
         if use_rule else None
     optimizer = create_optimizer(cfg.optim, model, loss_fn.param_groups(cfg.optim.lr))
     scheduler = create_scheduler(cfg.optim, optimizer, cfg.epochs)  # per epoch; not prepared: we step it
@@ -455,6 +471,7 @@ def train_epoch(run: Run, epoch: int) -> None:
     start = p.epoch_step
     run.loss.set_epoch(epoch, cfg.epochs)
     run.model.train()
+    apply_phase(run.model, cfg.phases, epoch)  # Cole's linear-init / fixed features
     run.loss.train()
     # a worker builds a whole micro-batch (uint8); the rule's scores are read a few batches ahead on a thread
     loader: Any = DataLoader(run.train_images, sampler=order.plans(epoch, start), batch_size=None,
@@ -476,7 +493,9 @@ def train_epoch(run: Run, epoch: int) -> None:
             batch = TrainBatch(images=model_input(item["images"], item["flip"], run.normalize), index=item["index"],
                                flip=item["flip"], epoch=epoch, step=p.step,
                                global_index=item["global_index"].numpy() if W > 1 else None,
-                               sync=(s + 1) % cfg.grad_accum == 0 or s == steps - 1, scores=item.get("scores"))
+                               sync=(s + 1) % cfg.grad_accum == 0 or s == steps - 1, scores=item.get("scores"),
+                               global_flip=torch.from_numpy(order.flips(epoch)[item["global_index"].numpy()])
+                               if W > 1 else None)
             out = train_step(batch, run.model, run.loss, run.rule, run.state)
             p.step += 1
             p.epoch_step = s + 1
@@ -513,7 +532,7 @@ def _step_record(run: Run, epoch: int, out: Any, ips: float, wait_frac: float) -
                            "images_per_s": ips, "data_wait_frac": wait_frac}
     if out.pseudo is not None:  # over the global batch
         idx = torch.from_numpy(np.asarray(out.global_index)).long()
-        unk = run.rule.observed[idx] == 0
+        unk = run.rule.observed.rows(idx) == 0
         pseudo = out.pseudo.cpu()  # a log step: the one place the pseudo-labels come back to the host
         rec["pseudo_pos_per_image"] = float(((pseudo == 1) & unk).sum() / len(idx))
         rec["pseudo_neg_per_image"] = float(((pseudo == -1) & unk).sum() / len(idx))
@@ -542,12 +561,21 @@ def validate(run: Run, epoch: int) -> None:
         maps[s] = run.selector.score(s, run.evals[s], preds[s], is_val=s == cfg.val_split)
         fault_point("validate")
     val_map = maps.get(cfg.val_split)
+    best_model = None
+    for name, other in (run.loss.eval_models() if hasattr(run.loss, "eval_models") else {}).items():
+        # a loss's extra models (CSL's model EMA) are scored too; the better val score counts, best/ holds its model
+        o_preds = {s: predict(acc, other, dl, len(run.evals[s]), C, run.normalize) for s, dl in run.eval_loaders.items()}
+        o_maps = {s: run.selector.score(s, run.evals[s], o_preds[s], is_val=s == cfg.val_split) for s in o_preds}
+        extra.update({"val_map_model": maps.get(cfg.val_split), f"val_map_{name}": o_maps.get(cfg.val_split)})
+        if val_map is not None and o_maps.get(cfg.val_split) is not None and o_maps[cfg.val_split] > val_map:
+            preds, maps, val_map, best_model = o_preds, o_maps, o_maps[cfg.val_split], other
+            extra["scored_by"] = name
     improved = val_map is None or p.best_map is None or val_map > p.best_map
     if improved:
         p.best_map = val_map if val_map is not None else p.best_map
         p.best_epoch, p.since_best = epoch, 0
         if run.main:
-            _save_best(run, preds)
+            _save_best(run, preds, best_model)
     else:
         p.since_best += 1
     n_steps = max(p.epoch_step, 1)
@@ -561,15 +589,6 @@ def validate(run: Run, epoch: int) -> None:
     log.info("epoch %d: train loss %.4f, val mAP %s, test mAP %s, %.1f img/s", epoch, train_loss,
              _fmt(val_map), _fmt(rec["test_map"]), rec["images_per_s"])
     if val_map is not None and cfg.early_stop_drop is not None and p.best_map is not None \
-    best_model = None
-    for name, other in (run.loss.eval_models() if hasattr(run.loss, "eval_models") else {}).items():
-        # a loss's extra models (CSL's model EMA) are scored too; the better val score counts, best/ holds its model
-        o_preds = {s: predict(acc, other, dl, len(run.evals[s]), C, run.normalize) for s, dl in run.eval_loaders.items()}
-        o_maps = {s: run.selector.score(s, run.evals[s], o_preds[s], is_val=s == cfg.val_split) for s in o_preds}
-        extra.update({"val_map_model": maps.get(cfg.val_split), f"val_map_{name}": o_maps.get(cfg.val_split)})
-        if val_map is not None and o_maps.get(cfg.val_split) is not None and o_maps[cfg.val_split] > val_map:
-            preds, maps, val_map, best_model = o_preds, o_maps, o_maps[cfg.val_split], other
-            extra["scored_by"] = name
             and val_map < p.best_map - cfg.early_stop_drop:
         p.stop_reason = f"val mAP {val_map:.2f} fell more than {cfg.early_stop_drop} below the best {p.best_map:.2f}"
     if cfg.early_stop_patience is not None and p.since_best >= cfg.early_stop_patience:
@@ -596,6 +615,12 @@ def checkpoint(run: Run) -> None:
     acc.wait_for_everyone()
 
 
+def _store_path(store: Any) -> Any:
+    """The run's store as summary.json records it: an absolute path, or a list of them (a teacher ensemble given
+    as store=[A,B])."""
+    return [str(Path(p).resolve()) for p in store] if isinstance(store, (list, tuple)) else str(Path(store).resolve())
+
+
 def finish(run: Run) -> None:
     """summary.json, and the accelerator's end."""
     cfg, p = run.cfg, run.progress
@@ -603,15 +628,15 @@ def finish(run: Run) -> None:
         best = next((h for h in p.history if h["epoch"] == p.best_epoch), {})
         summary = {
             "method": cfg.method, "dataset": cfg.dataset, "loss": cfg.loss.name, "rule": cfg.pseudo.rule,
-            "store": str(Path(cfg.store).resolve()), "backbone": f"{cfg.student.kind}:{cfg.student.name}",
+            "store": _store_path(cfg.store), "backbone": f"{cfg.student.kind}:{cfg.student.name}",
             "epochs_run": len(p.history), "best_epoch": p.best_epoch,
             "best_val_map": best.get("val_map"), "test_map_at_best": best.get("test_map"),
             "stop_reason": p.stop_reason, "num_train": len(run.train),
             "num_eval": {s: len(d) for s, d in run.evals.items()}, "flops_per_image_forward": run.flops,
+            "select": run.selector.criterion if cfg.val_split in run.evals else "last",
         }
         atomic_write_json(run.out / "summary.json", summary)
         log.info("best epoch %d: val mAP %s, test mAP %s -> %s", p.best_epoch, _fmt(summary["best_val_map"]),
-            "select": run.selector.criterion if cfg.val_split in run.evals else "last",
                  _fmt(summary["test_map_at_best"]), run.out)
     run.accelerator.wait_for_everyone()
     run.accelerator.end_training()
@@ -619,6 +644,9 @@ def finish(run: Run) -> None:
 
 def run_train(cfg: TrainConfig) -> Path:
     """Train a classifier on a score store (see the module docstring); returns the run directory."""
+    prepare = getattr(LOSSES.get(cfg.loss.name), "prepare_training", None)
+    if prepare is not None:  # a loss's first phase (CSL's class prior: e.g. its temporary Ignore-mode model)
+        cfg = prepare(cfg)
     run = setup(cfg)
     for epoch in range(run.progress.epoch + 1, cfg.epochs + 1):
         if run.progress.stop_reason:
@@ -635,11 +663,14 @@ def run_train(cfg: TrainConfig) -> Path:
 # ---- the best model -------------------------------------------------------------------------------------
 
 
-def _save_best(run: Run, preds: Dict[str, np.ndarray]) -> None:
+def _save_best(run: Run, preds: Dict[str, np.ndarray], model: Optional[torch.nn.Module] = None) -> None:
     """best/ (vlpl.train.model_io: safetensors + JSON, byte-identical for identical weights) and the
-    predictions of the eval splits."""
-    model = run.accelerator.unwrap_model(run.model)
-    save_model(run.out / "best", model, run.cfg.student, state_dict=run.accelerator.get_state_dict(run.model))
+    predictions of the eval splits; ``model``: a loss's extra model that scored them (CSL's EMA), else the student."""
+    if model is not None:
+        save_model(run.out / "best", model, run.cfg.student, state_dict=model.state_dict())
+    else:
+        model = run.accelerator.unwrap_model(run.model)
+        save_model(run.out / "best", model, run.cfg.student, state_dict=run.accelerator.get_state_dict(run.model))
     for s, pr in preds.items():
         _save_npz(run.out / "predictions" / f"{s}.npz", probs=pr, **prediction_arrays(run.evals[s]),
                   sample_ids=np.asarray(run.evals[s].sample_ids, dtype=str))
