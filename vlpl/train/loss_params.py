@@ -222,6 +222,71 @@ class VLPLLossParams(LossParams):
     eps: float = param(EPS_COLE, _EPS, ge=0)
 
 
+CSL_MODES = ("negative", "ignore", "selective")
+CSL_PRIORS = ("model", "clip", "file", "none")
+
+
+@LOSS_PARAMS.register("csl")
+@dataclass(frozen=True)
+class CSLParams(LossParams):
+    """CSL: class-aware selective loss (prior + likelihood rules) with P-ASL, for partial annotations."""
+
+    see = "Ben-Baruch et al., CSL (CVPR'22); configs/methods/csl.yaml; docs/CSL_SATL.md"
+
+    mode: str = param("selective", "un-annotated labels: negative (all negatives), ignore (dropped) or selective "
+                                   "(the prior and likelihood rules)", choices=CSL_MODES)
+    gamma_pos: float = param(0.0, "P-ASL focusing exponent of annotated positives, (1 - p)^gamma_pos", ge=0)
+    gamma_neg: float = param(1.0, "P-ASL focusing exponent of annotated negatives, p_m^gamma_neg "
+                                  "(FPC-1000 3, RPS-0.5 1)", ge=0)
+    gamma_unann: float = param(2.0, "P-ASL focusing exponent of un-annotated labels taken as negatives "
+                                    "(COCO recipes 4)", ge=0)
+    alpha_pos: float = param(1.0, "weight of annotated positives", ge=0)
+    alpha_neg: float = param(1.0, "weight of annotated negatives", ge=0)
+    alpha_unann: float = param(1.0, "weight of un-annotated labels taken as negatives", ge=0)
+    clip: float = param(0.0, "probability margin m of the shifted negative probability min(1 - p + m, 1)", ge=0, le=1)
+    likelihood_topk: int = param(5, "likelihood rule: the K x B most likely un-annotated entries of a batch are "
+                                    "ignored", ge=0)
+    prior_threshold: float = param(0.05, "prior rule: un-annotated labels of classes with prior > this are ignored "
+                                         "(COCO recipes 0.5; 0: no prior rule)", ge=0, le=1)
+    prior: str = param("model", "class prior: model (a temporary Ignore-mode model trained first, the paper's), "
+                                "clip (the store's zero-shot scores, ours), file (prior_file), none",
+                       choices=CSL_PRIORS)
+    prior_file: Optional[str] = param(None, "CSV of the class prior (header; class name, prior; the released "
+                                            "train_avg_preds.csv format); set by vlpl train for prior=model/clip")
+    prior_epochs: Optional[int] = param(None, "epochs of the temporary Ignore-mode model (null: the run's epochs)",
+                                        ge=1)
+    prior_rule: str = param("vlpl", "prior=clip: the pseudo-label rule (its defaults) whose positives on the cached "
+                                    "scores estimate each class's frequency")
+    ema_decay: float = param(0.9997, "decay of the model EMA (timm ModelEmaV3) updated after every optimizer step; "
+                                     "validation takes the better of model and EMA (0: no EMA)", ge=0, lt=1)
+
+    def check(self) -> None:
+        if self.prior == "file" and not self.prior_file:
+            raise ParamValueError("prior_file", "prior=file needs prior_file (a CSV: class name, prior)")
+
+
+@LOSS_PARAMS.register("satl")
+@dataclass(frozen=True)
+class SATLParams(LossParams):
+    """SATL (ours, Decision 6): class thresholds from running score Gaussians, posterior pseudo-labels, ranking."""
+
+    see = "Decision 6 (our formulation of SATL, arXiv 2507.23263); configs/methods/satl.yaml; docs/CSL_SATL.md"
+
+    momentum: float = param(0.9, "EMA momentum of the per-class score statistics, one update per epoch", ge=0, lt=1)
+    gamma: float = param(0.95, "an unknown entry becomes pseudo-positive (negative) when the posterior of positive "
+                               "(negative) is >= gamma", gt=0.5, le=1)
+    margin: float = param(1.0, "margin m of the ranking loss softplus(m - (s_pos - s_neg))", ge=0)
+    lambda_rank: float = param(1.0, "weight of the differential ranking loss", ge=0)
+    pseudo_weight: float = param(1.0, "weight of the BCE on threshold pseudo-labels", ge=0)
+    min_count: int = param(2, "known positives and known negatives a class needs in an epoch to update its "
+                              "statistics", ge=2)
+    min_std: float = param(1e-3, "floor of the score standard deviations", gt=0)
+    rule_labels: str = param("negatives", "with a pseudo.rule (SPML): which of its labels on unknown entries count "
+                                          "as known: negatives, or both (positives too)",
+                             choices=("negatives", "both"))
+    eps: float = param(EPS_COLE, _EPS, ge=0)
+
+
 def loss_params(name: str, values: Optional[Mapping[str, Any]] = None, *, where: Optional[str] = None,
                 source: Optional[str] = None, sources: Optional[Mapping[str, str]] = None) -> Params:
     """The validated parameters of loss ``name`` (defaults for what ``values`` leaves out); torch-free for

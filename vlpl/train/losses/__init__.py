@@ -107,6 +107,7 @@ from vlpl.train.losses.cole import (
     ROLELoss,
     WeakAssumeNegativeLoss,
 )
+from vlpl.train.losses.csl import CSLLoss
 from vlpl.train.losses.em import EMAPLLoss, EntropyMaximizationLoss
 from vlpl.train.losses.gpr import GPRLoss
 from vlpl.train.losses.gr import GRLoss, gce_neg, gce_pos, gr_k, gr_v
@@ -121,6 +122,7 @@ from vlpl.train.losses.reconstruction import (
     build_reconstruction,
     probe_reconstruction_feature,
 )
+from vlpl.train.losses.satl import SATLLoss
 from vlpl.train.losses.vlpl import VLPLLoss
 
 __all__ = [
@@ -155,6 +157,8 @@ __all__ = [
     "GRLoss",
     "GPRLoss",
     "VLPLLoss",
+    "CSLLoss",
+    "SATLLoss",
     "ReconstructionTerm",
     "AUX_RECONSTRUCTION",
     "build_reconstruction",
