@@ -383,3 +383,46 @@ def test_partial_dataset_configs_load(name: str, mode: str, fmt: str, tmp_path: 
     assert (cfg.data.observed.mode, cfg.data.format) == (mode, fmt)
     if name == "coco2014_partial":
         assert cfg.data.image_order == "json" and cfg.data.keep_unannotated
+
+
+def test_partial_store_zero_shot_report_and_teacher_agreement(partial_coco256: Path, coco256_root: Path,
+                                                              coco256_store: Path, tmp_path: Path) -> None:
+    """Store mode on a partial store: masked mAP beside Cole's, pseudo-label quality skipped (no full labels);
+    and select=teacher_agreement on a full store: the val number is the mAP against the rule's pseudo-labels."""
+    from vlpl.config import EvaluateConfig, PseudolabelConfig
+    from vlpl.eval.metrics import mean_average_precision
+    from vlpl.eval.selection import Selector
+    from vlpl.eval.stage import run_evaluate
+    from vlpl.pseudolabel.stage import run_pseudolabel
+    from vlpl.store.store import ScoreStore
+    from vlpl.train.loop import run_train
+    from vlpl.train.recipes import load_train_config
+
+    store = tmp_path / "store"
+    run_pseudolabel(load_config(PseudolabelConfig, [TINY_CLIP, REPO / "configs" / "datasets" /
+                                                    "coco256_partial_real.yaml"], [
+        f"data.root={coco256_root}", f"data.labels={partial_coco256 / 'labels_partial.csv'}", f"out={store}",
+        "shard_size=128", "num_workers=0", "progress=false", "views.grid=1", "index.enabled=false"]))
+    out = run_evaluate(load_config(EvaluateConfig, [], [f"store={store}", f"out={tmp_path / 'ev'}", "plots=false"]))
+    report = json.loads((out / "report.json").read_text())
+    zs = report["store"]["zero_shot"]["scores"]
+    assert report["store"]["labels_kind"] == "partial" and report["store"]["pseudo_labels"] is None
+    assert "partial annotations" in report["store"]["pseudo_labels_skipped"]
+    assert all(0 <= s["masked"]["map"] <= 100 and s["masked"]["num_classes_used"] > 0 for s in zs.values())
+    assert all(r.get("masked_map") is not None for r in report["headline"])
+    assert "## Partial evaluation labels" in (out / "report.md").read_text()
+
+    run = tmp_path / "run"
+    run_train(load_train_config([str(TINY_NET)], [f"store={coco256_store}", f"out={run}", "progress=false",
+                                                  "method=an", "pseudo.rule=damp", "epochs=1",
+                                                  "max_steps_per_epoch=1", "num_workers=0",
+                                                  "select=teacher_agreement"]))
+    rec = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"epoch"' in x]
+    rec = [r for r in rec if r["kind"] == "epoch"]
+    assert rec[0]["select"] == "teacher_agreement"
+    val = ScoreStore(coco256_store).split("val")
+    with np.load(run / "predictions" / "val.npz") as z:
+        probs = z["probs"]
+    targets = Selector("teacher_agreement", val, "damp", {}).teacher_targets(val)
+    assert targets.any() and rec[0]["val_map"] == pytest.approx(mean_average_precision(targets, probs)["map_pos"])
+    assert json.loads((run / "summary.json").read_text())["select"] == "teacher_agreement"
