@@ -8,6 +8,12 @@ A pipeline file::
       - train: {config: [models/tiny_classifier.yaml], set: {method: aevlp, store: "${work}/store", out: "${work}/run"}}
       - evaluate: {set: {run: "${work}/run", store: "${work}/store"}}
 
+A ``sweep`` stage holds a sweep document (:mod:`vlpl.sweep`: ``store``, ``base``, ``variants``, ``evaluate``,
+``out``): several training variants, each evaluated, then one comparison table::
+
+      - sweep: {store: "${work}/store", base: {config: [models/tiny_classifier.yaml]}, out: "${work}/sweep",
+                variants: [{name: an, set: {method: an}}, {name: aevlp, set: {method: aevlp}}]}
+
 ``config`` lists config files (as ``-c``), ``set`` holds dotted overrides (as ``key=value``). Command-line
 ``KEY=VALUE`` arguments of ``vlpl run`` set ``vars``. Every stage is resumable, so re-running a pipeline
 after an interruption continues it (training stages get ``resume=true``).
@@ -24,7 +30,7 @@ import yaml
 from vlpl.config import ConfigError, yaml_load
 
 log = logging.getLogger(__name__)
-STAGES = ("pseudolabel", "train", "evaluate")
+STAGES = ("pseudolabel", "train", "evaluate", "sweep")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -75,6 +81,9 @@ def load_pipeline(path: str, variables: Sequence[str] = ()) -> List[Dict[str, An
             raise ConfigError(f"{where}: expected one of {', '.join(STAGES)} as the only key, got {st!r}")
         name, body = next(iter(st.items()))
         body = _subst(body or {}, env, where)
+        if name == "sweep":  # a whole sweep document (vlpl.sweep), its strings already substituted
+            stages.append({"stage": "sweep", "doc": body, "where": where, "config": [], "overrides": []})
+            continue
         unknown = set(body) - {"config", "set"}
         if unknown:
             raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; expected config, set")
@@ -90,8 +99,11 @@ def run_pipeline(path: str, variables: Sequence[str] = ()) -> None:
     stages = load_pipeline(path, variables)
     # every stage's config (keys, types, rule / loss parameters) is checked before the first stage runs,
     # and before torch is imported: a typo in the last stage must not cost the first stage's hours
+    from vlpl.sweep import sweep_from_doc
+
     configs = [load_config(PseudolabelConfig, st["config"], st["overrides"]) if st["stage"] == "pseudolabel"
                else load_train_config(st["config"], ["resume=true", *st["overrides"]]) if st["stage"] == "train"
+               else sweep_from_doc(st["doc"], st["where"]) if st["stage"] == "sweep"
                else load_config(EvaluateConfig, st["config"], st["overrides"]) for st in stages]
     from vlpl.eval.stage import run_evaluate
     from vlpl.pseudolabel.stage import run_pseudolabel
@@ -103,5 +115,9 @@ def run_pipeline(path: str, variables: Sequence[str] = ()) -> None:
             run_pseudolabel(cfg)
         elif st["stage"] == "train":
             run_train(cfg)
+        elif st["stage"] == "sweep":
+            from vlpl.sweep import run_sweep
+
+            run_sweep(cfg)
         else:
             run_evaluate(cfg)
