@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -127,3 +128,120 @@ def test_a_run_records_the_weights_it_loaded_and_resumes(coco256_store, tmp_path
         saved["student"]["pretrained_tag"]
     run_train(load_train_config([TINY_NET], [*args, "epochs=2", "resume=true"]))
     assert (out / "summary.json").is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. the shared flip: the teacher's cached views follow the student's flip (VLPL) or not (AEVLP)
+# --------------------------------------------------------------------------------------------------
+
+
+def _labelled_scores(b: int, g: int, c: int = 3) -> torch.Tensor:
+    """(b, 2, 1+g*g, c) scores whose value names (sample, variant, view): 1000*n + 100*variant + view."""
+    n_views = 1 + g * g
+    s = torch.zeros(b, 2, n_views, c)
+    for n in range(b):
+        for v in range(2):
+            for w in range(n_views):
+                s[n, v, w] = 1000 * n + 100 * v + w
+    return s
+
+
+@pytest.mark.parametrize("g", [0, 1, 2, 3])
+def test_follow_student_flip_gives_a_flipped_sample_the_mirrored_images_views(g):
+    from vlpl.pseudolabel.rules import select_variants
+
+    s = _labelled_scores(3, g)
+    flips = torch.tensor([True, False, True])
+    out = select_variants(s, None, variant="follow_student_flip", flips=flips)
+    for n in range(3):
+        got = out[n, :, 0].long().tolist()
+        if flips[n]:
+            # the mirrored image: its global view is the flipped global; its tile (i, j) is the flipped (i, g-1-j)
+            want = [1000 * n + 100] + [1000 * n + 100 + 1 + i * g + (g - 1 - j) for i in range(g) for j in range(g)]
+        else:
+            want = [1000 * n + w for w in range(1 + g * g)]
+        assert got == want, (n, got, want)
+    # no random draw: the generator's state is untouched
+    gen = torch.Generator().manual_seed(3)
+    before = gen.get_state().clone()
+    select_variants(s, gen, variant="follow_student_flip", flips=flips)
+    assert torch.equal(gen.get_state(), before)
+
+
+def test_variant_options_and_their_failure_modes():
+    from vlpl.pseudolabel.rules import select_variants
+
+    s = _labelled_scores(4, 2)
+    assert torch.equal(select_variants(s, None, variant="unflipped"), s[:, 0])
+    gen = lambda: torch.Generator().manual_seed(11)  # noqa: E731
+    # variant=random is the Decision-4 draw, bit for bit the old dynamic=True path
+    assert torch.equal(select_variants(s, gen(), variant="random"), select_variants(s, gen(), dynamic=True))
+    assert torch.equal(select_variants(s, gen(), dynamic=False), s[:, 0])
+    with pytest.raises(ValueError, match="needs each sample's flip"):
+        select_variants(s, None, variant="follow_student_flip")
+    with pytest.raises(ConfigError, match="pseudo.variant: expected one of random, follow_student_flip, unflipped"):
+        select_variants(s, None, variant="mirror")
+    with pytest.raises(ValueError, match="no flipped views"):
+        select_variants(s[:, :1], None, variant="follow_student_flip", flips=torch.tensor([True, False, False, False]))
+
+
+def _step_parts(store: Path, variant: str):
+    from vlpl.config import OptimConfig
+    from vlpl.store.store import ScoreStore
+    from vlpl.train.losses import create_loss
+    from vlpl.train.optim import create_optimizer
+    from vlpl.train.step import RuleRunner, StepState
+
+    st = ScoreStore(store)
+    train = st.split("train")
+    torch.manual_seed(0)
+    model = create_classifier(StudentConfig(name="test_resnet", pretrained=False, image_size=32),
+                              ClassContext.from_store(st)).train()
+    obs = torch.from_numpy(np.ascontiguousarray(train.observed))
+    loss = create_loss("an", obs).train()
+    opt = create_optimizer(OptimConfig(name="adam", lr=1e-3, head_lr=1e-3), model, loss.param_groups(1e-3))
+    rule = RuleRunner("damp", {}, True, lambda pos: torch.from_numpy(train.scores(pos)), obs, variant=variant)
+    return train, obs, model, loss, rule, StepState(optimizer=opt, device=torch.device("cpu"), seed=5)
+
+
+def test_the_step_hands_the_rule_each_samples_flip(coco256_store, monkeypatch):
+    """Through train_step: with follow_student_flip the rule's input for a flipped sample is the flipped cached
+    variant of every view (of the mirrored image), for an unflipped one variant 0; with two processes the rule
+    (run on the global batch) reads the global batch's flips (TrainBatch.global_flip)."""
+    import vlpl.pseudolabel.rules as rules
+    from vlpl.train.step import TrainBatch, train_step
+
+    seen = []
+    real = rules.select_variants
+    monkeypatch.setattr(rules, "select_variants", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    train, obs, model, loss, rule, state = _step_parts(coco256_store, "follow_student_flip")
+    pos = np.array([4, 9, 2, 30, 7, 1, 50, 3])
+    flips = torch.tensor([True, False, False, True, True, True, False, False])
+    full = torch.from_numpy(train.scores(pos))  # (8, 2, 5, C): grid 2
+    mirror = [0, 2, 1, 4, 3]
+    want = torch.where(flips[:, None, None], full[:, 1, mirror], full[:, 0])
+    # one process: the batch's own flips
+    out = train_step(TrainBatch(images=torch.randn(8, 3, 32, 32), index=torch.from_numpy(pos), flip=flips,
+                                epoch=1, step=0), model, loss, rule, state)
+    assert torch.equal(seen[-1], want)
+    assert torch.equal(out.pseudo, rules.apply_rule("damp", full, obs[torch.from_numpy(pos)], variant="follow_student_flip",
+                                                    flips=flips))
+    # process 0 of 2: it loads the first half, the rule runs on all 8 with the global flips
+    train_step(TrainBatch(images=torch.randn(4, 3, 32, 32), index=torch.from_numpy(pos[:4]), flip=flips[:4],
+                          epoch=1, step=1, global_index=pos, global_flip=flips), model, loss, rule, state)
+    assert torch.equal(seen[-1], want)
+
+
+def test_recipes_state_the_released_flip_behaviour(coco256_store, tmp_path):
+    """VLPL's recipe follows the student's flip, AEVLP's draws each view's variant (Decision 4), and the trainer
+    builds its rule with the recipe's choice."""
+    from vlpl.train.loop import setup
+
+    for method, want in (("vlpl", "follow_student_flip"), ("aevlp", "random")):
+        cfg = load_train_config([TINY_NET], [f"store={coco256_store}", f"out={tmp_path / method}", f"method={method}",
+                                             "dataset=coco2014", "progress=false", "num_workers=0"])
+        assert cfg.pseudo.variant == want
+        run = setup(cfg)
+        assert run.rule.variant == want
+    with pytest.raises(ConfigError, match="pseudo.variant"):
+        load_train_config([], ["method=vlpl", "pseudo.variant=mirrored", *TRAIN])

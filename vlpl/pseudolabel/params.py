@@ -176,3 +176,23 @@ class KnnParams(Params):
 
 
 __all__ += ["CalibratedParams", "KnnParams", "CALIBRATE_AGGREGATES", "KNN_WEIGHTINGS", "KNN_VIEWS"]
+
+
+#: which cached flip variant of each view a rule reads during training (``pseudo.variant``):
+#: ``random`` - every (image, view) independently, p = 1/2 (Decision 4: AEVLP's per-view random flips);
+#: ``follow_student_flip`` - the variants of the image the student sees (VLPL's released code: the teacher
+#: scores the same, possibly flipped, training image); ``unflipped`` - variant 0 always.
+FLIP_VARIANTS = ("random", "follow_student_flip", "unflipped")
+
+
+def flip_variant(variant: Optional[str], dynamic: bool = True) -> str:
+    """``pseudo.variant`` resolved: a name of :data:`FLIP_VARIANTS`; None means ``random`` when ``dynamic``
+    (the ``pseudo.dynamic`` switch of earlier versions) else ``unflipped``. Raises ParamValueError."""
+    if variant is None:
+        return "random" if dynamic else "unflipped"
+    if variant not in FLIP_VARIANTS:
+        raise ParamValueError("pseudo.variant", f"expected one of {', '.join(FLIP_VARIANTS)} or null; got {variant!r}")
+    return variant
+
+
+__all__ += ["FLIP_VARIANTS", "flip_variant"]

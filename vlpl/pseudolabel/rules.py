@@ -39,6 +39,7 @@ from vlpl.pseudolabel.params import (
     ThresholdParams,
     TopkParams,
     VLPLParams,
+    flip_variant,
     rule_params,
 )
 from vlpl.registry import RULES
@@ -132,7 +133,8 @@ def _pseudo_from_ranks(
 # flip variants (Decision 4)
 # --------------------------------------------------------------------------------------------
 def select_variants(
-    scores: torch.Tensor, generator: Optional[torch.Generator], dynamic: bool = True
+    scores: torch.Tensor, generator: Optional[torch.Generator], dynamic: bool = True, *,
+    variant: Optional[str] = None, flips: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Pick one cached flip variant per (image, view) (Decision 4, §7c step 1).
 
@@ -146,6 +148,14 @@ def select_variants(
             ``1 / n_variants`` (1/2 for the usual two), the same distribution as the released
             AEVLP code's per-view ``RandomHorizontalFlip(0.5)`` re-drawn every step. All classes
             of one view come from the same variant. ``False`` (or ``n_variants == 1``): variant 0.
+        variant: ``pseudo.variant`` (:data:`vlpl.pseudolabel.params.FLIP_VARIANTS`); None: from ``dynamic``
+            (``random`` / ``unflipped``). ``follow_student_flip`` (VLPL's released code, where the teacher scores
+            the student's own possibly flipped image): a sample with ``flips[b]`` reads the views of the mirrored
+            image - the flipped global view and, at tile (i, j), the flipped tile (i, g-1-j) (the mirror image's
+            tile (i, j) is the mirror of the original's tile (i, g-1-j)); an unflipped sample reads variant 0.
+            No random draw is made.
+        flips: ``(B,)`` bool, each sample's flip as the student saw it (``TrainBatch.flip``); needed by
+            ``follow_student_flip`` only.
 
     Returns:
         ``(B, n_views, C)``.
@@ -155,7 +165,26 @@ def select_variants(
     b, n_variants, n_views, c = scores.shape
     if n_variants < 1:
         raise ValueError("scores has no variant (n_variants == 0)")
-    if not dynamic or n_variants == 1:
+    variant = flip_variant(variant, dynamic)
+    if variant == "follow_student_flip":
+        if flips is None:
+            raise ValueError("pseudo.variant=follow_student_flip needs each sample's flip (TrainBatch.flip); none given")
+        flips = torch.as_tensor(flips).to(device=scores.device, dtype=torch.bool).reshape(-1)
+        if flips.numel() != b:
+            raise ValueError(f"flips has {flips.numel()} entries for a batch of {b} samples")
+        if n_variants == 1:
+            if bool(flips.any()):
+                raise ValueError("pseudo.variant=follow_student_flip: the store has no flipped views (views.flips "
+                                 "false), so a flipped student image has no cached teacher view; rebuild the store "
+                                 "with flips, or use pseudo.variant=unflipped")
+            return scores[:, 0]
+        g = math.isqrt(n_views - 1)
+        if g * g != n_views - 1:
+            raise ValueError(f"n_views={n_views} is not 1 + g*g (a global view and a g x g grid)")
+        mirror = [0] + [1 + i * g + (g - 1 - j) for i in range(g) for j in range(g)]
+        mirrored = scores[:, 1, mirror] if g > 1 else scores[:, 1]
+        return torch.where(flips[:, None, None], mirrored, scores[:, 0])
+    if variant == "unflipped" or n_variants == 1:
         return scores[:, 0]
     device = generator.device if generator is not None else scores.device
     choice = torch.randint(0, n_variants, (b, n_views), generator=generator, device=device)
@@ -405,6 +434,8 @@ def apply_rule(
     generator: Optional[torch.Generator] = None,
     rows: Optional[RuleRows] = None,
     score_kind: Optional[ScoreKind] = None,
+    variant: Optional[str] = None,
+    flips: Optional[torch.Tensor] = None,
     **kwargs: Any,
 ) -> torch.Tensor:
     """Select flip variants (:func:`select_variants`, Decision 4) then run rule ``name``.
@@ -420,6 +451,8 @@ def apply_rule(
             runs inside its :meth:`~vlpl.store.views.ScoreKind.scope`, so its per-view probabilities are the
             teacher's own (a SigLIP-type store: per-class sigmoids, docs/TEACHERS.md); None: the kind already
             active (cosine unless a caller entered another).
+        variant, flips: which cached flip variant each view takes (:func:`select_variants`; None: from
+            ``dynamic``) and, for ``follow_student_flip``, each sample's flip as the student saw it.
         **kwargs: the rule's options, validated through its schema (:func:`rule_params`): an option the
             rule does not declare raises :class:`vlpl.params.UnknownParamError` (a
             :class:`vlpl.registry.RegistryError`) naming it, a bad value a :class:`ValueError`.
@@ -430,7 +463,7 @@ def apply_rule(
     # unknown names and bad options fail before any RNG draw
     fn = RULES.get(name)
     params = rule_params(name, kwargs)
-    scores = select_variants(scores_full, generator, dynamic=dynamic)
+    scores = select_variants(scores_full, generator, dynamic=dynamic, variant=variant, flips=flips)
     extra = {"rows": rows} if getattr(fn, "needs_rows", False) else {}
     if score_kind is None and rows is not None:
         score_kind = getattr(rows.split, "score_kind", None)

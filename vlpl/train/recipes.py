@@ -20,6 +20,7 @@ from vlpl.config import (
     parse_override,
     yaml_load,
 )
+from vlpl.pseudolabel.params import flip_variant
 
 
 def list_methods() -> List[str]:
@@ -60,4 +61,6 @@ def load_train_config(files: Sequence[str] = (), overrides: Sequence[str] = ()) 
     if raw.get("method"):
         base, path = recipe(str(raw["method"]), raw.get("dataset"))
         source = f"the recipe {path}"
-    return load_config(TrainConfig, files, overrides, base=base, base_source=source)
+    cfg = load_config(TrainConfig, files, overrides, base=base, base_source=source)
+    flip_variant(cfg.pseudo.variant, cfg.pseudo.dynamic)  # pseudo.variant: a clear error before torch is imported
+    return cfg

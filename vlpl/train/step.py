@@ -27,10 +27,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from vlpl.pseudolabel.params import flip_variant
 from vlpl.pseudolabel.rules import RuleRows, apply_rule
 from vlpl.registry import RULES, check_kwargs
 from vlpl.train.data import SEED_RULE, SEED_STEP, generator, mix_seed
-from vlpl.train.losses import LossBatch, SPMLLoss
+from vlpl.train.losses import LossBatch, ObservedLabels, SPMLLoss
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,9 @@ class TrainBatch:
     global_index: Optional[np.ndarray] = None
     sync: bool = True
     scores: Optional[torch.Tensor] = None
+    #: (B,) bool flips of the whole global batch (``None``: ``global_index`` is None and ``flip`` is it); read by a
+    #: rule that follows the student's flip (``pseudo.variant: follow_student_flip``)
+    global_flip: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -99,29 +103,34 @@ class RuleRunner:
     """A registered pseudo-label rule bound to its parameters and to the training split's cached scores.
 
     ``scores(positions)`` returns ``(B, n_variants, n_views, C)`` float32 scores of those positions of the
-    training split (a store reader); ``observed`` is the split's ``(N, C)`` observed-label matrix (CPU: only
-    the batch's rows go to the device).
+    training split (a store reader); ``observed``: the split's ``(N, C)`` observed labels, a reader with
+    ``observed_at`` (the split, or an :class:`~vlpl.train.losses.ObservedLabels`) or a matrix; only the
+    batch's rows are read, and go to the device.
     """
 
     def __init__(self, name: str, params: Dict[str, Any], dynamic: bool,
-                 scores: Callable[[np.ndarray], torch.Tensor], observed: torch.Tensor, split: Any = None) -> None:
+                 scores: Callable[[np.ndarray], torch.Tensor], observed: torch.Tensor, split: Any = None,
+                 variant: Optional[str] = None) -> None:
         check_kwargs(RULES.get(name), params, f"pseudo-label rule {name!r}")
         self.name, self.params, self.dynamic = name, dict(params), bool(dynamic)
-        self.scores, self.observed = scores, observed
+        # which cached flip variant each view takes (pseudo.variant; None: from dynamic), checked here
+        self.variant = flip_variant(variant, self.dynamic)
+        self.scores, self.observed = scores, ObservedLabels(observed)
         self.split = split  # the training split's reader: rules with ``needs_rows`` (knn, calibrated) get RuleRows
 
     def __call__(self, positions: np.ndarray, gen: Optional[torch.Generator], scores: Optional[torch.Tensor] = None,
-                 device: Optional[torch.device] = None) -> torch.Tensor:
+                 device: Optional[torch.device] = None, flips: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, C) int8 pseudo-labels of the rows at ``positions``, computed on ``device`` (default: where the
         scores are); ``gen`` draws the dynamic flip variants (a CPU generator gives the same draws on any
-        device); ``scores``: the rows' cached scores if already read (else ``self.scores(positions)``)."""
+        device); ``scores``: the rows' cached scores if already read (else ``self.scores(positions)``);
+        ``flips``: (B,) each row's flip as the student saw it (``follow_student_flip``)."""
         pos = np.asarray(positions)
         if scores is None:
             scores = self.scores(pos)
         dev = scores.device if device is None else torch.device(device)
-        obs = self.observed[torch.from_numpy(pos).long()]
+        obs = self.observed.rows(pos)
         return apply_rule(self.name, scores.to(dev, non_blocking=True).float(), obs.to(dev, non_blocking=True),
-                          dynamic=self.dynamic, generator=gen,
+                          dynamic=self.dynamic, generator=gen, variant=self.variant, flips=flips,
                           rows=RuleRows(self.split, pos) if self.split is not None else None, **self.params)
 
 
@@ -140,7 +149,7 @@ def train_step(batch: TrainBatch, model: nn.Module, loss: SPMLLoss, rule: Option
     pseudo: Optional[torch.Tensor] = None
     if rule is not None:
         pseudo_all = rule(global_index, generator(state.seed, SEED_RULE, batch.epoch, batch.step), batch.scores,
-                          state.device)
+                          state.device, flips=batch.flip if batch.global_index is None else batch.global_flip)
         b = len(local)
         start = state.process_index * b if batch.global_index is not None else 0
         pseudo = pseudo_all[start:start + b]
@@ -158,8 +167,10 @@ def train_step(batch: TrainBatch, model: nn.Module, loss: SPMLLoss, rule: Option
             if state.image_embeddings is None:
                 raise ValueError("the loss's reconstruction term needs StepState.image_embeddings (a store reader)")
             embeddings = state.image_embeddings(local).to(state.device, non_blocking=True)
+        observed = loss.observed_labels.rows(local).to(state.device, non_blocking=True) \
+            if loss.label_state is None else None  # the batch's rows (a loss with a label state reads its own)
         terms = loss(LossBatch(logits=logits.float(), index=batch.index.to(state.device, non_blocking=True),
-                               pseudo=pseudo, features=features, image_embedding=embeddings))
+                               pseudo=pseudo, features=features, image_embedding=embeddings, observed=observed))
         total = terms["loss"] / state.grad_accum if state.grad_accum > 1 else terms["loss"]
         state.backward(total)
     if batch.sync:
