@@ -126,3 +126,128 @@ def test_sigmoid_teacher_store_records_kind_and_rules_use_sigmoid(sigmoid_store)
     np.testing.assert_array_equal(by_rows, by_kind)
     cosine = apply_rule("threshold", torch.from_numpy(raw), obs, **kw).numpy()  # softmax over classes
     assert (cosine != by_kind).any()
+
+
+# --------------------------------------------------------------------------------------------------------
+# class descriptions and template sets
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    import torch
+
+    from vlpl.config import TeacherConfig
+    from vlpl.vlm.backend import OpenClipBackend
+
+    return OpenClipBackend(TeacherConfig(name="vlpl-tiny", pretrained=None), torch.device("cpu"))
+
+
+def test_descriptions_parse_json_and_yaml(tmp_path):
+    import json
+
+    from vlpl.vlm.backend import class_prompts, load_descriptions
+
+    data = {"dog": ["a four-legged pet that barks", "a {} on a leash"], "cat": "a small feline", "owl": ["a bird"]}
+    (tmp_path / "d.json").write_text(json.dumps(data))
+    (tmp_path / "d.yaml").write_text(yaml.safe_dump(data))
+    for f in ("d.json", "d.yaml"):
+        got = load_descriptions(tmp_path / f, ["cat", "dog"])  # owl: not a dataset class, ignored
+        assert got == {"cat": ["a small feline"], "dog": ["a four-legged pet that barks", "a dog on a leash"]}
+    prompts = class_prompts(["cat", "dog"], ["a photo of a {}."], got)
+    assert prompts == [["a photo of a cat.", "a small feline"],
+                       ["a photo of a dog.", "a four-legged pet that barks", "a dog on a leash"]]
+    assert class_prompts(["cat"], [], got) == [["a small feline"]]  # templates: [] -> descriptions alone
+
+
+def test_descriptions_missing_class_or_bad_entry_is_named(tmp_path):
+    from vlpl.config import ConfigError
+    from vlpl.vlm.backend import load_descriptions
+
+    f = tmp_path / "desc.yaml"
+    f.write_text(yaml.safe_dump({"dog": ["a pet"]}))
+    with pytest.raises(ConfigError, match=r"desc\.yaml.*class 'cat' has no descriptions"):
+        load_descriptions(f, ["dog", "cat"])
+    f.write_text(yaml.safe_dump({"dog": [1, 2]}))
+    with pytest.raises(ConfigError, match=r"desc\.yaml.*class 'dog': expected a list of strings"):
+        load_descriptions(f, ["dog"])
+    f.write_text(yaml.safe_dump({"dog": []}))
+    with pytest.raises(ConfigError, match="class 'dog' has an empty list"):
+        load_descriptions(f, ["dog"])
+    with pytest.raises(ConfigError, match="missing.json: cannot read"):
+        load_descriptions(tmp_path / "missing.json", ["dog"])
+
+
+def test_description_averaging_equals_hand_mean(tiny):
+    """Each class embedding = normalise(mean of the normalised prompt embeddings), for ragged prompt lists; with
+    templates alone it equals open_clip's own prompt ensembling (build_zero_shot_classifier)."""
+    import torch
+    import torch.nn.functional as F
+
+    prompts = [["a photo of a dog.", "a four-legged pet that barks", "a dog on a leash"], ["a small feline"]]
+    got = tiny.encode_prompts(prompts, batch_size=2)  # batches straddle the classes
+    with torch.no_grad():
+        hand = []
+        for ps in prompts:
+            e = torch.stack([F.normalize(tiny.model.encode_text(tiny.tokenizer([p]))[0].float(), dim=-1) for p in ps])
+            hand.append(F.normalize(e.mean(0), dim=-1))
+    torch.testing.assert_close(got, torch.stack(hand), rtol=1e-5, atol=1e-6)
+    templates = ["a photo of a {}.", "a drawing of a {}."]
+    from vlpl.vlm.backend import class_prompts
+
+    torch.testing.assert_close(tiny.encode_prompts(class_prompts(["dog", "cat"], templates)),
+                               tiny.encode_text(["dog", "cat"], templates), rtol=1e-5, atol=1e-6)
+
+
+def test_template_sets_by_name():
+    import open_clip
+
+    from vlpl.config import ConfigError
+    from vlpl.vlm.backend import template_sets, template_strings
+
+    oa = [t("{}") for t in open_clip.OPENAI_IMAGENET_TEMPLATES]
+    assert {"openai_imagenet", "simple_imagenet"} <= set(template_sets())
+    assert template_strings("openai_imagenet") == oa and len(oa) == 80
+    assert template_strings(["{}", "simple_imagenet"]) == ["{}"] + [t("{}") for t in open_clip.SIMPLE_IMAGENET_TEMPLATES]
+    assert template_strings([], allow_empty=True) == []
+    with pytest.raises(ConfigError, match="openai_imagenet"):
+        template_strings("openai_imagenet_typo")
+
+
+def test_pseudolabel_records_descriptions(coco256_root, tmp_path):
+    """`vlpl pseudolabel` with teacher.descriptions: the text embeddings are the description averages, prompts.json
+    lists every description used, the manifest names the file and templates_sha256 covers the descriptions."""
+    import json
+
+    import numpy as np
+    from conftest import TINY_TEACHER, make_subset_dataset
+
+    from vlpl.config import PseudolabelConfig, load_config
+    from vlpl.pseudolabel.stage import run_pseudolabel
+    from vlpl.store.store import ScoreStore, templates_hash
+    from vlpl.vlm.backend import class_prompts, load_descriptions
+
+    data = make_subset_dataset(coco256_root, tmp_path / "data", n_train=2)
+    classes = (data / "classes.txt").read_text().split("\n")
+    classes = [c for c in classes if c]
+    desc = tmp_path / "desc.yaml"
+    desc.write_text(yaml.safe_dump({c: [f"a {c} seen up close", "a picture showing a {}"] for c in classes}))
+    out = tmp_path / "store"
+    run_pseudolabel(load_config(PseudolabelConfig, [TINY_TEACHER], [
+        f"data.root={data}", f"out={out}", "num_workers=0", "progress=false", "views.grid=0", "index=false",
+        f"teacher.descriptions={desc}"]))
+    store = ScoreStore(out)
+    man = store.manifest
+    assert man["descriptions"]["file"] == str(desc) and man["descriptions"]["num_descriptions"] == 2 * len(classes)
+    assert man["templates"] == ["a photo of a {}."]
+    assert man["templates_sha256"] != templates_hash(man["templates"])
+    rec = json.loads((out / "prompts.json").read_text())
+    assert rec["descriptions"][classes[0]] == [f"a {classes[0]} seen up close", f"a picture showing a {classes[0]}"]
+    import torch
+
+    from vlpl.config import TeacherConfig
+    from vlpl.vlm.backend import OpenClipBackend
+
+    teacher = OpenClipBackend(TeacherConfig(name="vlpl-tiny", pretrained=None), torch.device("cpu"))
+    want = teacher.encode_prompts(class_prompts(classes, man["templates"], load_descriptions(desc, classes)))
+    np.testing.assert_allclose(store.text_embeddings(), want.numpy(), rtol=1e-5, atol=1e-6)

@@ -19,7 +19,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -57,33 +57,98 @@ class Preprocess:
     interpolation: str = "bicubic"
 
 
-def template_strings(templates: Union[str, Sequence[Any]]) -> List[str]:
+def template_sets() -> Dict[str, Tuple[Any, ...]]:
+    """open_clip's template sets by name: every ``<NAME>_TEMPLATES`` of ``open_clip.zero_shot_metadata``,
+    lower-cased without the suffix (``openai_imagenet``: CLIP's 80 ImageNet prompts, ``simple_imagenet``: 18)."""
+    from open_clip import zero_shot_metadata as zsm
+
+    return {k[: -len("_TEMPLATES")].lower(): tuple(v) for k, v in vars(zsm).items()
+            if k.endswith("_TEMPLATES") and isinstance(v, (tuple, list))}
+
+
+def template_strings(templates: Union[str, Sequence[Any], None], allow_empty: bool = False) -> List[str]:
     """Resolve a template spec to a list of format strings with one ``{}``.
 
     ``templates`` is a single template (``"a photo of a {}."``), a list of them, or the name of an
-    open_clip template set: ``openai_imagenet`` (80 templates) or ``simple_imagenet``.
+    open_clip template set (:func:`template_sets`: ``openai_imagenet`` (80 templates), ``simple_imagenet``); a
+    list may mix set names and templates. ``allow_empty``: an empty spec gives ``[]`` (class descriptions alone).
     """
-    from open_clip import zero_shot_metadata as zsm
-
-    sets = {
-        "openai_imagenet": zsm.OPENAI_IMAGENET_TEMPLATES,
-        "simple_imagenet": zsm.SIMPLE_IMAGENET_TEMPLATES,
-    }
-    if isinstance(templates, str):
-        if templates in sets:
-            templates = sets[templates]
-        else:
-            templates = [templates]
+    sets = template_sets()
+    items: List[Any] = [] if templates is None else [templates] if isinstance(templates, str) else list(templates)
     out: List[str] = []
-    for t in templates:
+    for t in items:
+        if isinstance(t, str) and t in sets:
+            out += [x("{}") if callable(x) else str(x) for x in sets[t]]
+            continue
         s = t("{}") if callable(t) else str(t)
         if s.count("{}") != 1:
             raise ConfigError(
-                f"model.templates: each template needs exactly one '{{}}' for the class name, got {s!r}"
+                f"model.templates: each template needs exactly one '{{}}' for the class name, got {s!r} "
+                f"(or an open_clip template set name: {', '.join(sorted(sets))})"
             )
         out.append(s)
-    if not out:
+    if not out and not allow_empty:
         raise ConfigError("model.templates: empty template list")
+    return out
+
+
+def load_descriptions(path: Union[str, Path], classes: Sequence[str]) -> Dict[str, List[str]]:
+    """Class descriptions (RAM++ / CuPL style) from a JSON or YAML file: ``{class: [description, ...]}``.
+
+    A description is used as written, or formatted with the class name when it holds one ``{}``. Every class
+    of ``classes`` must be in the file with at least one non-empty string (the error names the class and the
+    file); classes the file has beyond them are ignored (logged). Returns ``{class: [strings]}`` in class order.
+    """
+    import json
+
+    import yaml
+
+    p = Path(os.path.expanduser(str(path)))
+    where = f"teacher.descriptions {p}"
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot read the file ({e.strerror or e})") from None
+    try:
+        data = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as e:
+        raise ConfigError(f"{where}: not valid {'JSON' if p.suffix.lower() == '.json' else 'YAML'}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of class name -> list of descriptions, got "
+                          f"{type(data).__name__}")
+    out: Dict[str, List[str]] = {}
+    for c in classes:
+        if c not in data:
+            raise ConfigError(f"{where}: class {c!r} has no descriptions (the file has {len(data)} classes; every "
+                              f"class of the dataset needs at least one)")
+        v = data[c]
+        items = [v] if isinstance(v, str) else v
+        if not isinstance(items, list) or not all(isinstance(d, str) for d in items):
+            raise ConfigError(f"{where}: class {c!r}: expected a list of strings, got {v!r}")
+        items = [d.strip() for d in items if d.strip()]
+        if not items:
+            raise ConfigError(f"{where}: class {c!r} has an empty list of descriptions")
+        for d in items:
+            if d.count("{}") > 1:
+                raise ConfigError(f"{where}: class {c!r}: a description may hold at most one '{{}}' (the class "
+                                  f"name), got {d!r}")
+        out[c] = [d.format(c) if "{}" in d else d for d in items]
+    extra = [k for k in data if k not in out]
+    if extra:
+        log.info("%s: %d classes not in the dataset are ignored (e.g. %r)", where, len(extra), extra[0])
+    return out
+
+
+def class_prompts(classes: Sequence[str], templates: Sequence[str],
+                  descriptions: Optional[Mapping[str, Sequence[str]]] = None) -> List[List[str]]:
+    """The prompts of each class: every template formatted with the class name, then the class's descriptions
+    (:func:`load_descriptions`). :meth:`VLMBackend.encode_prompts` averages their normalised embeddings."""
+    out = []
+    for c in classes:
+        ps = [t.format(c) for t in templates] + list((descriptions or {}).get(c, ()))
+        if not ps:
+            raise ConfigError(f"class {c!r} has no prompt: give templates, or descriptions for it")
+        out.append(ps)
     return out
 
 
@@ -118,6 +183,8 @@ class VLMBackend:
     logit_bias: Optional[float] = None
     #: the text tower's context length (tokens; longer prompts are truncated by the tokenizer)
     context_length: Optional[int] = None
+    #: how the model's own eval transform resizes (open_clip: squash | shortest); ``views.resize_mode: model``
+    resize_mode: str = "squash"
     device: torch.device
 
     def __init__(self, cfg: TeacherConfig, device: torch.device) -> None:
@@ -133,6 +200,10 @@ class VLMBackend:
         raise NotImplementedError
 
     def identity(self) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def _encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """(N,) strings -> (N, D) text features (not normalised)."""
         raise NotImplementedError
 
     # -- shared -------------------------------------------------------------------------------------
@@ -163,6 +234,23 @@ class VLMBackend:
         with self._autocast():
             emb = self._encode_text(list(classnames), tmpl)
         return F.normalize(emb.float(), dim=-1).cpu()
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[Sequence[str]], batch_size: int = 256) -> torch.Tensor:
+        """Class embeddings from a list of prompts per class (:func:`class_prompts`: templates and descriptions,
+        any number per class): each prompt's embedding L2-normalised, averaged per class, re-normalised (the
+        prompt ensembling of ``open_clip.build_zero_shot_classifier``, for ragged lists). (C, D) float32, CPU."""
+        if not prompts or any(not ps for ps in prompts):
+            raise ValueError("encode_prompts: every class needs at least one prompt")
+        flat = [p for ps in prompts for p in ps]
+        owner = torch.tensor([c for c, ps in enumerate(prompts) for _ in ps], device=self.device)
+        parts = []
+        with self._autocast():
+            for k in range(0, len(flat), batch_size):
+                parts.append(F.normalize(self._encode_texts(flat[k : k + batch_size]).float(), dim=-1))
+        emb = torch.cat(parts)
+        sums = torch.zeros(len(prompts), emb.shape[1], device=emb.device).index_add_(0, owner, emb)
+        return F.normalize(sums / torch.bincount(owner, minlength=len(prompts))[:, None].float(), dim=-1).cpu()
 
     def normalization(self) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
         """(mean, std) fed to the image tower: the model's own unless ``normalization=imagenet``."""
@@ -216,6 +304,7 @@ class OpenClipBackend(VLMBackend):
             std=tuple(float(x) for x in pp.get("std", open_clip.OPENAI_DATASET_STD)),
             interpolation=str(pp.get("interpolation", "bicubic")),
         )
+        self.resize_mode = str(pp.get("resize_mode", "shortest"))  # open_clip's PreprocessCfg default
         self.logit_scale = float(model.logit_scale.exp().item())
         # SigLIP-type models (init_logit_bias in their config) score with sigmoid(scale * cos + bias)
         bias = getattr(model, "logit_bias", None)
@@ -234,6 +323,9 @@ class OpenClipBackend(VLMBackend):
             num_classes_per_batch=max(1, 512 // len(fns)), device=self.device, use_tqdm=False,
         )
         return clf.T  # (C, D)
+
+    def _encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.model.encode_text(self.tokenizer(list(texts)).to(self.device))
 
     def identity(self) -> Dict[str, Any]:
         import open_clip
@@ -282,6 +374,7 @@ class HFBackend(VLMBackend):
 
             mean, std = OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
         self.preprocess = Preprocess((int(size), int(size)), tuple(map(float, mean)), tuple(map(float, std)))
+        self.resize_mode = "squash" if self.is_siglip else "shortest"  # CLIPImageProcessor: shortest edge + crop
         self.logit_scale = float(self.model.logit_scale.exp().item())
         bias = getattr(self.model, "logit_bias", None) if self.is_siglip else None
         self.logit_bias = None if bias is None else float(bias.item())
@@ -312,6 +405,11 @@ class HFBackend(VLMBackend):
             emb = F.normalize(self._features(self.model.get_text_features(**tok)).float(), dim=-1)
             rows.append(F.normalize(emb.mean(0), dim=-1))
         return torch.stack(rows)
+
+    def _encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        tok = self.tokenizer(list(texts), padding="max_length" if self.is_siglip else True, truncation=True,
+                             return_tensors="pt").to(self.device)
+        return self._features(self.model.get_text_features(**tok))
 
     def identity(self) -> Dict[str, Any]:
         import transformers
