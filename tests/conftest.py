@@ -71,3 +71,32 @@ def coco256_store(coco256_root, tmp_path_factory) -> Path:
         f"data.root={coco256_root}", f"out={out}", "shard_size=128", "num_workers=0", "progress=false",
         "views.grid=2"]))
     return out
+
+
+@pytest.fixture(scope="session")
+def coco256_partial_store(coco256_root, tmp_path_factory) -> Path:
+    """coco256 with the MLR-PL partial-label protocol at p = 0.5 (ALGORITHMS.md 10: each label kept with probability
+    0.5, seed 0; full labels on val/test), tiny teacher, grid 2: READ-only, as ``coco256_store``."""
+    from vlpl.config import PseudolabelConfig, load_config
+    from vlpl.pseudolabel.stage import run_pseudolabel
+
+    out = tmp_path_factory.mktemp("coco256_partial") / "store"
+    run_pseudolabel(load_config(PseudolabelConfig, [TINY_TEACHER], [
+        f"data.root={coco256_root}", f"out={out}", "shard_size=128", "num_workers=0", "progress=false",
+        "views.grid=2", "data.observed.mode=partial", "data.observed.keep=0.5"]))
+    return out
+
+
+@pytest.fixture(scope="session")
+def coco256_real_partial_store(coco256_root, tmp_path_factory) -> Path:
+    """coco256 with REAL partial annotations (configs/datasets/coco256_partial_real.yaml: a positives/negatives
+    labels file, observed mode given, labels_kind partial on every split), tiny teacher, grid 2: READ-only."""
+    from vlpl.config import PseudolabelConfig, load_config
+    from vlpl.pseudolabel.stage import run_pseudolabel
+
+    data = REPO_ROOT / "configs" / "datasets"
+    out = tmp_path_factory.mktemp("coco256_real_partial") / "store"
+    run_pseudolabel(load_config(PseudolabelConfig, [TINY_TEACHER, data / "coco256_partial_real.yaml"], [
+        f"data.root={coco256_root}", f"data.labels={data / 'coco256_partial_real.csv'}", f"out={out}",
+        "shard_size=128", "num_workers=0", "progress=false", "views.grid=2"]))
+    return out
