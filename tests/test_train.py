@@ -264,9 +264,9 @@ def test_two_process_loss_state_matches_one_process(method, extra, port, store, 
         corr = float(torch.corrcoef(torch.stack([u1.flatten(), u2.flatten()]))[0, 1])
         assert corr > 0.95, corr
     else:
-        base = int((state(one, 1)["state"] == 1).sum())  # epoch 1 writes nothing (clean rate 1)
-        w1 = int((state(one, 2)["state"] == 1).sum()) - base
-        w2 = int((state(two, 2)["state"] == 1).sum()) - base
+        base = int((state(one, 1)["label_state"] == 1).sum())  # epoch 1 writes nothing (clean rate 1)
+        w1 = int((state(one, 2)["label_state"] == 1).sum()) - base
+        w2 = int((state(two, 2)["label_state"] == 1).sum()) - base
         assert w1 > 10, "LL-Cp should have written corrections in epoch 2"
         # the same number of writes per step (top-K over the global batch), every process's in the checkpoint
         assert abs(w2 - w1) <= 0.1 * w1, (w1, w2)
@@ -766,3 +766,151 @@ def test_compile_option_trains_and_saves_plain_weights(store, tmp_path, monkeypa
                                                         "max_steps_per_epoch=2")))
     eager = [r for r in map(json.loads, (ref / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "step"]
     assert [r["loss"] for r in steps] == pytest.approx([r["loss"] for r in eager], rel=1e-4)
+
+
+# ---- memory flat in N: observed labels read per batch (issue 10, item 1) ------------------------------------
+
+
+class _FakeObservedReader:
+    """A split reader's observed-label interface for a large (N, C) set, generated per row (a positive at class
+    ``row % C``, a known negative at the next class) without holding it: counts the rows read."""
+
+    def __init__(self, n: int, c: int) -> None:
+        self.observed_shape = (n, c)
+        self.rows_read = 0
+
+    def observed_at(self, idx):
+        pos = np.asarray(idx, dtype=np.int64).reshape(-1)
+        self.rows_read += len(pos)
+        out = np.zeros((len(pos), self.observed_shape[1]), np.int8)
+        out[np.arange(len(pos)), pos % self.observed_shape[1]] = 1
+        out[np.arange(len(pos)), (pos + 1) % self.observed_shape[1]] = -1
+        return out
+
+
+def _rss_growth(fn, *args):
+    """``(peak resident bytes fn(*args) added to this process, its result)`` (Linux: VmHWM reset through
+    clear_refs)."""
+    def status(key: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+        raise KeyError(key)
+
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    before = status("VmRSS")
+    result = fn(*args)
+    return status("VmHWM") - before, result
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc peak-RSS reset")
+def test_stateless_losses_on_a_200k_x_1000_reader_hold_and_allocate_no_n_by_c_tensor():
+    """Every registered loss that is not ``stateful`` builds on a 200,000 x 1,000 observed-label reader without
+    reading it and without an N-row tensor (the old base class copied it to a float32 buffer: 800 MB, plus
+    1 GB of masks), and one training-size batch reads only its own rows."""
+    from vlpl.registry import LOSSES
+    from vlpl.train.losses import LossBatch, create_loss
+
+    n, c = 200_000, 1_000
+    stateless = [name for name in LOSSES.names() if not LOSSES.get(name).stateful]
+    owned = {"an", "an_ls", "bce", "wan", "epr", "em", "ll_r", "ll_ct", "gr", "gpr", "vlpl"}
+    assert owned <= set(stateless)
+    assert {"role", "em_apl", "ll_cp"}.isdisjoint(stateless)  # their state is the method's (docstrings)
+    for name in stateless:
+        reader = _FakeObservedReader(n, c)
+        grown, loss = _rss_growth(create_loss, name, reader)
+        assert grown < 64 * 2**20, (name, grown)
+        assert loss.per_sample_state() == {}, name
+        tensors = list(loss.state_dict().values()) + list(loss.parameters())
+        assert sum(t.numel() for t in tensors) < n, name
+        assert loss.num_examples == n and loss.num_classes == c
+        if name in owned:  # (a loss of its own may check the labels once, a chunk at a time)
+            assert reader.rows_read == 0, (name, reader.rows_read)
+    # a step reads the batch's rows: from batch.observed (the trainer's) or, without it, from the reader
+    reader = _FakeObservedReader(n, c)
+    loss = create_loss("an", reader)
+    idx = torch.tensor([5, 199_999, 17])
+    logits = torch.randn(3, c)
+    with_rows = loss(LossBatch(logits=logits, index=idx, observed=torch.from_numpy(reader.observed_at(idx.numpy()))))
+    reader.rows_read = 0
+    from_reader = loss(LossBatch(logits=logits, index=idx))
+    assert reader.rows_read == 3 and torch.equal(with_rows["loss"], from_reader["loss"])
+
+
+def test_training_never_reads_the_whole_observed_matrix(store, tmp_path, monkeypatch):
+    """A run (rule + loss, and EM+APL's epoch-end pass) reads the observed labels per batch only:
+    ``SplitReader.observed`` (the whole N x C matrix) is never touched, and the stateless loss holds no
+    N-row tensor."""
+    from vlpl.store.store import SplitReader
+
+    def whole(self):
+        raise AssertionError("training read SplitReader.observed (the whole N x C matrix)")
+
+    monkeypatch.setattr(SplitReader, "observed", property(whole))
+    for method, extra in (("aevlp", ()), ("em_apl", ("loss.params.warmup_epoch=1",))):
+        out = tmp_path / method
+        run_train(load_train_config([TINY_NET], _train_args(store, out, f"method={method}", "dataset=coco2014",
+                                                            "epochs=1", "max_steps_per_epoch=2", *extra)))
+        recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        assert any(r["kind"] == "step" for r in recs)
+        if method == "em_apl":
+            assert [r["apl_total"] for r in recs if r["kind"] == "epoch"][0] > 0
+        else:
+            assert set(load_file(out / "checkpoints" / sorted(os.listdir(out / "checkpoints"))[-1] /
+                                 "loss.safetensors")) == set()
+
+
+def test_losses_on_the_reader_give_the_matrix_built_losses_step_for_step(store):
+    """The trainer's path (loss and rule built on the SplitReader, batch rows read per step) gives the same
+    per-step pseudo-labels, loss terms, weights and label state as losses built on the whole observed matrix
+    in memory (the previous path), for a stateless loss with a rule, ROLE, EM+APL and LL-Cp's writes."""
+    import copy
+
+    from vlpl.config import OptimConfig, StudentConfig
+    from vlpl.store.store import ScoreStore
+    from vlpl.train.losses import create_loss
+    from vlpl.train.model import ClassContext, create_classifier
+    from vlpl.train.optim import create_optimizer
+    from vlpl.train.step import RuleRunner, StepState, TrainBatch, train_step
+
+    st = ScoreStore(store)
+    train = st.split("train")
+    matrix = torch.from_numpy(np.array(train.observed))
+    torch.manual_seed(0)
+    model0 = create_classifier(StudentConfig(kind="timm", name="test_resnet", pretrained=False, image_size=32),
+                               ClassContext.from_store(st)).train()
+    scores = lambda pos: torch.from_numpy(train.scores(pos))  # noqa: E731
+    cases = [("gpr", {}, True), ("role", {}, False), ("em_apl", {"warmup_epoch": 1}, False),
+             ("ll_cp", {"delta_rel": 0.2}, False)]
+    for name, hp, use_rule in cases:
+        runs = []
+        for observed in (matrix, train):
+            model = copy.deepcopy(model0)
+            loss = create_loss(name, observed, **hp).train()
+            if name == "em_apl":  # some soft negatives first (the pass's probabilities, the same for both)
+                loss.set_epoch(1, 3)
+                probs = torch.rand(len(train), st.num_classes, generator=torch.Generator().manual_seed(1))
+                loss.end_epoch(probs, torch.arange(len(train)), 1)
+            loss.set_epoch(3, 3)  # LL-Cp corrects and writes from epoch 2
+            opt = create_optimizer(OptimConfig(name="adam", lr=1e-3, head_lr=1e-3), model, loss.param_groups(1e-3))
+            rule = RuleRunner("damp", {}, True, scores, observed) if use_rule else None
+            state = StepState(optimizer=opt, device=torch.device("cpu"), seed=5)
+            outs = []
+            for step, pos in enumerate([np.array([4, 9, 2, 30]), np.array([7, 1, 50, 4])]):
+                x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(step))
+                outs.append(train_step(TrainBatch(images=x, index=torch.from_numpy(pos),
+                                                  flip=torch.zeros(4, dtype=torch.bool), epoch=3, step=step),
+                                       model, loss, rule, state))
+            runs.append((outs, model.state_dict(), loss.state_dict(), loss.state))
+        (a, wa, la, sa), (b, wb, lb, sb) = runs
+        for oa, ob in zip(a, b):
+            assert set(oa.terms) == set(ob.terms)
+            assert all(torch.equal(oa.terms[k], ob.terms[k]) for k in oa.terms), name
+            assert (oa.pseudo is None and ob.pseudo is None) or torch.equal(oa.pseudo, ob.pseudo)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+        assert la.keys() == lb.keys(), name
+        for k in la:  # (EM+APL's apl_target is NaN where no soft negative is stored)
+            torch.testing.assert_close(la[k], lb[k], rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(sa, sb), name
+        if name == "ll_cp":
+            assert int((sa != matrix.float()).sum()) > 0  # the writes happened (and match)

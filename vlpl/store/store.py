@@ -658,6 +658,12 @@ class SplitReader:
             raise StoreError(f"split {self.name!r}: {e}; delete {getattr(src, 'path', 'the sidecar')} (it is "
                              f"rebuilt from the shards)") from None
 
+    @property
+    def observed_shape(self) -> Tuple[int, int]:
+        """``(N, C)``: the shape of the observed labels, known without reading them (a loss built on the reader
+        reads its rows per batch, :class:`vlpl.train.losses.ObservedLabels`)."""
+        return (len(self.rows), self.store.num_classes)
+
     def observed_at(self, idx: Any) -> np.ndarray:
         """``(B, C)`` int8 observed labels of the rows at positions ``idx`` (reads only those rows)."""
         return self._take(self._observed_src, self._positions(idx))

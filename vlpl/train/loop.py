@@ -51,6 +51,7 @@ from vlpl.config import ConfigError, TrainConfig, save_resolved, to_dict, yaml_l
 from vlpl.data.images import ImageDataset, ImageSource
 from vlpl.eval.selection import Selector, keeps_split, prediction_arrays
 from vlpl.progress import progress as progress_bar
+from vlpl.provenance import provenance
 from vlpl.registry import LOSSES
 from vlpl.store.atomic import atomic_path, atomic_write_json, atomic_write_text
 from vlpl.store.store import IDENTITY_KEYS, ScoreStore, SplitReader
@@ -633,6 +634,7 @@ def finish(run: Run) -> None:
             "best_val_map": best.get("val_map"), "test_map_at_best": best.get("test_map"),
             "stop_reason": p.stop_reason, "num_train": len(run.train),
             "num_eval": {s: len(d) for s, d in run.evals.items()}, "flops_per_image_forward": run.flops,
+            "provenance": provenance(),  # command, commit, device (vlpl.provenance; the results page needs them)
             "select": run.selector.criterion if cfg.val_split in run.evals else "last",
         }
         atomic_write_json(run.out / "summary.json", summary)
