@@ -114,24 +114,24 @@ CHUNK_ENTRIES = 1 << 24
 class ObservedLabels:
     """Row access to the ``(N, C)`` observed labels (in {-1, 0, 1}) a loss is built on, without a copy.
 
-    Wraps either a reader with ``observed_at(positions) -> (B, C) int8`` and a shape (``observed_shape``
-    or ``shape``), e.g. :class:`vlpl.store.store.SplitReader` (training: nothing of size ``N x C`` is
+    Wraps either a reader with ``observed_at(positions) -> (B, C) int8`` and a shape (``shape=``, else the
+    reader's ``observed_shape`` or ``shape``), e.g. :class:`vlpl.store.store.SplitReader` (training: nothing of size ``N x C`` is
     read), or an ``(N, C)`` matrix (torch tensor of any dtype, numpy array or nested lists), which is kept
     by reference (a numpy array or tensor is not copied) and validated once, chunk by chunk. A reader's
     labels are trusted (the store writes validated int8).
     """
 
-    def __init__(self, observed: Any) -> None:
+    def __init__(self, observed: Any, shape: Optional[Tuple[int, int]] = None) -> None:
         if isinstance(observed, ObservedLabels):
             self._matrix, self._reader, self.shape = observed._matrix, observed._reader, observed.shape
             return
         self._matrix: Optional[torch.Tensor] = None
         self._reader: Any = None
         if callable(getattr(observed, "observed_at", None)) and not torch.is_tensor(observed):
-            shape = getattr(observed, "observed_shape", None) or getattr(observed, "shape", None)
+            shape = shape or getattr(observed, "observed_shape", None) or getattr(observed, "shape", None)
             if shape is None or len(tuple(shape)) != 2:
-                raise ValueError(f"observed: a reader must give its (N, C) shape as observed_shape or shape; "
-                                 f"{type(observed).__name__} gives {shape!r}")
+                raise ValueError(f"observed: a reader must give its (N, C) shape (shape=, or its observed_shape "
+                                 f"or shape); {type(observed).__name__} gives {shape!r}")
             self._reader = observed
             self.shape: Tuple[int, int] = (int(shape[0]), int(shape[1]))
             return
