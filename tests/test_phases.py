@@ -98,3 +98,32 @@ def test_freeze_backbone_keeps_it_fixed_for_the_whole_run(coco256_store, tmp_pat
     ck = _checkpoints(out)
     assert _same(_part(ck[2], "backbone."), _part(ck[4], "backbone."))
     assert not _same(_part(ck[2], "head."), _part(ck[4], "head."))
+
+
+@pytest.mark.slow
+def test_linear_init_under_two_processes(coco256_store, tmp_path):
+    """DDP (torchrun, 2 CPU processes, gloo): the frozen epoch's backbone gets no gradient, which DDP accepts
+    with find_unused_parameters (vlpl.train.phases.ddp_kwargs); the backbone stays put, then trains."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+           "-m", "vlpl", "train", "-c", TINY_NET,
+           *_args(coco256_store, out, "epochs=2", "phases.linear_init_epochs=1", "batch_size=8")]
+    r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ck = _checkpoints(out)
+    first, last = ck[min(ck)], ck[max(ck)]
+    assert not _same(_part(first, "backbone."), _part(last, "backbone."))
+    assert not _same(_part(first, "head."), _part(last, "head."))
+    # after the frozen epoch the backbone is still the initial one: that of a 1-process frozen epoch
+    from vlpl.train.loop import run_train
+    from vlpl.train.recipes import load_train_config
+
+    one = tmp_path / "one"
+    run_train(load_train_config([TINY_NET], _args(coco256_store, one, "epochs=1", "phases.freeze_backbone=true",
+                                                  "batch_size=8")))
+    assert _same(_part(first, "backbone."), _part(_checkpoints(one)[2], "backbone."))
