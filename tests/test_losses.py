@@ -659,6 +659,91 @@ def test_state_dict_round_trip():
     assert float(fresh_cp.state[3, 1]) == 1.0
 
 
+
+def test_em_apl_streamed_pass_equals_the_in_memory_pass(monkeypatch, tmp_path):
+    """end_epoch_stream (the trainer's: batches in any order, a scratch file read back by blocks of classes)
+    stores exactly what end_epoch does on all rows in position order, over several epochs, with ties, with
+    observed -1 / +1 and with earlier soft negatives; before warm-up it does not read the pass at all."""
+    import vlpl.train.losses.em as em
+
+    monkeypatch.setattr(em, "APL_BLOCK_ENTRIES", 2 * 41)  # 2 classes per block: 4 blocks for C = 7
+    g = torch.Generator().manual_seed(0)
+    n, c = 41, 7
+    obs = torch.randint(-1, 2, (n, c), generator=g).to(torch.int8)
+    obs[obs == -1] = torch.randint(-1, 1, (int((obs == -1).sum()),), generator=g).to(torch.int8)  # fewer -1
+    ref = create_loss("em_apl", obs, warmup_epoch=2, neg_proportion=0.9)
+    streamed = create_loss("em_apl", obs, warmup_epoch=2, neg_proportion=0.9)
+
+    def never():
+        raise AssertionError("the pass was read before warm-up")
+        yield  # pragma: no cover
+
+    ref.set_epoch(1, 4)
+    streamed.set_epoch(1, 4)
+    assert streamed.end_epoch_stream(never(), 1, tmp_path) == {"apl_new": 0.0, "apl_total": 0.0}
+    for epoch in (2, 3, 4):
+        probs = torch.rand(n, c, generator=g)
+        probs[::3] = torch.round(probs[::3] * 4) / 4  # ties (stable: the earlier row first)
+        ref.set_epoch(epoch, 4)
+        streamed.set_epoch(epoch, 4)
+        want = ref.end_epoch(probs, torch.arange(n), epoch)
+        order = torch.randperm(n, generator=g)
+        batches = [(probs[order[k:k + 6]], order[k:k + 6]) for k in range(0, n, 6)]
+        got = streamed.end_epoch_stream(iter(batches), epoch, tmp_path)
+        assert got == want and want["apl_new"] > 0
+        torch.testing.assert_close(streamed.apl_target, ref.apl_target, rtol=0, atol=0, equal_nan=True)
+    assert list(tmp_path.iterdir()) == []  # the scratch file is gone
+    with pytest.raises(ValueError, match="gave 6 of 41 rows"):
+        streamed.end_epoch_stream(iter(batches[:1]), 4, tmp_path)
+    with pytest.raises(ValueError, match="twice"):
+        streamed.end_epoch_stream(iter([batches[0], batches[0]]), 4, tmp_path)
+
+
+def test_compact_state_keeps_the_old_values_and_reads_old_checkpoints():
+    """LL-Cp's int8 label_state and EM+APL's float32 apl_target reproduce the old float32 ``state`` exactly
+    (``loss.state``), and a checkpoint of the old layout (float32 ``state`` + bool ``apl_mask``) loads into
+    the new buffers with the same loss values."""
+    apl = create_loss("em_apl", APL_OBS, warmup_epoch=1)
+    apl.set_epoch(1, 3)
+    probs = torch.rand(6, 2, generator=torch.Generator().manual_seed(3))
+    apl.end_epoch(probs, torch.arange(6), epoch=1)
+    old_state = APL_OBS.float().clone()
+    old_state[apl.apl_mask] = -probs[apl.apl_mask]  # what the float32 buffer held
+    assert torch.equal(apl.state, old_state)
+    old = {"state": old_state, "apl_mask": apl.apl_mask.clone(), "unknown_at_start": apl.unknown_at_start.clone()}
+    fresh = create_loss("em_apl", APL_OBS, warmup_epoch=1)
+    fresh.load_state_dict(old)
+    torch.testing.assert_close(fresh.apl_target, apl.apl_target, rtol=0, atol=0, equal_nan=True)
+    s2 = [[0.1, 0.2], [0.3, -0.4]]
+    assert torch.equal(fresh(make_batch(s2, [2, 3]))["loss"], apl(make_batch(s2, [2, 3]))["loss"])
+
+    cp = create_loss("ll_cp", LL_OBS, delta_rel=0.25)
+    assert cp.label_state.dtype == torch.int8 and set(cp.per_sample_state()) == {"label_state"}
+    cp.set_epoch(3, 10)
+    cp(make_batch(LL_S, LL_IDX))
+    fresh_cp = create_loss("ll_cp", LL_OBS, delta_rel=0.25)
+    fresh_cp.load_state_dict({"state": cp.state})  # the old float32 buffer
+    assert torch.equal(fresh_cp.label_state, cp.label_state) and int((cp.state != LL_OBS.float()).sum()) > 0
+    # a stateless loss reads an old checkpoint's state-only dict too (nothing to restore)
+    create_loss("an", OBS).load_state_dict({"state": OBS.float()})
+
+
+def test_observed_labels_are_checked_and_named():
+    import numpy as np
+
+    with pytest.raises(ValueError, match=r"row 1, class 2 holds 0.5"):
+        create_loss("an", torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.5]]))
+    with pytest.raises(ValueError, match=r"\(N, C\) matrix"):
+        create_loss("an", torch.zeros(3))
+
+    class NoShape:
+        def observed_at(self, idx):
+            return np.zeros((len(idx), 2), np.int8)
+
+    with pytest.raises(ValueError, match="NoShape"):
+        create_loss("an", NoShape())
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_gradients_flow(name):
     torch.manual_seed(0)
