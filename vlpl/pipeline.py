@@ -14,6 +14,11 @@ A ``sweep`` stage holds a sweep document (:mod:`vlpl.sweep`: ``store``, ``base``
       - sweep: {store: "${work}/store", base: {config: [models/tiny_classifier.yaml]}, out: "${work}/sweep",
                 variants: [{name: an, set: {method: an}}, {name: aevlp, set: {method: aevlp}}]}
 
+A ``calibrate`` stage writes a per-class thresholds file (:mod:`vlpl.pseudolabel.calibrate`) for rule
+``calibrated``; it is skipped when the file exists and was fitted on the same store content::
+
+      - calibrate: {store: "${work}/store", out: "${work}/thresholds-damp.json", aggregate: damp}
+
 ``config`` lists config files (as ``-c``), ``set`` holds dotted overrides (as ``key=value``). Command-line
 ``KEY=VALUE`` arguments of ``vlpl run`` set ``vars``. Every stage is resumable, so re-running a pipeline
 after an interruption continues it (training stages get ``resume=true``).
@@ -30,7 +35,8 @@ import yaml
 from vlpl.config import ConfigError, yaml_load
 
 log = logging.getLogger(__name__)
-STAGES = ("pseudolabel", "train", "evaluate", "sweep")
+STAGES = ("pseudolabel", "train", "evaluate", "sweep", "calibrate")
+CALIBRATE_KEYS = ("store", "out", "aggregate", "split", "bins")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -84,12 +90,43 @@ def load_pipeline(path: str, variables: Sequence[str] = ()) -> List[Dict[str, An
         if name == "sweep":  # a whole sweep document (vlpl.sweep), its strings already substituted
             stages.append({"stage": "sweep", "doc": body, "where": where, "config": [], "overrides": []})
             continue
+        if name == "calibrate":
+            unknown = set(body) - set(CALIBRATE_KEYS)
+            if unknown or not body.get("store"):
+                raise ConfigError(f"{where}: calibrate takes {', '.join(CALIBRATE_KEYS)} (store required); "
+                                  f"got {sorted(body)}")
+            stages.append({"stage": "calibrate", "doc": body, "where": where, "config": [], "overrides": []})
+            continue
         unknown = set(body) - {"config", "set"}
         if unknown:
             raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; expected config, set")
         stages.append({"stage": name, "config": list(body.get("config") or []),
                        "overrides": _flatten(body.get("set") or {})})
     return stages
+
+
+def _run_calibrate(doc: Dict[str, Any]) -> None:
+    """A ``calibrate`` stage: write the thresholds file unless it exists for the same store content."""
+    import json
+
+    from vlpl.pseudolabel.calibrate import calibrate_store, write_thresholds
+    from vlpl.store.store import MANIFEST_CHECKSUM_KEY, ScoreStore
+
+    aggregate = str(doc.get("aggregate", "damp"))
+    store = ScoreStore(Path(str(doc["store"])))
+    out = Path(str(doc.get("out") or Path(str(doc["store"])) / f"thresholds-{aggregate}.json"))
+    if out.is_file():
+        try:
+            old = json.loads(out.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            old = {}
+        if old.get("store_manifest_sha256") == store.manifest.get(MANIFEST_CHECKSUM_KEY) \
+                and old.get("aggregate") == aggregate:
+            log.info("calibrate: %s is current for %s, skipped", out, store.root)
+            return
+    write_thresholds(out, calibrate_store(store, aggregate=aggregate, split=str(doc.get("split", "train")),
+                                          bins=int(doc.get("bins", 2048))))
+    log.info("calibrate: %s", out)
 
 
 def run_pipeline(path: str, variables: Sequence[str] = ()) -> None:
@@ -104,6 +141,7 @@ def run_pipeline(path: str, variables: Sequence[str] = ()) -> None:
     configs = [load_config(PseudolabelConfig, st["config"], st["overrides"]) if st["stage"] == "pseudolabel"
                else load_train_config(st["config"], ["resume=true", *st["overrides"]]) if st["stage"] == "train"
                else sweep_from_doc(st["doc"], st["where"]) if st["stage"] == "sweep"
+               else st["doc"] if st["stage"] == "calibrate"
                else load_config(EvaluateConfig, st["config"], st["overrides"]) for st in stages]
     from vlpl.eval.stage import run_evaluate
     from vlpl.pseudolabel.stage import run_pseudolabel
@@ -119,5 +157,7 @@ def run_pipeline(path: str, variables: Sequence[str] = ()) -> None:
             from vlpl.sweep import run_sweep
 
             run_sweep(cfg)
+        elif st["stage"] == "calibrate":
+            _run_calibrate(cfg)
         else:
             run_evaluate(cfg)
