@@ -601,7 +601,7 @@ def teacher_baseline(store: Any, split: str, rule: Optional[str] = None,
 
     Returns a plain dict (mAP in percent, Cole et al.'s definition)::
 
-        {"store": path, "split": split, "num_images": N, "rule": rule,
+        {"store": path, "dataset": the store's dataset name, "split": split, "num_images": N, "rule": rule,
          "scores": {"global": {"map", "map_pos"}, "damp": {"map", "map_pos", "temp", "eta"}},
          "definitions": {view: what was ranked}}
 
@@ -637,6 +637,7 @@ def teacher_baseline(store: Any, split: str, rule: Optional[str] = None,
     y = np.concatenate(labels)
     out: Dict[str, Any] = {
         "store": str(getattr(store, "root", "")),
+        "dataset": (getattr(store, "dataset_info", None) or {}).get("name"),  # the benchmark (vlpl.results)
         "split": split,
         "num_images": int(len(y)),
         "rule": rule,

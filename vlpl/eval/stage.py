@@ -51,6 +51,7 @@ from vlpl.eval.report import (
     utc_now,
 )
 from vlpl.progress import progress
+from vlpl.provenance import provenance
 from vlpl.pseudolabel.params import TEMP, rule_params
 from vlpl.pseudolabel.rules import RuleRows, aggregate_scores, apply_rule, damp_scores
 from vlpl.store.atomic import atomic_write_json, atomic_write_text
@@ -527,6 +528,7 @@ def run_evaluate(cfg: EvaluateConfig) -> Path:
         **({"baseline": baseline, "baseline_reason": baseline_reason} if run_section is not None else {}),
         "config": to_dict(resolved),
         "versions": package_versions(),
+        "provenance": provenance(),  # command, commit, device: what the results page requires (vlpl.results)
     }))
     save_resolved(resolved, out / "config.yaml")
     atomic_write_json(out / "report.json", report)
