@@ -257,7 +257,10 @@ class SATLLoss(SPMLLoss):
             "pseudo_neg": (self.pseudo_weight * ps_neg) * neg_log_neg(p, self.eps),
         }
         out = self._finish(terms)
-        rank, pairs = ranking_loss(s, (known_pos + ps_pos) > 0, (known_neg + ps_neg) > 0, self.margin)
+        if self.lambda_rank > 0:
+            rank, pairs = ranking_loss(s, (known_pos + ps_pos) > 0, (known_neg + ps_neg) > 0, self.margin)
+        else:  # no ranking term: no C x B^2 pair matrix either
+            rank, pairs = s.new_zeros(()), torch.zeros((), dtype=torch.long, device=s.device)
         out["loss"] = out["loss"] + self.lambda_rank * rank
         out["rank"] = (self.lambda_rank * rank).detach()
         out["num_pseudo_pos"] = ps_pos.sum().detach()
