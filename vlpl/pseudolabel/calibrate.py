@@ -12,8 +12,10 @@ What is fitted (per class ``c``, over the rows of ``split``, default ``train``, 
 
   - ``damp`` (default): DAMP's positive score ``phi`` (§7c steps 2-3, ``temp`` / ``eta`` recorded in the
     file; the gate uses each row's observed positives, as in training). ``phi`` lies in (0, 1) and is very
-    skewed, so the mixture is fitted on ``logit(phi)`` (clipped to ``[1e-6, 1 - 1e-6]``), where the two
-    populations are much closer to Gaussian; the threshold is mapped back (``sigmoid``) to ``phi``.
+    skewed (at ``temp = 0.01`` most classes' ``phi`` lie between 1e-30 and 1e-3), so the mixture is fitted on
+    ``logit(phi)`` (``phi`` clipped to ``[1e-30, 1 - 1e-7]``): for small ``phi``, ``logit(phi) ~ log(phi)``, an
+    affine function of the cosines (``cos / temp`` minus the image's log-sum-exp), so the two populations keep
+    the cosines' near-Gaussian shape; the threshold is mapped back (``sigmoid``) to ``phi``.
   - ``global``: the raw cosine of the global view (view 0), fitted as it is.
 
 * the **fit**: EM for ``w0 N(m0, s0^2) + w1 N(m1, s1^2)`` ("negative" and "positive" components) on a
@@ -72,7 +74,7 @@ FORMAT = "vlpl-thresholds/1"
 AGGREGATES = CALIBRATE_AGGREGATES
 METHOD = ("per-class two-Gaussian mixture by semi-supervised EM on a histogram of the aggregate (observed "
           "positives / negatives anchored), threshold = Bayes boundary between the two means (vlpl, ours)")
-_LOGIT_EPS = 1e-6
+_LOGIT_LO, _LOGIT_HI = 1e-30, 1.0 - 1e-7  # float32 softmax values reach ~1e-38; 1 - 1e-7 ~ float32's 1 - eps
 _MIN_WEIGHT = 1e-4
 _MIN_SEPARATION = 1e-3  # of the class's score range
 _MIN_STD_BINS = 0.5  # variance floor: half a bin width
@@ -85,7 +87,7 @@ def to_fit_space(values: np.ndarray, aggregate: str) -> np.ndarray:
     """The aggregate's values in the space the mixture is fitted in (``damp``: ``logit(phi)``)."""
     v = np.asarray(values, dtype=np.float64)
     if aggregate == "damp":
-        p = np.clip(v, _LOGIT_EPS, 1.0 - _LOGIT_EPS)
+        p = np.clip(v, _LOGIT_LO, _LOGIT_HI)
         return np.log(p) - np.log1p(-p)
     return v
 
