@@ -251,3 +251,148 @@ def test_pseudolabel_records_descriptions(coco256_root, tmp_path):
     teacher = OpenClipBackend(TeacherConfig(name="vlpl-tiny", pretrained=None), torch.device("cpu"))
     want = teacher.encode_prompts(class_prompts(classes, man["templates"], load_descriptions(desc, classes)))
     np.testing.assert_allclose(store.text_embeddings(), want.numpy(), rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------
+# the dense patch-token view
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_sigmoid():
+    import torch
+
+    from vlpl.config import TeacherConfig
+    from vlpl.vlm.backend import OpenClipBackend
+
+    return OpenClipBackend(TeacherConfig(name="vlpl-tiny-sigmoid", pretrained=None), torch.device("cpu"))
+
+
+def test_dense_view_layout():
+    from vlpl.store.views import LAYOUT, ViewSpec
+
+    spec = ViewSpec(2, True, (64, 64), dense=True, dense_topk=3)
+    assert (spec.n_views, spec.n_image_views, spec.num_views, spec.num_image_views) == (6, 5, 12, 10)
+    assert spec.names()[:6] == ["global", "tile_0_0", "tile_0_1", "tile_1_0", "tile_1_1", "dense"]
+    assert spec.names()[11] == "flip/dense" and spec.index(spec.dense_view, 1) == 11
+    assert ViewSpec.from_manifest({"views": spec.to_dict()}) == spec
+    plain = ViewSpec(2, True, (64, 64))
+    assert "dense" not in plain.to_dict() and plain.to_dict()["layout"] == LAYOUT  # old stores read the same
+    with pytest.raises(IndexError):
+        spec.tile_of(spec.dense_view)
+    with pytest.raises(ValueError, match="dense_topk"):
+        ViewSpec(2, True, (64, 64), dense=True, dense_topk=0)
+
+
+@pytest.mark.parametrize("which", ["tiny", "tiny_sigmoid"])
+def test_patch_tokens_shapes_and_pooled_equals_image_embedding(which, request):
+    """open_clip ViT (vlpl-tiny) and timm ViT with a MAP head (vlpl-tiny-sigmoid): the pooled output of the token
+    pass is the image embedding; tokens are (N, P, D) unit vectors in the joint space."""
+    import torch
+
+    b = request.getfixturevalue(which)
+    h, w = b.preprocess.image_size
+    x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0))
+    pooled, tokens = b.encode_image_tokens(x)
+    P = (h // 16) * (w // 16)
+    assert tokens.shape == (2, P, b.embed_dim) and pooled.shape == (2, b.embed_dim)
+    torch.testing.assert_close(pooled, b.encode_image(x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(tokens.norm(dim=-1), torch.ones(2, P))
+
+
+def test_map_pool_per_token_is_the_pool_of_that_token_alone(tiny_sigmoid):
+    """The attention-pool value path: pooling a single token equals the per-token reading of that token."""
+    import torch
+
+    from vlpl.vlm.backend import _latent_pool_per_token
+
+    pool = tiny_sigmoid.model.visual.trunk.attn_pool
+    x = torch.randn(5, 1, pool.kv.in_features, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(_latent_pool_per_token(pool, x), pool(x).reshape(5, 1, -1), rtol=1e-5, atol=1e-5)
+
+
+def test_dense_view_scores_topk_mean_by_hand():
+    import torch
+
+    from vlpl.vlm.views import dense_view_scores
+
+    tok = torch.nn.functional.normalize(torch.randn(3, 7, 4, generator=torch.Generator().manual_seed(2)), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(5, 4, generator=torch.Generator().manual_seed(3)), dim=-1)
+    cos = torch.einsum("npd,cd->npc", tok, text)
+    torch.testing.assert_close(dense_view_scores(tok, text, 1), cos.max(dim=1).values)
+    torch.testing.assert_close(dense_view_scores(tok, text, 2, max_elements=1),  # one image per chunk
+                               cos.sort(dim=1, descending=True).values[:, :2].mean(dim=1))
+
+
+@pytest.mark.parametrize("which", ["tiny", "tiny_sigmoid"])
+def test_class_equal_to_a_patch_token_scores_highest_in_the_dense_view(which, request, coco256_root):
+    """A real coco256 image through the Scorer with views.dense: a class whose text embedding IS one projected
+    patch token of the image's global crop gets the dense view's top score (cosine 1) for that image."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from vlpl.pseudolabel.stage import DenseFeatures, Scorer, view_scores
+    from vlpl.vlm.views import ViewSpec, make_views_batch
+
+    b = request.getfixturevalue(which)
+    spec = ViewSpec(2, True, b.preprocess.image_size, dense=True)
+    img = sorted((coco256_root / "images").rglob("*.jpg"))[0]
+    im = torch.from_numpy(np.asarray(Image.open(img).convert("RGB")).copy()).permute(2, 0, 1).contiguous()
+    mean, std = b.normalization()
+    glob = make_views_batch([im], ViewSpec(0, False, spec.image_size), mean, std)  # the unflipped global crop
+    _, tokens = b.encode_image_tokens(glob)
+    C, hit = 12, 7
+    text = torch.nn.functional.normalize(torch.randn(C, b.embed_dim, generator=torch.Generator().manual_seed(4)), dim=-1)
+    text[hit] = tokens[0, tokens.shape[1] // 3]
+    feats = Scorer(b, spec, text).features([im])
+    assert isinstance(feats, DenseFeatures) and feats.feats.shape == (1, spec.num_image_views, b.embed_dim)
+    scores = view_scores(spec, feats, text)  # (1, V, C)
+    assert scores.shape == (1, spec.num_views, C)
+    dense = scores[0, spec.index(spec.dense_view, 0)]
+    assert int(dense.argmax()) == hit and float(dense[hit]) == pytest.approx(1.0, abs=1e-4)
+    # the crops' rows are the plain (no dense view) scorer's
+    plain = Scorer(b, ViewSpec(2, True, b.preprocess.image_size), text).features([im])
+    torch.testing.assert_close(feats.feats, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_pseudolabel_with_dense_view(coco256_root, tmp_path):
+    """`vlpl pseudolabel views.dense=true`: the store lists the dense view (V = 2 x (1 + 4 + 1)), its rows are
+    the max patch cosine of the global crop (hand-computed), every rule runs on it; other forms are refused."""
+    import numpy as np
+    import torch
+    from conftest import TINY_TEACHER, make_subset_dataset
+
+    from vlpl.config import ConfigError, PseudolabelConfig, TeacherConfig, load_config
+    from vlpl.data.images import ImageSource
+    from vlpl.pseudolabel.rules import RuleRows, apply_rule
+    from vlpl.pseudolabel.stage import DecodeDataset, run_pseudolabel
+    from vlpl.store.store import ScoreStore
+    from vlpl.vlm.backend import OpenClipBackend
+    from vlpl.vlm.views import ViewSpec, make_views_batch
+
+    data = make_subset_dataset(coco256_root, tmp_path / "data", n_train=3)
+    out = tmp_path / "store"
+    args = [f"data.root={data}", f"out={out}", "num_workers=0", "progress=false", "views.grid=2", "index=false",
+            "views.dense=true"]
+    with pytest.raises(ConfigError, match="views.dense.*score_format=dense"):
+        run_pseudolabel(load_config(PseudolabelConfig, [TINY_TEACHER], args + ["score_format=topk", "topk=4"]))
+    run_pseudolabel(load_config(PseudolabelConfig, [TINY_TEACHER], args))
+    store = ScoreStore(out)
+    spec = store.view_spec
+    assert spec.dense and spec.num_views == 12 and spec.names()[5] == "dense"
+    train = store.split("train")
+    pos = np.arange(len(train))
+    scores = train.scores(pos)  # (B, 2, 6, C)
+    assert scores.shape == (len(train), 2, 6, store.num_classes)
+    b = OpenClipBackend(TeacherConfig(name="vlpl-tiny", pretrained=None), torch.device("cpu"))
+    im = DecodeDataset(ImageSource(data), [train.images[0]]).decode(train.images[0])
+    glob = make_views_batch([im], ViewSpec(0, True, spec.image_size), *b.normalization())  # global, flipped global
+    _, tokens = b.encode_image_tokens(glob)
+    want = (tokens @ torch.from_numpy(store.text_embeddings()).T).max(dim=1).values  # (2, C)
+    np.testing.assert_allclose(scores[0, :, spec.dense_view], want.numpy(), atol=2e-3)  # float16 store
+    for rule in ("damp", "vlpl", "threshold"):
+        out_rule = apply_rule(rule, torch.from_numpy(scores), torch.from_numpy(train.observed_at(pos)), dynamic=True,
+                              generator=torch.Generator().manual_seed(0), rows=RuleRows(train, pos))
+        assert out_rule.shape == (len(train), store.num_classes)

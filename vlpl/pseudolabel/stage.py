@@ -22,7 +22,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -55,7 +55,7 @@ from vlpl.vlm.backend import (
     resolve_device,
     template_strings,
 )
-from vlpl.vlm.views import ViewSpec, make_views_batch
+from vlpl.vlm.views import ViewSpec, _index, dense_view_scores, make_views_batch
 
 log = logging.getLogger(__name__)
 
@@ -190,24 +190,79 @@ class Scorer:
         self.form = form
 
     @torch.no_grad()
-    def features(self, images: List[torch.Tensor]) -> torch.Tensor:
+    def features(self, images: List[torch.Tensor]) -> Any:
         """-> the teacher's per-view image features (n, V, D), unit norm, left on the device: nothing here
-        waits for the device (the uint8 images go over with ``non_blocking``, the views are made there)."""
-        dev = self.backend.device
-        views = make_views_batch([im.to(dev, non_blocking=True) for im in images], self.spec, self.mean, self.std)
-        feats = torch.cat([self.backend.encode_image(views[k : k + self.max_views])
-                           for k in range(0, len(views), self.max_views)])
-        return feats.view(len(images), self.spec.num_views, -1)
+        waits for the device (the uint8 images go over with ``non_blocking``, the views are made there).
+
+        With the dense view (``spec.dense``): a :class:`DenseFeatures` of the image crops' features
+        (n, num_image_views, D) and the dense view's scores (n, n_variants, C), from the global crops' patch
+        tokens (one pass of the tower for those crops: their pooled embedding comes from the same pass)."""
+        dev, spec = self.backend.device, self.spec
+        views = make_views_batch([im.to(dev, non_blocking=True) for im in images], spec, self.mean, self.std)
+        n, vi = len(images), spec.num_image_views
+        if not spec.dense:
+            feats = torch.cat([self.backend.encode_image(views[k : k + self.max_views])
+                               for k in range(0, len(views), self.max_views)])
+            return feats.view(n, vi, -1)
+        first = {v * spec.n_image_views for v in range(spec.n_variants)}  # the global crops, per image
+        g_rows = [k * vi + v for k in range(n) for v in sorted(first)]
+        r_rows = [k * vi + v for k in range(n) for v in range(vi) if v not in first]
+        g_idx, r_idx = _index(g_rows, dev), _index(r_rows, dev)  # pinned, non-blocking: no host sync
+        rest, glob = views.index_select(0, r_idx), views.index_select(0, g_idx)
+        feats = torch.empty((n * vi, self.text.shape[1]), dtype=torch.float32, device=dev)
+        if r_rows:
+            feats.index_copy_(0, r_idx, torch.cat([self.backend.encode_image(rest[k : k + self.max_views])
+                                                   for k in range(0, len(rest), self.max_views)]))
+        pooled, dense = [], []
+        step = max(1, self.max_views // 16)  # patch tokens are ~P times the pooled features
+        for k in range(0, len(glob), step):
+            p, tokens = self.backend.encode_image_tokens(glob[k : k + step])
+            pooled.append(p)
+            dense.append(dense_view_scores(tokens, self.text, spec.dense_topk))
+        feats.index_copy_(0, g_idx, torch.cat(pooled))
+        return DenseFeatures(feats.view(n, vi, -1), torch.cat(dense).view(n, spec.n_variants, -1))
 
     @torch.no_grad()
     def __call__(self, images: List[torch.Tensor]) -> Tuple[Any, np.ndarray]:
         """-> scores (n, V, C) float16 (with a ``form``: that form's payload columns, computed on the
         device, :func:`vlpl.store.formats.encode_views`), global unflipped image embeddings (n, D) float16."""
         feats = self.features(images)
+        emb = _image_features(feats)[:, 0].to(torch.float16).cpu().numpy()
         if self.form is not None:
-            return encode_views(self.form, feats, self.text), feats[:, 0].to(torch.float16).cpu().numpy()
-        scores = feats @ self.text.T
-        return scores.to(torch.float16).cpu().numpy(), feats[:, 0].to(torch.float16).cpu().numpy()
+            return _encode_payload(self.form, self.spec, feats, self.text), emb
+        return view_scores(self.spec, feats, self.text).to(torch.float16).cpu().numpy(), emb
+
+
+class DenseFeatures(NamedTuple):
+    """A batch's features with the dense view: the image crops' ``feats`` (n, num_image_views, D) and the dense
+    view's ``dense`` scores (n, n_variants, C)."""
+
+    feats: torch.Tensor
+    dense: torch.Tensor
+
+
+def _image_features(payload: Any) -> torch.Tensor:
+    return payload.feats if isinstance(payload, DenseFeatures) else payload
+
+
+def view_scores(spec: ViewSpec, payload: Any, text: torch.Tensor) -> torch.Tensor:
+    """(n, V, C) float32 raw scores of a batch in the store's layout: the crops' cosines, and with the dense view
+    its row inserted after each variant's tiles (:class:`vlpl.store.views.ViewSpec`)."""
+    feats = _image_features(payload)
+    scores = feats.float() @ text.float().T  # (n, num_image_views, C)
+    if not isinstance(payload, DenseFeatures):
+        return scores
+    n, C = scores.shape[0], scores.shape[2]
+    crops = scores.view(n, spec.n_variants, spec.n_image_views, C)
+    return torch.cat([crops, payload.dense[:, :, None].float()], dim=2).reshape(n, spec.num_views, C)
+
+
+def _encode_payload(form: ScoreForm, spec: ViewSpec, payload: Any, text: torch.Tensor) -> Dict[str, np.ndarray]:
+    """The form's payload columns of a batch (:func:`vlpl.store.formats.encode_views`); with the dense view the
+    dense form's float16 scores in the store's layout (the other forms refuse the dense view up front)."""
+    if isinstance(payload, DenseFeatures):
+        return {"scores": view_scores(spec, payload, text).to(torch.float16).cpu().numpy()}
+    return encode_views(form, payload, text)
 
 
 def dataset_entry(cfg: PseudolabelConfig, ds: LabelledDataset) -> Dict[str, Any]:
@@ -321,8 +376,7 @@ def run_pseudolabel(cfg: PseudolabelConfig, stats: Optional[Dict[str, Any]] = No
     backend = create_backend(cfg.teacher, device)
     text, prompt_entry, prompts_record = teacher_text(cfg, backend, ds.classes)
     resize_mode = backend.resize_mode if cfg.views.resize_mode == "model" else cfg.views.resize_mode
-    spec = ViewSpec(cfg.views.grid, cfg.views.flips, backend.preprocess.image_size, resize_mode,
-                    backend.preprocess.interpolation)
+    spec = _view_spec(cfg, backend, resize_mode)
     plan = ShardPlan(math.ceil(len(ds.samples) / cfg.shard_size), cfg.shard_size, len(ds.samples))
     identity: Dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -388,6 +442,23 @@ def run_pseudolabel(cfg: PseudolabelConfig, stats: Optional[Dict[str, Any]] = No
 
 
 PROMPTS_FILE = "prompts.json"
+
+
+def _view_spec(cfg: PseudolabelConfig, backend: VLMBackend, resize_mode: str) -> ViewSpec:
+    """The store's views from ``views.*`` and the teacher's preprocessing; with ``views.dense`` the dense
+    patch-token view (refused, naming the key, for a score form other than dense or a tower without patch
+    tokens: checked here on one blank crop, before anything is written)."""
+    try:
+        spec = ViewSpec(cfg.views.grid, cfg.views.flips, backend.preprocess.image_size, resize_mode,
+                        backend.preprocess.interpolation, dense=cfg.views.dense, dense_topk=cfg.views.dense_topk)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if spec.dense:
+        if cfg.score_format != "dense":
+            raise ConfigError(f"views.dense: the dense patch-token view is stored with score_format=dense only "
+                              f"(got score_format={cfg.score_format!r})")
+        backend.encode_image_tokens(torch.zeros((1, 3, *spec.image_size), device=backend.device))
+    return spec
 
 
 def teacher_text(cfg: PseudolabelConfig, backend: VLMBackend, classes: Sequence[str]
@@ -456,7 +527,7 @@ def _score_shards(cfg: PseudolabelConfig, ds: LabelledDataset, backend: VLMBacke
     form = _score_form(cfg, spec, C, D)
     scorer = Scorer(backend, spec, text, form=form)
     assembler = ShardAssembler({s: plan.rows(s) for s in shards}, _shard_fields(form, D),
-                               encode=_encoder(form, scorer.text),
+                               encode=_encoder(form, scorer.text, spec),
                                write=lambda s, b: _write(writer, ds, plan, s, b, form))
     total = sum(len(plan.rows(s)) for s in shards)
     t0 = time.perf_counter()
@@ -544,13 +615,14 @@ def _shard_fields(form: ScoreForm, D: int) -> Dict[str, Tuple[Tuple[int, ...], A
     return {**form.payload(), "image_embedding": ((D,), np.float16)}
 
 
-def _encoder(form: ScoreForm, text: torch.Tensor):
-    """features (n, V, D) on the device -> the rows' arrays on the host (run by the shard writer)."""
+def _encoder(form: ScoreForm, text: torch.Tensor, spec: Optional[ViewSpec] = None):
+    """features (n, V, D) on the device (with the dense view: :class:`DenseFeatures`) -> the rows' arrays on the
+    host (run by the shard writer)."""
 
-    def encode(feats: torch.Tensor) -> Dict[str, np.ndarray]:
+    def encode(feats: Any) -> Dict[str, np.ndarray]:
         with torch.no_grad():
-            out = dict(encode_views(form, feats, text))
-            out["image_embedding"] = feats[:, 0].to(torch.float16).cpu().numpy()
+            out = dict(_encode_payload(form, spec, feats, text) if spec is not None else encode_views(form, feats, text))
+            out["image_embedding"] = _image_features(feats)[:, 0].to(torch.float16).cpu().numpy()
         return out
 
     return encode

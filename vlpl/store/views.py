@@ -23,17 +23,28 @@ __all__ = ["ViewSpec", "GLOBAL_VIEW", "LAYOUT", "ScoreKind", "SCORE_KINDS", "act
 
 GLOBAL_VIEW = 0
 LAYOUT = "variant-major: v = variant*(1+g^2) + view; view 0 global, 1+i*g+j tile (i,j)"
+#: the layout with the dense patch-token view (``views.dense``): one more view per variant, after the tiles
+LAYOUT_DENSE = ("variant-major: v = variant*(2+g^2) + view; view 0 global, 1+i*g+j tile (i,j), 1+g^2 dense "
+                "(patch tokens of that variant's global view)")
 
 
 @dataclass(frozen=True)
 class ViewSpec:
-    """Grid size, flips and the preprocessing of the views; the index arithmetic of the layout."""
+    """Grid size, flips and the preprocessing of the views; the index arithmetic of the layout.
+
+    ``dense``: each variant has one more view after the tiles, ``dense`` (per-variant view ``1 + g^2``): per
+    class, the mean of the ``dense_topk`` best patch-text cosines of that variant's global view's projected
+    patch tokens (docs/TEACHERS.md). It is a score row like the others but not an image crop: the crops the view
+    maker produces are the ``n_image_views`` first views of each variant.
+    """
 
     grid: int
     flips: bool
     image_size: Tuple[int, int]
     resize_mode: str = "squash"
     interpolation: str = "bicubic"
+    dense: bool = False
+    dense_topk: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.grid, int) or isinstance(self.grid, bool) or self.grid < 0:
@@ -43,6 +54,11 @@ class ViewSpec:
         object.__setattr__(self, "image_size", tuple(int(x) for x in self.image_size))
         if len(self.image_size) != 2:
             raise ValueError(f"views.image_size must be (height, width), got {self.image_size!r}")
+        if not isinstance(self.dense, bool):
+            raise ValueError(f"views.dense must be true or false, got {self.dense!r}")
+        if isinstance(self.dense_topk, bool) or not isinstance(self.dense_topk, int) or self.dense_topk < 1:
+            raise ValueError(f"views.dense_topk must be an integer >= 1 (patches averaged per class), "
+                             f"got {self.dense_topk!r}")
 
     # -- construction ---------------------------------------------------------------------------------
     @classmethod
@@ -60,7 +76,8 @@ class ViewSpec:
             spec = cls(grid=int(views["grid"]), flips=bool(views["flips"]),
                        image_size=tuple(views.get("image_size") or (0, 0)),  # type: ignore[arg-type]
                        resize_mode=str(views.get("resize_mode", "squash")),
-                       interpolation=str(views.get("interpolation", "bicubic")))
+                       interpolation=str(views.get("interpolation", "bicubic")),
+                       dense=bool(views.get("dense", False)), dense_topk=int(views.get("dense_topk", 1)))
         except (TypeError, ValueError) as e:
             raise ValueError(f"manifest 'views': {e}") from None
         derived = {"n_variants": spec.n_variants, "n_views": spec.n_views, "num_views": spec.num_views,
@@ -82,14 +99,33 @@ class ViewSpec:
             "image_size": list(self.image_size),
             "resize_mode": self.resize_mode,
             "interpolation": self.interpolation,
-            "layout": LAYOUT,
+            "layout": LAYOUT_DENSE if self.dense else LAYOUT,
             "names": self.names(),
+            # only with the dense view, so that the entry of a store without it is what it always was
+            **({"dense": True, "dense_topk": self.dense_topk} if self.dense else {}),
         }
 
     # -- counts ---------------------------------------------------------------------------------------
     @property
     def n_views(self) -> int:
-        """Views per variant: global + g^2 tiles."""
+        """Views (score rows) per variant: global + g^2 tiles (+ the dense view)."""
+        return 1 + self.grid * self.grid + int(self.dense)
+
+    @property
+    def n_image_views(self) -> int:
+        """Image crops per variant (what the view maker produces): global + g^2 tiles."""
+        return 1 + self.grid * self.grid
+
+    @property
+    def num_image_views(self) -> int:
+        """Image crops per image, flips included: ``n_variants * n_image_views``, variant-major."""
+        return self.n_variants * self.n_image_views
+
+    @property
+    def dense_view(self) -> int:
+        """Per-variant view number of the dense view (``1 + g^2``); raises without one."""
+        if not self.dense:
+            raise ValueError("this store has no dense view (views.dense=false)")
         return 1 + self.grid * self.grid
 
     @property
@@ -138,8 +174,8 @@ class ViewSpec:
 
     def tile_of(self, view: int) -> Tuple[int, int]:
         """(i, j) of a per-variant tile view number (``view >= 1``)."""
-        if not 1 <= view < self.n_views:
-            raise IndexError(f"view {view} is not a tile (tiles are 1..{self.n_views - 1})")
+        if not 1 <= view < self.n_image_views:
+            raise IndexError(f"view {view} is not a tile (tiles are 1..{self.n_image_views - 1})")
         return divmod(view - 1, self.grid)
 
     def flipped(self, v: int) -> int:
@@ -152,6 +188,7 @@ class ViewSpec:
     def names(self) -> List[str]:
         """Names of the V views in store order: ``global``, ``tile_i_j``, then ``flip/...``."""
         base = ["global"] + [f"tile_{i}_{j}" for i in range(self.grid) for j in range(self.grid)]
+        base += ["dense"] if self.dense else []
         return base + [f"flip/{n}" for n in base] if self.flips else base
 
     # -- reshapes -------------------------------------------------------------------------------------

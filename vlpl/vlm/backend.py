@@ -154,6 +154,59 @@ def class_prompts(classes: Sequence[str], templates: Sequence[str],
 
 
 
+def image_tokens(visual: torch.nn.Module, pixels: torch.Tensor, name: str = "") -> Tuple[torch.Tensor, torch.Tensor]:
+    """An open_clip image tower's pooled embedding and its patch tokens projected into the joint space, one pass.
+
+    * open_clip ``VisionTransformer`` (CLIP, DFN, MetaCLIP): the pooled token as the tower computes it; each patch
+      token through the same final LayerNorm and projection (``ln_post``, ``proj``) as the class token.
+    * ``TimmModel`` (SigLIP 2, PE-Core, EVA02): the trunk's final tokens without its prefix tokens, through the
+      same head as the pooled token (``fc_norm``, ``head``, open_clip's ``head``); where the trunk pools by
+      attention (SigLIP's / PE's MAP head, ``AttentionPoolLatent``), each patch goes through that pool as if it
+      were the only key (attention weight 1: its value projection, output projection and the pool's MLP), the
+      value-path reading of attention pooling used by training-free dense CLIP methods (MaskCLIP).
+
+    Other towers (ResNets, CoCa's attentional pooler) raise a ConfigError naming the model.
+    """
+    from open_clip.timm_model import TimmModel
+    from open_clip.transformer import VisionTransformer
+
+    if isinstance(visual, VisionTransformer) and visual.attn_pool is None and visual.pool_type in ("tok", "avg"):
+        x = visual.transformer(visual._embeds(pixels))
+        pooled, _ = visual._pool(x)
+        tokens = visual.ln_post(x[:, 1:])  # LayerNorm is per token: the same as ln_post(x)[:, 1:]
+        if visual.proj is not None:
+            pooled, tokens = pooled @ visual.proj, tokens @ visual.proj
+        return pooled, tokens
+    if isinstance(visual, TimmModel) and hasattr(visual.trunk, "forward_head") and hasattr(visual.trunk, "fc_norm"):
+        trunk = visual.trunk
+        feats = trunk.forward_features(pixels)
+        if feats.ndim == 3:
+            pooled = visual.head(trunk.forward_head(feats))
+            x = feats[:, int(getattr(trunk, "num_prefix_tokens", 0)):]
+            pool = getattr(trunk, "attn_pool", None)
+            if pool is not None:
+                x = _latent_pool_per_token(pool, x)
+            elif getattr(trunk, "global_pool", None) not in ("token", "avg", "avgmax", "max"):
+                x = None
+            if x is not None:
+                return pooled, visual.head(trunk.head(trunk.head_drop(trunk.fc_norm(x))))
+    raise ConfigError(f"views.dense: no patch-token projection for the image tower of {name or type(visual).__name__!r} "
+                      f"({type(visual).__name__}); supported: open_clip ViTs and timm ViT/EVA towers")
+
+
+def _latent_pool_per_token(pool: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm's ``AttentionPoolLatent`` applied to each token alone (one key: attention weight 1 for every query):
+    ``out = proj(v(x + pos))``, then ``out + mlp(norm(out))``; (B, N, C) -> (B, N, C)."""
+    if getattr(pool, "pos_embed", None) is not None:
+        x = x + pool.pos_embed.unsqueeze(0).to(x.dtype)
+    c = x.shape[-1]
+    v = pool.kv(x)[..., c:]  # kv: Linear(C, 2C), keys then values, heads contiguous
+    out = pool.proj_drop(pool.proj(v))
+    if getattr(pool, "mlp", None) is not None:
+        out = out + pool.mlp(pool.norm(out))
+    return out
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -206,6 +259,11 @@ class VLMBackend:
         """(N,) strings -> (N, D) text features (not normalised)."""
         raise NotImplementedError
 
+    def _encode_image_tokens(self, pixels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """-> (pooled (N, D), patch tokens (N, P, D)), both in the joint space, not normalised."""
+        raise ConfigError(f"views.dense: the {self.backend!r} teacher backend gives no patch tokens; the dense "
+                          f"view needs an open_clip teacher")
+
     # -- shared -------------------------------------------------------------------------------------
     def score_kind(self) -> ScoreKind:
         """How this teacher's cosines become probabilities: ``siglip`` (per-class sigmoid of
@@ -226,6 +284,15 @@ class VLMBackend:
         with self._autocast():
             feats = self._encode_image(pixels)
         return F.normalize(feats.float(), dim=-1)
+
+    @torch.no_grad()
+    def encode_image_tokens(self, pixels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(N, 3, H, W) normalised pixels -> ``(pooled (N, D), tokens (N, P, D))``, unit-norm float32: the image
+        embedding (as :meth:`encode_image`) and every patch token projected into the joint space the way the
+        tower projects its pooled token (the dense view, docs/TEACHERS.md)."""
+        with self._autocast():
+            pooled, tokens = self._encode_image_tokens(pixels)
+        return F.normalize(pooled.float(), dim=-1), F.normalize(tokens.float(), dim=-1)
 
     @torch.no_grad()
     def encode_text(self, classnames: Sequence[str], templates: Union[str, Sequence[Any]]) -> torch.Tensor:
@@ -326,6 +393,9 @@ class OpenClipBackend(VLMBackend):
 
     def _encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         return self.model.encode_text(self.tokenizer(list(texts)).to(self.device))
+
+    def _encode_image_tokens(self, pixels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return image_tokens(self.model.visual, pixels, self.cfg.name)
 
     def identity(self) -> Dict[str, Any]:
         import open_clip

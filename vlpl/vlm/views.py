@@ -12,7 +12,10 @@ Layout of the ``V = n_variants x (1 + g^2)`` views, variant-major::
     v = variant * (1 + g^2) + view,   variant 0 = unflipped, 1 = flipped,
     view 0 = global, view 1 + i*g + j = tile (i, j)
 
-The layout arithmetic (indices, reshapes, names) is :class:`vlpl.store.views.ViewSpec`.
+The layout arithmetic (indices, reshapes, names) is :class:`vlpl.store.views.ViewSpec`. With the dense
+patch-token view (``ViewSpec.dense``) the functions here still make only the ``num_image_views`` image crops
+(that layout without the dense rows); the dense rows come from the global crops' patch tokens
+(:meth:`vlpl.vlm.backend.VLMBackend.encode_image_tokens`, :func:`dense_view_scores`).
 
 No PIL work per crop: the resize is ``torch.nn.functional.interpolate`` (bicubic, antialiased, rounded
 to uint8 levels as PIL does) so it runs on the GPU.
@@ -26,7 +29,7 @@ import torch.nn.functional as F
 
 from vlpl.store.views import ViewSpec  # the layout itself (torch-free); re-exported here
 
-__all__ = ["ViewSpec", "tile_boxes", "grid_tiles", "make_views", "make_views_batch"]
+__all__ = ["ViewSpec", "tile_boxes", "grid_tiles", "make_views", "make_views_batch", "dense_view_scores"]
 
 #: source pixels per tensor operation of :func:`make_views_batch` on a CPU (about three 640 x 480 images):
 #: measured faster than whole-batch passes, whose float copies fall out of the caches
@@ -67,7 +70,8 @@ def make_views(
     std: Sequence[float],
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """All views of one image: uint8 (3, H, W) on the target device -> (V, 3, h, w) normalised."""
+    """All image crops of one image: uint8 (3, H, W) on the target device -> (num_image_views, 3, h, w)
+    normalised (V of them without the dense view)."""
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"expected a (3, H, W) image tensor, got shape {tuple(image.shape)}")
     H, W = image.shape[-2:]
@@ -113,9 +117,9 @@ def make_views_batch(
             raise ValueError(f"image {k} of {im.shape[2]}x{im.shape[1]} pixels is too small for a "
                              f"{spec.grid}x{spec.grid} grid")
     device = images[0].device
-    n, nv, g = len(images), 1 + spec.grid * spec.grid, spec.grid
+    n, nv, g = len(images), spec.n_image_views, spec.grid
     h, w = spec.image_size
-    out = torch.empty((n, spec.num_views, 3, h, w), dtype=torch.float32, device=device)
+    out = torch.empty((n, spec.num_image_views, 3, h, w), dtype=torch.float32, device=device)
     groups: Dict[Tuple[int, int], List[int]] = {}
     for k, im in enumerate(images):
         groups.setdefault((int(im.shape[1]), int(im.shape[2])), []).append(k)
@@ -134,7 +138,7 @@ def make_views_batch(
     if spec.flips:
         out[:, nv:] = out[:, :nv].flip(-1)
     m, s = _norm_tensors(mean, std, device)
-    out = out.view(n * spec.num_views, 3, h, w).sub_(m).div_(s)
+    out = out.view(n * spec.num_image_views, 3, h, w).sub_(m).div_(s)
     return out if dtype == torch.float32 else out.to(dtype)
 
 
@@ -168,3 +172,24 @@ def _norm_tensors(mean: Sequence[float], std: Sequence[float], device: torch.dev
         s = torch.tensor(key[1], device=device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
         _NORM_CACHE[key] = (m, s)
     return _NORM_CACHE[key]
+
+
+def dense_view_scores(tokens: torch.Tensor, text: torch.Tensor, topk: int = 1,
+                      max_elements: int = 1 << 26) -> torch.Tensor:
+    """The dense view's score per class (ours; the TagCLIP / PIAA idea of local image-text evidence):
+    ``(N, P, D)`` unit-norm projected patch tokens and ``(C, D)`` unit-norm class embeddings ->
+    ``(N, C)``: for each class, the mean of its ``topk`` highest patch cosines (``topk=1``: the max over
+    patches). Computed in chunks of images so that at most ``max_elements`` patch-class cosines are held."""
+    if tokens.ndim != 3 or text.ndim != 2 or tokens.shape[2] != text.shape[1]:
+        raise ValueError(f"dense_view_scores: tokens (N, P, D) and text (C, D) with the same D; got "
+                         f"{tuple(tokens.shape)} and {tuple(text.shape)}")
+    n, p, _ = tokens.shape
+    k = min(int(topk), p)
+    step = max(1, max_elements // max(1, p * text.shape[0]))
+    t = text.to(tokens.device, torch.float32)
+    out = []
+    for a in range(0, n, step):
+        cos = tokens[a : a + step].float() @ t.T  # (n', P, C)
+        best = cos.max(dim=1).values if k == 1 else cos.topk(k, dim=1).values.mean(dim=1)
+        out.append(best)
+    return torch.cat(out) if out else tokens.new_zeros((0, text.shape[0]), dtype=torch.float32)
