@@ -97,6 +97,8 @@ def test_sweep_skips_finished_variants_and_compares_report_values(coco256_store,
     assert len(doc["baselines"]) == 1  # one store, one split: one baseline row
     md = (out / "compare.md").read_text()
     assert "| gpr_knn |  | gpr | knn |" in md and "Teacher zero-shot baseline" in md
+    summary = json.loads((tmp_path / "sw" / "an" / "summary.json").read_text())
+    assert doc["rows"][0]["best_val_map"] == summary["best_val_map"] and doc["rows"][0]["best_epoch"] == 1
     assert (out / "compare.png").stat().st_size > 1000
 
     mtimes = {n: (tmp_path / "sw" / n / "summary.json").stat().st_mtime_ns for n in ("an", "gpr_knn")}

@@ -213,8 +213,9 @@ the global view's cosine), anchored on the observed labels; threshold = the Baye
 
 _SWEEP_EPILOG = """\
 examples:
-  vlpl sweep sweeps/coco256_methods.yaml
-  vlpl sweep sweeps/coco256_methods.yaml work=/tmp/sweep              # set the file's vars
+  vlpl sweep my_sweep.yaml
+  vlpl sweep my_sweep.yaml work=/tmp/sweep                             # set the file's vars
+  vlpl sweep sweeps/cole_grid.yaml store=STORE method=an dataset=coco2014 work=runs/cole_an   # lr x batch grid
 
 a sweep file: {store: STORE, base: {config: [...], set: {...}}, variants: [{name: an, set: {method: an}}, ...],
 out: DIR}. Each variant is a normal `vlpl train` run in OUT/<name> (finished ones are skipped, interrupted

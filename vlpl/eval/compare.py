@@ -12,7 +12,8 @@ numbers as each run's report: nothing is recomputed for a run), ``compare.png`` 
 it where present, the teacher baselines as dashed lines).
 
 Columns: ``name`` (the run directory's name; for a sweep, the variant's), ``method``, ``loss``, ``rule``,
-``observed`` (the store's observed-label protocol, e.g. ``partial keep=0.5``), ``split``, ``images``, ``mAP``,
+``observed`` (the store's observed-label protocol, e.g. ``partial keep=0.5``), ``best epoch`` and ``val mAP`` (the
+run's model selection, from its ``summary.json``: pick a grid's best variant by it), ``split``, ``images``, ``mAP``,
 ``masked mAP`` (partial labels only), ``CF1``, ``OF1``, and ``vs teacher``: the run's mAP minus the teacher's
 global-view zero-shot mAP on the same store and split, in points.
 """
@@ -78,6 +79,9 @@ def _row(rep: Dict[str, Any]) -> Dict[str, Any]:
         "CF1": summary.get("CF1"),
         "OF1": summary.get("OF1"),
         "best_by": (run.get("summary") or {}).get("select"),
+        "best_epoch": (run.get("summary") or {}).get("best_epoch"),
+        "best_val_map": (run.get("summary") or {}).get("best_val_map"),
+        "test_map_at_best": (run.get("summary") or {}).get("test_map_at_best"),
     }
 
 
@@ -129,6 +133,7 @@ def comparison(paths: Sequence[Any], *, measure_baseline: bool = True) -> Dict[s
         "created": utc_now(),
         "units": {"map": "percent", "map_pos": "percent", "masked_map": "percent", "CF1": "percent",
                   "OF1": "percent", "teacher_global_map": "percent", "teacher_damp_map": "percent",
+                  "best_val_map": "percent", "test_map_at_best": "percent",
                   "vs_teacher": "points"},
         "rows": rows,
         "baselines": list(baselines.values()),
@@ -147,7 +152,7 @@ def render_comparison(doc: Dict[str, Any]) -> str:
     """``compare.md``: the runs' table, then the teacher baselines (every metric in percent)."""
     rows = doc["rows"]
     masked = any(r.get("masked_map") is not None for r in rows)
-    head = ["name", "method", "loss", "rule", "observed", "split", "images", "mAP (%)"]
+    head = ["name", "method", "loss", "rule", "observed", "best epoch", "val mAP (%)", "split", "images", "mAP (%)"]
     head += ["masked mAP (%)"] if masked else []
     head += ["CF1 (%)", "OF1 (%)", "vs teacher (points)"]
     out = ["# Comparison", "", f"{len(rows)} run(s). mAP is Cole et al.'s (every class, AP 0 without positives); "
@@ -159,8 +164,8 @@ def render_comparison(doc: Dict[str, Any]) -> str:
                 "is the number to read for those rows.", ""]
     out += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
-        cells = [r["name"], r.get("method"), r.get("loss"), r.get("rule"), r.get("observed"), r.get("split"),
-                 r.get("num_images"), _pct(r.get("map"))]
+        cells = [r["name"], r.get("method"), r.get("loss"), r.get("rule"), r.get("observed"), r.get("best_epoch"),
+                 _pct(r.get("best_val_map")), r.get("split"), r.get("num_images"), _pct(r.get("map"))]
         cells += [_pct(r.get("masked_map"))] if masked else []
         vs = r.get("vs_teacher")
         cells += [_pct(r.get("CF1")), _pct(r.get("OF1")), "n/a" if vs is None else f"{vs:+.2f}"]
