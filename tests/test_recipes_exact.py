@@ -245,3 +245,74 @@ def test_recipes_state_the_released_flip_behaviour(coco256_store, tmp_path):
         assert run.rule.variant == want
     with pytest.raises(ConfigError, match="pseudo.variant"):
         load_train_config([], ["method=vlpl", "pseudo.variant=mirrored", *TRAIN])
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. the paper's teacher and prompts, per dataset; 7. precision
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dataset,templates", [("voc2012", ["{}"]), ("coco2014", ["{}"]),
+                                               ("nuswide", ["a photo of a {}."]), ("cub", ["a photo of a {}."])])
+def test_vlpl_teacher_prompts_per_dataset(dataset, templates):
+    """VLPL's text features are bare class names for VOC and COCO (the *_labelonly files) and prompted for NUS-WIDE
+    and CUB (ALGORITHMS.md 6b step 2); the teacher is OpenAI ViT-L/14@336 on the global view, in fp32."""
+    from vlpl.train.recipes import recipe_teacher
+
+    spec = recipe_teacher("vlpl", dataset)
+    assert spec["templates"] == templates
+    assert (spec["name"], spec["pretrained"], spec["grid"], spec["precision"]) == ("ViT-L-14-336", "openai", 0, "fp32")
+    # the recipe's teacher key is not a training key
+    assert "teacher" not in recipe("vlpl", dataset)[0]
+
+
+def test_the_vlpl_teacher_config_builds_bare_name_prompts():
+    from vlpl.config import PseudolabelConfig, load_config
+    from vlpl.vlm.backend import template_strings
+
+    cfg = load_config(PseudolabelConfig, ["models/clip_vit_l14_336_vlpl.yaml"], ["data.root=r", "out=o"])
+    assert cfg.teacher.templates == "{}" and cfg.views.grid == 0 and cfg.teacher.precision == "fp32"
+    assert [t.format("dining table") for t in template_strings(cfg.teacher.templates)] == ["dining table"]
+
+
+@pytest.mark.parametrize("dataset,grid", [("voc2012", 4), ("coco2014", 4), ("nuswide", 4), ("cub", 5)])
+def test_aevlp_teacher_is_openai_b16_with_a_photo_prompt_in_fp16(dataset, grid):
+    from vlpl.train.recipes import recipe_teacher
+
+    spec = recipe_teacher("aevlp", dataset)
+    assert (spec["name"], spec["pretrained"], spec["templates"], spec["grid"], spec["precision"]) == \
+        ("ViT-B-16", "openai", ["a photo of a {}."], grid, "fp16")
+
+
+def test_training_on_a_store_with_other_prompts_warns_naming_both(coco256_store, tmp_path, caplog):
+    from vlpl.store.store import read_manifest
+    from vlpl.train.recipes import recipe_teacher, teacher_mismatches
+
+    with caplog.at_level(logging.WARNING, logger="vlpl.train.recipes"):
+        load_train_config([], ["method=vlpl", "dataset=coco2014", f"store={coco256_store}", f"out={tmp_path}"])
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "prompt templates: the store's are 'a photo of a {}.', the paper's '{}'" in text, text
+    assert "the store's is 'vlpl-tiny'" in text and "'ViT-L-14-336'" in text
+    assert "view grid: the store's is 2, the paper's 0" in text
+    assert "vlpl pseudolabel -c models/clip_vit_l14_336_vlpl.yaml" in text
+    # a store scored as the paper did: no warning
+    manifest = read_manifest(Path(coco256_store) / "manifest.json")
+    spec = recipe_teacher("vlpl", "coco2014")
+    same = {**manifest, "model": {**manifest["model"], "name": "ViT-L-14-336", "pretrained": "openai"},
+            "templates": ["{}"], "views": {**manifest["views"], "grid": 0}}
+    assert teacher_mismatches(spec, same) == []
+    assert len(teacher_mismatches(spec, manifest)) == 3
+    # methods without a teacher (no pseudo-labels) never warn
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vlpl.train.recipes"):
+        load_train_config([], ["method=an", f"store={coco256_store}", f"out={tmp_path}"])
+    assert not caplog.records
+
+
+@pytest.mark.parametrize("method", RESNET_PAPERS)
+def test_paper_recipes_train_in_fp32(method):
+    """The released codes train without autocast; vlpl's own default stays the fast bf16-on-CUDA one."""
+    from vlpl.config import TrainConfig
+
+    assert load_train_config([], [f"method={method}", *TRAIN]).mixed_precision == "no"
+    assert TrainConfig(store="s", out="o").mixed_precision == "auto"
