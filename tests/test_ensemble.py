@@ -185,3 +185,37 @@ def test_training_and_evaluating_on_stores_given_as_a_list(ensemble: Path, tmp_p
     assert report["baseline"]["scores"] == want["scores"]
     assert [m["name"] for m in report["model"]["ensemble"]] == ["photo", "bare"]
     assert "RANDOM MODELS" in (out / "eval" / "report.md").read_text()  # every member is the random tiny teacher
+
+
+def _damp_phi_of_probabilities(pi: np.ndarray, observed: np.ndarray, eta: float) -> np.ndarray:
+    """DAMP's phi (ALGORITHMS.md 7c) from per-view probabilities (N, views, C) in numpy."""
+    glob, tiles = pi[:, 0], pi[:, 1:]
+    gate = np.minimum(np.where(observed == 1, glob, 0.0).max(axis=1), eta)
+    loc = np.where(tiles.max(axis=1) > gate[:, None], tiles.max(axis=1), tiles.min(axis=1))
+    return 0.5 * (glob + loc)
+
+
+def test_baseline_and_store_report_of_an_ensemble_read_its_score_kind(ensemble: Path, tmp_path: Path) -> None:
+    from sklearn.metrics import average_precision_score
+
+    from vlpl.config import EvaluateConfig
+    from vlpl.eval.report import teacher_baseline
+    from vlpl.eval.stage import run_evaluate
+
+    a, b = (ScoreStore(ensemble / "teachers" / n) for n in ("photo", "bare"))
+    b.score_kind = ScoreKind("siglip", 10.0, -5.0)
+    mixed = EnsembleStore([a, b], [0.5, 0.5], ["clip", "siglip"])
+    sp = mixed.split("test")
+    probs = sp.scores(np.arange(len(sp)))[:, 0].astype(np.float64)  # already probabilities (kind 'probability')
+    phi = _damp_phi_of_probabilities(probs, sp.observed, eta=0.3)
+    y = sp.labels
+    want = 100 * np.mean([average_precision_score(y[:, c], phi[:, c]) if y[:, c].any() else 0.0
+                          for c in range(y.shape[1])])
+    assert teacher_baseline(mixed, "test")["scores"]["damp"]["map"] == pytest.approx(want, abs=1e-6)
+    # `vlpl evaluate store=ENSEMBLE` reads the ensemble directory like a store
+    out = run_evaluate(EvaluateConfig(store=str(ensemble), split="test", pseudo_split="train", plots=False,
+                                      out=str(tmp_path / "eval")))
+    report = json.loads((out / "report.json").read_text())
+    base = teacher_baseline(ensemble, "test")
+    assert report["store"]["zero_shot"]["scores"]["global"]["map"] == pytest.approx(base["scores"]["global"]["map"])
+    assert report["store"]["zero_shot"]["scores"]["damp"]["map"] == pytest.approx(base["scores"]["damp"]["map"])

@@ -14,6 +14,7 @@ report is assembled, and records the unit of every field in ``report["units"]``.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -628,12 +629,14 @@ def teacher_baseline(store: Any, split: str, rule: Optional[str] = None,
         raise ValueError(f"{getattr(store, 'root', store)}: no row of split {split!r} has known labels and status "
                          f"ok: no zero-label baseline (the store's splits: {store.splits()})")
     labels, glob, phi = [], [], []
+    kind = getattr(store, "score_kind", None)  # DAMP's per-view probabilities are the teacher's own (its score kind)
     for pos, scores in reader.iter_scores(batch_size, use):
         unflipped = torch.from_numpy(np.ascontiguousarray(scores[:, 0]))  # (B, n_views, C)
         labels.append(reader.labels_at(pos))
         glob.append(unflipped[:, 0].numpy())
-        phi.append(damp_scores(unflipped, torch.from_numpy(reader.observed_at(pos)), temp=dp.temp, eta=dp.eta)[0]
-                   .numpy())
+        with kind.scope() if kind is not None else contextlib.nullcontext():
+            phi.append(damp_scores(unflipped, torch.from_numpy(reader.observed_at(pos)), temp=dp.temp,
+                                   eta=dp.eta)[0].numpy())
     y = np.concatenate(labels)
     out: Dict[str, Any] = {
         "store": str(getattr(store, "root", "")),

@@ -286,7 +286,8 @@ def _scan_store(store: ScoreStore, cfg: EvaluateConfig, dparams: Dict[str, float
                 coll.add("observed", obs)
                 coll.add("global_cos", unflipped[:, 0])
                 coll.add("global_soft", aggregate_scores(unflipped, score="softmax", temp=_ZS_TEMP, view="global"))
-                phi, _ = damp_scores(unflipped, obs, **dparams)
+                with store.score_kind.scope():  # DAMP's per-view probabilities are the teacher's own kind
+                    phi, _ = damp_scores(unflipped, obs, **dparams)
                 coll.add("phi", phi)
                 if not with_rules:
                     every = torch.from_numpy(store.view_spec.flatten(scores))  # (B, V, C), flips included
