@@ -396,3 +396,47 @@ def test_pseudolabel_with_dense_view(coco256_root, tmp_path):
         out_rule = apply_rule(rule, torch.from_numpy(scores), torch.from_numpy(train.observed_at(pos)), dynamic=True,
                               generator=torch.Generator().manual_seed(0), rows=RuleRows(train, pos))
         assert out_rule.shape == (len(train), store.num_classes)
+
+
+def test_hf_siglip_checkpoint_scores_like_the_model(tmp_path):
+    """A tiny transformers SiglipModel (local directory, random weights): the hf backend records score_kind siglip
+    with the model's scale and bias, and ScoreKind.logits(cos) equals the model's own logits_per_image."""
+    import json
+
+    import torch
+    from open_clip.tokenizer import SimpleTokenizer
+    from transformers import CLIPTokenizer, SiglipConfig, SiglipImageProcessor, SiglipModel
+
+    from vlpl.config import TeacherConfig
+    from vlpl.vlm.backend import create_backend
+
+    st = SimpleTokenizer()  # any tokenizer saved in the directory serves; the CLIP BPE ships with open_clip
+    rename = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    (tmp_path / "vocab.json").write_text(json.dumps({rename.get(k, k): v for k, v in st.encoder.items()}))
+    merges = sorted(st.bpe_ranks.items(), key=lambda kv: kv[1])
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for (a, b), _ in merges))
+    tok = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    tok.save_pretrained(tmp_path)
+    cfg = SiglipConfig(
+        text_config=dict(vocab_size=len(st.encoder), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8))
+    torch.manual_seed(0)
+    model = SiglipModel(cfg).eval()
+    with torch.no_grad():
+        model.logit_bias.fill_(-3.5)
+        model.logit_scale.fill_(2.0)
+    model.save_pretrained(tmp_path)
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+
+    b = create_backend(TeacherConfig(backend="hf", name=str(tmp_path)), torch.device("cpu"))
+    kind = b.score_kind()
+    assert kind.kind == "siglip" and kind.logit_bias == -3.5 and kind.logit_scale == pytest.approx(float(torch.e ** 2))
+    assert b.resize_mode == "squash" and b.context_length == 77
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    cos = b.encode_image(x) @ b.encode_text(["cat", "dog"], "a photo of a {}.").T
+    ids = tok(["a photo of a cat.", "a photo of a dog."], padding="max_length", truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = SiglipModel.from_pretrained(tmp_path).eval()(input_ids=ids["input_ids"], pixel_values=x).logits_per_image
+    torch.testing.assert_close(kind.logits(cos), ref, rtol=1e-4, atol=1e-4)
