@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -303,3 +304,34 @@ def test_defaults_have_one_home_the_schema():
         defaults = {k: p.default for k, p in sig_.parameters.items() if p.default is not p.empty}
         assert defaults == loss_params(name).to_dict() == loss_defaults(name), name
         assert LOSSES.get(name).requires_pseudo == LOSSES.schema(name).requires_pseudo, name
+
+
+@pytest.mark.parametrize("name, rule", [("pr", "null"), ("vlpl_asl", "vlpl")])
+def test_trains_through_the_trainer(name, rule, coco256_store, tmp_path):
+    """Two steps of `vlpl train` on the shared coco256 store (single positives): finite losses, a checkpoint."""
+    import json
+
+    from vlpl.train.loop import run_train
+    from vlpl.train.recipes import load_train_config
+
+    tiny = str(Path(__file__).resolve().parents[1] / "configs" / "models" / "tiny_classifier.yaml")
+    out = tmp_path / name
+    run_train(load_train_config([tiny], [f"store={coco256_store}", f"out={out}", "progress=false", "log_every=1",
+                                         f"loss.name={name}", f"pseudo.rule={rule}", "epochs=1",
+                                         "max_steps_per_epoch=2"]))
+    steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "step"]
+    assert len(steps) == 2 and all(math.isfinite(r["loss"]) for r in steps)  # vlpl_asl: -H(p) terms, < 0
+    if name == "pr":  # single positives: C - 1 partners per row, each 1 - p_i + p_j ~ 1 at p ~ 0.5: (C - 1) / C
+        assert all(0.5 < r["pairs"] < 1.5 for r in steps), [r["pairs"] for r in steps]
+
+
+def test_iu_and_iun_refuse_a_single_positive_store_in_the_trainer(coco256_store, tmp_path):
+    from vlpl.train.loop import run_train
+    from vlpl.train.recipes import load_train_config
+
+    tiny = str(Path(__file__).resolve().parents[1] / "configs" / "models" / "tiny_classifier.yaml")
+    for name in ("iu", "iun"):
+        cfg = load_train_config([tiny], [f"store={coco256_store}", f"out={tmp_path / name}", "progress=false",
+                                         f"loss.name={name}", "pseudo.rule=null", "epochs=1", "max_steps_per_epoch=1"])
+        with pytest.raises(ValueError, match=f"'{name}'.*no -1"):
+            run_train(cfg)
