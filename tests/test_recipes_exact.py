@@ -316,3 +316,87 @@ def test_paper_recipes_train_in_fp32(method):
 
     assert load_train_config([], [f"method={method}", *TRAIN]).mixed_precision == "no"
     assert TrainConfig(store="s", out="o").mixed_precision == "auto"
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. AEVLP's relation-GCN residual on the teacher's text features (off by default, seeded, recorded)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_relation_adjacency_by_hand():
+    """S = [[1, .9, .5, .7], [.9, 1, .6, .4], [.5, .6, 1, .8], [.7, .4, .8, 1]], top-3 per row (the class itself
+    included), diagonal zeroed, rows normalised, x 0.2, diagonal 0.8."""
+    from vlpl.vlm.relation_gcn import relation_adjacency
+
+    s = torch.tensor([[1, .9, .5, .7], [.9, 1, .6, .4], [.5, .6, 1, .8], [.7, .4, .8, 1]])
+    a = relation_adjacency(s, sparse_topk=3, reweight=0.2)
+    want = torch.tensor([[0.8, 0.2 * .9 / 1.6, 0, 0.2 * .7 / 1.6],
+                         [0.2 * .9 / 1.5, 0.8, 0.2 * .6 / 1.5, 0],
+                         [0, 0.2 * .6 / 1.4, 0.8, 0.2 * .8 / 1.4],
+                         [0.2 * .7 / 1.5, 0, 0.2 * .8 / 1.5, 0.8]])
+    assert torch.allclose(a, want, atol=1e-7)
+    assert torch.allclose(a.sum(1), torch.ones(4))
+    # a class with no neighbour left (top-1 keeps only itself) keeps only its own row weight
+    assert torch.allclose(relation_adjacency(s, sparse_topk=1, reweight=0.2), 0.8 * torch.eye(4))
+    assert torch.allclose(relation_adjacency(s, None, 0.2), relation_adjacency(s, 4, 0.2))
+
+
+def test_relation_residual_is_the_formula_and_reproducible():
+    """T_hat = normalize(T + A phi(A phi(A T W1) W2) W3), checked in float64 numpy from the same seeded weights;
+    the same seed gives the same embeddings, another seed other ones; the weights are U(-1/sqrt(d_out), ..)."""
+    from vlpl.vlm.relation_gcn import RelationGCN, gcn_weights, relation_adjacency, text_relation
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(6, 16, generator=g) * 3.0  # raw text features (not unit norm, as the encoder's output)
+    gcn = RelationGCN(seed=11, sparse_topk=4, reweight=0.2, hidden=32)
+    out = gcn(t)
+    a = relation_adjacency(text_relation(t), 4, 0.2).double().numpy()
+    w1, w2, w3 = (w.double().numpy() for w in gcn_weights(16, 32, 11))
+    lrelu = lambda x: np.where(x > 0, x, 0.2 * x)  # noqa: E731
+    ref = t.double().numpy() + a @ (lrelu(a @ (lrelu(a @ (t.double().numpy() @ w1)) @ w2)) @ w3)
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    assert np.allclose(out.numpy(), ref, atol=1e-5)
+    assert torch.equal(out, RelationGCN(seed=11, sparse_topk=4, hidden=32)(t))
+    other = RelationGCN(seed=12, sparse_topk=4, hidden=32)(t)
+    assert not torch.allclose(out, other) and (out - other).abs().max() > 1e-3
+    assert float(w1.__abs__().max()) <= 1 / 32 ** 0.5 and float(w3.__abs__().max()) <= 1 / 16 ** 0.5
+    assert gcn.identity() == {"seed": 11, "sparse_topk": 4, "reweight": 0.2, "hidden": 32, "relation": "text"}
+
+
+def test_relation_gcn_in_the_teacher_and_the_store(coco256_root, tmp_path):
+    """teacher.relation_gcn: off by default (embeddings unchanged); on, the store's text embeddings are the
+    residual's output, the seed is recorded in the manifest's model identity and in the resolved config.yaml,
+    and the same seed rebuilds the same embeddings."""
+    from tests.conftest import TINY_TEACHER, make_subset_dataset
+    from vlpl.config import PseudolabelConfig, TeacherConfig, load_config
+    from vlpl.pseudolabel.stage import run_pseudolabel
+    from vlpl.store.store import ScoreStore
+    from vlpl.vlm.backend import create_backend
+
+    classes = ["cat", "dog", "person", "pizza", "car"]
+    plain = create_backend(TeacherConfig(name="vlpl-tiny", pretrained=None, device="cpu"))
+    assert "relation_gcn" not in plain.identity()
+    base = plain.encode_text(classes, ["a photo of a {}."])
+    cfg = load_config(TeacherConfig, [], ["name=vlpl-tiny", "pretrained=null", "device=cpu", "relation_gcn.enabled=true",
+                                          "relation_gcn.seed=7", "relation_gcn.sparse_topk=3"])
+    on = create_backend(cfg)
+    a = on.encode_text(classes, ["a photo of a {}."])
+    assert not torch.allclose(a, base) and torch.allclose(a.norm(dim=1), torch.ones(5))
+    assert torch.equal(a, create_backend(cfg).encode_text(classes, ["a photo of a {}."]))
+    assert on.identity()["relation_gcn"]["seed"] == 7
+
+    data = make_subset_dataset(coco256_root, tmp_path / "data", n_train=6)
+    out = tmp_path / "store"
+    run_pseudolabel(load_config(PseudolabelConfig, [TINY_TEACHER], [
+        f"data.root={data}", f"out={out}", "num_workers=0", "progress=false", "views.grid=0", "index=false",
+        "teacher.relation_gcn.enabled=true", "teacher.relation_gcn.seed=7"]))
+    st = ScoreStore(out)
+    assert st.manifest["model"]["relation_gcn"] == {"seed": 7, "sparse_topk": None, "reweight": 0.2, "hidden": 1024,
+                                                    "relation": "text"}
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["teacher"]["relation_gcn"]["enabled"] is True and saved["teacher"]["relation_gcn"]["seed"] == 7
+    stored = st.text_embeddings()
+    seeded = create_backend(load_config(TeacherConfig, [], ["name=vlpl-tiny", "pretrained=null", "device=cpu",
+                                                            "relation_gcn=true", "relation_gcn.seed=7"]))
+    assert np.allclose(stored, seeded.encode_text(st.classes, ["a photo of a {}."]).numpy(), atol=1e-6)
+    assert not np.allclose(stored, plain.encode_text(st.classes, ["a photo of a {}."]).numpy(), atol=1e-3)

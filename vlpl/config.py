@@ -128,6 +128,22 @@ class DataConfig:
 
 
 @dataclass
+class RelationGCNConfig:
+    """AEVLP's relation-GCN residual on the teacher's class text features (ALGORITHMS.md 7b; Decision 2: off by
+    default, on with a recorded seed): ``normalize(T + G(T))``, G a frozen random 3-layer GCN over the class
+    relation graph (vlpl/vlm/relation_gcn.py). ``teacher.relation_gcn=true`` reads as ``{enabled: true}``."""
+
+    FROM_BOOL: ClassVar[str] = "enabled"
+
+    enabled: bool = False
+    seed: int = 0  # the GCN's random weights are a function of this seed (recorded in the store's manifest)
+    sparse_topk: Optional[int] = None  # neighbours kept per class, itself included (AEVLP: VOC 20, COCO 62, NUS 50, CUB 312); null: all
+    reweight: float = 0.2  # the neighbours' weight in each row of the adjacency; the class keeps 1 - reweight
+    hidden: int = 1024  # the GCN's hidden width (AEVLP: 512 -> 1024 -> 1024 -> 512)
+    relation: str = "text"  # "text": cosine of the teacher's class text embeddings; or a C x C .npy file
+
+
+@dataclass
 class TeacherConfig:
     """The frozen vision-language model.
 
@@ -146,6 +162,8 @@ class TeacherConfig:
     # class descriptions (RAM++/CuPL style): a JSON or YAML file mapping each class to a list of strings, embedded
     # with the templated class names and averaged per class (docs/TEACHERS.md); `templates: []` uses them alone
     descriptions: Optional[str] = None
+    # AEVLP's relation-GCN residual on the class text features (off by default, Decision 2; RelationGCNConfig)
+    relation_gcn: RelationGCNConfig = field(default_factory=RelationGCNConfig)
 
 
 @dataclass

@@ -300,7 +300,34 @@ class VLMBackend:
         tmpl = template_strings(templates)
         with self._autocast():
             emb = self._encode_text(list(classnames), tmpl)
-        return F.normalize(emb.float(), dim=-1).cpu()
+        emb = F.normalize(emb.float(), dim=-1).cpu()
+        if self._relation_gcn() is not None:  # AEVLP's relation-GCN residual (7b; off by default, Decision 2)
+            emb = self._relation_residual(list(classnames), tmpl, emb)
+        return emb
+
+    def _relation_gcn(self) -> Any:
+        """The seeded relation-GCN residual of ``teacher.relation_gcn`` (:mod:`vlpl.vlm.relation_gcn`), or None."""
+        rel = getattr(self.cfg, "relation_gcn", None)
+        if rel is None or not rel.enabled:
+            return None
+        from vlpl.vlm.relation_gcn import RelationGCN
+
+        return RelationGCN.from_config(rel)
+
+    @torch.no_grad()
+    def _relation_residual(self, classnames: List[str], templates: List[str], emb: torch.Tensor) -> torch.Tensor:
+        """``normalize(T + G(T))`` on the text encoder's output before normalisation (as AEVLP's released code;
+        several templates: their mean), with the ``text`` relation from the normalised embeddings ``emb``."""
+        with self._autocast():
+            raw = torch.stack([torch.cat([self._encode_texts([t.format(c) for c in classnames[k:k + 256]]).float()
+                                          for k in range(0, len(classnames), 256)]) for t in templates])
+        return self._relation_gcn()(raw.mean(0).cpu(), emb)
+
+    def _relation_identity(self) -> Dict[str, Any]:
+        """The manifest's ``model.relation_gcn`` (settings and seed) when the residual is on; else nothing, so
+        stores built without it keep their identity."""
+        gcn = self._relation_gcn()
+        return {"relation_gcn": gcn.identity()} if gcn is not None else {}
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[Sequence[str]], batch_size: int = 256) -> torch.Tensor:
@@ -309,6 +336,9 @@ class VLMBackend:
         prompt ensembling of ``open_clip.build_zero_shot_classifier``, for ragged lists). (C, D) float32, CPU."""
         if not prompts or any(not ps for ps in prompts):
             raise ValueError("encode_prompts: every class needs at least one prompt")
+        if self._relation_gcn() is not None:
+            raise ConfigError("teacher.relation_gcn: AEVLP's residual applies to template prompts; it is not "
+                              "combined with teacher.descriptions (turn one of them off)")
         flat = [p for ps in prompts for p in ps]
         owner = torch.tensor([c for c, ps in enumerate(prompts) for _ in ps], device=self.device)
         parts = []
@@ -408,6 +438,7 @@ class OpenClipBackend(VLMBackend):
             "open_clip_version": open_clip.__version__,
             "preprocess": asdict(self.preprocess),
             "normalization": self.cfg.normalization,
+            **self._relation_identity(),
         }
 
 
@@ -492,6 +523,7 @@ class HFBackend(VLMBackend):
             "transformers_version": transformers.__version__,
             "preprocess": asdict(self.preprocess),
             "normalization": self.cfg.normalization,
+            **self._relation_identity(),
         }
 
 
