@@ -440,3 +440,23 @@ def test_hf_siglip_checkpoint_scores_like_the_model(tmp_path):
     with torch.no_grad():
         ref = SiglipModel.from_pretrained(tmp_path).eval()(input_ids=ids["input_ids"], pixel_values=x).logits_per_image
     torch.testing.assert_close(kind.logits(cos), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["PE-Core-T-16-384", "EVA02-B-16"])
+def test_patch_tokens_of_real_family_architectures(name):
+    """The dense view's token projection on the real architectures of two shipped families, randomly initialised
+    (no download): PE-Core (timm Eva trunk, MAP attention-pool head) and EVA02 (timm Eva, class-token pooling).
+    The pooled output of the token pass is exactly the image embedding; one token per patch. ~1 min on a CPU."""
+    import torch
+
+    from vlpl.config import TeacherConfig
+    from vlpl.vlm.backend import OpenClipBackend
+
+    b = OpenClipBackend(TeacherConfig(name=name, pretrained=None), torch.device("cpu"))
+    h, w = b.preprocess.image_size
+    x = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(6))
+    pooled, tokens = b.encode_image_tokens(x)
+    patch = b.model.visual.trunk.patch_embed.patch_size[0]
+    assert tokens.shape == (1, (h // patch) * (w // patch), b.embed_dim)
+    torch.testing.assert_close(pooled, b.encode_image(x), rtol=1e-4, atol=1e-5)
