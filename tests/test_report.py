@@ -386,6 +386,11 @@ def test_run_report_shows_the_teacher_baseline_with_hand_computed_map(coco256_st
     assert f"| teacher zero-shot, DAMP phi (temp 0.01, eta 0.5) | {want_damp:.2f} | {trained - want_damp:+.2f} |" in md
     # the baseline section sits right under the headline, before the run's own section
     assert md.index("## Zero-label baseline") < md.index("## Training run")
+    from vlpl.eval.report import summary_text
+
+    line = next(x for x in summary_text(report).splitlines() if x.startswith("Teacher zero-shot mAP, no training"))
+    assert f"global {want_global:.2f} % ({trained - want_global:+.2f})" in line
+    assert f"damp {want_damp:.2f} % ({trained - want_damp:+.2f})" in line
 
 
 def test_run_report_says_why_the_baseline_is_missing(tmp_path: Path) -> None:

@@ -457,8 +457,8 @@ def render_markdown(report: Dict[str, Any]) -> str:
             "classes or DAMP phi for zero-shot scores); @top-k predicts each image's k best classes.", ""]
     out += partial_labels_markdown(report)  # masked mAP beside Cole's when the evaluation labels are partial
     if report.get("run") and "baseline" in report:  # the zero-label baseline, right under the headline
-        out += baseline_markdown(report["run"]["metrics"]["map"], report["baseline"],
-                                 report.get("baseline_reason")) + [""]
+        out += baseline_markdown(report["run"]["metrics"]["map"], report["baseline"], report.get("baseline_reason"),
+                                 ((report["run"]["metrics"].get("masked") or {}).get("map"))) + [""]
     if report.get("run"):
         out += _run_section(report["run"], plots) + [""]
     if report.get("store"):
@@ -603,8 +603,12 @@ def teacher_baseline(store: Any, split: str, rule: Optional[str] = None,
     Returns a plain dict (mAP in percent, Cole et al.'s definition)::
 
         {"store": path, "dataset": the store's dataset name, "split": split, "num_images": N, "rule": rule,
+         "labels_kind": "full" | "partial",
          "scores": {"global": {"map", "map_pos"}, "damp": {"map", "map_pos", "temp", "eta"}},
          "definitions": {view: what was ranked}}
+
+    With partial evaluation labels (``labels_kind: partial``) ``map`` is Cole's mAP with the annotated positives
+    as positives and every view also has ``masked_map`` (:func:`vlpl.eval.metrics.masked_average_precision`).
 
     ``global`` ranks the raw score of the unflipped global view, ``damp`` DAMP's positive score phi on the
     unflipped views (gate on the split's observed labels): exactly the ``zero-shot:global`` and
@@ -614,7 +618,7 @@ def teacher_baseline(store: Any, split: str, rule: Optional[str] = None,
     """
     import torch
 
-    from vlpl.eval.metrics import mean_average_precision
+    from vlpl.eval.metrics import masked_average_precision, mean_average_precision
     from vlpl.pseudolabel.params import rule_params as _rule_params
     from vlpl.pseudolabel.rules import damp_scores
     from vlpl.store.store import ScoreStore
@@ -650,9 +654,16 @@ def teacher_baseline(store: Any, split: str, rule: Optional[str] = None,
             "damp": "DAMP's positive score phi on the unflipped views (gate on the observed labels)",
         },
     }
+    labels_kind = str(getattr(reader, "labels_kind", "full"))
+    out["labels_kind"] = labels_kind
     for view, s in (("global", glob), ("damp", phi)):
-        m = mean_average_precision(y, np.concatenate(s))
-        out["scores"][view] = {"map": m["map"], "map_pos": m["map_pos"]}
+        if labels_kind == "partial":  # annotations in {-1, 0, 1}: Cole's mAP on the positives, and the masked mAP
+            m = mean_average_precision(y == 1, np.concatenate(s))
+            out["scores"][view] = {"map": m["map"], "map_pos": m["map_pos"],
+                                   "masked_map": masked_average_precision(y, np.concatenate(s))["map"]}
+        else:
+            m = mean_average_precision(y, np.concatenate(s))
+            out["scores"][view] = {"map": m["map"], "map_pos": m["map_pos"]}
     out["scores"]["damp"].update(temp=float(dp.temp), eta=float(dp.eta))
     return out
 
@@ -666,7 +677,7 @@ def baseline_deltas(trained_map: Optional[float], baseline: Optional[Dict[str, A
 
 
 def baseline_markdown(trained_map: Optional[float], baseline: Optional[Dict[str, Any]],
-                      reason: Optional[str] = None) -> List[str]:
+                      reason: Optional[str] = None, trained_masked_map: Optional[float] = None) -> List[str]:
     """The report's "Zero-label baseline" section: the trained model's mAP beside the teacher's zero-shot mAP
     on the same split, with the difference."""
     out = ["## Zero-label baseline", ""]
@@ -676,11 +687,31 @@ def baseline_markdown(trained_map: Optional[float], baseline: Optional[Dict[str,
     out += [f"The teacher's own zero-shot scores (no training) on split `{baseline['split']}` "
             f"({baseline['num_images']} images) of the store `{baseline['store']}`: training on pseudo-labels "
             f"is worth it where the trained model's mAP is above them.", ""]
-    rows = [["trained model", _pct(trained_map), ""]]
+    masked = any("masked_map" in s for s in baseline["scores"].values())  # partial evaluation labels
+    rows = [["trained model", _pct(trained_map), ""] + ([_pct(trained_masked_map)] if masked else [])]
     for view, s in baseline["scores"].items():
         what = "teacher zero-shot, global view" if view == "global" else \
             f"teacher zero-shot, DAMP phi (temp {s.get('temp', 0):g}, eta {s.get('eta', 0):g})" if view == "damp" \
             else f"teacher zero-shot, {view}"
         d = deltas.get(view)
-        rows.append([what, _pct(s["map"]), "n/a" if d is None else f"{d:+.2f}"])
-    return out + _table(["scores", "mAP (%)", "trained - teacher (points)"], rows)
+        rows.append([what, _pct(s["map"]), "n/a" if d is None else f"{d:+.2f}"]
+                    + ([_pct(s.get("masked_map"))] if masked else []))
+    return out + _table(["scores", "mAP (%)", "trained - teacher (points)"] + (["masked mAP (%)"] if masked else []),
+                        rows)
+
+
+def run_summary_baseline(store: Any, split: str, rule: Optional[str], rule_params: Optional[Dict[str, Any]],
+                         trained_map: Optional[float] = None) -> Optional[Dict[str, Any]]:
+    """:func:`teacher_baseline` for a training run's own ``summary.json`` (the split the run tests on), logged
+    beside the trained model's mAP; None (with a log line) when the split has no labelled row."""
+    from vlpl.store.store import StoreError
+
+    try:
+        base = teacher_baseline(store, split, rule, rule_params)
+    except (ValueError, StoreError) as e:
+        log.info("no zero-label baseline in the summary: %s", e)
+        return None
+    log.info("teacher zero-shot on %s (no training): global view mAP %.2f %%, DAMP mAP %.2f %% (trained: %s)", split,
+             base["scores"]["global"]["map"], base["scores"]["damp"]["map"],
+             "n/a" if trained_map is None else f"{trained_map:.2f} %")
+    return base

@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader
 
 from vlpl.config import ConfigError, TrainConfig, save_resolved, to_dict, yaml_load
 from vlpl.data.images import ImageDataset, ImageSource
+from vlpl.eval.report import run_summary_baseline
 from vlpl.eval.selection import Selector, keeps_split, prediction_arrays
 from vlpl.progress import progress as progress_bar
 from vlpl.provenance import provenance
@@ -637,6 +638,9 @@ def finish(run: Run) -> None:
             "provenance": provenance(),  # command, commit, device (vlpl.provenance; the results page needs them)
             "select": run.selector.criterion if cfg.val_split in run.evals else "last",
         }
+        if cfg.test_split in run.evals:  # the zero-label baseline: the teacher's own zero-shot mAP (issue 14.13)
+            summary["teacher_baseline"] = run_summary_baseline(run.store, cfg.test_split, cfg.pseudo.rule,
+                                                               cfg.pseudo.params, summary["test_map_at_best"])
         atomic_write_json(run.out / "summary.json", summary)
         log.info("best epoch %d: val mAP %s, test mAP %s -> %s", p.best_epoch, _fmt(summary["best_val_map"]),
                  _fmt(summary["test_map_at_best"]), run.out)
