@@ -327,19 +327,29 @@ def partial_coco256(coco256_root: Path, tmp_path_factory) -> Path:
     return root
 
 
-def test_real_partial_end_to_end(partial_coco256: Path, coco256_root: Path, tmp_path: Path) -> None:
-    from vlpl.config import EvaluateConfig, PseudolabelConfig
-    from vlpl.eval.stage import run_evaluate
+@pytest.fixture(scope="module")
+def partial_store(partial_coco256: Path, coco256_root: Path, tmp_path_factory) -> Path:
+    """`vlpl pseudolabel` with configs/datasets/coco256_partial_real.yaml on the positives/negatives file (read
+    only by the tests that use it)."""
+    from vlpl.config import PseudolabelConfig
     from vlpl.pseudolabel.stage import run_pseudolabel
-    from vlpl.store.store import ScoreStore
-    from vlpl.train.loop import run_train
-    from vlpl.train.recipes import load_train_config
 
-    store = tmp_path / "store"
+    store = tmp_path_factory.mktemp("partial_store") / "store"
     run_pseudolabel(load_config(PseudolabelConfig, [TINY_CLIP, REPO / "configs" / "datasets" /
                                                     "coco256_partial_real.yaml"], [
         f"data.root={coco256_root}", f"data.labels={partial_coco256 / 'labels_partial.csv'}", f"out={store}",
         "shard_size=128", "num_workers=0", "progress=false", "views.grid=1", "index.enabled=false"]))
+    return store
+
+
+def test_real_partial_end_to_end(partial_store: Path, tmp_path: Path) -> None:
+    from vlpl.config import EvaluateConfig
+    from vlpl.eval.stage import run_evaluate
+    from vlpl.store.store import ScoreStore
+    from vlpl.train.loop import run_train
+    from vlpl.train.recipes import load_train_config
+
+    store = partial_store
     st = ScoreStore(store)
     assert st.labels_kind == "partial" and st.manifest["observed"] == {"mode": "given"}
     train, test = st.split("train"), st.split("test")
@@ -350,7 +360,7 @@ def test_real_partial_end_to_end(partial_coco256: Path, coco256_root: Path, tmp_
 
     run = tmp_path / "run"
     run_train(load_train_config([str(TINY_NET)], [f"store={store}", f"out={run}", "progress=false", "method=an",
-                                                  "epochs=1", "max_steps_per_epoch=2", "num_workers=0"]))
+                                                  "epochs=1", "max_steps_per_epoch=1", "num_workers=0"]))
     summary = json.loads((run / "summary.json").read_text())
     assert summary["select"] == "masked_map_observed"  # auto: the val split has no full labels
     rec = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -385,24 +395,19 @@ def test_partial_dataset_configs_load(name: str, mode: str, fmt: str, tmp_path: 
         assert cfg.data.image_order == "json" and cfg.data.keep_unannotated
 
 
-def test_partial_store_zero_shot_report_and_teacher_agreement(partial_coco256: Path, coco256_root: Path,
-                                                              coco256_store: Path, tmp_path: Path) -> None:
+def test_partial_store_zero_shot_report_and_teacher_agreement(partial_store: Path, coco256_store: Path,
+                                                              tmp_path: Path) -> None:
     """Store mode on a partial store: masked mAP beside Cole's, pseudo-label quality skipped (no full labels);
     and select=teacher_agreement on a full store: the val number is the mAP against the rule's pseudo-labels."""
-    from vlpl.config import EvaluateConfig, PseudolabelConfig
+    from vlpl.config import EvaluateConfig
     from vlpl.eval.metrics import mean_average_precision
     from vlpl.eval.selection import Selector
     from vlpl.eval.stage import run_evaluate
-    from vlpl.pseudolabel.stage import run_pseudolabel
     from vlpl.store.store import ScoreStore
     from vlpl.train.loop import run_train
     from vlpl.train.recipes import load_train_config
 
-    store = tmp_path / "store"
-    run_pseudolabel(load_config(PseudolabelConfig, [TINY_CLIP, REPO / "configs" / "datasets" /
-                                                    "coco256_partial_real.yaml"], [
-        f"data.root={coco256_root}", f"data.labels={partial_coco256 / 'labels_partial.csv'}", f"out={store}",
-        "shard_size=128", "num_workers=0", "progress=false", "views.grid=1", "index.enabled=false"]))
+    store = partial_store
     out = run_evaluate(load_config(EvaluateConfig, [], [f"store={store}", f"out={tmp_path / 'ev'}", "plots=false"]))
     report = json.loads((out / "report.json").read_text())
     zs = report["store"]["zero_shot"]["scores"]
@@ -426,3 +431,34 @@ def test_partial_store_zero_shot_report_and_teacher_agreement(partial_coco256: P
     targets = Selector("teacher_agreement", val, "damp", {}).teacher_targets(val)
     assert targets.any() and rec[0]["val_map"] == pytest.approx(mean_average_precision(targets, probs)["map_pos"])
     assert json.loads((run / "summary.json").read_text())["select"] == "teacher_agreement"
+
+
+def test_fpc_store_records_its_protocol_and_the_record_reproduces_it(coco256_root: Path, tmp_path: Path) -> None:
+    """A coco256 store made with FPC(3): the manifest records mode, seed and N; re-simulating from that record
+    gives the store's observed labels; each class has min(3, #pos) positives and 3 negatives annotated over the
+    official train split (train + val rows)."""
+    from vlpl.config import PseudolabelConfig
+    from vlpl.pseudolabel.stage import run_pseudolabel
+    from vlpl.store.store import ScoreStore
+
+    store = tmp_path / "store"
+    cfg = load_config(PseudolabelConfig, [TINY_CLIP], [
+        f"data.root={coco256_root}", f"out={store}", "data.observed.mode=fpc", "data.observed.per_class=3",
+        "shard_size=128", "num_workers=0", "progress=false", "views.grid=1", "index.enabled=false"])
+    run_pseudolabel(cfg)
+    st = ScoreStore(store)
+    rec = st.manifest["observed"]
+    assert rec == {"mode": "fpc", "seed": 0, "per_class": 3} and st.labels_kind == "full"
+    obs = {}
+    for name in ("train", "val"):
+        sp = st.split(name)
+        obs.update(zip(sp.sample_ids, sp.observed))
+    # the official train split in file order (labels.csv rows of split train), as the protocol saw it
+    rows = [r for r in csv.DictReader(open(coco256_root / "labels.csv")) if r["split"] == "train"]
+    classes = [c for c in (coco256_root / "classes.txt").read_text().split("\n") if c]
+    y = np.array([[c in r["labels"].split("|") for c in classes] for r in rows], np.int8)
+    again = simulate_observed(y, ObservedConfig(**rec))  # from the record alone
+    got = np.stack([obs[str(Path(r["image"]).with_suffix(""))] for r in rows])
+    np.testing.assert_array_equal(got, again)
+    assert ((got == -1).sum(0) == 3).all()
+    np.testing.assert_array_equal((got == 1).sum(0), np.minimum(3, y.sum(0)))
