@@ -235,9 +235,10 @@ def test_pseudolabel_records_descriptions(coco256_root, tmp_path):
     out = tmp_path / "store"
     run_pseudolabel(load_config(PseudolabelConfig, [TINY_TEACHER], [
         f"data.root={data}", f"out={out}", "num_workers=0", "progress=false", "views.grid=0", "index=false",
-        f"teacher.descriptions={desc}"]))
+        f"teacher.descriptions={desc}", "views.resize_mode=model"]))
     store = ScoreStore(out)
     man = store.manifest
+    assert man["views"]["resize_mode"] == "shortest"  # views.resize_mode=model: open_clip's default eval resize
     assert man["descriptions"]["file"] == str(desc) and man["descriptions"]["num_descriptions"] == 2 * len(classes)
     assert man["templates"] == ["a photo of a {}."]
     assert man["templates_sha256"] != templates_hash(man["templates"])
