@@ -220,3 +220,18 @@ def test_baseline_and_store_report_of_an_ensemble_read_its_score_kind(ensemble: 
     base = teacher_baseline(ensemble, "test")
     assert report["store"]["zero_shot"]["scores"]["global"]["map"] == pytest.approx(base["scores"]["global"]["map"])
     assert report["store"]["zero_shot"]["scores"]["damp"]["map"] == pytest.approx(base["scores"]["damp"]["map"])
+
+
+def test_cli_trains_on_an_ensemble_directory_and_inspect_names_its_members(ensemble: Path, tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    from vlpl.cli import main
+
+    net = Path(__file__).resolve().parent.parent / "configs" / "models" / "tiny_classifier.yaml"
+    out = tmp_path / "run"
+    assert main(["train", "-c", str(net), f"store={ensemble}", f"out={out}", "progress=false", "epochs=1",
+                 "max_steps_per_epoch=1", "method=an", "batch_size=4"]) == 0
+    ident = json.loads((out / "store.json").read_text())
+    assert [m["name"] for m in ident["model"]["ensemble"]] == ["photo", "bare"]
+    assert main(["inspect", str(ensemble)]) != 0
+    assert "is a teacher ensemble (ensemble.json)" in capsys.readouterr().err
+    assert main(["inspect", str(ensemble / "teachers" / "photo")]) == 0

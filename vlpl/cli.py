@@ -100,10 +100,21 @@ def _missing(what: str, path: Optional[str], hint: str = "") -> None:
         raise ConfigError(f"{what}: {path!r} does not exist{hint}")
 
 
-def _check_store(key: str, path: Optional[str]) -> None:
+def _check_store(key: str, path: Any, ensembles: bool = False) -> None:
+    """``path`` is a score store (``ensembles``: or a teacher-ensemble directory, or a list of stores)."""
     from vlpl.config import ConfigError
 
+    if isinstance(path, (list, tuple)) and ensembles:  # a teacher ensemble given as a list of stores
+        for i, p in enumerate(path):
+            _check_store(f"{key}[{i}]", p)
+        return
     _missing(key, path, "; build a score store with `vlpl pseudolabel`")
+    if path is not None and (Path(os.path.expanduser(path)) / "ensemble.json").is_file() \
+            and not (Path(os.path.expanduser(path)) / "manifest.json").is_file():
+        if ensembles:
+            return  # a teacher-ensemble directory (`vlpl pseudolabel` with teachers: [...], vlpl/store/ensemble.py)
+        raise ConfigError(f"{key}: {path!r} is a teacher ensemble (ensemble.json); this command reads one store: "
+                          f"give one of its members, {path}/teachers/<id>")
     if path is not None and not (Path(os.path.expanduser(path)) / "manifest.json").is_file():
         raise ConfigError(f"{key}: {path!r} is not a score store (no manifest.json in it); "
                           f"build one with `vlpl pseudolabel`")
@@ -167,7 +178,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vlpl.train.recipes import load_train_config
 
     cfg = load_train_config(args.config, args.overrides)
-    _check_store("store", cfg.store)
+    _check_store("store", cfg.store, ensembles=True)
     _missing("data_root", cfg.data_root)
     from vlpl.train.loop import run_train
 
