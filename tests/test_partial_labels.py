@@ -380,6 +380,9 @@ def test_real_partial_end_to_end(partial_store: Path, tmp_path: Path) -> None:
     md = (out / "report.md").read_text()
     assert "## Partial evaluation labels" in md and "masked mAP (%)" in md and "unknown = negative" in md
     assert "val masked mAP on the val split's observed labels" in md
+    from vlpl.eval.stage import compare_runs
+    table = compare_runs([str(out)])
+    assert "masked mAP (%)" in table and f"{m['masked']['map']:.2f}" in table
 
 
 @pytest.mark.parametrize("name,mode,fmt", [("coco2014_partial", "partial", "coco"), ("coco2014_fpc1000", "fpc", "coco"),

@@ -573,7 +573,15 @@ def compare_table(reports: Sequence[Dict[str, Any]]) -> str:
         if names.count(name) > 1:  # same directory name from two places: show where each comes from
             row["name"] = f"{name} ({Path(rep['_path']).parent})"
         rows.append(row)
-    return "\n".join(_headline_table(rows)) + "\n"
+    out = _headline_table(rows)
+    masked = [r for r in rows if r.get("masked_map") is not None]
+    if masked:  # partial evaluation labels: the masked mAP, the number to read for those rows
+        out += ["", "Partial evaluation labels: masked mAP over annotated entries only (the mAP above counts "
+                "unknown entries as negatives).", ""]
+        out += _table(["name", "masked mAP (%)", "classes used", "classes skipped"],
+                      [[r["name"], _pct(r["masked_map"]), r.get("masked_classes_used", "n/a"),
+                        r.get("masked_classes_skipped", "n/a")] for r in masked])
+    return "\n".join(out) + "\n"
 
 
 # --------------------------------------------------------------------------------------------------
