@@ -29,6 +29,12 @@ def test_bayes_boundary_closed_forms():
     pdf = lambda x, m, s: math.exp(-0.5 * ((x - m) / s) ** 2) / s  # noqa: E731
     assert m0 < t < m1 and w1 * pdf(t, m1, s1) == pytest.approx(w0 * pdf(t, m0, s0), rel=1e-9)
     assert bayes_boundary(0.5, 1.0, 0.1, 0.5, 0.5, 0.1) is None  # positive mean below the negative one
+    # a small overlapping minority of positives: the positive density wins only above m1 (t = 0.5 + log 19)
+    assert bayes_boundary(0.95, 0.0, 1.0, 0.05, 1.0, 1.0) == pytest.approx(0.5 + math.log(19.0), abs=1e-12)
+    # a wider positive component: the upper root (below it, down to the far lower root, the negatives win)
+    t = bayes_boundary(0.9, 0.0, 1.0, 0.1, 3.0, 2.0)
+    assert 0.0 < t < 3.0 and 0.1 * pdf(t, 3.0, 2.0) == pytest.approx(0.9 * pdf(t, 0.0, 1.0), rel=1e-9)
+    assert 0.1 * pdf(t + 0.01, 3.0, 2.0) > 0.9 * pdf(t + 0.01, 0.0, 1.0)
 
 
 # True boundary of w1 = 1/6, N(0.20, 0.03) vs N(0.32, 0.025): 0.2745. Over 10 seeds the fit's error was at most

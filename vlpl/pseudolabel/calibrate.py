@@ -24,15 +24,21 @@ What is fitted (per class ``c``, over the rows of ``split``, default ``train``, 
   ``O(C x bins)`` whatever the number of images.
 * **anchoring** on the observed labels: an observed positive (``observed == +1``) has responsibility 1 for
   the positive component and an observed negative (``-1``) responsibility 0 in every E-step
-  (semi-supervised EM); with observed positives the positive component starts at their mean and spread,
-  else at the class's top decile. Without anchors, the component with the larger mean is the positive one.
-* the **threshold**: the Bayes boundary, the root of ``w1 N(x; m1, s1) = w0 N(x; m0, s0)`` between the two
-  means (a quadratic; linear when ``s0 == s1``). An entry is pseudo-positive iff its aggregate is ``>=`` the
-  threshold (the far root on the other side of ``m0`` that a wider positive component has is ignored).
+  (semi-supervised EM). With at least ``MIN_ANCHORS = 10`` observed positives the positive component's mean
+  and variance **are** those of the observed positives and stay fixed (the random-protocol observed positives
+  are a sample of the class's positives; left free, EM prefers to split the bulk of the scores into a narrow
+  core and a broad "positive" component that swallows most entries: seen on synthetic CLIP-like cosines);
+  EM then fits the weight and the negative component. With 1-9 observed positives they only start the
+  positive component; with none it starts at the class's top decile, and the component with the larger mean
+  is the positive one.
+* the **threshold**: the Bayes boundary, the root of ``w1 N(x; m1, s1) = w0 N(x; m0, s0)`` where the positive
+  component takes over going up (:func:`bayes_boundary`; between the means for well-separated classes, above
+  ``m1`` for a small overlapping minority of positives). An entry is pseudo-positive iff its aggregate is ``>=``
+  the threshold (the second root a quadratic has, where the other component wins again, is ignored).
 * **degenerate fits** (fallback, recorded per class in ``diagnostics[c]["fallback"]``):
 
   - ``"no-separation"``: a component weight below ``1e-4``, or ``m1 - m0`` below ``1e-3`` of the class's
-    score range, or no root between the means: the threshold is the midpoint ``(m0 + m1) / 2`` when
+    score range, or no upward crossing: the threshold is the midpoint ``(m0 + m1) / 2`` when
     ``m1 > m0`` (Decision 6's "midpoint if degenerate"), else
   - ``"constant"``: the class's scores span no range (all in one bin; or the midpoint is undefined): the threshold is
     ``null`` in the file, read as ``+inf`` (the class gets no pseudo-positive).
@@ -78,6 +84,7 @@ _LOGIT_LO, _LOGIT_HI = 1e-30, 1.0 - 1e-7  # float32 softmax values reach ~1e-38;
 _MIN_WEIGHT = 1e-4
 _MIN_SEPARATION = 1e-3  # of the class's score range
 _MIN_STD_BINS = 0.5  # variance floor: half a bin width
+MIN_ANCHORS = 10  # observed positives from which the positive component is theirs (fixed), not just started
 
 
 # --------------------------------------------------------------------------------------------------
@@ -120,10 +127,15 @@ def aggregate_values(scores: Any, observed: Any, aggregate: str, *, temp: float 
 # the mixture
 # --------------------------------------------------------------------------------------------------
 def bayes_boundary(w0: float, m0: float, s0: float, w1: float, m1: float, s1: float) -> Optional[float]:
-    """The root of ``w1 N(x; m1, s1) = w0 N(x; m0, s0)`` between ``m0`` and ``m1`` (``m0 < m1``), or None.
+    """The Bayes boundary of ``w0 N(m0, s0^2)`` (negative) and ``w1 N(m1, s1^2)`` (positive), ``m0 < m1``: the root
+    of ``w1 N(x; m1, s1) = w0 N(x; m0, s0)`` where the positive component takes over going up, or None.
 
-    Taking logs: ``a x^2 + b x + c = 0`` with ``a = 1/(2 s0^2) - 1/(2 s1^2)``, ``b = m1/s1^2 - m0/s0^2``,
-    ``c = m0^2/(2 s0^2) - m1^2/(2 s1^2) + log(w1/s1) - log(w0/s0)``.
+    Taking logs, ``f(x) = log(w1 N1) - log(w0 N0) = a x^2 + b x + c`` with ``a = 1/(2 s0^2) - 1/(2 s1^2)``,
+    ``b = m1/s1^2 - m0/s0^2``, ``c = m0^2/(2 s0^2) - m1^2/(2 s1^2) + log(w1/s1) - log(w0/s0)``; the boundary is the
+    root with ``f' > 0``: the larger root when the positive component is the wider (``a > 0``), the smaller one
+    when it is the narrower (``a < 0``; far above ``m1`` the wider negative component wins again, which a
+    threshold ignores), the only root when the widths are equal. It lies between the means when the
+    components are well separated, and above ``m1`` when the positives are a small, overlapping minority.
     """
     if not (m1 > m0 and s0 > 0 and s1 > 0 and w0 > 0 and w1 > 0):
         return None
@@ -131,19 +143,17 @@ def bayes_boundary(w0: float, m0: float, s0: float, w1: float, m1: float, s1: fl
     b = m1 / s1 ** 2 - m0 / s0 ** 2
     c = 0.5 * m0 ** 2 / s0 ** 2 - 0.5 * m1 ** 2 / s1 ** 2 + math.log(w1 / s1) - math.log(w0 / s0)
     if abs(a) < 1e-12 * max(abs(b), 1.0):
-        roots = [-c / b] if b != 0 else []
-    else:
-        disc = b * b - 4 * a * c
-        if disc < 0:
-            return None
-        sq = math.sqrt(disc)
-        # numerically stable pair of roots
-        q = -0.5 * (b + math.copysign(sq, b))
-        roots = [q / a] + ([c / q] if q != 0 else [])
-    inside = [r for r in roots if m0 <= r <= m1 and math.isfinite(r)]
-    if not inside:
+        return -c / b if b > 0 else None
+    disc = b * b - 4 * a * c
+    if disc < 0:
         return None
-    return min(inside, key=lambda r: abs(r - 0.5 * (m0 + m1)))
+    sq = math.sqrt(disc)
+    q = -0.5 * (b + math.copysign(sq, b))  # numerically stable pair of roots: q / a and c / q
+    roots = sorted(r for r in ([q / a] + ([c / q] if q != 0 else [])) if math.isfinite(r))
+    if not roots:
+        return None
+    r = roots[-1] if a > 0 else roots[0]
+    return r if 2 * a * r + b > 0 else None
 
 
 @dataclass
@@ -177,7 +187,8 @@ def _weighted_moments(x: np.ndarray, w: np.ndarray) -> Tuple[np.ndarray, np.ndar
 
 
 def fit_histograms(edges: np.ndarray, h_unl: np.ndarray, h_pos: Optional[np.ndarray] = None,
-                   h_neg: Optional[np.ndarray] = None, *, max_iter: int = 500, tol: float = 1e-8) -> MixtureFit:
+                   h_neg: Optional[np.ndarray] = None, *, max_iter: int = 500, tol: float = 1e-8,
+                   min_anchors: int = MIN_ANCHORS) -> MixtureFit:
     """Two-Gaussian EM per class on histograms (see the module docstring).
 
     Args:
@@ -186,6 +197,9 @@ def fit_histograms(edges: np.ndarray, h_unl: np.ndarray, h_pos: Optional[np.ndar
             positives / negatives (anchors; None: none).
         max_iter, tol: EM stops after ``max_iter`` iterations or when the mean log-likelihood per entry
             improves by less than ``tol``.
+        min_anchors: with at least this many observed positives the positive component's mean and variance
+            are theirs and stay fixed (EM fits the weight and the negative component); with fewer they only
+            start it.
     """
     edges = np.asarray(edges, dtype=np.float64)
     h_unl = np.asarray(h_unl, dtype=np.float64)
@@ -209,8 +223,9 @@ def fit_histograms(edges: np.ndarray, h_unl: np.ndarray, h_pos: Optional[np.ndar
     _, m_rest, v_rest = _weighted_moments(x, np.where(top, 0.0, total))
     _, m_anc, v_anc = _weighted_moments(x, h_pos)
     anchored = n_pos > 0
+    fixed = n_pos >= max(int(min_anchors), 2)  # the positive component is the anchors' (see the docstring)
     m1 = np.where(anchored, m_anc, m_top)
-    v1 = np.where(anchored & (n_pos > 1), v_anc, np.where(anchored, v_rest, v_top))
+    v1 = np.where(anchored & (n_pos > 1), v_anc + np.where(fixed, sheppard, 0.0), np.where(anchored, v_rest, v_top))
     below = np.where(x < m1[:, None], total, 0.0)
     _, m_b, v_b = _weighted_moments(x, below)
     m0 = np.where(anchored, np.where(below.sum(1) > 0, m_b, m_rest), m_rest)
@@ -248,9 +263,9 @@ def fit_histograms(edges: np.ndarray, h_unl: np.ndarray, h_pos: Optional[np.ndar
         n0, mm0, vv0 = _weighted_moments(x, resp0)
         upd = step_active & ~done
         w1 = np.where(upd, np.clip(n1 / np.maximum(n, 1), 0.0, 1.0), w1)
-        m1 = np.where(upd & (n1 > 0), mm1, m1)
+        m1 = np.where(upd & (n1 > 0) & ~fixed, mm1, m1)
         m0 = np.where(upd & (n0 > 0), mm0, m0)
-        v1 = np.where(upd & (n1 > 0), np.maximum(vv1 + sheppard, var_floor), v1)
+        v1 = np.where(upd & (n1 > 0) & ~fixed, np.maximum(vv1 + sheppard, var_floor), v1)
         v0 = np.where(upd & (n0 > 0), np.maximum(vv0 + sheppard, var_floor), v0)
         w1 = np.clip(w1, 1e-12, 1 - 1e-12)
 
