@@ -233,6 +233,7 @@ def test_openimages_image_level_csv(tmp_path: Path) -> None:
 @pytest.mark.parametrize("rows,match", [
     ("aa,v,/m/01,1\naa,v,/m/02,0.5\n", r"line 3: Confidence '0.5'; expected 1 .* or 0"),
     ("aa,v,/m/09,1\n", r"line 2: LabelName '/m/09' is not in the class descriptions"),
+    ("aa,v,/m/01,1\nbb,v, ,0\n", r"line 3: empty LabelName"),
     ("aa,v,/m/01,1\nbb,v,/m/01,1\naa,v,/m/01,0\n", r"lines 2, 4: image 'aa' has class '/m/01' both as a positive"),
 ])
 def test_openimages_errors_name_file_and_row(tmp_path: Path, rows: str, match: str) -> None:
