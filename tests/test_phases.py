@@ -57,7 +57,7 @@ def _same(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_linear_init_freezes_the_backbone_then_trains_it_and_resumes_exactly(coco256_store, tmp_path):
+def test_linear_init_freezes_the_backbone_then_trains_it(coco256_store, tmp_path):
     from accelerate.utils import set_seed
 
     from vlpl.store.store import ScoreStore
@@ -81,12 +81,18 @@ def test_linear_init_freezes_the_backbone_then_trains_it_and_resumes_exactly(coc
     changed = [k for k in _part(after2, "backbone.") if not torch.equal(after2[k], after1[k])]
     assert any(k.endswith("weight") for k in changed) and any("running_mean" in k for k in changed)
 
-    # stopped after the frozen epoch, resumed for the second: the same bytes as the uninterrupted run
-    split = tmp_path / "split"
+
+@pytest.mark.slow
+def test_stopped_after_the_frozen_epoch_and_resumed_gives_the_same_bytes(coco256_store, tmp_path):
+    from vlpl.train.loop import run_train
+    from vlpl.train.recipes import load_train_config
+
+    ref, split = tmp_path / "ref", tmp_path / "split"
+    run_train(load_train_config([TINY_NET], _args(coco256_store, ref, "epochs=2", "phases.linear_init_epochs=1")))
     run_train(load_train_config([TINY_NET], _args(coco256_store, split, "epochs=1", "phases.linear_init_epochs=1")))
     run_train(load_train_config([TINY_NET], _args(coco256_store, split, "epochs=2", "phases.linear_init_epochs=1",
                                                   "resume=true")))
-    assert _same(_checkpoints(split)[4], after2)
+    assert _same(_checkpoints(split)[4], _checkpoints(ref)[4])
 
 
 def test_freeze_backbone_keeps_it_fixed_for_the_whole_run(coco256_store, tmp_path):
@@ -127,3 +133,83 @@ def test_linear_init_under_two_processes(coco256_store, tmp_path):
     run_train(load_train_config([TINY_NET], _args(coco256_store, one, "epochs=1", "phases.freeze_backbone=true",
                                                   "batch_size=8")))
     assert _same(_part(first, "backbone."), _part(_checkpoints(one)[2], "backbone."))
+
+
+def _head_steps(out: Path) -> set:
+    """The Adam step counts of the head's parameters in the run's last checkpoint."""
+    from vlpl.train.checkpoint import list_checkpoints
+
+    opt = torch.load(list_checkpoints(out / "checkpoints")[-1] / "optimizer.pt", weights_only=True)
+    head = opt["param_groups"][1]["params"]
+    return {float(opt["state"][i]["step"]) for i in head}
+
+
+def test_linear_init_lr_and_a_fresh_optimizer_for_the_end_to_end_phase(coco256_store, tmp_path):
+    """Cole's two linear_init runs: the linear phase at its own lr (phases.linear_init_lr), the end-to-end phase
+    with a fresh Adam (phases.reset_optimizer, default on): the head's step count restarts at the boundary."""
+    import json
+
+    from vlpl.train.loop import run_train
+    from vlpl.train.recipes import load_train_config
+
+    out = tmp_path / "li"
+    run_train(load_train_config([TINY_NET], _args(coco256_store, out, "epochs=2", "phases.linear_init_epochs=1",
+                                                  "phases.linear_init_lr=1e-3")))
+    steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "step"]
+    assert [(r["epoch"], r["head_lr"]) for r in steps] == [(1, pytest.approx(1e-3)), (1, pytest.approx(1e-3)),
+                                                            (2, pytest.approx(1e-2)), (2, pytest.approx(1e-2))]
+    assert _head_steps(out) == {2.0}  # the 2 steps of epoch 2 only: a fresh optimizer at the boundary
+    kept = tmp_path / "kept"
+    run_train(load_train_config([TINY_NET], _args(coco256_store, kept, "epochs=2", "phases.linear_init_epochs=1",
+                                                  "phases.reset_optimizer=false")))
+    assert _head_steps(kept) == {4.0}
+
+
+def _fork_train(args: list, kill_at: str = "") -> int:
+    import multiprocessing as mp
+
+    proc = mp.get_context("fork").Process(target=_child, args=(args, kill_at))
+    proc.start()
+    proc.join(600)
+    assert not proc.is_alive()
+    return int(proc.exitcode)
+
+
+def _child(args: list, kill_at: str) -> None:
+    import logging
+    import os
+
+    from vlpl.train.checkpoint import KILL_ENV
+    from vlpl.train.loop import run_train
+    from vlpl.train.recipes import load_train_config
+
+    torch.set_num_threads(1)
+    os.environ.pop(KILL_ENV, None)
+    if kill_at:
+        os.environ[KILL_ENV] = kill_at
+    logging.disable(logging.WARNING)
+    run_train(load_train_config([TINY_NET], args))
+
+
+@pytest.mark.slow
+def test_resumed_inside_the_first_end_to_end_epoch_keeps_its_optimizer_state(coco256_store, tmp_path):
+    """Killed after the first step of epoch 2 (a checkpoint every step), resumed: the optimizer is not reset a
+    second time, and the run ends with the bytes of an uninterrupted one."""
+    import hashlib
+
+    from vlpl.train.checkpoint import list_checkpoints
+
+    extra = ("epochs=2", "phases.linear_init_epochs=1", "phases.linear_init_lr=1e-3", "checkpoint_every_steps=1")
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert _fork_train(_args(coco256_store, ref, *extra)) == 0
+    assert _fork_train(_args(coco256_store, run, *extra), kill_at="step:4") == -9
+    assert list_checkpoints(run / "checkpoints")[-1].name == "step_000000003"  # inside epoch 2
+    assert _fork_train(_args(coco256_store, run, *extra, "resume=true")) == 0
+
+    def digest(out: Path) -> dict:
+        last = list_checkpoints(out / "checkpoints")[-1]
+        return {f: hashlib.sha256((last / f).read_bytes()).hexdigest()
+                for f in ("model.safetensors", "optimizer.pt", "scheduler.pt")}
+
+    assert digest(run) == digest(ref)
+    assert _head_steps(run) == {2.0}

@@ -317,15 +317,22 @@ class PhasesConfig:
     ``linear_init_epochs``: the first N epochs train the head alone on the frozen backbone (Cole's
     ``linear_init``: 25, then 10 end-to-end epochs: ``epochs: 35``); ``freeze_backbone``: the whole run
     (Cole's ``linear_fixed_features``). A frozen backbone gets no gradient and runs in eval mode.
+    ``linear_init_lr``: the learning rate of the linear phase (every group scaled by
+    ``linear_init_lr / optim.lr``; Cole tunes the phases apart, their issue #10); null: the run's.
+    ``reset_optimizer``: the end-to-end phase starts with a fresh optimizer state, as Cole's second run does.
     """
 
     linear_init_epochs: int = 0
     freeze_backbone: bool = False
+    linear_init_lr: Optional[float] = None
+    reset_optimizer: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.linear_init_epochs, bool) or not isinstance(self.linear_init_epochs, int) \
                 or self.linear_init_epochs < 0:
             raise ConfigError(f"phases.linear_init_epochs: expected an epoch count >= 0, got {self.linear_init_epochs!r}")
+        if self.linear_init_lr is not None and not self.linear_init_lr > 0:
+            raise ConfigError(f"phases.linear_init_lr: expected a learning rate > 0 or null, got {self.linear_init_lr!r}")
 
 
 @dataclass

@@ -473,7 +473,7 @@ def train_epoch(run: Run, epoch: int) -> None:
     start = p.epoch_step
     run.loss.set_epoch(epoch, cfg.epochs)
     run.model.train()
-    apply_phase(run.model, cfg.phases, epoch)  # Cole's linear-init / fixed features
+    apply_phase(run.model, cfg.phases, epoch, run.optimizer, run.scheduler, start, cfg.optim.lr)  # Cole's phases
     run.loss.train()
     # a worker builds a whole micro-batch (uint8); the rule's scores are read a few batches ahead on a thread
     loader: Any = DataLoader(run.train_images, sampler=order.plans(epoch, start), batch_size=None,
