@@ -23,12 +23,16 @@ def test_cole_grid_is_the_papers_eight_runs(tmp_path, method, dataset, loss):
     for c in cfgs:  # the recipe's row, one lr for every parameter (Cole's Adam), 10 end-to-end epochs
         assert (c.method, c.dataset, c.loss.name, c.optim.name, c.optim.head_lr) == (method, dataset, loss, "adam", None)
         assert c.epochs == 10 and c.phases.linear_init_epochs == 0 and not c.phases.freeze_backbone
+        assert c.phases.linear_init_lr is None
     assert len({v.out for v in sweep.variants}) == 8 and all(v.out.parent == tmp_path / "w" for v in sweep.variants)
 
 
 def test_cole_grid_linear_init_and_fixed_features_modes(tmp_path):
     common = [f"store={tmp_path / 'store'}", "method=an_ls", "dataset=voc2012", f"work={tmp_path}"]
-    li = [_train_config(v) for v in load_sweep(GRID, [*common, "linear_init=25", "epochs=35"]).variants]
+    li = [_train_config(v) for v in load_sweep(GRID, [*common, "linear_init=25", "linear_init_lr=1e-4",
+                                                      "epochs=35"]).variants]
     assert all(c.epochs == 35 and c.phases.linear_init_epochs == 25 and not c.phases.freeze_backbone for c in li)
+    assert all(c.phases.linear_init_lr == 1e-4 and c.phases.reset_optimizer for c in li)
+    assert sorted(c.optim.lr for c in li) == sorted([1e-2, 1e-3, 1e-4, 1e-5] * 2)  # the grid tunes phase 2
     fixed = [_train_config(v) for v in load_sweep(GRID, [*common, "freeze=true", "epochs=25"]).variants]
     assert all(c.epochs == 25 and c.phases.freeze_backbone for c in fixed)
