@@ -381,6 +381,8 @@ def test_real_partial_end_to_end(partial_store: Path, tmp_path: Path) -> None:
     md = (out / "report.md").read_text()
     assert "## Partial evaluation labels" in md and "masked mAP (%)" in md and "unknown = negative" in md
     assert "val masked mAP on the val split's observed labels" in md
+    from vlpl.eval.report import summary_text
+    assert "masked mAP" in summary_text(report, out) and "counts unknown entries as negatives" in summary_text(report)
     from vlpl.eval.stage import compare_runs
     table = compare_runs([str(out)])
     assert "masked mAP (%)" in table and f"{m['masked']['map']:.2f}" in table
