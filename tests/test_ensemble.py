@@ -235,3 +235,15 @@ def test_cli_trains_on_an_ensemble_directory_and_inspect_names_its_members(ensem
     assert main(["inspect", str(ensemble)]) != 0
     assert "is a teacher ensemble (ensemble.json)" in capsys.readouterr().err
     assert main(["inspect", str(ensemble / "teachers" / "photo")]) == 0
+
+
+def test_one_members_scores_are_never_answered_for_the_ensemble(ensemble: Path) -> None:
+    store = ScoreStore.open(ensemble)
+    assert store.labels_kind == store.primary.labels_kind  # score-free attributes come from the primary member
+    for name in ("iter_shards", "arrays", "table", "scores", "form", "score_columns", "dense_scores"):
+        with pytest.raises(AttributeError):
+            getattr(store, name)
+    sp = store.split("train")
+    assert sp.labels_kind == "full"
+    with pytest.raises(AttributeError):
+        sp._scores  # noqa: B018 - a member's private reader is not the ensemble's

@@ -300,7 +300,8 @@ def _combine_rule(stores: Sequence[ScoreStore], temp: Optional[float] = None) ->
 
 def _score_like(name: str) -> bool:
     """Attributes a single member cannot answer for the ensemble (scores, probabilities, forms, the index)."""
-    return any(w in name for w in ("score", "prob", "form", "payload", "index", "text", "embedding", "manifest"))
+    return any(w in name for w in ("score", "prob", "form", "payload", "index", "text", "embedding", "manifest",
+                                   "shard", "table", "arrays", "column", "read", "cache", "sidecar"))
 
 
 class _Subset(Sequence[str]):
