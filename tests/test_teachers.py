@@ -126,6 +126,12 @@ def test_sigmoid_teacher_store_records_kind_and_rules_use_sigmoid(sigmoid_store)
     np.testing.assert_array_equal(by_rows, by_kind)
     cosine = apply_rule("threshold", torch.from_numpy(raw), obs, **kw).numpy()  # softmax over classes
     assert (cosine != by_kind).any()
+    # the trainer's RuleRunner (built as run_train builds it, with the training split) reads the store's kind
+    from vlpl.train.step import RuleRunner
+
+    runner = RuleRunner("threshold", {k: v for k, v in kw.items() if k != "dynamic"}, False,
+                        lambda p: torch.from_numpy(train.scores(p)), train, split=train)
+    np.testing.assert_array_equal(runner(pos, None).numpy(), by_kind)
 
 
 # --------------------------------------------------------------------------------------------------------
