@@ -184,6 +184,7 @@ def test_training_and_evaluating_on_stores_given_as_a_list(ensemble: Path, tmp_p
     want = teacher_baseline(ScoreStore.open(ensemble), "test", "damp", {"eta": 0.3})  # aevlp's coco2014 row
     assert report["baseline"]["scores"] == want["scores"]
     assert summary["teacher_baseline"]["scores"] == want["scores"]  # the run's own summary has it too
+    assert report["baseline"]["store"] == "[" + ", ".join(str(Path(m).resolve()) for m in members) + "]"
     assert [m["name"] for m in report["model"]["ensemble"]] == ["photo", "bare"]
     assert "RANDOM MODELS" in (out / "eval" / "report.md").read_text()  # every member is the random tiny teacher
 

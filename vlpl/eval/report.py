@@ -651,7 +651,7 @@ def teacher_baseline(store: Any, split: str, rule: Optional[str] = None,
                                    eta=dp.eta)[0].numpy())
     y = np.concatenate(labels)
     out: Dict[str, Any] = {
-        "store": str(getattr(store, "root", "")),
+        "store": str(getattr(store, "source", None) or getattr(store, "root", "")),
         "dataset": (getattr(store, "dataset_info", None) or {}).get("name"),  # the benchmark (vlpl.results)
         "split": split,
         "num_images": int(len(y)),

@@ -454,6 +454,8 @@ class EnsembleStore:
         self.names = list(names)
         self.weights = normalise_weights(weights, len(members))
         self.root = Path(root) if root is not None else self.members[0].root
+        #: what was opened, for messages and reports: the ensemble directory, or the list of member stores
+        self.source = str(root) if root is not None else "[" + ", ".join(str(m.root) for m in self.members) + "]"
         self.is_ensemble = True
         self.combine_rule = _combine_rule(self.members, temp)
         #: what the combined scores are: the members' kind (raw space) or ``probability`` (mixed kinds)
