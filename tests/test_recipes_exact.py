@@ -466,3 +466,34 @@ def test_bf16_scores_move_few_damp_pseudo_labels(coco256_store, shared_data):
     log.info("DAMP at temp 0.01, float32 vs bfloat16 scores, informative synthetic scores: %s", informative)
     assert informative == {"neutral": 1, "pseudo": 167, "entries": 20480}
     assert informative["neutral"] < 0.001 * informative["entries"] and informative["pseudo"] < 0.01 * informative["entries"]
+
+
+@pytest.mark.slow
+def test_two_processes_follow_the_global_batchs_flips(coco256_store, tmp_path):
+    """With two processes the rule runs on the global batch with the global batch's flips (the loop's
+    TrainBatch.global_flip): the logged pseudo-labels per step equal a one-process run's, and differ from a run that
+    ignores the flip (so the comparison sees the flips)."""
+    import os
+    import subprocess
+    import sys
+
+    def args(out: Path, *extra: str) -> list:
+        return ["train", "-c", TINY_NET, f"store={coco256_store}", f"out={out}", "method=vlpl", "dataset=coco2014",
+                "progress=false", "log_every=1", "epochs=1", "max_steps_per_epoch=6", "batch_size=16",
+                "num_workers=0", "pseudo.params.threshold=0.05", *extra]
+
+    def pseudo(out: Path) -> list:
+        recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        return [r["pseudo_pos_per_image"] for r in recs if r.get("kind") == "step"]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    for out, extra in ((tmp_path / "one", ()), (tmp_path / "unflipped", ("pseudo.variant=unflipped",))):
+        r = subprocess.run([sys.executable, "-m", "vlpl", *args(out, *extra)], env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+    two = tmp_path / "two"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29571",
+                        "-m", "vlpl", *args(two)], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(pseudo(tmp_path / "one")) == 6
+    assert pseudo(two) == pseudo(tmp_path / "one")
+    assert pseudo(tmp_path / "unflipped") != pseudo(tmp_path / "one")
