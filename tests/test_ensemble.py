@@ -248,3 +248,12 @@ def test_one_members_scores_are_never_answered_for_the_ensemble(ensemble: Path) 
     assert sp.labels_kind == "full"
     with pytest.raises(AttributeError):
         sp._scores  # noqa: B018 - a member's private reader is not the ensemble's
+
+
+def test_ensemble_weights_are_checked_when_the_config_loads(tmp_path: Path) -> None:
+    from vlpl.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=r"ensemble_weights: 3 weight\(s\) for the 2 stores .*'ensemble_weights="):
+        load_config(TrainConfig, [], ["store=[a, b]", f"out={tmp_path}", "ensemble_weights=[1, 2, 3]"])
+    cfg = load_config(TrainConfig, [], ["store=[a, b]", f"out={tmp_path}", "ensemble_weights=[1, 2]"])
+    assert cfg.store == ["a", "b"] and cfg.ensemble_weights == [1.0, 2.0]

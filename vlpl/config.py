@@ -769,6 +769,12 @@ def check_entries(cfg: Any, sources: Optional[Dict[str, str]] = None) -> None:
             raise UnknownNameError(f"{key}: {e}" + (f" (from {where})" if where else "")) from None
 
     if isinstance(cfg, TrainConfig):
+        w = cfg.ensemble_weights  # a teacher ensemble given as store=[A,B] (vlpl/store/ensemble.py)
+        if w is not None and isinstance(cfg.store, list) and len(w) != len(cfg.store):
+            raise ConfigError(f"ensemble_weights: {len(w)} weight(s) for the {len(cfg.store)} stores of `store` "
+                              f"(from {srcs.get('ensemble_weights', 'the configuration')}); give one per store")
+        if isinstance(cfg.store, list) and not cfg.store:
+            raise ConfigError("store: an empty list; give a store, an ensemble directory or a list of stores")
         loss = schema(LOSSES, cfg.loss.name, "loss.name")
         loss.from_dict(cfg.loss.params, where="loss.params", sources=srcs, what=f"loss {cfg.loss.name!r}")
         if cfg.pseudo.rule is not None:
