@@ -335,3 +335,36 @@ def test_iu_and_iun_refuse_a_single_positive_store_in_the_trainer(coco256_store,
                                          f"loss.name={name}", "pseudo.rule=null", "epochs=1", "max_steps_per_epoch=1"])
         with pytest.raises(ValueError, match=f"'{name}'.*no -1"):
             run_train(cfg)
+
+
+@pytest.mark.slow
+def test_iun_end_to_end_on_a_store_with_every_negative_observed(coco256_root, tmp_path):
+    """The recipe's way (configs/methods/iun.yaml): Cole's sampler with num_neg >= C keeps the single-positive
+    store's positive and observes every true negative; `vlpl train loss=iun` trains on it."""
+    import json
+
+    from tests.conftest import TINY_TEACHER, make_subset_dataset
+    from vlpl.config import PseudolabelConfig, load_config
+    from vlpl.pseudolabel.stage import run_pseudolabel
+    from vlpl.store.store import ScoreStore
+    from vlpl.train.loop import run_train
+    from vlpl.train.recipes import load_train_config
+
+    data = make_subset_dataset(coco256_root, tmp_path / "data", n_train=48, n_test=16)
+    stores = {}
+    for name, num_neg in (("spml", 0), ("iun", 1000)):
+        stores[name] = tmp_path / name
+        run_pseudolabel(load_config(PseudolabelConfig, [str(TINY_TEACHER)], [
+            f"data.root={data}", f"out={stores[name]}", "num_workers=0", "progress=false", "views.grid=0",
+            f"data.observed.num_neg={num_neg}"]))
+    spml, iun = (ScoreStore(stores[k]).split("train") for k in ("spml", "iun"))
+    assert ((iun.observed == 1) == (spml.observed == 1)).all()  # the same single positive
+    truth_neg = iun.labels != 1
+    assert ((iun.observed == -1) == truth_neg).all()  # every true negative observed, nothing else
+    tiny = str(Path(__file__).resolve().parents[1] / "configs" / "models" / "tiny_classifier.yaml")
+    out = tmp_path / "run"
+    run_train(load_train_config([tiny], [f"store={stores['iun']}", f"out={out}", "progress=false", "log_every=1",
+                                         "loss.name=iun", "pseudo.rule=null", "epochs=1", "max_steps_per_epoch=2",
+                                         "batch_size=8"]))
+    steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "step"]
+    assert len(steps) == 2 and all(r["obs_neg"] > 0 and math.isfinite(r["loss"]) for r in steps)
