@@ -497,3 +497,24 @@ def test_two_processes_follow_the_global_batchs_flips(coco256_store, tmp_path):
     assert len(pseudo(tmp_path / "one")) == 6
     assert pseudo(two) == pseudo(tmp_path / "one")
     assert pseudo(tmp_path / "unflipped") != pseudo(tmp_path / "one")
+
+
+def test_an_open_clip_student_records_its_tag_or_checkpoint(tmp_path):
+    import open_clip
+    from safetensors.torch import save_file
+
+    from vlpl.vlm.backend import register_bundled_configs
+
+    register_bundled_configs()
+    cfg = StudentConfig(kind="open_clip", name="vlpl-tiny", open_clip_pretrained=None, image_size=64,
+                        normalization="model")
+    assert create_classifier(cfg, _names()).pretrained_tag is None
+    torch.manual_seed(3)
+    ref = open_clip.create_model("vlpl-tiny")
+    path = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
+    model = create_classifier(StudentConfig(kind="open_clip", name="vlpl-tiny", open_clip_pretrained=str(path),
+                                            image_size=64, normalization="model"), _names())
+    assert model.pretrained_tag.startswith(f"file:{path} sha256:")
+    want = ref.visual.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in model.backbone.visual.state_dict().items())
