@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -250,3 +251,34 @@ def test_csl_trains_on_real_partial_annotations(coco256_real_partial_store, tmp_
     assert rec["select"] == "masked_map_observed" and 0 <= rec["val_map"] <= 100 and "val_map_ema" in rec
     summary = json.loads((out / "summary.json").read_text())
     assert summary["loss"] == "csl" and summary["best_epoch"] == 1
+
+
+@pytest.mark.slow
+def test_two_processes_rank_the_global_batch_and_accumulate_the_global_prior(coco256_partial_store, tmp_path):
+    """torchrun with 2 processes: one process writes the run's files (the CLIP prior is computed by each before any
+    process group exists, identical), the prior accumulator counts the global batch, and the likelihood rule ignores
+    K x B entries of the GLOBAL batch per step (the logged count is summed over the processes)."""
+    from safetensors.torch import load_file
+
+    from tests.test_train import _cli_train, _epoch_checkpoint, _torchrun
+    from vlpl.store.store import ScoreStore
+    from vlpl.train.losses.csl import clip_prior
+
+    two = tmp_path / "two"
+    args = ["method=csl", "dataset=coco2014_rps05", "loss.params.prior=clip", "epochs=1", "max_steps_per_epoch=3",
+            "batch_size=16"]
+    with socket.socket() as sock:  # a free port (a fixed one may still be held by an earlier run)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    r = _torchrun(port, _cli_train(coco256_partial_store, two, *args))
+    assert r.returncode == 0, "\n".join(x for x in r.stderr.splitlines() if "rror" in x)[-3000:]
+    store = ScoreStore(coco256_partial_store)
+    want = clip_prior(store.split("train"), "vlpl")
+    assert read_prior_csv(two / PRIOR_FILE, classes=list(store.classes)) == pytest.approx(want)
+    state = load_file(_epoch_checkpoint(two, 1) / "loss.safetensors")
+    assert float(state["pred_count"]) == 3 * 16  # the global batch of every step, on the main process
+    assert any(k.startswith("ema.module.") for k in state)
+    steps = [r for r in map(json.loads, (two / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "step"]
+    assert [r["step"] for r in steps] == [1, 2, 3]  # written once, by the main process
+    # no class prior above 0.5 on this store: exactly K x B = 5 x 16 un-annotated entries ignored per global batch
+    assert float(want.max()) < 0.5 and all(r["num_ignored"] == 5 * 16 for r in steps)

@@ -500,34 +500,20 @@ def prepare_csl_prior(cfg: Any) -> Any:
                 values = _run_prior_phase(cfg, params, out)
         except ValueError as e:
             raise ConfigError(str(e)) from e
-        if _is_main_process():
+        # several processes: after the temporary model (a process group) the main process writes and the others
+        # wait; before any process group (clip, file) every process writes the same bytes (atomic renames)
+        grouped = dist.is_available() and dist.is_initialized()
+        if not grouped or dist.get_rank() == 0:
             out.mkdir(parents=True, exist_ok=True)
             write_prior_csv(target, classes, values)
             atomic_write_json(info_path, {"source": source, "sha256": _sha256(target)})
-        _barrier()
+        if grouped:
+            dist.barrier()
         top = np.argsort(-np.asarray(values))[:5]
-        log.info("csl: class prior (%s) written to %s; %d classes above prior_threshold %g; top: %s",
-                 params.prior, target, int((np.asarray(values) > params.prior_threshold).sum()),
-                 params.prior_threshold, ", ".join(f"{classes[i]} {values[i]:.3f}" for i in top))
+        if not grouped or dist.get_rank() == 0:
+            log.info("csl: class prior (%s) written to %s; %d classes above prior_threshold %g; top: %s",
+                     params.prior, target, int((np.asarray(values) > params.prior_threshold).sum()),
+                     params.prior_threshold, ", ".join(f"{classes[i]} {values[i]:.3f}" for i in top))
     new_params = {**cfg.loss.params, "prior_file": str(target)}
     return replace(cfg, loss=replace(cfg.loss, params=new_params))
 
-
-def _is_main_process() -> bool:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() == 0
-    import os
-
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def _barrier() -> None:
-    """Wait until the main process has written the prior (several processes: the process group, started
-    here through accelerate if it is not yet)."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
-    from accelerate import PartialState
-
-    PartialState().wait_for_everyone()
