@@ -118,3 +118,14 @@ def test_gpr_neutral_term_at_minus_100():
     assert all(math.isfinite(x) for x in g)
     assert g[1] * 3 == pytest.approx(d_lo, rel=1e-5)
     assert g[2] * 3 == pytest.approx(d_hi, rel=1e-5, abs=1e-30)
+
+
+def test_gce_neg_where_float32_sigmoid_rounds_to_one():
+    # sigmoid(25) is 1.0 in float32 (1 - p = 1.4e-11 is below its resolution at 1): the clamp form gave
+    # (1 - tiny^q3) / q3 = 58.24 at q3 = 0.01, the exact value is (1 - e^(-25 q3)) / q3 = 22.12
+    s = torch.tensor([25.0])
+    assert float(torch.sigmoid(s)) == 1.0
+    for q3 in (0.01, 0.5):
+        value, grad = _grad(gce_neg, 25.0, q3)
+        assert value == pytest.approx((1.0 - math.exp(-25.0 * q3)) / q3, rel=1e-5)
+        assert grad == pytest.approx(math.exp(-25.0 * q3) / (1 + math.exp(-25.0)), rel=1e-4)  # (1 - p)^q3 p
