@@ -170,7 +170,13 @@ class SATLLoss(SPMLLoss):
         if done == epoch:
             return
         if 0 < done < epoch:
-            self.fold_epoch()
+            updated = self.fold_epoch()
+            tau = self.thresholds()
+            ready = ~torch.isnan(tau)
+            log.info("satl: epoch %d's statistics folded in (%d classes updated); %d of %d classes have a threshold "
+                     "(median %s on the logits), %d give pseudo-labels", done, updated, int(ready.sum()),
+                     self.num_classes, f"{float(tau[ready].median()):.3f}" if bool(ready.any()) else "n/a",
+                     int(self.valid().sum()))
         self.epoch_sums.zero_()
         self.sums_epoch.fill_(epoch)
 
