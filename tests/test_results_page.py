@@ -58,11 +58,28 @@ def test_every_recipe_command_loads(bench, tmp_path: Path, monkeypatch: pytest.M
                     assert cfg.student.name in ("resnet50.tv_in1k", "tresnet_m.miil_in21k")
 
 
-def _run_report(store: Path, root: Path) -> Tuple[Dict, Path]:
+PROVENANCE = {"command": "vlpl evaluate run=runs/coco256", "commit": "0123456789abcdef" * 2 + "01234567",
+              "dirty": False, "version": "x", "device": "cpu (x86_64, 2 threads)", "host": "h"}
+
+
+def test_provenance_names_the_command_commit_and_device() -> None:
+    from vlpl.provenance import git_commit, provenance
+
+    p = provenance(["/usr/local/bin/vlpl", "evaluate", "run=my run"])
+    assert p["command"] == "vlpl evaluate 'run=my run'" and p["device"]
+    if git_commit() is None:
+        pytest.skip("not running from a git checkout: no commit to record")
+    assert len(p["commit"]) == 40 and int(p["commit"], 16) >= 0 and isinstance(p["dirty"], bool)
+
+
+def _run_report(store: Path, root: Path, monkeypatch: pytest.MonkeyPatch) -> Tuple[Dict, Path]:
     """`vlpl evaluate` of a run by the trainer's contract that trained on the coco256 store."""
+    import vlpl.eval.stage
     from vlpl.config import EvaluateConfig
     from vlpl.eval.stage import run_evaluate
     from vlpl.store.store import ScoreStore
+
+    monkeypatch.setattr(vlpl.eval.stage, "provenance", lambda: dict(PROVENANCE))
 
     sp = ScoreStore(store).split("test")
     run = root / "run"
@@ -79,11 +96,11 @@ def _run_report(store: Path, root: Path) -> Tuple[Dict, Path]:
     return json.loads((out / "report.json").read_text()), out / "report.json"
 
 
-def test_a_coco256_run_report_fills_its_row_and_leaves_the_benchmarks_empty(coco256_store: Path,
-                                                                            tmp_path: Path) -> None:
-    report, path = _run_report(coco256_store, tmp_path)
+def test_a_coco256_run_report_fills_its_row_and_leaves_the_benchmarks_empty(coco256_store: Path, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    report, path = _run_report(coco256_store, tmp_path, monkeypatch)
     prov = report["provenance"]
-    assert prov["command"] and len(prov["commit"]) == 40 and prov["device"]
+    assert prov == PROVENANCE  # the evaluate report carries its provenance
     page = render_results([(report, "runs/coco256/eval/report.json", None)])
     # coco256 is not a benchmark: the row goes to its own section, even though the recipe row was coco2014
     assert page.count("_No measured run yet._") == len(BENCHMARKS)
@@ -96,7 +113,8 @@ def test_a_coco256_run_report_fills_its_row_and_leaves_the_benchmarks_empty(coco
     base = report["baseline"]["scores"]
     assert cells[5] == f"{base['global']['map']:.2f} / {base['damp']['map']:.2f}"
     assert cells[6] == "`vlpl train method=aevlp dataset=coco2014 store=S out=R`"
-    assert cells[8].startswith(f"`{prov['commit'][:12]}") and "NVIDIA H200" in cells[9]
+    assert cells[7] == "`vlpl evaluate run=runs/coco256`" and cells[8] == f"`{prov['commit'][:12]}`"
+    assert cells[9] == "train: NVIDIA H200; evaluate: cpu (x86_64, 2 threads)"
     # the CLI writes the same page from the report file; track prefixes are honoured
     out = tmp_path / "RESULTS.md"
     assert main([f"track2:{path}", "--out", str(out)]) == 0
@@ -105,8 +123,9 @@ def test_a_coco256_run_report_fills_its_row_and_leaves_the_benchmarks_empty(coco
 
 
 def test_a_report_without_command_or_commit_is_refused(coco256_store: Path, tmp_path: Path,
-                                                       capsys: pytest.CaptureFixture) -> None:
-    report, path = _run_report(coco256_store, tmp_path)
+                                                       capsys: pytest.CaptureFixture,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    report, path = _run_report(coco256_store, tmp_path, monkeypatch)
     for key in ("commit", "command"):
         bad = json.loads(json.dumps(report))
         del bad["provenance"][key]
