@@ -257,3 +257,16 @@ def test_ensemble_weights_are_checked_when_the_config_loads(tmp_path: Path) -> N
         load_config(TrainConfig, [], ["store=[a, b]", f"out={tmp_path}", "ensemble_weights=[1, 2, 3]"])
     cfg = load_config(TrainConfig, [], ["store=[a, b]", f"out={tmp_path}", "ensemble_weights=[1, 2]"])
     assert cfg.store == ["a", "b"] and cfg.ensemble_weights == [1.0, 2.0]
+
+
+def test_scores_on_a_device_equal_the_numpy_combination(ensemble: Path) -> None:
+    a, b = (ScoreStore(ensemble / "teachers" / n) for n in ("photo", "bare"))
+    for kinds in (None, ScoreKind("siglip", 10.0, -5.0)):
+        if kinds is not None:
+            b.score_kind = kinds
+        store = EnsembleStore([a, b], W, ["a", "b"])
+        sp = store.split("train")
+        pos = np.array([5, 0, 3])
+        on_device = sp.scores(pos, device="cpu")  # a torch tensor, combined where it was read
+        assert isinstance(on_device, torch.Tensor)
+        np.testing.assert_allclose(on_device.numpy(), sp.scores(pos), atol=1e-6)
