@@ -96,7 +96,8 @@ def test_store_file_round_trip_and_rules(coco256_store, tmp_path):
         apply_rule("threshold", full, obs, dynamic=False, thresholds=str(out))
 
     # the DAMP aggregate: thresholds on phi; negatives from the mixture's posterior, never over a positive
-    damp_file = write_thresholds(tmp_path / "th-damp.json", calibrate_store(store, bins=512, show_progress=False))
+    damp_file = write_thresholds(tmp_path / "th-damp.json", calibrate_store(store, aggregate="damp", bins=512,
+                                                                        show_progress=False))
     thd = load_thresholds(damp_file)
     phi, _ = damp_scores(full[:, 0], obs, **thd.aggregate_params)
     want = (phi.double().numpy() >= thd.thresholds[None, :]).astype(np.int8)
@@ -127,3 +128,22 @@ def test_a_file_for_other_classes_is_refused(coco256_store, tmp_path):
     doc["classes"] = doc["classes"][:-1]
     with pytest.raises(ValueError, match="must be a list of"):
         load_thresholds(write_thresholds(tmp_path / "short.json", doc))
+
+
+def test_calibration_on_neighbour_smoothed_scores(coco256_store):
+    """--knn-k: the fit sees exactly the knn rule's smoothed global cosines, and the file records the smoothing."""
+    from vlpl.pseudolabel.neighbours import neighbour_smoothed
+    from vlpl.store.store import ScoreStore
+
+    store = ScoreStore(coco256_store)
+    doc = calibrate_store(store, aggregate="global", bins=64, knn={"k": 3, "alpha": 0.5}, show_progress=False)
+    assert doc["knn"] == {"k": 3, "alpha": 0.5, "weighting": "softmax", "tau": 0.05, "power": 3.0, "views": "all"}
+    train = store.split("train")
+    pos = np.arange(len(train))
+    smoothed = neighbour_smoothed(torch.from_numpy(train.scores(pos)[:, 0]), RuleRows(train, pos), k=3, alpha=0.5)
+    obs = train.observed_at(pos)
+    fit = fit_values(smoothed[:, 0].double().numpy(), obs == 1, obs == -1, bins=64)
+    want = [None if not np.isfinite(t) else float(t) for t in fit.threshold]
+    assert doc["thresholds"] == pytest.approx(want, nan_ok=True)
+    raw = calibrate_store(store, aggregate="global", bins=64, show_progress=False)
+    assert raw["knn"] is None and raw["thresholds"] != doc["thresholds"]

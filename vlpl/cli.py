@@ -213,13 +213,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 _CALIBRATE_EPILOG = """\
 examples:
-  vlpl calibrate runs/coco256-store                                  # -> STORE/thresholds-damp.json
-  vlpl calibrate runs/coco256-store --aggregate global --out runs/th-global.json
-  vlpl train ... pseudo.rule=calibrated pseudo.params.thresholds=runs/coco256-store/thresholds-damp.json
-  vlpl train ... pseudo.rule=threshold "pseudo.params={score: cosine, thresholds: runs/th-global.json}"
+  vlpl calibrate runs/coco256-store                                  # -> STORE/thresholds-global.json
+  vlpl calibrate runs/coco256-store --aggregate damp --out runs/th-damp.json
+  vlpl calibrate runs/coco256-store --knn-k 10 --knn-alpha 0.5 --out runs/th-knn.json   # for rule knn
+  vlpl train ... pseudo.rule=calibrated pseudo.params.thresholds=runs/coco256-store/thresholds-global.json
+  vlpl train ... pseudo.rule=threshold "pseudo.params={score: cosine, thresholds: runs/coco256-store/thresholds-global.json}"
 
-per class, a two-Gaussian mixture fitted by EM on the train split's scores (DAMP's phi in logit space, or
-the global view's cosine), anchored on the observed labels; threshold = the Bayes boundary (docs/SWEEPS.md).
+per class, a two-Gaussian mixture fitted by EM on the train split's scores (the global view's cosine, or
+DAMP's phi in logit space), anchored on the observed labels; threshold = the Bayes boundary (docs/SWEEPS.md).
 """
 
 _SWEEP_EPILOG = """\
@@ -238,7 +239,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     _check_store("store", args.store)
     from vlpl.pseudolabel.calibrate import calibrate_store, write_thresholds
 
-    doc = calibrate_store(args.store, aggregate=args.aggregate, split=args.split, bins=args.bins)
+    knn = {"k": args.knn_k, "alpha": args.knn_alpha} if args.knn_k else None
+    doc = calibrate_store(args.store, aggregate=args.aggregate, split=args.split, bins=args.bins, knn=knn)
     out = Path(args.out) if args.out else Path(args.store) / f"thresholds-{args.aggregate}.json"
     write_thresholds(out, doc)
     fallback = sum(d["fallback"] is not None for d in doc["diagnostics"])
@@ -341,10 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
             _CALIBRATE_EPILOG)
     p.add_argument("store")
     p.add_argument("--out", default=None, metavar="FILE", help="thresholds file (default STORE/thresholds-AGG.json)")
-    p.add_argument("--aggregate", default="damp", choices=("damp", "global"),
-                   help="what the thresholds apply to: DAMP's phi (default) or the global view's cosine")
+    p.add_argument("--aggregate", default="global", choices=("global", "damp"),
+                   help="what the thresholds apply to: the global view's cosine (default) or DAMP's phi")
     p.add_argument("--split", default="train", help="the split fitted on (default train)")
     p.add_argument("--bins", type=int, default=2048, help="histogram bins per class (default 2048)")
+    p.add_argument("--knn-k", type=int, default=0, metavar="K",
+                   help="fit on neighbour-smoothed scores (rule knn's k; 0: raw scores, the default)")
+    p.add_argument("--knn-alpha", type=float, default=0.5, metavar="A", help="with --knn-k: rule knn's alpha")
     p.set_defaults(func=cmd_calibrate)
 
     p = add("sweep", "train and evaluate a list of variants on a store, then one comparison table", _SWEEP_EPILOG)

@@ -17,7 +17,7 @@ A ``sweep`` stage holds a sweep document (:mod:`vlpl.sweep`: ``store``, ``base``
 A ``calibrate`` stage writes a per-class thresholds file (:mod:`vlpl.pseudolabel.calibrate`) for rule
 ``calibrated``; it is skipped when the file exists and was fitted on the same store content::
 
-      - calibrate: {store: "${work}/store", out: "${work}/thresholds-damp.json", aggregate: damp}
+      - calibrate: {store: "${work}/store", out: "${work}/thresholds-global.json", aggregate: global}
 
 ``config`` lists config files (as ``-c``), ``set`` holds dotted overrides (as ``key=value``). Command-line
 ``KEY=VALUE`` arguments of ``vlpl run`` set ``vars``. Every stage is resumable, so re-running a pipeline
@@ -36,7 +36,7 @@ from vlpl.config import ConfigError, yaml_load
 
 log = logging.getLogger(__name__)
 STAGES = ("pseudolabel", "train", "evaluate", "sweep", "calibrate")
-CALIBRATE_KEYS = ("store", "out", "aggregate", "split", "bins")
+CALIBRATE_KEYS = ("store", "out", "aggregate", "split", "bins", "knn")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -112,20 +112,23 @@ def _run_calibrate(doc: Dict[str, Any]) -> None:
     from vlpl.pseudolabel.calibrate import calibrate_store, write_thresholds
     from vlpl.store.store import MANIFEST_CHECKSUM_KEY, ScoreStore
 
-    aggregate = str(doc.get("aggregate", "damp"))
+    aggregate = str(doc.get("aggregate", "global"))
     store = ScoreStore(Path(str(doc["store"])))
     out = Path(str(doc.get("out") or Path(str(doc["store"])) / f"thresholds-{aggregate}.json"))
+    knn = doc.get("knn")
     if out.is_file():
         try:
             old = json.loads(out.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             old = {}
+        same_knn = (old.get("knn") is None) == (knn is None) and all(
+            (old.get("knn") or {}).get(k) == v for k, v in (knn or {}).items())
         if old.get("store_manifest_sha256") == store.manifest.get(MANIFEST_CHECKSUM_KEY) \
-                and old.get("aggregate") == aggregate:
+                and old.get("aggregate") == aggregate and same_knn:
             log.info("calibrate: %s is current for %s, skipped", out, store.root)
             return
     write_thresholds(out, calibrate_store(store, aggregate=aggregate, split=str(doc.get("split", "train")),
-                                          bins=int(doc.get("bins", 2048))))
+                                          bins=int(doc.get("bins", 2048)), knn=knn))
     log.info("calibrate: %s", out)
 
 

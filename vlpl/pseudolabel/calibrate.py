@@ -10,13 +10,15 @@ What is fitted (per class ``c``, over the rows of ``split``, default ``train``, 
 
 * the **aggregate** the thresholds apply to (``--aggregate``):
 
-  - ``damp`` (default): DAMP's positive score ``phi`` (§7c steps 2-3, ``temp`` / ``eta`` recorded in the
+  - ``global`` (default): the raw cosine of the global view (view 0), fitted as it is. On synthetic CLIP-like
+    cosines (``benchmarks/synthetic.py``) its per-class thresholds gave the best pseudo-labels (docs/SWEEPS.md).
+  - ``damp``: DAMP's positive score ``phi`` (§7c steps 2-3, ``temp`` / ``eta`` recorded in the
     file; the gate uses each row's observed positives, as in training). ``phi`` lies in (0, 1) and is very
     skewed (at ``temp = 0.01`` most classes' ``phi`` lie between 1e-30 and 1e-3), so the mixture is fitted on
     ``logit(phi)`` (``phi`` clipped to ``[1e-30, 1 - 1e-7]``): for small ``phi``, ``logit(phi) ~ log(phi)``, an
     affine function of the cosines (``cos / temp`` minus the image's log-sum-exp), so the two populations keep
-    the cosines' near-Gaussian shape; the threshold is mapped back (``sigmoid``) to ``phi``.
-  - ``global``: the raw cosine of the global view (view 0), fitted as it is.
+    the cosines' near-Gaussian shape; the threshold is mapped back (``sigmoid``) to ``phi``. ``phi`` of one class
+    depends on the image's other classes (a softmax), which makes its two populations less Gaussian.
 
 * the **fit**: EM for ``w0 N(m0, s0^2) + w1 N(m1, s1^2)`` ("negative" and "positive" components) on a
   per-class histogram (``bins`` bins between the class's min and max, Sheppard's correction ``h^2/12`` on
@@ -46,7 +48,7 @@ What is fitted (per class ``c``, over the rows of ``split``, default ``train``, 
 The thresholds file (JSON, written atomically)::
 
     {"format": "vlpl-thresholds/1", "method": "...", "aggregate": "damp", "fit_space": "logit(phi)",
-     "aggregate_params": {"temp": 0.01, "eta": 0.3}, "split": "train", "store": PATH,
+     "aggregate_params": {"temp": 0.01, "eta": 0.3}, "split": "train", "knn": null, "store": PATH,
      "store_manifest_sha256": "...", "classes": [...], "thresholds": [...],   # in the aggregate's own units
      "mixture": {"w_pos": [...], "mean_neg": [...], "std_neg": [...], "mean_pos": [...], "std_pos": [...]},
      "diagnostics": [{"class", "rows", "observed_pos", "observed_neg", "iterations", "converged",
@@ -56,6 +58,11 @@ Rules that use it: ``calibrated`` (this module: per-class thresholds on the file
 negatives from the mixture posterior) and ``threshold`` with ``thresholds: FILE`` (a ``global`` file only:
 its aggregate is the threshold rule's ``score: cosine, view: global``). A file whose classes differ from
 the store's is refused, naming the first difference (:func:`check_classes`).
+
+Neighbour consensus (rule ``knn``) shrinks every score toward its neighbours', so thresholds fitted on the raw
+scores are too high for the smoothed ones; ``vlpl calibrate --knn-k K --knn-alpha A`` fits on the smoothed scores
+(recorded as ``knn`` in the file) for ``rule: knn, params: {base: calibrated, base_params: {thresholds: FILE},
+k: K, alpha: A}``; ``knn`` warns when its base's file was fitted on other scores.
 """
 from __future__ import annotations
 
@@ -339,22 +346,33 @@ def fit_values(x: np.ndarray, positives: Optional[np.ndarray] = None, negatives:
 # --------------------------------------------------------------------------------------------------
 # a store
 # --------------------------------------------------------------------------------------------------
-def _batches(reader: Any, batch_size: int) -> Any:
+def _batches(reader: Any, batch_size: int, knn: Optional[Dict[str, Any]] = None) -> Any:
     import torch
 
     for pos, scores in reader.iter_scores(batch_size):
         obs = reader.observed_at(pos)
-        yield torch.from_numpy(np.ascontiguousarray(scores[:, 0])), torch.from_numpy(obs), obs
+        s = torch.from_numpy(np.ascontiguousarray(scores[:, 0]))
+        if knn is not None:
+            from vlpl.pseudolabel.neighbours import neighbour_smoothed
+            from vlpl.pseudolabel.rules import RuleRows
+
+            s = neighbour_smoothed(s, RuleRows(reader, pos), **knn)
+        yield s, torch.from_numpy(obs), obs
 
 
-def calibrate_store(store: Any, *, aggregate: str = "damp", split: str = "train", bins: int = 2048,
+def calibrate_store(store: Any, *, aggregate: str = "global", split: str = "train", bins: int = 2048,
                     batch_size: int = 512, temp: float = DampParams.temp, eta: float = DampParams.eta,
-                    max_iter: int = 500, show_progress: bool = True) -> Dict[str, Any]:
+                    max_iter: int = 500, show_progress: bool = True,
+                    knn: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Fit the per-class thresholds of ``store`` (a :class:`~vlpl.store.store.ScoreStore` or a directory).
 
     Two streamed passes over ``split`` (unflipped views): per-class min/max of the aggregate, then histograms
     of unobserved / observed-positive / observed-negative entries; then :func:`fit_histograms`. Returns the
     thresholds document (see the module docstring) without writing it (:func:`write_thresholds`).
+
+    ``knn``: fit on neighbour-smoothed scores (:func:`vlpl.pseudolabel.neighbours.neighbour_smoothed`; keys
+    ``k``, ``alpha`` and optionally ``weighting``, ``tau``, ``power``, ``views``; the rest :class:`KnnParams`'
+    defaults), for rule ``knn`` with this file in its base rule; the file records the smoothing.
     """
     from vlpl.progress import progress
     from vlpl.store.store import MANIFEST_CHECKSUM_KEY, ScoreStore
@@ -364,6 +382,15 @@ def calibrate_store(store: Any, *, aggregate: str = "damp", split: str = "train"
     if bins < 8:
         raise ValueError(f"bins: expected at least 8, got {bins}")
     DampParams(temp=temp, eta=eta)
+    if knn is not None:
+        from vlpl.pseudolabel.neighbours import SMOOTHING_KEYS
+        from vlpl.pseudolabel.params import KnnParams
+
+        kp = KnnParams(**{k: v for k, v in knn.items() if k in SMOOTHING_KEYS})
+        unknown = set(knn) - set(SMOOTHING_KEYS)
+        if unknown:
+            raise ValueError(f"knn: unknown option(s) {sorted(unknown)}; expected {', '.join(SMOOTHING_KEYS)}")
+        knn = {k: getattr(kp, k) for k in SMOOTHING_KEYS}
     if isinstance(store, (str, Path)):
         store = ScoreStore(Path(store))
     if split not in store.splits():
@@ -376,14 +403,14 @@ def calibrate_store(store: Any, *, aggregate: str = "damp", split: str = "train"
     lo = np.full(C, np.inf)
     hi = np.full(C, -np.inf)
     with progress(total=n_batches, desc=f"calibrate {aggregate}", unit="batch", enabled=show_progress) as bar:
-        for scores, obs_t, _ in _batches(reader, batch_size):
+        for scores, obs_t, _ in _batches(reader, batch_size, knn):
             x = to_fit_space(aggregate_values(scores, obs_t, aggregate, temp=temp, eta=eta).numpy(), aggregate)
             lo = np.minimum(lo, x.min(0))
             hi = np.maximum(hi, x.max(0))
             bar.update(1)
         edges = _class_edges(lo, hi, bins)
         hs = [np.zeros((C, bins)) for _ in range(3)]
-        for scores, obs_t, obs in _batches(reader, batch_size):
+        for scores, obs_t, obs in _batches(reader, batch_size, knn):
             x = to_fit_space(aggregate_values(scores, obs_t, aggregate, temp=temp, eta=eta).numpy(), aggregate)
             for h, m in zip(hs, (obs == 0, obs == 1, obs == -1)):
                 _accumulate(h, edges, x, m)
@@ -407,6 +434,7 @@ def calibrate_store(store: Any, *, aggregate: str = "damp", split: str = "train"
         "fit_space": "logit(phi)" if aggregate == "damp" else "cosine",
         "aggregate_params": {"temp": float(temp), "eta": float(eta)} if aggregate == "damp" else {},
         "split": split,
+        "knn": knn,
         "bins": int(bins),
         "store": str(store.root),
         "store_manifest_sha256": store.manifest.get(MANIFEST_CHECKSUM_KEY),
@@ -446,6 +474,7 @@ class Thresholds:
     aggregate_params: Dict[str, float]
     mixture: Dict[str, np.ndarray]
     store_manifest_sha256: Optional[str]
+    knn: Optional[Dict[str, Any]] = None  # the neighbour smoothing the scores were fitted on (None: raw scores)
 
     def posterior_negative(self, values: np.ndarray) -> np.ndarray:
         """``P(negative component | value)`` of ``(B, C)`` aggregate values under the fitted mixture."""
@@ -500,7 +529,7 @@ def load_thresholds(path: Any) -> Thresholds:
            for k in ("w_pos", "mean_neg", "std_neg", "mean_pos", "std_pos")}
     out = Thresholds(path=str(p), classes=classes, thresholds=thr, aggregate=str(doc["aggregate"]),
                      aggregate_params={k: float(v) for k, v in (doc.get("aggregate_params") or {}).items()},
-                     mixture=mix, store_manifest_sha256=doc.get("store_manifest_sha256"))
+                     mixture=mix, store_manifest_sha256=doc.get("store_manifest_sha256"), knn=doc.get("knn"))
     _LOADED[key] = out
     return out
 

@@ -57,8 +57,8 @@ from vlpl.store.atomic import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NeighbourTable", "neighbour_table", "compute_neighbours", "neighbour_weights", "smooth_scores", "knn",
-           "CACHE_SUBDIR"]
+__all__ = ["NeighbourTable", "neighbour_table", "compute_neighbours", "neighbour_weights", "smooth_scores",
+           "neighbour_smoothed", "knn", "CACHE_SUBDIR", "SMOOTHING_KEYS"]
 
 CACHE_SUBDIR = "neighbours"
 TRAIN = "train"
@@ -314,6 +314,54 @@ def _train_reader(split: Any) -> Any:
     return _TRAIN_READERS[key]
 
 
+SMOOTHING_KEYS = ("k", "alpha", "weighting", "tau", "power", "views")
+
+
+def neighbour_smoothed(scores: Any, rows: Any, *, k: int = KnnParams.k, alpha: float = KnnParams.alpha,
+                       weighting: str = KnnParams.weighting, tau: float = KnnParams.tau,
+                       power: float = KnnParams.power, views: str = KnnParams.views) -> Any:
+    """``(B, n_views, C)`` scores of the batch ``rows`` smoothed with their neighbours' (the module docstring):
+    the neighbour lists of ``rows.split`` (cached), the neighbours' cached scores (mean of their flip variants)
+    read from the train split, weights from the similarities, then :func:`smooth_scores`."""
+    import torch
+
+    pos = np.asarray(rows.positions, dtype=np.int64).reshape(-1)
+    if scores.dim() != 3 or scores.shape[0] != len(pos):
+        raise ValueError(f"knn: scores must be (B, n_views, C) with B = {len(pos)} rows; got {tuple(scores.shape)}")
+    table = neighbour_table(rows.split.store, rows.split.name, k)
+    nb, sims = table.lookup(np.asarray(rows.split.rows)[pos])  # (B, k) train positions, similarities
+    valid = nb >= 0
+    B, kk = nb.shape
+    nbr = torch.zeros((B, kk) + tuple(scores.shape[1:]), dtype=scores.dtype, device=scores.device)
+    if valid.any():
+        uniq, inv = np.unique(nb[valid], return_inverse=True)
+        got = _train_reader(rows.split).scores(uniq)  # (U, variants, views, C)
+        mean = torch.as_tensor(np.asarray(got, dtype=np.float32)).mean(dim=1).to(scores.device, scores.dtype)
+        nbr[torch.from_numpy(valid).to(scores.device)] = mean[torch.from_numpy(inv.reshape(-1)).to(scores.device)]
+    w = neighbour_weights(torch.from_numpy(sims), torch.from_numpy(valid), weighting, tau, power)
+    return smooth_scores(scores, nbr, w, alpha, views)
+
+
+_WARNED: set = set()
+
+
+def _check_thresholds_file(p: KnnParams) -> None:
+    """Warn (once per file) when the base rule's thresholds file was fitted on other scores than these smoothed
+    ones (``vlpl calibrate --knn-k/--knn-alpha`` records the smoothing it fitted on)."""
+    path = (p.base_params or {}).get("thresholds")
+    if not path or path in _WARNED:
+        return
+    from vlpl.pseudolabel.calibrate import load_thresholds
+
+    fitted = load_thresholds(path).knn
+    mine = {key: getattr(p, key) for key in SMOOTHING_KEYS}
+    if fitted != mine:
+        _WARNED.add(path)
+        log.warning("knn: the thresholds file %s was fitted on %s scores, these are smoothed with %s: fit it on "
+                    "the same smoothing (vlpl calibrate STORE --knn-k %d --knn-alpha %g) for consistent thresholds",
+                    path, "unsmoothed" if fitted is None else f"smoothed ({fitted})", mine, p.k, p.alpha)
+
+
 @RULES.register("knn", params=KnnParams)
 def knn(scores: Any, observed: Any, *, base: str = KnnParams.base,
         base_params: Optional[Dict[str, Any]] = KnnParams.base_params, k: int = KnnParams.k,
@@ -329,7 +377,6 @@ def knn(scores: Any, observed: Any, *, base: str = KnnParams.base,
     Returns:
         the base rule's ``(B, C)`` int8 pseudo-labels on the smoothed scores.
     """
-    import torch
 
     p = KnnParams(base=base, base_params=base_params, k=k, alpha=alpha, weighting=weighting, tau=tau, power=power,
                   views=views)
@@ -337,21 +384,9 @@ def knn(scores: Any, observed: Any, *, base: str = KnnParams.base,
         raise ValueError("pseudo-label rule 'knn' reads the cached scores of each image's neighbours, so it needs "
                          "the batch's rows (RuleRows: split reader + positions); `vlpl train` and `vlpl evaluate` "
                          "pass them. Call it through apply_rule(..., rows=RuleRows(split, positions))")
-    pos = np.asarray(rows.positions, dtype=np.int64).reshape(-1)
-    if scores.dim() != 3 or scores.shape[0] != len(pos):
-        raise ValueError(f"knn: scores must be (B, n_views, C) with B = {len(pos)} rows; got {tuple(scores.shape)}")
-    table = neighbour_table(rows.split.store, rows.split.name, p.k)
-    nb, sims = table.lookup(np.asarray(rows.split.rows)[pos])  # (B, k) train positions, similarities
-    valid = nb >= 0
-    B, kk = nb.shape
-    nbr = torch.zeros((B, kk) + tuple(scores.shape[1:]), dtype=scores.dtype, device=scores.device)
-    if valid.any():
-        uniq, inv = np.unique(nb[valid], return_inverse=True)
-        got = _train_reader(rows.split).scores(uniq)  # (U, variants, views, C)
-        mean = torch.as_tensor(np.asarray(got, dtype=np.float32)).mean(dim=1).to(scores.device, scores.dtype)
-        nbr[torch.from_numpy(valid).to(scores.device)] = mean[torch.from_numpy(inv.reshape(-1)).to(scores.device)]
-    w = neighbour_weights(torch.from_numpy(sims), torch.from_numpy(valid), p.weighting, p.tau, p.power)
-    smoothed = smooth_scores(scores, nbr, w, p.alpha, p.views)
+    smoothed = neighbour_smoothed(scores, rows, k=p.k, alpha=p.alpha, weighting=p.weighting, tau=p.tau,
+                                  power=p.power, views=p.views)
+    _check_thresholds_file(p)
     fn = RULES.get(p.base)
     given = dict(p.base_params or {})
     bp = rule_params(p.base, given, where="pseudo.params.base_params")
