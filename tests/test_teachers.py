@@ -443,10 +443,15 @@ def test_hf_siglip_checkpoint_scores_like_the_model(tmp_path):
     assert b.resize_mode == "squash" and b.context_length == 77
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     cos = b.encode_image(x) @ b.encode_text(["cat", "dog"], "a photo of a {}.").T
-    ids = tok(["a photo of a cat.", "a photo of a dog."], padding="max_length", truncation=True, return_tensors="pt")
+    ids = tok(["a photo of a cat.", "a photo of a dog."], padding="max_length", max_length=77, truncation=True,
+              return_tensors="pt")  # SigLIP's texts are padded to the full context length
     with torch.no_grad():
         ref = SiglipModel.from_pretrained(tmp_path).eval()(input_ids=ids["input_ids"], pixel_values=x).logits_per_image
     torch.testing.assert_close(kind.logits(cos), ref, rtol=1e-4, atol=1e-4)
+    # descriptions through the hf backend: the same ensembling as its per-class path
+    two = ["a photo of a {}.", "a {} in the wild"]
+    torch.testing.assert_close(b.encode_prompts([[t.format("cat") for t in two], [t.format("dog") for t in two]]),
+                               b.encode_text(["cat", "dog"], two), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -467,3 +472,13 @@ def test_patch_tokens_of_real_family_architectures(name):
     patch = b.model.visual.trunk.patch_embed.patch_size[0]
     assert tokens.shape == (1, (h // patch) * (w // patch), b.embed_dim)
     torch.testing.assert_close(pooled, b.encode_image(x), rtol=1e-4, atol=1e-5)
+
+
+def test_long_description_warns_about_truncation(tiny_sigmoid, caplog):
+    """A description longer than the text tower's context length (32 tokens for vlpl-tiny-sigmoid) is named."""
+    import logging
+
+    long = "a dog " + " ".join(["with a very long and detailed description"] * 8)
+    with caplog.at_level(logging.WARNING, logger="vlpl.vlm.backend"):
+        tiny_sigmoid.encode_prompts([["a photo of a dog."], [long]])
+    assert "context length (32 tokens)" in caplog.text and "a dog with a very long" in caplog.text

@@ -391,6 +391,7 @@ class OpenClipBackend(VLMBackend):
         self.model = model
         self.tokenizer = open_clip.get_tokenizer(cfg.name)  # the model's own tokenizer and context length
         self.context_length = int(getattr(self.tokenizer, "context_length", 0) or 0) or None
+        self._warned_truncation = False
         pp = open_clip.get_model_preprocess_cfg(model)
         size = pp.get("size", model.visual.image_size)
         if isinstance(size, int):
@@ -422,7 +423,16 @@ class OpenClipBackend(VLMBackend):
         return clf.T  # (C, D)
 
     def _encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        return self.model.encode_text(self.tokenizer(list(texts)).to(self.device))
+        ids = self.tokenizer(list(texts))
+        from open_clip.tokenizer import SimpleTokenizer
+
+        if isinstance(self.tokenizer, SimpleTokenizer) and not self._warned_truncation:
+            full = (ids[:, -1] != 0).nonzero().flatten().tolist()  # no padding left: at or over the context length
+            if full:
+                self._warned_truncation = True
+                log.warning("%d prompt(s) fill the text tower's context length (%d tokens) and may be truncated, "
+                            "e.g. %r: shorten long descriptions", len(full), ids.shape[1], texts[full[0]][:120])
+        return self.model.encode_text(ids.to(self.device))
 
     def _encode_image_tokens(self, pixels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         return image_tokens(self.model.visual, pixels, self.cfg.name)
@@ -501,16 +511,24 @@ class HFBackend(VLMBackend):
         rows = []
         for c in classnames:
             texts = [t.format(c) for t in templates]
-            tok = self.tokenizer(texts, padding="max_length" if self.is_siglip else True,
-                                 truncation=True, return_tensors="pt").to(self.device)
+            tok = self._tokenize(texts)
             emb = F.normalize(self._features(self.model.get_text_features(**tok)).float(), dim=-1)
             rows.append(F.normalize(emb.mean(0), dim=-1))
         return torch.stack(rows)
 
     def _encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        tok = self.tokenizer(list(texts), padding="max_length" if self.is_siglip else True, truncation=True,
-                             return_tensors="pt").to(self.device)
-        return self._features(self.model.get_text_features(**tok))
+        return self._features(self.model.get_text_features(**self._tokenize(texts)))
+
+    def _tokenize(self, texts: Sequence[str]) -> Dict[str, torch.Tensor]:
+        """The text tower's inputs. SigLIP was trained on texts padded to its full context length, attending to
+        the padding (no attention mask) and pooling the last token, as open_clip and the original code run it:
+        pad to the model's ``max_position_embeddings`` (not the tokenizer's possibly unset ``model_max_length``)
+        and pass the ids alone."""
+        if self.is_siglip:
+            tok = self.tokenizer(list(texts), padding="max_length", max_length=self.context_length, truncation=True,
+                                 return_tensors="pt")
+            return {"input_ids": tok["input_ids"].to(self.device)}
+        return dict(self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt").to(self.device))
 
     def identity(self) -> Dict[str, Any]:
         import transformers
