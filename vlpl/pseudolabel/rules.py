@@ -169,7 +169,7 @@ def select_variants(
     if variant == "follow_student_flip":
         if flips is None:
             raise ValueError("pseudo.variant=follow_student_flip needs each sample's flip (TrainBatch.flip); none given")
-        flips = torch.as_tensor(flips).to(device=scores.device, dtype=torch.bool).reshape(-1)
+        flips = torch.as_tensor(flips).to(device=scores.device, dtype=torch.bool, non_blocking=True).reshape(-1)
         if flips.numel() != b:
             raise ValueError(f"flips has {flips.numel()} entries for a batch of {b} samples")
         if n_variants == 1:
