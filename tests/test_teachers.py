@@ -482,3 +482,14 @@ def test_long_description_warns_about_truncation(tiny_sigmoid, caplog):
     with caplog.at_level(logging.WARNING, logger="vlpl.vlm.backend"):
         tiny_sigmoid.encode_prompts([["a photo of a dog."], [long]])
     assert "context length (32 tokens)" in caplog.text and "a dog with a very long" in caplog.text
+
+
+def test_hf_naflex_siglip2_is_refused_with_the_way_out(tmp_path):
+    from transformers import Siglip2Config
+
+    from vlpl.config import ConfigError, TeacherConfig
+    from vlpl.vlm.backend import create_backend
+
+    Siglip2Config().save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="Siglip2Model.*open_clip backend"):
+        create_backend(TeacherConfig(backend="hf", name=str(tmp_path)))

@@ -466,7 +466,14 @@ class HFBackend(VLMBackend):
             mcfg = AutoConfig.from_pretrained(cfg.name)
         except (OSError, ValueError) as e:
             raise ConfigError(f"model.name: cannot load a transformers config from {cfg.name!r}: {e}") from e
-        if mcfg.model_type not in ("clip", "siglip", "siglip2"):
+        if mcfg.model_type == "siglip2":
+            # NaFlex: variable-resolution patch sequences, not the fixed square crops the views are made at
+            raise ConfigError(
+                f"model.name: {cfg.name!r} is a transformers Siglip2Model (NaFlex, variable resolution), which "
+                f"the hf backend does not run; use the open_clip backend (e.g. configs/models/siglip2_*.yaml) or a "
+                f"fixed-resolution SigLIP 2 checkpoint (model_type 'siglip')"
+            )
+        if mcfg.model_type not in ("clip", "siglip"):
             raise ConfigError(
                 f"model.name: {cfg.name!r} is a {mcfg.model_type!r} model; the hf backend takes CLIP or SigLIP"
             )
