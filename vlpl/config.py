@@ -814,3 +814,40 @@ def resolve_path(root: Union[str, Path], p: Optional[str]) -> Optional[Path]:
         return None
     q = Path(os.path.expanduser(p))
     return q if q.is_absolute() else Path(root) / q
+
+
+# --------------------------------------------------------------------------------------------------
+# vlpl export (issue 13; vlpl/export/)
+# --------------------------------------------------------------------------------------------------
+
+
+EXPORT_FORMATS = ("hf", "cole", "laion")
+
+
+@dataclass
+class ExportConfig:
+    """``vlpl export STORE``: a store's pseudo-labels as a Hugging Face dataset (+ card, save, push) or in the
+    papers' formats (Cole ``formatted_*.npy``, the clip-retrieval/LAION embedding layout). See docs/PUBLISHING.md."""
+
+    store: Any = required()  # a score store, a teacher-ensemble directory, or a list of stores
+    out: str = required()  # the export folder (hf: README.md + <config>/<split>-*.parquet + vlpl_export.json)
+    format: str = "hf"  # hf | cole | laion
+    rule: Optional[str] = None  # any registered rule; default damp (calibrated when thresholds is given)
+    rule_params: Dict[str, Any] = field(default_factory=dict)
+    thresholds: Optional[str] = None  # a `vlpl calibrate` file: the rule's thresholds parameter
+    splits: List[str] = field(default_factory=list)  # empty: every split of the store
+    with_images: bool = False  # the image bytes in the `image` column (else the relative path)
+    all_views: bool = False  # every cached view's scores (<teacher>_views, V x C)
+    embeddings: bool = False  # the teacher's image embedding
+    sparse_topk: int = 0  # > 0: <teacher>_topk, the K best classes per image with their scores
+    teacher_name: Optional[str] = None  # column prefix (default: the teacher model's name)
+    config_name: Optional[str] = None  # the dataset config (default <teacher>_<rule>)
+    data_root: Optional[str] = None  # where the images are now (with_images), if not the store's recorded root
+    save_to_disk: Optional[str] = None  # also DatasetDict.save_to_disk here
+    push_to_hub: Optional[str] = None  # a hub repo id; the token comes from `hf auth login` / HF_TOKEN
+    private: bool = False
+    revision: Optional[str] = None
+    max_shard_size: str = "500MB"
+    license: str = "other"  # the card's license field (a Hub license id)
+    batch_size: int = 256  # rows read from the store at a time
+    quality_rows: int = 20000  # rows per split the card's quality numbers are measured on (at most)

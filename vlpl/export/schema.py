@@ -134,6 +134,8 @@ class ExportSchema:
     embedding_dim: int = 0
     has_labels: bool = False
     options: ExportOptions = field(default_factory=ExportOptions)
+    #: export the rule's aggregate (when it has one, :data:`RULE_AGGREGATES`)
+    rule_score: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
@@ -167,7 +169,9 @@ class ExportSchema:
     @property
     def rule_score_column(self) -> Optional[str]:
         """``<teacher>_<rule>_score`` when the rule has an aggregate (:data:`RULE_AGGREGATES`), else None."""
-        return f"{self.teacher}_{teacher_prefix(self.rule)}_score" if self.rule in RULE_AGGREGATES else None
+        if not self.rule_score or self.rule not in RULE_AGGREGATES:
+            return None
+        return f"{self.teacher}_{teacher_prefix(self.rule)}_score"
 
     @property
     def views_column(self) -> Optional[str]:
@@ -252,6 +256,8 @@ class ExportSchema:
             return cls(classes=list(meta["classes"]), teacher=str(meta["teacher"]["column_prefix"]),
                        view_names=list(meta["views"]["names"]), rule=str(meta["rule"]["name"]),
                        embedding_dim=int(meta.get("embedding_dim") or 0), has_labels="labels" in meta["columns"],
+                       rule_score=any(str(c).endswith("_score") and c != f"{meta['teacher']['column_prefix']}_score"
+                                      for c in meta["columns"]),
                        options=ExportOptions(**{k: opts[k] for k in ("with_images", "all_views", "embeddings",
                                                                       "sparse_topk") if k in opts}))
         except (KeyError, TypeError, ValueError) as e:
