@@ -349,7 +349,7 @@ def test_config_and_schema_modules_import_without_torch():
         from vlpl.pseudolabel.params import rule_params
         from vlpl.registry import list_losses, list_rules
         from vlpl.train.loss_params import loss_params
-        assert list_rules() == ["damp", "threshold", "topk", "vlpl"], list_rules()
+        assert list_rules() == ["calibrated", "damp", "knn", "threshold", "topk", "vlpl"], list_rules()
         assert "gpr" in list_losses() and loss_params("gpr", {"q2": 0.02}).q2 == 0.02
         assert rule_params("damp", {"eta": 0}).eta == 0.0
         heavy = [m for m in ("torch", "numpy", "timm", "open_clip", "pyarrow") if m in sys.modules]
