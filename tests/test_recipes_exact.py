@@ -68,6 +68,30 @@ def test_a_bare_name_records_timms_default_tag():
         timm_weights_tag(StudentConfig(name="resnet50", pretrained="tv_in1k"))
 
 
+def test_the_recorded_tag_is_the_name_handed_to_timms_loader(monkeypatch):
+    """No download: timm.create_model is replaced by a stand-in that "loads" a tiny model; the backbone asks timm
+    for exactly the resolved ``<arch>.<tag>`` with pretrained=True and records that tag."""
+    import timm
+
+    calls = []
+    real = timm.create_model
+
+    def fake(name, pretrained=False, **kw):
+        calls.append((name, pretrained))
+        return real("test_resnet", pretrained=False, **kw)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(timm, "create_model", fake)
+    for name, want in (("resnet50", "resnet50.a1_in1k"), ("resnet50.tv_in1k", "resnet50.tv_in1k")):
+        calls.clear()
+        model = create_classifier(StudentConfig(name=name, image_size=64), _names())
+        assert calls == [(want, True)] and model.pretrained_tag == want
+    cfg = load_train_config([], ["method=aevlp", "dataset=coco2014", *TRAIN])
+    calls.clear()
+    assert create_classifier(cfg.student, _names()).pretrained_tag == "resnet50.tv_in1k"
+    assert calls == [("resnet50.tv_in1k", True)]
+
+
 def _names(n: int = 5) -> ClassContext:
     return ClassContext([f"c{i}" for i in range(n)])
 
