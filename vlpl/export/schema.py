@@ -29,6 +29,12 @@ column                       feature                                            
                              the K best classes of the global view, best first
 ===========================  =====================================================  =======================
 
+Where the files are (:mod:`vlpl.export.hf`): an export folder ``OUT/`` holds ``README.md`` (the card) and one folder
+per config (``<teacher>_<rule>`` unless named), ``OUT/<config>/<split>-NNNNN-of-NNNNN.parquet`` +
+``OUT/<config>/vlpl_export.json`` (the Hub repo layout ``push_to_hub`` writes); a ``--save-to-disk DIR`` folder is
+``DatasetDict.save_to_disk`` output plus ``DIR/vlpl_export.json`` and ``DIR/README.md``.
+:func:`read_export_metadata` finds the metadata in either.
+
 Scores are the store's **raw** teacher scores (cosine for CLIP, ``score_kind`` in the metadata says how a rule
 turns them into probabilities), stored as float16 as in the store. The layout of ``T_views`` is the store's:
 ``v = variant * n_views + view`` (:class:`vlpl.store.views.ViewSpec`).
@@ -50,6 +56,7 @@ __all__ = [
     "teacher_prefix",
     "default_teacher_name",
     "read_export_metadata",
+    "find_export_metadata",
     "build_metadata",
     "ExportFormatError",
 ]
@@ -320,16 +327,46 @@ def _list(feature: Any, length: int = -1) -> Any:
     return datasets.Sequence(feature, length=length)  # pragma: no cover - datasets 3.x
 
 
-def read_export_metadata(path: Any) -> Dict[str, Any]:
-    """The ``vlpl_export.json`` of an exported dataset directory (or the file itself), checked for the keys a
-    reader needs: ``schema_version``, ``classes``, ``teacher``, ``views``, ``rule``, ``columns``."""
+def find_export_metadata(path: Any, config: Optional[str] = None) -> Path:
+    """The ``vlpl_export.json`` of an export, wherever ``path`` points:
+
+    * the file itself;
+    * a ``save_to_disk`` folder (``DIR/vlpl_export.json`` beside ``dataset_dict.json``);
+    * an export folder (``OUT/<config>/vlpl_export.json``, one folder per config): ``config`` names one; without it
+      the only config (several: an :class:`ExportFormatError` listing them);
+    * a config folder (``OUT/<config>/``).
+    """
     p = Path(path)
-    if p.is_dir():
-        p = p / METADATA_FILE
+    if p.is_file():
+        return p
+    if not p.is_dir():
+        raise ExportFormatError(f"{p}: no such file or folder (expected a `vlpl export` output)")
+    if config is not None:
+        q = p / config / METADATA_FILE
+        if q.is_file():
+            return q
+        if (p / METADATA_FILE).is_file() and p.name == config:
+            return p / METADATA_FILE
+        have = sorted(x.parent.name for x in p.glob(f"*/{METADATA_FILE}"))
+        raise ExportFormatError(f"{p}: no config {config!r} (configs: {have or 'none'})")
+    if (p / METADATA_FILE).is_file():
+        return p / METADATA_FILE
+    found = sorted(x for x in p.glob(f"*/{METADATA_FILE}") if not x.parent.name.startswith("."))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise ExportFormatError(f"{p}: no {METADATA_FILE} (here or in a config folder): not a dataset exported by "
+                                f"`vlpl export`")
+    raise ExportFormatError(f"{p} holds several configs ({', '.join(x.parent.name for x in found)}); name one")
+
+
+def read_export_metadata(path: Any, config: Optional[str] = None) -> Dict[str, Any]:
+    """The ``vlpl_export.json`` of an export (:func:`find_export_metadata`: the file, a ``save_to_disk`` folder, an
+    export folder and ``config``, or a config folder), checked for the keys a reader needs: ``schema_version``,
+    ``classes``, ``teacher``, ``views``, ``rule``, ``columns``."""
+    p = find_export_metadata(path, config)
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ExportFormatError(f"{p}: not found; is {p.parent} a `vlpl export` output?") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ExportFormatError(f"{p}: unreadable ({e})") from None
     if not isinstance(data, Mapping):
