@@ -39,6 +39,11 @@ def test_every_shipped_teacher_names_a_pretrained_open_clip_model():
         # each model's own preprocessing is known to open_clip for that tag
         pp = open_clip.get_pretrained_cfg(t["name"], t["pretrained"])
         assert len(pp["mean"]) == 3 and len(pp["std"]) == 3, fname
+        # and the file is a valid pseudolabel config fragment
+        from vlpl.config import PseudolabelConfig, load_config
+
+        cfg = load_config(PseudolabelConfig, [MODELS / fname], ["out=unused"])
+        assert (cfg.teacher.name, cfg.teacher.pretrained) == (t["name"], t["pretrained"])
 
 
 # --------------------------------------------------------------------------------------------------------
