@@ -133,3 +133,37 @@ def test_coco256_partial_pipeline_end_to_end(coco256_root, tmp_path, monkeypatch
     assert {r["method"] for r in doc["rows"]} == {"an", "csl", "satl", "aevlp"}
     assert all(r["observed"] == "partial keep=0.5" and r["map"] is not None for r in doc["rows"])
     assert len(calls) == 4
+
+
+def _report(path: Path, name: str, mAP: float, masked, teacher: float) -> Path:
+    summary = {"name": name, "kind": "run", "split": "test", "num_images": 10, "map": mAP, "map_pos": mAP + 1,
+               "CF1": 20.0, "OF1": 30.0}
+    if masked is not None:
+        summary.update(masked_map=masked, masked_classes_used=5, masked_classes_skipped=1)
+    rep = {"schema": "vlpl.evaluate/2", "units": {}, "name": name, "summary": summary, "headline": [summary],
+           "run": {"train_config": {"method": "csl", "loss": {"name": "csl"}, "pseudo": {"rule": None},
+                                    "store": str(path / "no-store")},
+                   "summary": {"best_epoch": 3, "best_val_map": 50.0, "select": "masked_map_observed"}},
+           "baseline": {"num_images": 10, "scores": {"global": {"map": teacher, "map_pos": teacher},
+                                                     "damp": {"map": teacher - 1, "map_pos": teacher}}}}
+    d = path / name / "eval"
+    d.mkdir(parents=True)
+    (d / "report.json").write_text(json.dumps(rep))
+    return path / name
+
+
+def test_compare_table_masked_map_and_baseline_by_hand(tmp_path):
+    from vlpl.eval.compare import write_comparison
+
+    a = _report(tmp_path, "csl_p0.5", 40.0, 55.5, 30.0)
+    b = _report(tmp_path, "an_p0.5", 35.0, None, 30.0)
+    out = write_comparison([a, b], tmp_path / "cmp")
+    doc = json.loads((out / "compare.json").read_text())
+    assert [r["masked_map"] for r in doc["rows"]] == [55.5, None]
+    assert [r["vs_teacher"] for r in doc["rows"]] == [10.0, 5.0]
+    assert doc["rows"][0]["best_val_map"] == 50.0 and doc["rows"][0]["best_epoch"] == 3
+    assert len(doc["baselines"]) == 1 and doc["baselines"][0]["scores"]["damp"]["map"] == 29.0
+    md = (out / "compare.md").read_text()
+    assert "masked mAP (%)" in md and "| csl_p0.5 | csl | csl | none |  | 3 | 50.00 | test | 10 | 40.00 | 55.50 |" in md
+    assert "| an_p0.5 | csl | csl | none |  | 3 | 50.00 | test | 10 | 35.00 | n/a |" in md
+    assert "counts unknown entries as negatives" in md and "| 30.00 | 29.00 |" in md
