@@ -131,6 +131,17 @@ def test_sigmoid_teacher_store_records_kind_and_rules_use_sigmoid(sigmoid_store)
     np.testing.assert_array_equal(by_rows, by_kind)
     cosine = apply_rule("threshold", torch.from_numpy(raw), obs, **kw).numpy()  # softmax over classes
     assert (cosine != by_kind).any()
+    # DAMP under the store's kind: phi from the per-class sigmoids of the global view and the tiles, by hand
+    from vlpl.pseudolabel.rules import damp_scores
+
+    pi = 1.0 / (1.0 + np.exp(-(man["logit_scale"] * raw[:, 0].astype(np.float64) + man["logit_bias"])))  # (B, 5, C)
+    o = train.observed_at(pos)
+    gate = np.minimum(np.where(o == 1, pi[:, 0], 0.0).max(axis=1), 0.3)[:, None]
+    a, b = pi[:, 1:].max(axis=1), pi[:, 1:].min(axis=1)
+    phi_hand = 0.5 * (pi[:, 0] + np.where(a > gate, a, b))
+    with store.score_kind.scope():
+        phi, _ = damp_scores(torch.from_numpy(raw[:, 0]), obs, temp=0.01, eta=0.3)
+    np.testing.assert_allclose(phi.numpy(), phi_hand, rtol=1e-5, atol=1e-9)
     # the trainer's RuleRunner (built as run_train builds it, with the training split) reads the store's kind
     from vlpl.train.step import RuleRunner
 
