@@ -192,6 +192,18 @@ def test_follow_student_flip_gives_a_flipped_sample_the_mirrored_images_views(g)
     assert torch.equal(gen.get_state(), before)
 
 
+def test_follow_student_flip_with_a_dense_view():
+    """A store with views.dense has one more view per variant after the tiles (the global crop's patch-token score):
+    a flipped sample reads the flipped dense view in its place, the tiles mirrored as without it."""
+    from vlpl.pseudolabel.rules import select_variants
+
+    s = _labelled_scores(2, 3)
+    s = torch.cat([s, s[:, :, :1] + 50], dim=2)  # view 10 = dense: 1000n + 100v + 50
+    out = select_variants(s, None, variant="follow_student_flip", flips=torch.tensor([True, False]))
+    assert out[0, :, 0].long().tolist() == [100] + [100 + 1 + i * 3 + (2 - j) for i in range(3) for j in range(3)] + [150]
+    assert out[1, :, 0].long().tolist() == [1000 + w for w in range(10)] + [1050]
+
+
 def test_variant_options_and_their_failure_modes():
     from vlpl.pseudolabel.rules import select_variants
 

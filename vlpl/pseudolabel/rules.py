@@ -152,7 +152,8 @@ def select_variants(
             (``random`` / ``unflipped``). ``follow_student_flip`` (VLPL's released code, where the teacher scores
             the student's own possibly flipped image): a sample with ``flips[b]`` reads the views of the mirrored
             image - the flipped global view and, at tile (i, j), the flipped tile (i, g-1-j) (the mirror image's
-            tile (i, j) is the mirror of the original's tile (i, g-1-j)); an unflipped sample reads variant 0.
+            tile (i, j) is the mirror of the original's tile (i, g-1-j); a dense view, of the global crop, keeps
+            its place); an unflipped sample reads variant 0.
             No random draw is made.
         flips: ``(B,)`` bool, each sample's flip as the student saw it (``TrainBatch.flip``); needed by
             ``follow_student_flip`` only.
@@ -178,10 +179,12 @@ def select_variants(
                                  "false), so a flipped student image has no cached teacher view; rebuild the store "
                                  "with flips, or use pseudo.variant=unflipped")
             return scores[:, 0]
-        g = math.isqrt(n_views - 1)
-        if g * g != n_views - 1:
-            raise ValueError(f"n_views={n_views} is not 1 + g*g (a global view and a g x g grid)")
-        mirror = [0] + [1 + i * g + (g - 1 - j) for i in range(g) for j in range(g)]
+        # per variant: the global view, g x g tiles, and (views.dense) the dense view of the global crop last
+        dense = int(math.isqrt(n_views - 1) ** 2 != n_views - 1)
+        g = math.isqrt(n_views - 1 - dense)
+        if g * g != n_views - 1 - dense:
+            raise ValueError(f"n_views={n_views} is not 1 + g*g (+ 1 dense view): a global view and a g x g grid")
+        mirror = [0] + [1 + i * g + (g - 1 - j) for i in range(g) for j in range(g)] + [n_views - 1] * dense
         mirrored = scores[:, 1, mirror] if g > 1 else scores[:, 1]
         return torch.where(flips[:, None, None], mirrored, scores[:, 0])
     if variant == "unflipped" or n_variants == 1:
