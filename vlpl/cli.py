@@ -26,6 +26,7 @@ stages:
   calibrate     per-class thresholds from a label-free two-Gaussian fit on a store's scores (a JSON file)
   sweep         train + evaluate a list of variants on a store, then one comparison table
   demo          the whole job on bundled photographs
+  export        a store's pseudo-labels as a Hugging Face dataset (+ card, push) or in Cole's / LAION's formats
 
 first command to try:
   vlpl demo --offline        # tiny random models, no download: shows every stage (numbers mean nothing)
@@ -272,6 +273,67 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+_EXPORT_EPILOG = """\
+examples:
+  vlpl export runs/coco256-store --out runs/coco256-export                     # DAMP pseudo-labels, Parquet + card
+  vlpl export runs/coco256-store --out runs/coco256-export --rule vlpl --rule-param threshold=0.3
+  vlpl export runs/coco256-store --out runs/coco256-export --thresholds runs/coco256-store/thresholds-global.json
+  vlpl export runs/coco256-store --out runs/exp --all-views --embeddings --sparse-topk 10 --save-to-disk runs/exp-disk
+  vlpl export runs/coco256-store --out runs/exp --with-images --push-to-hub me/coco256-pseudo --private
+  vlpl export runs/coco256-store --out runs/coco256-cole --format cole         # formatted_{train,val}_*.npy
+  vlpl export runs/coco256-store --out runs/coco256-laion --format laion       # img_emb/ + metadata/ (clip-retrieval)
+
+hf: OUT/README.md (the dataset card) + OUT/<teacher>_<rule>/<split>-*.parquet + vlpl_export.json; load it with
+datasets.load_dataset("OUT", "<teacher>_<rule>"). --push-to-hub takes the token from `hf auth login` or HF_TOKEN
+(never printed or written); images are uploaded only with --with-images. See docs/PUBLISHING.md.
+"""
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Flags become dotted overrides after -c files and KEY=VALUE (flags win); checked before torch is imported."""
+    from vlpl.config import ExportConfig, load_config
+
+    flags = [f"store={json.dumps(args.store)}"]
+    for key in ("out", "format", "rule", "thresholds", "teacher_name", "config_name", "data_root", "save_to_disk",
+                "push_to_hub", "revision", "max_shard_size", "license"):
+        if getattr(args, f"x_{key}") is not None:
+            flags.append(f"{key}={json.dumps(getattr(args, f'x_{key}'))}")
+    for key in ("with_images", "all_views", "embeddings", "private"):
+        if getattr(args, f"x_{key}"):
+            flags.append(f"{key}=true")
+    for key in ("sparse_topk", "batch_size", "rows_per_file"):
+        if getattr(args, f"x_{key}") is not None:
+            flags.append(f"{key}={int(getattr(args, f'x_{key}'))}")
+    if args.x_split:
+        flags.append(f"splits={json.dumps(args.x_split)}")
+    for kv in args.x_rule_param:
+        if "=" not in kv:
+            raise ValueError(f"--rule-param {kv!r}: expected NAME=VALUE (e.g. threshold=0.3)")
+        flags.append(f"rule_params.{kv}")
+    cfg = load_config(ExportConfig, args.config, [*args.overrides, *flags])
+    _check_store("store", cfg.store, ensembles=True)
+    from vlpl.export.stage import check_export_config, run_export
+
+    check_export_config(cfg)
+    result = run_export(cfg, sys.argv if argv_is_cli() else None)
+    if cfg.format == "hf":
+        rows = ", ".join(f"{k} {v}" for k, v in result.metadata["splits"].items())
+        print(f"vlpl export: {result.config_name} ({rows} rows) -> {result.out}/{result.config_name}/, "
+              f"card {result.out / 'README.md'}")
+        if result.saved_to:
+            print(f"  save_to_disk: {result.saved_to} (datasets.load_from_disk)")
+        if result.pushed_to:
+            print(f"  pushed: {result.pushed_to}")
+    else:
+        print(f"vlpl export: {cfg.format} files -> {result}")
+    return 0
+
+
+def argv_is_cli() -> bool:
+    """Whether sys.argv is this command line (the console script or ``python -m vlpl``), to record it."""
+    return bool(sys.argv) and Path(sys.argv[0]).name in ("vlpl", "__main__.py")
+
+
 def _precheck(args: argparse.Namespace) -> None:
     """Checks that must come before a command imports its stage (and torch): evaluate's config."""
     if args.command == "evaluate" and not getattr(args, "compare", None):
@@ -363,6 +425,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default runs/demo)")
     p.add_argument("--epochs", type=int, default=6)
     p.set_defaults(func=cmd_demo)
+
+    p = add("export", "a store's pseudo-labels as a Hugging Face dataset with its card (save, push), or in the "
+                      "papers' formats (Cole's formatted_*.npy, the clip-retrieval/LAION embedding layout)",
+            _EXPORT_EPILOG)
+    p.add_argument("store", help="a score store (or a teacher-ensemble directory)")
+    _add_config_args(p, "rule_params.top_k=2 quality_rows=5000")
+    p.add_argument("--out", dest="x_out", metavar="DIR", help="the export folder (required)")
+    p.add_argument("--format", dest="x_format", choices=("hf", "cole", "laion"), help="output format (default hf)")
+    p.add_argument("--rule", dest="x_rule", metavar="NAME",
+                   help="pseudo-label rule (any registered rule; default damp, or calibrated with --thresholds)")
+    p.add_argument("--rule-param", dest="x_rule_param", action="append", default=[], metavar="K=V",
+                   help="a rule parameter (repeatable), e.g. --rule-param threshold=0.3")
+    p.add_argument("--thresholds", dest="x_thresholds", metavar="FILE", help="a `vlpl calibrate` thresholds file")
+    p.add_argument("--split", dest="x_split", action="append", default=[], metavar="NAME",
+                   help="export only this store split (repeatable; default every split)")
+    p.add_argument("--with-images", dest="x_with_images", action="store_true",
+                   help="put the image bytes in the `image` column (default: the relative path)")
+    p.add_argument("--all-views", dest="x_all_views", action="store_true",
+                   help="add <teacher>_views: every cached view's scores (V x C), needed to re-run view rules")
+    p.add_argument("--embeddings", dest="x_embeddings", action="store_true", help="add the image embeddings")
+    p.add_argument("--sparse-topk", dest="x_sparse_topk", type=int, metavar="K",
+                   help="add <teacher>_topk: the K best classes per image with their scores (large vocabularies)")
+    p.add_argument("--teacher-name", dest="x_teacher_name", metavar="NAME",
+                   help="column prefix (default: the teacher model's name)")
+    p.add_argument("--config-name", dest="x_config_name", metavar="NAME", help="dataset config (default <teacher>_<rule>)")
+    p.add_argument("--data-root", dest="x_data_root", metavar="DIR", help="where the images are now (--with-images)")
+    p.add_argument("--save-to-disk", dest="x_save_to_disk", metavar="DIR", help="also DatasetDict.save_to_disk(DIR)")
+    p.add_argument("--push-to-hub", dest="x_push_to_hub", metavar="REPO_ID",
+                   help="upload to this Hub dataset repo (token: `hf auth login` or HF_TOKEN)")
+    p.add_argument("--private", dest="x_private", action="store_true", help="with --push-to-hub: a private repo")
+    p.add_argument("--revision", dest="x_revision", metavar="REV", help="with --push-to-hub: the branch")
+    p.add_argument("--max-shard-size", dest="x_max_shard_size", metavar="SIZE", help="Parquet shard size (500MB)")
+    p.add_argument("--license", dest="x_license", metavar="ID", help="the card's license (default other)")
+    p.add_argument("--batch-size", dest="x_batch_size", type=int, metavar="N", help="rows read at a time (256)")
+    p.add_argument("--rows-per-file", dest="x_rows_per_file", type=int, metavar="N",
+                   help="--format laion: rows per img_emb/metadata file pair (1000000)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

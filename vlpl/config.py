@@ -125,6 +125,12 @@ class DataConfig:
     # coco: row order of an official split: "id_str" (Cole: image ids sorted as strings, 2b) or "json" (the
     # instances JSON's images list, pycocotools' order: the MLR-PL keep-ratio protocol's rows, ALGORITHMS.md 10)
     image_order: str = "id_str"
+    # webdataset: tar shard URLs (brace-expanded; local paths relative to root, or fsspec URLs); a string or list is
+    # the official train split, a mapping {train: ..., test: ...} names both (vlpl/data/webdataset.py, docs/INPUTS.md)
+    urls: Union[None, str, List[str], Dict[str, Any]] = None
+    wds_labels_member: str = "json"  # webdataset: the member with a sample's labels (json, or a txt extension)
+    # hf: stream the dataset (datasets.load_dataset(..., streaming=True)) instead of loading it (vlpl/data/streaming.py)
+    hf_streaming: bool = False
 
 
 @dataclass
@@ -851,3 +857,4 @@ class ExportConfig:
     license: str = "other"  # the card's license field (a Hub license id)
     batch_size: int = 256  # rows read from the store at a time
     quality_rows: int = 20000  # rows per split the card's quality numbers are measured on (at most)
+    rows_per_file: int = 1000000  # format laion: rows per img_emb_NNNN.npy / metadata_NNNN.parquet pair
