@@ -107,6 +107,13 @@ def test_sweep_skips_finished_variants_and_compares_report_values(coco256_store,
     assert mtimes == {n: (tmp_path / "sw" / n / "summary.json").stat().st_mtime_ns for n in mtimes}
     assert json.loads((again / "compare.json").read_text())["rows"] == doc["rows"]
 
+    # an interrupted run (no summary.json) is resumed from its checkpoint, not trained again from scratch
+    best = (tmp_path / "sw" / "an" / "best" / "model.safetensors").read_bytes()
+    (tmp_path / "sw" / "an" / "summary.json").unlink()
+    run_sweep(sweep_from_doc(_doc(str(coco256_store), str(tmp_path / "sw")), "test"))
+    assert len(calls) == 3 and (tmp_path / "sw" / "an" / "summary.json").is_file()
+    assert (tmp_path / "sw" / "an" / "best" / "model.safetensors").read_bytes() == best
+
     # a finished run of another spec is refused, naming the variant
     changed = _doc(str(coco256_store), str(tmp_path / "sw"))
     changed["variants"][0]["set"]["epochs"] = 2
