@@ -26,6 +26,8 @@ stages:
   calibrate     per-class thresholds from a label-free two-Gaussian fit on a store's scores (a JSON file)
   sweep         train + evaluate a list of variants on a store, then one comparison table
   demo          the whole job on bundled photographs
+  predict       tag new images (files, folders, lists, webdataset) with a trained run's model
+  export-model  a run's model as safetensors + config.json (timm-loadable backbone), optionally pushed to the Hub
   export        a store's pseudo-labels as a Hugging Face dataset (+ card, push) or in Cole's / LAION's formats
 
 first command to try:
@@ -266,6 +268,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from vlpl.predict import predict_images
+
+    res = predict_images(args.run, args.images, args.out, thresholds=args.thresholds, threshold=args.threshold,
+                         topk=args.topk, batch_size=args.batch_size, device=args.device, num_workers=args.num_workers)
+    print(f"vlpl predict: {res.images} images ({res.failed} unreadable, recorded with their error), tags by "
+          f"{res.tagging.source} -> {res.out}")
+    return 0
+
+
+def cmd_export_model(args: argparse.Namespace) -> int:
+    from vlpl.export.model import export_model
+
+    res = export_model(args.run, args.out, push_to_hub=args.push_to_hub, private=args.private,
+                       revision=args.revision)
+    print(f"vlpl export-model: {res.out}" + (f" (timm backbone: {res.out / 'backbone'})" if res.timm else "")
+          + (f"; pushed to {res.url}" if res.url else ""))
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from vlpl.pipeline import run_pipeline
 
@@ -425,6 +447,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default runs/demo)")
     p.add_argument("--epochs", type=int, default=6)
     p.set_defaults(func=cmd_demo)
+
+    p = add("predict", "tag new images with a trained run's best model: per-class scores and tags (CSV, JSONL, Parquet)",
+            "examples:\n  vlpl predict runs/aevlp-coco photos/ --out tags.csv\n"
+            "  vlpl predict runs/aevlp-coco list.txt 'shards/{000..009}.tar' --out tags.parquet --topk 5\n"
+            "  vlpl predict runs/aevlp-coco a.jpg b.png --threshold 0.3 --out tags.jsonl\n\n"
+            "tags: the run's per-class thresholds (F1-optimal on its validation predictions) unless --threshold,\n"
+            "--thresholds FILE or --topk is given. Unreadable images are rows with an error, never fatal.\n")
+    p.add_argument("run", help="a training run folder (holds best/)")
+    p.add_argument("images", nargs="+", help="image files, folders (recursive), .txt lists, webdataset .tar shards")
+    p.add_argument("--out", default=None, metavar="FILE", help="a .csv, .jsonl or .parquet file "
+                                                              "(default RUN/predict/predictions.csv)")
+    p.add_argument("--thresholds", default=None, metavar="FILE", help="per-class probability thresholds (JSON)")
+    p.add_argument("--threshold", type=float, default=None, metavar="X", help="one probability threshold")
+    p.add_argument("--topk", type=int, default=None, metavar="K", help="the K best classes of each image")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    p.add_argument("--num-workers", default="auto", type=lambda v: v if v == "auto" else int(v),
+                   help="image decoding processes (default auto)")
+    p.set_defaults(func=cmd_predict)
+
+    p = add("export-model", "a run's best model as safetensors + config.json (+ a timm-loadable backbone folder)",
+            "examples:\n  vlpl export-model runs/aevlp-coco --out models/aevlp-coco\n"
+            "  vlpl export-model runs/aevlp-coco --out models/aevlp-coco --push-to-hub me/aevlp-coco --private\n\n"
+            "the token comes from `hf auth login` or HF_TOKEN and is never printed or written.\n")
+    p.add_argument("run", help="a training run folder (holds best/)")
+    p.add_argument("--out", required=True, metavar="DIR", help="the export folder (replaced whole)")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="upload DIR to this model repo")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+    p.add_argument("--revision", default=None, help="with --push-to-hub: the branch to push to")
+    p.set_defaults(func=cmd_export_model)
 
     p = add("export", "a store's pseudo-labels as a Hugging Face dataset with its card (save, push), or in the "
                       "papers' formats (Cole's formatted_*.npy, the clip-retrieval/LAION embedding layout)",
