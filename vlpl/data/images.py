@@ -223,6 +223,8 @@ def decode_image(data: Union[bytes, BinaryIO, str, os.PathLike], name: str, cfg:
 #: ``<scheme>://`` -> opener ``(source, rest) -> (bytes or binary file, name for errors)``; the file
 #: references (no scheme) are handled by :meth:`ImageSource.resolve`. Add webdataset members here.
 SCHEMES: Dict[str, Callable[["ImageSource", str], Tuple[Union[bytes, BinaryIO], str]]] = {}
+#: schemes whose opener registers itself when its module is imported (imported on first use)
+LAZY_SCHEMES: Dict[str, str] = {"wds": "vlpl.data.webdataset", "hfs": "vlpl.data.streaming"}
 
 
 def _scheme_of(ref: str) -> Optional[str]:
@@ -242,6 +244,8 @@ class ImageSource:
         hf: for ``hf://`` references, a mapping from split name to a ``datasets.Dataset``.
         hf_image_column: the image column of ``hf``.
         hf_path: where ``hf`` was loaded from (a local folder or a hub id), recorded in the store.
+        hf_stream: for ``hfs://`` references (a Hugging Face dataset read with ``streaming=True``, ``hf_path`` its
+            location): the stream's row layout (:mod:`vlpl.data.streaming`), recorded in the store.
     """
 
     root: Path
@@ -249,6 +253,7 @@ class ImageSource:
     hf: Optional[Mapping[str, Any]] = field(default=None, repr=False)
     hf_image_column: str = "image"
     hf_path: Optional[str] = None
+    hf_stream: Optional[Dict[str, Any]] = None
     _root_real: Optional[Path] = field(default=None, init=False, repr=False, compare=False)
     _hf_raw: Dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -377,6 +382,11 @@ class ImageSource:
         scheme = _scheme_of(ref)
         if scheme is not None:
             opener = SCHEMES.get(scheme)
+            if opener is None and scheme in LAZY_SCHEMES:
+                import importlib
+
+                importlib.import_module(LAZY_SCHEMES[scheme])
+                opener = SCHEMES.get(scheme)
             if opener is None:
                 raise ImageLoadError(
                     f"cannot open image {printable(ref)}: no opener for references of scheme {scheme!r} "
@@ -395,6 +405,9 @@ class ImageSource:
         out: Dict[str, Any] = {"root": str(self.root_real)}
         if self.hf is not None:
             out["hf"] = {"path": self.hf_path, "image_column": self.hf_image_column}
+        elif self.hf_stream is not None:  # streaming: the location and the stream's row layout
+            out["hf"] = {"path": self.hf_path, "image_column": self.hf_image_column, "streaming": True,
+                         "stream": self.hf_stream}
         return out
 
     @classmethod
@@ -428,6 +441,9 @@ class ImageSource:
         location = str(hf_info["path"])
         if not Path(location).is_absolute() and (root / location).exists():
             location = str(root / location)
+        if hf_info.get("streaming"):  # hfs:// rows are re-read from the stream (vlpl/data/streaming.py)
+            return cls(root, cfg, hf_image_column=str(hf_info.get("image_column", "image")), hf_path=location,
+                       hf_stream=dict(hf_info.get("stream") or {}))
         try:
             hf = open_hf_dict(location)
         except Exception as e:  # noqa: BLE001

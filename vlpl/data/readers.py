@@ -21,7 +21,9 @@ Formats (``cfg.format``):
 * ``coco`` — official instances JSON: :func:`read_coco`.
 * ``voc`` — ``VOCdevkit/VOC2012/ImageSets/Main``: :func:`read_voc`.
 * ``cole`` — Cole's ``formatted_*.npy``: :func:`read_cole`.
-* ``hf`` — a Hugging Face dataset (``save_to_disk`` folder or hub id): :func:`read_hf`.
+* ``hf`` — a Hugging Face dataset (``save_to_disk`` folder or hub id): :func:`read_hf`; with
+  ``hf_streaming: true`` streamed (:mod:`vlpl.data.streaming`).
+* ``webdataset`` — tar shards (``urls``): :mod:`vlpl.data.webdataset`.
 """
 from __future__ import annotations
 
@@ -716,6 +718,10 @@ def read_hf(cfg: DataConfig) -> OfficialSplits:
     * Classes: the ``ClassLabel`` names when the label feature has them, else ``cfg.classes``
       (default ``<root>/classes.txt``).
     """
+    if getattr(cfg, "hf_streaming", False):  # datasets.load_dataset(..., streaming=True): vlpl/data/streaming.py
+        from vlpl.data.streaming import read_hf_streaming
+
+        return read_hf_streaming(cfg)
     ds = _open_hf(cfg)
     root = Path(cfg.root)
     unknown = [s for s in cfg.hf_splits if s not in OFFICIAL_SPLITS]
@@ -1012,7 +1018,15 @@ READERS: Dict[str, Callable[[DataConfig], OfficialSplits]] = {
     "hf": read_hf,
     "openimages": read_openimages,
     "vg200": read_vg200,
+    "webdataset": lambda cfg: _read_webdataset(cfg),
 }
+
+
+def _read_webdataset(cfg: DataConfig) -> OfficialSplits:
+    """``webdataset``: tar shards (``data.urls``), :func:`vlpl.data.webdataset.read_webdataset`."""
+    from vlpl.data.webdataset import read_webdataset
+
+    return read_webdataset(cfg)
 
 
 def _split_labels(items: List[RawItem], split: str, C: int) -> Optional[np.ndarray]:
@@ -1136,4 +1150,9 @@ def load_dataset(cfg: DataConfig) -> LabelledDataset:
         raise ConfigError(f"data.format: unknown format {cfg.format!r}; expected one of: {', '.join(READERS)}")
     if cfg.observed.mode not in MODES:
         raise ConfigError(f"data.observed.mode: unknown mode {cfg.observed.mode!r}; expected one of: {', '.join(MODES)}")
-    return build_dataset(reader(cfg), cfg)
+    raw = reader(cfg)
+    ds = build_dataset(raw, cfg)
+    attach = getattr(raw, "attach_source", None)  # a streaming source sets the dataset's ImageSource itself
+    if attach is not None:
+        attach(ds)
+    return ds
