@@ -166,15 +166,15 @@ def compute_neighbours(store: Any, split: str = TRAIN, k: int = 10, *, batch_siz
                 d, ids = index.search(q[todo], max(kk, 1))
                 tp = _to_train_positions(ids, sorted_rows, order)
                 keep = (tp >= 0) & (ids != own[todo, None])
-                short = []
-                for j, i in enumerate(todo):
-                    sel = np.nonzero(keep[j])[0][:k]
-                    if len(sel) < k and kk < ntotal:
-                        short.append(i)
-                        continue
-                    positions[s + i, : len(sel)] = tp[j, sel]
-                    sims[s + i, : len(sel)] = d[j, sel]
-                todo = np.asarray(short, dtype=np.int64)
+                count = keep.sum(axis=1)
+                short = (count < k) & (kk < ntotal)  # ask these again for more results
+                first_k = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # the first k kept, in rank order
+                take = np.arange(first_k.shape[1])[None, :] < np.minimum(count, k)[:, None]
+                done = ~short
+                rows_ = s + todo[done]
+                positions[rows_, : first_k.shape[1]] = np.where(take, np.take_along_axis(tp, first_k, 1), -1)[done]
+                sims[rows_, : first_k.shape[1]] = np.where(take, np.take_along_axis(d, first_k, 1), 0.0)[done]
+                todo = todo[short]
                 kk = min(ntotal, kk * 2)
             bar.update(len(pos))
     return NeighbourTable(split=split, k=k, positions=positions, sims=sims,
