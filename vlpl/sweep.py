@@ -40,7 +40,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Sequence
 
 from vlpl.config import ConfigError, yaml_load
 
@@ -243,12 +243,3 @@ def _eval_dir(sweep: Sweep, v: Variant) -> Path:
     ecfg = _evaluate_config(sweep, v)
     return Path(ecfg.out) if ecfg.out else v.out / "eval"
 
-
-def variant_names(sweep: Sweep) -> List[str]:
-    """The variants' names, in order."""
-    return [v.name for v in sweep.variants]
-
-
-def describe(sweep: Sweep) -> Optional[str]:
-    """One line per variant: name, config files and overrides (for logs and ``--help`` examples)."""
-    return "\n".join(f"{v.name}: {' '.join(['-c ' + c for c in v.config] + v.overrides)}" for v in sweep.variants)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from vlpl.eval.report import jsonable, load_report, utc_now
 from vlpl.store.atomic import atomic_write_json, atomic_write_text
@@ -230,7 +230,3 @@ def write_comparison(paths: Sequence[Any], out: Any, *, measure_baseline: bool =
     log.info("comparison of %d run(s): %s", len(doc["rows"]), out / "compare.md")
     return out
 
-
-def rows_of(doc: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """The run rows of a comparison document (helper for callers and tests)."""
-    return list(doc["rows"])
