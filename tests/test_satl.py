@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.satl_worker import POPULATION, synthetic, two_process_worker
 from tests.test_train import TINY_NET, _train_args, final_state, fork_train
 from vlpl.train.loop import run_train
 from vlpl.train.losses import LossBatch, create_loss
@@ -40,21 +41,6 @@ def _bisect_boundary(mp, vp, mn, vn, pi):
     return (lo + hi) / 2
 
 
-# class 0: pi 0.3, N(2, 1) vs N(-1, 0.25); class 1: pi 0.1, N(1, 0.25) vs N(-2, 4) (unequal variances both ways)
-POPULATION = [(0.3, 2.0, 1.0, -1.0, 0.25), (0.1, 1.0, 0.25, -2.0, 4.0)]
-
-
-def _synthetic(n: int, rng: np.random.Generator, shift: float = 0.0):
-    """(n, 2) fully known labels (+1 / -1) and logits drawn from the class Gaussians (shifted by ``shift``)."""
-    z = np.zeros((n, 2), np.int8)
-    s = np.zeros((n, 2), np.float32)
-    for c, (pi, mp, vp, mn, vn) in enumerate(POPULATION):
-        pos = rng.random(n) < pi
-        z[:, c] = np.where(pos, 1, -1)
-        s[:, c] = np.where(pos, rng.normal(mp + shift, math.sqrt(vp), n), rng.normal(mn + shift, math.sqrt(vn), n))
-    return z, s
-
-
 def _epoch(loss, z: np.ndarray, s: np.ndarray, batch: int = 1000) -> None:
     for k in range(0, len(z), batch):
         idx = torch.arange(k, min(k + batch, len(z)))
@@ -69,7 +55,7 @@ def _sample_stats(z: np.ndarray, s: np.ndarray, c: int):
 
 def test_threshold_is_the_bayes_boundary_and_follows_changed_distributions():
     rng = np.random.default_rng(0)
-    z, s = _synthetic(4000, rng)
+    z, s = synthetic(4000, rng)
     loss = create_loss("satl", torch.from_numpy(z), lambda_rank=0.0)  # the statistics alone (no pair matrix)
     loss.set_epoch(1, 50)
     assert torch.isnan(loss.thresholds()).all()  # no statistics yet: no threshold, no pseudo-label
@@ -86,7 +72,7 @@ def test_threshold_is_the_bayes_boundary_and_follows_changed_distributions():
         assert float(tau[c]) == pytest.approx(_bisect_boundary(mp0, vp0, mn0, vn0, pi0), abs=0.1)
     # the distributions move up by 2: the EMA (momentum 0.9 per epoch) moves the statistics and the threshold toward
     # the new boundary, by exactly one EMA step per epoch
-    z2, s2 = _synthetic(4000, np.random.default_rng(1), shift=2.0)
+    z2, s2 = synthetic(4000, np.random.default_rng(1), shift=2.0)
     _epoch(loss, z2, s2)
     loss.set_epoch(3, 50)
     second = [_sample_stats(z2, s2, c) for c in range(2)]
@@ -107,7 +93,7 @@ def test_threshold_is_the_bayes_boundary_and_follows_changed_distributions():
 
 def test_unknown_entries_become_pseudo_labels_by_their_posterior_and_resume_does_not_fold_twice():
     rng = np.random.default_rng(0)
-    z, s = _synthetic(4000, rng)
+    z, s = synthetic(4000, rng)
     loss = create_loss("satl", torch.from_numpy(z), gamma=0.95)
     loss.set_epoch(1, 3)
     _epoch(loss, z, s)
@@ -231,3 +217,29 @@ def test_satl_resumes_byte_identical_after_kills(coco256_partial_store, tmp_path
         assert fork_train(_train_args(coco256_partial_store, run, *args, "resume=true")) == 0, kill
         got = final_state(run)
         assert got == want, (kill, [k for k in want if got.get(k) != want[k]])
+
+
+@pytest.mark.slow
+def test_two_processes_sum_the_statistics_of_the_global_batch(tmp_path):
+    """Under data parallelism every process folds the statistics of the whole global batch (identical everywhere):
+    2 gloo processes with 20 rows each hold the sums of a 1-process loss over all 40 rows."""
+    import multiprocessing as mp
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=two_process_worker, args=(r, port, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+        assert p.exitcode == 0
+    z, s = synthetic(40, np.random.default_rng(3))
+    one = create_loss("satl", torch.from_numpy(z))
+    one.set_epoch(1, 2)
+    one(LossBatch(logits=torch.from_numpy(s), index=torch.arange(40), observed=torch.from_numpy(z)))
+    for r in range(2):
+        got = torch.load(tmp_path / f"sums{r}.pt")
+        assert torch.allclose(got, one.epoch_sums, rtol=1e-12, atol=1e-9), (r, got, one.epoch_sums)
