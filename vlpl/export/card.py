@@ -113,7 +113,7 @@ def _teacher_lines(meta: Mapping[str, Any]) -> List[str]:
                      f"`{tag}`" + (f", open_clip {model['open_clip_version']}" if model.get("open_clip_version")
                                    else ""))
     kind = meta.get("score_kind") or {}
-    lines.append(f"- **Scores**: raw teacher scores of kind `{kind.get('kind', 'cosine')}`"
+    lines.append(f"- **Scores**: raw teacher scores of kind `{kind.get('score_kind', 'cosine')}`"
                  + (f" (logit scale {kind['logit_scale']})" if kind.get("logit_scale") else "")
                  + ", stored as float16")
     templates = t.get("templates") or []
@@ -201,7 +201,7 @@ def _usage(configs: Mapping[str, Any], repo: str) -> List[str]:
         'print([names[c] for c in row["pseudo_positives"]])',
         "```", "",
         f"Train on it with vlpl: `vlpl train store={repo} ...` (docs/PUBLISHING.md). Scores are raw "
-        f"`{(meta.get('score_kind') or {}).get('kind', 'cosine')}` teacher scores: "
+        f"`{(meta.get('score_kind') or {}).get('score_kind', 'cosine')}` teacher scores: "
         "`vlpl_export.json` in each config folder says how they were made and how to read them.", "",
     ]
 

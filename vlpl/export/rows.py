@@ -36,19 +36,19 @@ def resolve_rule(rule: Optional[str], params: Optional[Mapping[str, Any]], thres
     """
     from vlpl.config import ConfigError
     from vlpl.pseudolabel.params import rule_params
+    from vlpl.registry import RULES
 
     values = dict(params or {})
     name = rule or ("calibrated" if thresholds else DEFAULT_RULE)
     if thresholds is not None:
+        if "thresholds" not in RULES.schema(name).names():
+            raise ConfigError(f"--thresholds: rule {name!r} takes no thresholds file (rules that do: calibrated, "
+                              f"threshold)")
         if "thresholds" in values and values["thresholds"] != thresholds:
             raise ConfigError(f"--thresholds {thresholds!r} and rule_params.thresholds={values['thresholds']!r} "
                               f"disagree; give one")
         values["thresholds"] = str(thresholds)
-    p = rule_params(name, values, where="rule_params")
-    if thresholds is not None and "thresholds" not in p.to_dict():
-        raise ConfigError(f"--thresholds: rule {name!r} takes no thresholds file (rules that do: calibrated, "
-                          f"threshold)")
-    return name, p.to_dict()
+    return name, rule_params(name, values, where="rule_params").to_dict()
 
 
 @dataclass
