@@ -282,3 +282,20 @@ def test_two_processes_rank_the_global_batch_and_accumulate_the_global_prior(coc
     assert [r["step"] for r in steps] == [1, 2, 3]  # written once, by the main process
     # no class prior above 0.5 on this store: exactly K x B = 5 x 16 un-annotated entries ignored per global batch
     assert float(want.max()) < 0.5 and all(r["num_ignored"] == 5 * 16 for r in steps)
+
+
+def test_prior_file_without_prior_file_mode_is_a_config_error(coco256_partial_store, tmp_path):
+    from vlpl.train.losses.csl import prepare_csl_prior
+
+    f = tmp_path / "p.csv"
+    write_prior_csv(f, ["a"], [0.5])
+    cfg = load_train_config([TINY_NET], _train_args(coco256_partial_store, tmp_path / "run", "method=csl",
+                                                    "dataset=coco2014_rps05", f"loss.params.prior_file={f}"))
+    with pytest.raises(ConfigError, match="prior_file: a prior file goes with loss.params.prior=file"):
+        prepare_csl_prior(cfg)
+    assert not (tmp_path / "run").exists()  # nothing written
+    bad = load_train_config([TINY_NET], _train_args(coco256_partial_store, tmp_path / "run", "method=csl",
+                                                    "dataset=coco2014_rps05", "loss.params.prior=file",
+                                                    f"loss.params.prior_file={f}"))
+    with pytest.raises(ConfigError, match="no prior for 80 of the store's classes"):
+        prepare_csl_prior(bad)

@@ -470,6 +470,9 @@ def prepare_csl_prior(cfg: Any) -> Any:
     target = out / PRIOR_FILE
     if params.prior_file and Path(params.prior_file).resolve() == target.resolve() and target.is_file():
         return cfg  # already prepared (the resolved config of this run)
+    if params.prior_file and params.prior != "file":
+        raise ConfigError(f"loss.params.prior_file: a prior file goes with loss.params.prior=file; prior="
+                          f"{params.prior} computes its own (into {target})")
     store = ScoreStore(Path(cfg.store))
     classes = list(store.classes)
     source: Dict[str, Any] = {"prior": params.prior, "classes": len(classes)}
