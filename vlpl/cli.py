@@ -283,8 +283,8 @@ def cmd_export_model(args: argparse.Namespace) -> int:
 
     res = export_model(args.run, args.out, push_to_hub=args.push_to_hub, private=args.private,
                        revision=args.revision)
-    print(f"vlpl export-model: {res.out}" + (f" (timm backbone: {res.out / 'backbone'})" if res.timm else "")
-          + (f"; pushed to {res.url}" if res.url else ""))
+    kind = "timm classifier" if res.timm_classifier else "timm backbone + vlpl head" if res.timm else "vlpl format"
+    print(f"vlpl export-model: {res.out} ({kind})" + (f"; pushed to {res.url}" if res.url else ""))
     return 0
 
 

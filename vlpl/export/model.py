@@ -31,6 +31,7 @@ step wrapper (:mod:`vlpl.export.hub`: the repo and the step named, the library's
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass
@@ -198,18 +199,20 @@ def push_model(out: Path, repo_id: str, *, private: bool = False, revision: Opti
     from huggingface_hub import HfApi
 
     from vlpl.export.hub import _step
+    from vlpl.store.atomic import atomic_write_text
 
     card = out / "README.md"
     cfg = json.loads((out / "config.json").read_text(encoding="utf-8"))
     text = _card({"vlpl": {**cfg["vlpl"], "classes": (out / "classes.txt").read_text(encoding="utf-8").splitlines()}},
                  repo_id)
-    card.write_text(text, encoding="utf-8")  # the card names the repo it is pushed to
+    atomic_write_text(card, text)  # the card names the repo it is pushed to
     api = HfApi()  # token: the standard login / HF_TOKEN, resolved by huggingface_hub, never seen here
     url = _step("create_repo", repo_id, api.create_repo, repo_id, repo_type="model", private=private, exist_ok=True)
     if revision is not None and not str(revision).startswith("refs/pr/"):
         _step("create_branch", repo_id, api.create_branch, repo_id, branch=revision, repo_type="model", exist_ok=True)
-    _step("upload_folder", repo_id, api.upload_folder, folder_path=str(out), repo_id=repo_id, repo_type="model",
-          revision=revision, commit_message=f"vlpl export-model: {out.name}")
+    upload = functools.partial(api.upload_folder, repo_id=repo_id)  # _step's own second argument is repo_id
+    _step("upload_folder", repo_id, upload, folder_path=str(out), repo_type="model", revision=revision,
+          commit_message=f"vlpl export-model: {out.name}")
     link = str(getattr(url, "url", None) or f"https://huggingface.co/{repo_id}")
     log.info("pushed model %s to %s%s", out, link, f" (revision {revision})" if revision else "")
     return link
