@@ -57,7 +57,8 @@ The thresholds file (JSON, written atomically)::
 Rules that use it: ``calibrated`` (this module: per-class thresholds on the file's aggregate, optional
 negatives from the mixture posterior) and ``threshold`` with ``thresholds: FILE`` (a ``global`` file only:
 its aggregate is the threshold rule's ``score: cosine, view: global``). A file whose classes differ from
-the store's is refused, naming the first difference (:func:`check_classes`).
+the store's is refused, naming the first difference (:func:`check_classes`); one fitted on another store with the
+same classes is used with a warning.
 
 Neighbour consensus (rule ``knn``) shrinks every score toward its neighbours', so thresholds fitted on the raw
 scores are too high for the smoothed ones; ``vlpl calibrate --knn-k K --knn-alpha A`` fits on the smoothed scores
@@ -547,11 +548,20 @@ def check_classes(th: Thresholds, classes: Sequence[str], where: str = "the stor
                      f"(first unmatched: {(th.classes[len(classes)] if len(th.classes) > len(classes) else classes[len(th.classes)])!r})")
 
 
+_OTHER_STORE_WARNED: set = set()
+
+
 def _checked(path: str, num_classes: int, rows: Any) -> Thresholds:
     th = load_thresholds(path)
     if rows is not None:
         store = rows.split.store
         check_classes(th, store.classes, f"store {store.root}")
+        sha = store.manifest.get("manifest_sha256")
+        if th.store_manifest_sha256 != sha and (path, sha) not in _OTHER_STORE_WARNED:
+            _OTHER_STORE_WARNED.add((path, sha))
+            log.warning("thresholds file %s was fitted on another store (manifest sha256 %s, this one %s): same "
+                        "classes, so it is used; calibrate this store for thresholds fitted on its own scores",
+                        path, th.store_manifest_sha256, sha)
     elif len(th.classes) != num_classes:
         raise ValueError(f"thresholds file {path} has {len(th.classes)} classes, the scores have {num_classes}")
     return th
