@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vlpl.config import ConfigError
+from vlpl.config import ConfigError, PseudolabelConfig, load_config
 from vlpl.pipeline import load_pipeline
 from vlpl.sweep import load_sweep, run_sweep, sweep_from_doc
 
@@ -61,6 +61,10 @@ def test_shipped_pipelines_check(tmp_path):
     names = {}
     for f in ("coco_partial", "coco256_partial", "ablation_rules", "coco256_ablation_rules"):
         stages = load_pipeline(str(REPO / "pipelines" / f"{f}.yaml"), [f"work={tmp_path}"])
+        for st in stages:
+            if st["stage"] == "pseudolabel":
+                cfg = load_config(PseudolabelConfig, st["config"], st["overrides"])
+                assert cfg.out.startswith(str(tmp_path))
         sweeps = [sweep_from_doc(s["doc"], s["where"]) for s in stages if s["stage"] == "sweep"]
         assert len(sweeps) == 1
         names[f] = [v.name for v in sweeps[0].variants]
@@ -68,6 +72,10 @@ def test_shipped_pipelines_check(tmp_path):
                                                                                                "aevlp")]
     assert sorted(n.removeprefix("rule_") for n in names["ablation_rules"]) == list_rules()
     assert names["coco256_ablation_rules"] == names["ablation_rules"]
+    keeps = [load_config(PseudolabelConfig, st["config"], st["overrides"]).data.observed.keep
+             for st in load_pipeline(str(REPO / "pipelines" / "coco_partial.yaml"), [f"work={tmp_path}"])
+             if st["stage"] == "pseudolabel"]
+    assert keeps == [0.1, 0.3, 0.5, 0.7, 0.9]
 
 
 def _train_calls(monkeypatch):
