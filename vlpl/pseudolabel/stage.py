@@ -38,6 +38,7 @@ from vlpl.pseudolabel.device_decode import EncodedJPEG, decode_on_device, probe_
 from vlpl.store.async_writer import BackgroundWriter, InlineWriter, ScoredBatch, ShardAssembler, ShardBuffer
 from vlpl.store.atomic import atomic_write_json
 from vlpl.store.formats import ScoreForm, encode_views
+from vlpl.store.fs import store_path
 from vlpl.store.store import (
     SCHEMA_VERSION,
     ShardRows,
@@ -368,7 +369,7 @@ def run_pseudolabel(cfg: PseudolabelConfig, stats: Optional[Dict[str, Any]] = No
 
         return run_ensemble_pseudolabel(cfg, stats)
     state = PartialState(cpu=resolve_device(cfg.teacher.device).type == "cpu")
-    out = Path(cfg.out)
+    out = store_path(cfg.out)  # a local path, or an fsspec URL (s3://..., docs/REMOTE_STORES.md)
     ds = load_dataset(cfg.data)
     if not ds.samples:
         raise ValueError(f"dataset at {cfg.data.root} has no samples")

@@ -20,6 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Union
 
+from vlpl.store.fs import RemotePath
+
 PathLike = Union[str, Path]
 
 log = logging.getLogger(__name__)
@@ -86,7 +88,14 @@ def atomic_path(path: PathLike, hint: str = "") -> Iterator[Path]:
     On any exception the temporary file is removed and ``path`` is untouched, so an output is never
     half-written. An ``OSError`` (from the caller's write, the fsync or the rename) becomes a
     :class:`WriteError` naming ``path``, the cause and ``hint``.
+
+    ``path`` a :class:`~vlpl.store.fs.RemotePath` (a store on an fsspec URL): the temporary file is local and is
+    sent whole on success (:meth:`RemotePath.upload`: one put on object storage, rename on ``file://``).
     """
+    if isinstance(path, RemotePath):
+        with _remote_atomic_path(path, hint) as tmp:
+            yield tmp
+        return
     path = Path(path)
     tmp_path = path.with_name(f".{path.name}.pending{TEMP_SUFFIX}")  # only for messages if mkstemp fails
     try:
@@ -111,6 +120,32 @@ def atomic_path(path: PathLike, hint: str = "") -> Iterator[Path]:
         raise
 
 
+@contextmanager
+def _remote_atomic_path(path: RemotePath, hint: str) -> Iterator[Path]:
+    """A local temporary file, uploaded whole onto ``path`` on success (nothing is sent on an exception)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX,
+                               dir=os.environ.get("VLPL_TMPDIR") or None)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        try:
+            path.upload(tmp_path)
+        except WriteError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any file-system client error: name the object and the cause
+            size = tmp_path.stat().st_size if tmp_path.exists() else 0
+            msg = f"{type(e).__name__}: {e} uploading {path} ({_size(size)} to send)"
+            raise WriteError(getattr(e, "errno", None) or errno.EIO, msg + (f"; {hint}" if hint else ""),
+                             str(path)) from e
+    except WriteError:
+        raise
+    except OSError as e:
+        raise _write_error(e, Path(str(path)), tmp_path, hint) from e
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
 def atomic_write_bytes(path: PathLike, data: bytes, hint: str = "") -> None:
     with atomic_path(path, hint) as tmp:
         tmp.write_bytes(data)
@@ -129,6 +164,14 @@ def remove_stale_temps(folder: PathLike, recursive: bool = True) -> int:
 
     Only call it while nothing else writes there. Returns how many were removed.
     """
+    if isinstance(folder, RemotePath):  # only file:// leaves temporaries (object stores are written in one put)
+        n = 0
+        for name in folder.listing():
+            if name.startswith(".") and name.endswith(TEMP_SUFFIX):
+                (folder / name).unlink(missing_ok=True)
+                log.info("removed a temporary file left by an interrupted run: %s", folder / name)
+                n += 1
+        return n
     folder = Path(folder)
     if not folder.is_dir():
         return 0

@@ -42,6 +42,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 
 from vlpl.store.atomic import atomic_path, atomic_write_json
+from vlpl.store.fs import RemotePath
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +53,14 @@ CACHE_VERSION = 1
 
 def resolve_cache_dir(store_root: Path, key: str, explicit: Optional[Path] = None) -> Optional[Path]:
     """Where a store's sidecars live: ``explicit``, else ``STORE/cache`` when the store is writable, else
-    ``$VLPL_CACHE_DIR/KEY`` or ``~/.cache/vlpl/KEY``; None when nothing is writable."""
+    ``$VLPL_CACHE_DIR/KEY`` or ``~/.cache/vlpl/KEY``; None when nothing is writable. A store on an fsspec URL
+    (:class:`~vlpl.store.fs.RemotePath`) always uses the local ``$VLPL_CACHE_DIR/KEY`` / ``~/.cache/vlpl/KEY``."""
     cands: List[Path] = []
     if explicit is not None:
         cands.append(Path(explicit))
     else:
-        cands.append(Path(store_root) / "cache")
+        if not isinstance(store_root, RemotePath):  # object storage cannot be mapped: a local cache (fs.py)
+            cands.append(Path(store_root) / "cache")
         env = os.environ.get("VLPL_CACHE_DIR")
         cands.append(Path(env) / key if env else Path.home() / ".cache" / "vlpl" / key)
     for c in cands:

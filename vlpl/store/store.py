@@ -63,7 +63,8 @@ from vlpl.store.atomic import (
     remove_stale_temps,
 )
 from vlpl.store.formats import ScoreForm, tie_offsets
-from vlpl.store.lock import StoreLock, StoreLockedError
+from vlpl.store.fs import PARQUET_MAGIC, RemotePath, store_path
+from vlpl.store.lock import RemoteStoreLock, StoreLock, StoreLockedError
 from vlpl.store.views import ScoreKind, ViewSpec
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ def shard_name(i: int) -> str:
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with (path.open("rb") if isinstance(path, RemotePath) else open(path, "rb")) as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -256,16 +257,22 @@ class StoreWriter:
     gives it back."""
 
     def __init__(self, root: Path) -> None:
-        self.root = Path(root)
+        self.root = store_path(root)  # a Path, or a RemotePath for an fsspec URL (vlpl/store/fs.py)
         self.shard_dir = self.root / "shards"
-        self._lock: Optional[StoreLock] = None
+        self._lock: Any = None
+        self._listed: Optional[Dict[str, int]] = None  # remote: the shard folder's one listing (resume)
+
+    @property
+    def remote(self) -> bool:
+        """Whether the store is on an fsspec URL (docs/REMOTE_STORES.md)."""
+        return isinstance(self.root, RemotePath)
 
     # -- lock ---------------------------------------------------------------------------------------
     def lock(self) -> StoreLock:
         """Take the store's writer lock (idempotent); raises :class:`StoreError` naming the owner when
         another live run holds it. Usable as a context manager: ``with writer.lock(): ...``."""
         if self._lock is None or not self._lock.held:
-            lk = StoreLock(self.root)
+            lk = RemoteStoreLock(self.root) if self.remote else StoreLock(self.root)
             try:
                 lk.acquire()
             except StoreLockedError as e:
@@ -339,6 +346,13 @@ class StoreWriter:
             write_manifest(manifest_path, {**identity, "complete": False, "shards": []})
 
     def _clear(self) -> None:
+        if self.remote:
+            for name in ("shards", "index"):
+                (self.root / name).rmtree()
+            for name in ("manifest.json", "classes.txt", "text_embeddings.npy"):
+                (self.root / name).unlink(missing_ok=True)
+            self._listed = None
+            return
         for name in ("shards", "index", CACHE_DIR):
             shutil.rmtree(self.root / name, ignore_errors=True)
         for name in ("manifest.json", "classes.txt", "text_embeddings.npy"):
@@ -350,7 +364,10 @@ class StoreWriter:
         matches the mark (a shard changed on disk is re-done, not skipped)."""
         mark = self.shard_dir / f"{shard_name(i)}.json"
         path = self.shard_dir / f"{shard_name(i)}.parquet"
-        if not mark.exists() or not path.exists():
+        if self.remote:  # resume by listing: one listing of shards/, then each listed shard is checked
+            if not self._remote_present(i, path):
+                return False
+        elif not mark.exists() or not path.exists():
             return False
         try:
             meta = json.loads(mark.read_text())
@@ -366,17 +383,42 @@ class StoreWriter:
             return False
         return True
 
+    def _remote_present(self, i: int, path: Any) -> bool:
+        """Remote store: shard i and its mark are in the shard folder's listing, and the shard is whole (its
+        last bytes are Parquet's magic: a truncated object is re-done without reading it all)."""
+        if self._listed is None:
+            self._listed = self.shard_dir.listing()
+            log.info("%s: %d objects listed for resume", self.shard_dir, len(self._listed))
+        name = shard_name(i)
+        size = self._listed.get(f"{name}.parquet")
+        if size is None or f"{name}.json" not in self._listed:
+            return False
+        if size < 12 or path.tail(4) != PARQUET_MAGIC:
+            log.warning("%s: a partial object (%d bytes, no Parquet footer); shard %d will be re-done", path, size, i)
+            return False
+        return True
+
+    def _check_lock(self) -> None:
+        """Remote store: the lock object is still this run's (:meth:`RemoteStoreLock.check`)."""
+        if self.remote and self._lock is not None:
+            try:
+                self._lock.check()
+            except StoreLockedError as e:
+                raise StoreError(str(e)) from None
+
     def write_shard(self, i: int, rows: ShardRows) -> Dict[str, Any]:
         path = self.shard_dir / f"{shard_name(i)}.parquet"
+        self._check_lock()
         try:
             with atomic_path(path, hint=_RESUME_HINT) as tmp:
                 write_parquet(rows.to_table(), tmp)
+                digest = sha256_file(tmp)  # the bytes that are renamed / put whole onto ``path``
             meta = {
                 "file": f"shards/{path.name}",
                 "index": i,
                 "rows": len(rows.sample_id),
                 "failed": int((~rows.ok).sum()),
-                "sha256": sha256_file(path),
+                "sha256": digest,
                 "complete": True,
             }
             atomic_write_json(self.shard_dir / f"{shard_name(i)}.json", meta, hint=_RESUME_HINT)
@@ -409,7 +451,14 @@ class StoreWriter:
                 from vlpl.store.index import build_index as _build
 
                 store = ScoreStore(self.root, manifest=manifest)
-                manifest["index"] = _build(store, build_index)  # True or an IndexConfig
+                if self.remote:  # built locally, then put whole beside the shards
+                    from vlpl.store.index import INDEX_FILE
+
+                    with atomic_path(self.root / INDEX_FILE, hint=_RESUME_HINT) as tmp:
+                        manifest["index"] = {**_build(store, build_index, path=tmp), "file": INDEX_FILE}
+                else:
+                    manifest["index"] = _build(store, build_index)  # True or an IndexConfig
+            self._check_lock()
             manifest = write_manifest(self.root / "manifest.json", manifest)
         except WriteError as e:
             raise StoreError(str(e)) from e
@@ -735,7 +784,7 @@ class ScoreStore:
     def __init__(self, root: Path, manifest: Optional[Dict[str, Any]] = None, require_complete: bool = True,
                  cache_bytes: int = DEFAULT_CACHE_BYTES, sidecars: bool = True,
                  cache_dir: Optional[Path] = None) -> None:
-        self.root = Path(root)
+        self.root = store_path(root)  # a Path, or a RemotePath for an fsspec URL (vlpl/store/fs.py)
         self.sidecars = sidecars
         self._cache_dir_arg = cache_dir
         self._cache_dir: Any = False  # False: not resolved yet; None: nowhere writable
@@ -781,7 +830,7 @@ class ScoreStore:
         if weights is not None:
             raise StoreError(f"{root}: ensemble_weights {list(weights)} given for a single store; give a list of "
                              f"stores (store=[A,B]) or an ensemble directory")
-        return cls(Path(root), **kwargs)
+        return cls(store_path(root), **kwargs)
 
     # -- identity -------------------------------------------------------------------------------------
     @property
@@ -841,7 +890,8 @@ class ScoreStore:
         """(C, D) float32 class text embeddings."""
         path = self.root / "text_embeddings.npy"
         try:
-            te = np.load(path, allow_pickle=False)
+            with path.open("rb") as f:
+                te = np.load(f, allow_pickle=False)
         except (OSError, ValueError) as e:
             raise StoreError(f"{path}: unreadable ({e})") from None
         if te.ndim != 2 or te.shape[0] != self.num_classes:
@@ -1033,7 +1083,10 @@ class ScoreStore:
     def _parquet(self, k: int) -> pq.ParquetFile:
         path = self.shard_paths()[k]
         try:
-            pf = pq.ParquetFile(path, page_checksum_verification=True)
+            if isinstance(path, RemotePath):  # pyarrow reads through the fsspec file system
+                pf = pq.ParquetFile(path.path, filesystem=path.arrow_fs, page_checksum_verification=True)
+            else:
+                pf = pq.ParquetFile(path, page_checksum_verification=True)
             rows = pf.metadata.num_rows
         except FileNotFoundError:
             raise StoreError(f"{path}: shard file missing (listed in {self.root / 'manifest.json'})") from None
@@ -1491,7 +1544,7 @@ def retarget_classes(root: Path, classes: Sequence[str], text_embeddings: np.nda
     the manifest); a class that is new reads as observed 0 (unknown) and full label 0. Writes
     ``classes.txt``, ``text_embeddings.npy`` and then the manifest (its checksum renewed), under the store
     lock. Returns the new manifest."""
-    root = Path(root)
+    root = store_path(root)  # type: ignore[assignment]  # a local path or an fsspec URL
     store = ScoreStore(root, sidecars=False)
     if store.form.name != "embeddings":
         raise StoreError(f"{root}: score_format {store.score_format!r}; only an 'embeddings' store can change its "
