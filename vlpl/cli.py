@@ -256,8 +256,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from vlpl.sweep import run_sweep
 
     out = run_sweep(args.sweep, args.overrides)
-    print((out / "compare.md").read_text(encoding="utf-8"), end="")
-    print(f"comparison: {out / 'compare.md'} ({out / 'compare.json'}, {out / 'compare.png'})")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print((out / "compare.md").read_text(encoding="utf-8"), end="")
+        print(f"comparison: {out / 'compare.md'} ({out / 'compare.json'}, {out / 'compare.png'})")
     return 0
 
 

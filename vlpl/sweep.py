@@ -29,6 +29,9 @@ For every variant, in order:
 Then ``vlpl evaluate --compare OUT/<name> ... --out OUT/compare`` (:func:`vlpl.eval.compare.write_comparison`):
 ``compare.md``, ``compare.json``, ``compare.png``, with the teacher's zero-shot baseline row per store.
 
+Under ``accelerate launch -m vlpl sweep FILE`` every process runs each variant's training (a normal multi-process
+run) and process 0 alone evaluates and writes the table (not yet tried on several GPUs).
+
 Every variant's configuration is loaded and checked (keys, types, rule and loss parameters) before the first
 variant trains, so a typo in the last variant does not cost the first ones' hours. The same document is a
 pipeline stage: ``- sweep: {store: ..., base: ..., variants: [...], out: ...}`` in ``vlpl run PIPELINE.yaml``.
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,6 +219,7 @@ def run_sweep(sweep: Any, variables: Sequence[str] = ()) -> Path:
     from vlpl.eval.stage import run_evaluate
     from vlpl.train.loop import run_train
 
+    main = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch: every process trains, rank 0 writes
     trained, skipped = [], []
     for i, v in enumerate(sweep.variants):
         if _finished(v):
@@ -224,17 +229,23 @@ def run_sweep(sweep: Any, variables: Sequence[str] = ()) -> Path:
             state = "resumed" if v.out.exists() else "started"
             log.info("sweep %d/%d %s: training %s (%s)", i + 1, len(sweep.variants), v.name, state,
                      " ".join(v.overrides))
-            v.out.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(v.out / VARIANT_FILE, v.spec())
+            if main:
+                v.out.mkdir(parents=True, exist_ok=True)
+                atomic_write_json(v.out / VARIANT_FILE, v.spec())
             run_train(_train_config(v))
             trained.append(v.name)
         ecfg = _evaluate_config(sweep, v)
         eval_out = Path(ecfg.out) if ecfg.out else v.out / "eval"
+        if not main:
+            continue
         if _report_current(v, eval_out):
             log.info("sweep %s: evaluation %s is current, skipped", v.name, eval_out)
         else:
             run_evaluate(ecfg)
-    out = write_comparison([_eval_dir(sweep, v) for v in sweep.variants], sweep.out / "compare")
+    out = sweep.out / "compare"
+    if not main:
+        return out
+    write_comparison([_eval_dir(sweep, v) for v in sweep.variants], out)
     log.info("sweep %s: %d trained, %d skipped (finished) -> %s", sweep.source, len(trained), len(skipped), out)
     return out
 
