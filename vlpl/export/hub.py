@@ -23,17 +23,17 @@ class HubError(RuntimeError):
     """A push that failed; the message names the repo and the step (never the token)."""
 
 
-def _step(what: str, repo_id: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+def _step(what: str, repo: str, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
     try:
         return fn(*args, **kwargs)
-    except Exception as e:  # noqa: BLE001 - name the step and repo; the library's message has no token
+    except Exception as e:  # noqa: BLE001 - name the step and repo; any token-shaped text is redacted
         from vlpl.export.hf import redact
 
         hint = ""
         name = type(e).__name__
         if "Unauthorized" in str(e) or "401" in str(e) or name in ("LocalTokenNotFoundError", "HfHubHTTPError"):
             hint = " (log in with `hf auth login` or set HF_TOKEN; a write token is needed)"
-        raise HubError(f"push to {repo_id}: {what} failed: {name}: {redact(str(e))}{hint}") from None
+        raise HubError(f"push to {repo}: {what} failed: {name}: {redact(str(e))}{hint}") from None
 
 
 def push_export(dd: Any, out: Path, config_name: str, repo_id: str, *, private: bool = False,
