@@ -19,6 +19,18 @@ A ``calibrate`` stage writes a per-class thresholds file (:mod:`vlpl.pseudolabel
 
       - calibrate: {store: "${work}/store", out: "${work}/thresholds-global.json", aggregate: global}
 
+An ``export`` stage holds a ``vlpl export`` config (:class:`vlpl.config.ExportConfig` keys: ``store``, ``out``,
+``rule``, ``save_to_disk``, ``push_to_hub``, ...); an empty ``push_to_hub`` (a var left unset) means no push. A
+``predict`` stage tags images with a run's model (:func:`vlpl.predict.predict_images`: ``run``, ``images`` (a list),
+``out``, ``thresholds`` / ``threshold`` / ``topk``, ``batch_size``, ``device``, ``num_workers``); an
+``export_model`` stage writes a run's model folder (:func:`vlpl.export.model.export_model`: ``run``, ``out``,
+``push_to_hub``, ``private``, ``revision``). All three rewrite their outputs whole when re-run::
+
+      - export: {store: "${work}/store", out: "${work}/dataset", save_to_disk: "${work}/dataset-disk",
+                 push_to_hub: "${hub_repo}"}
+      - export_model: {run: "${work}/run", out: "${work}/model", push_to_hub: "${hub_model_repo}"}
+      - predict: {run: "${work}/run", images: ["${root}/images"], out: "${work}/predictions.csv"}
+
 ``config`` lists config files (as ``-c``), ``set`` holds dotted overrides (as ``key=value``). Command-line
 ``KEY=VALUE`` arguments of ``vlpl run`` set ``vars``. Every stage is resumable, so re-running a pipeline
 after an interruption continues it (training stages get ``resume=true``).
@@ -35,8 +47,10 @@ import yaml
 from vlpl.config import ConfigError, yaml_load
 
 log = logging.getLogger(__name__)
-STAGES = ("pseudolabel", "train", "evaluate", "sweep", "calibrate")
+STAGES = ("pseudolabel", "train", "evaluate", "sweep", "calibrate", "export", "predict", "export_model")
 CALIBRATE_KEYS = ("store", "out", "aggregate", "split", "bins", "knn")
+PREDICT_KEYS = ("run", "images", "out", "thresholds", "threshold", "topk", "batch_size", "device", "num_workers")
+EXPORT_MODEL_KEYS = ("run", "out", "push_to_hub", "private", "revision")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -97,12 +111,67 @@ def load_pipeline(path: str, variables: Sequence[str] = ()) -> List[Dict[str, An
                                   f"got {sorted(body)}")
             stages.append({"stage": "calibrate", "doc": body, "where": where, "config": [], "overrides": []})
             continue
+        if name in ("export", "predict", "export_model"):
+            stages.append({"stage": name, "doc": _check_doc(name, body, where), "where": where, "config": [],
+                           "overrides": []})
+            continue
         unknown = set(body) - {"config", "set"}
         if unknown:
             raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; expected config, set")
         stages.append({"stage": name, "config": list(body.get("config") or []),
                        "overrides": _flatten(body.get("set") or {})})
     return stages
+
+
+def _check_doc(name: str, body: Any, where: str) -> Dict[str, Any]:
+    """An ``export`` / ``predict`` / ``export_model`` stage's mapping, its keys checked (torch-free): export's by
+    :class:`vlpl.config.ExportConfig` (and :func:`vlpl.export.stage.check_export_config`, a thresholds file
+    written by an earlier stage aside), the others against their key lists. ``push_to_hub: ""`` becomes null."""
+    if not isinstance(body, dict):
+        raise ConfigError(f"{where}: {name} takes a mapping, got {body!r}")
+    body = {k: (None if k == "push_to_hub" and v in ("", None) else v) for k, v in body.items()}
+    if name == "export":
+        import dataclasses
+
+        from vlpl.config import ExportConfig, load_config
+        from vlpl.export.stage import check_export_config
+
+        try:
+            cfg = load_config(ExportConfig, base=body, base_source=where)
+            check_export_config(dataclasses.replace(cfg, thresholds=None) if cfg.thresholds else cfg)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: export: {e}") from None
+        return body
+    keys = PREDICT_KEYS if name == "predict" else EXPORT_MODEL_KEYS
+    unknown = sorted(set(body) - set(keys))
+    if unknown or not body.get("run") or (name == "predict" and not body.get("images")) \
+            or (name == "export_model" and not body.get("out")):
+        need = "run and images" if name == "predict" else "run and out"
+        raise ConfigError(f"{where}: {name} takes {', '.join(keys)} ({need} required); got {sorted(body)}")
+    if name == "predict" and not (isinstance(body["images"], list) and all(isinstance(x, str) for x in body["images"])):
+        raise ConfigError(f"{where}: predict: images must be a list of paths, got {body['images']!r}")
+    return body
+
+
+def _run_doc_stage(name: str, doc: Dict[str, Any]) -> None:
+    """Run an ``export`` / ``predict`` / ``export_model`` stage (see the module docstring)."""
+    if name == "export":
+        from vlpl.config import ExportConfig, load_config
+        from vlpl.export.stage import run_export
+
+        res = run_export(load_config(ExportConfig, base=doc, base_source="pipeline export stage"))
+        log.info("export: %s", getattr(res, "out", res))
+    elif name == "predict":
+        from vlpl.predict import predict_images
+
+        args = {k: doc[k] for k in PREDICT_KEYS if k in doc and k not in ("run", "images", "out")}
+        res = predict_images(doc["run"], doc["images"], doc.get("out"), **args)
+        log.info("predict: %d images (%d unreadable) -> %s", res.images, res.failed, res.out)
+    else:
+        from vlpl.export.model import export_model
+
+        export_model(doc["run"], doc["out"], push_to_hub=doc.get("push_to_hub"), private=bool(doc.get("private")),
+                     revision=doc.get("revision"))
 
 
 def _run_calibrate(doc: Dict[str, Any]) -> None:
@@ -144,7 +213,7 @@ def run_pipeline(path: str, variables: Sequence[str] = ()) -> None:
     configs = [load_config(PseudolabelConfig, st["config"], st["overrides"]) if st["stage"] == "pseudolabel"
                else load_train_config(st["config"], ["resume=true", *st["overrides"]]) if st["stage"] == "train"
                else sweep_from_doc(st["doc"], st["where"]) if st["stage"] == "sweep"
-               else st["doc"] if st["stage"] == "calibrate"
+               else st["doc"] if st["stage"] in ("calibrate", "export", "predict", "export_model")
                else load_config(EvaluateConfig, st["config"], st["overrides"]) for st in stages]
     from vlpl.eval.stage import run_evaluate
     from vlpl.pseudolabel.stage import run_pseudolabel
@@ -162,5 +231,7 @@ def run_pipeline(path: str, variables: Sequence[str] = ()) -> None:
             run_sweep(cfg)
         elif st["stage"] == "calibrate":
             _run_calibrate(cfg)
+        elif st["stage"] in ("export", "predict", "export_model"):
+            _run_doc_stage(st["stage"], cfg)
         else:
             run_evaluate(cfg)

@@ -490,7 +490,6 @@ def predict_images(run: Union[str, Path], inputs: Sequence[str], out: Optional[U
     kw: Dict[str, Any] = {"num_workers": workers, "pin_memory": dev.type == "cuda"}
     if workers:
         kw["prefetch_factor"] = auto_prefetch(workers)
-        kw["multiprocessing_context"] = "spawn"
     loader = DataLoader(PredictImages(source, refs, size), batch_size=batch_size, shuffle=False, **kw)
     normalize = DeviceNormalize(model.mean, model.std, dev)
     mp = str(rcfg.get("mixed_precision", "auto"))
