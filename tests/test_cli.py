@@ -139,7 +139,7 @@ def test_top_level_help_lists_stages_and_a_first_command(capsys):
     text = _help(capsys=capsys)
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     stages = text.split("stages:")[1].split("first command")[0]
-    assert set(re.findall(r"^  (\w+)\s+\S", stages, re.M)) == set(sub.choices)  # each once, one line each
+    assert set(re.findall(r"^  ([\w-]+)\s+\S", stages, re.M)) == set(sub.choices)  # each once, one line each
     assert "vlpl demo --offline" in text
     assert main([]) == 2  # no command: the same help, exit 2
 
