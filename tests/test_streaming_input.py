@@ -218,3 +218,31 @@ def test_kill_mid_run_and_resume_gives_the_same_store(data, tmp_path):
     assert "already complete" in resumed.stderr, resumed.stderr[-3000:]
     assert store_diff(out, ref) == [], store_diff(out, ref)
     assert temp_files(out) == [] and not (out / ".lock").exists()
+
+
+def test_decode_workers_keep_their_own_cursors(data, tmp_path):
+    """num_workers=2: each forked DataLoader worker opens its own cursors (never the parent's stream) and takes
+    every other batch; the store equals the num_workers=0 store."""
+    _, pq = data
+    one = _rows(_pseudolabel(_stream_overrides(pq, tmp_path / "w0")))
+    two = _rows(_pseudolabel([*_stream_overrides(pq, tmp_path / "w2"), "num_workers=2"]))
+    for split in one:
+        np.testing.assert_array_equal(one[split]["scores"], two[split]["scores"], err_msg=split)
+        assert one[split]["images"] == two[split]["images"]
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_one_process_store(data, tmp_path):
+    """torchrun with 2 processes: rank r scores the store shards i % 2 == r, reading the stream through its own
+    cursors (skipping the other rank's rows); the store is the 1-process store, byte for byte."""
+    from tests.faults.test_pseudolabel_faults import _cli_env, store_diff
+
+    _, pq = data
+    out = tmp_path / "store"
+    one = _pseudolabel(_stream_overrides(pq, out)).rename(tmp_path / "one")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        "29547", "-m", "vlpl", "pseudolabel", "--config", str(TINY_TEACHER),
+                        *_stream_overrides(pq, out)], env={**_cli_env(), "PYTHONPATH": str(REPO_ROOT)},
+                       cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert store_diff(out, one) == []

@@ -21,7 +21,8 @@ changed since the store was started is refused instead of mixed. A process reads
 and skips (without decoding) the rows of other processes' shards; a jump backwards re-opens the file
 (``.skip(r)``). The stage visits rows in store order (train rows ascending, then val, then test), so a split is
 read about twice when a val split is carved from it (``data.val_fraction: 0`` reads it once). DataLoader workers
-each keep their own cursors and take every ``num_workers``-th batch.
+each keep their own cursors and take every ``num_workers``-th batch (the cursors read with
+``IterableDataset.iter``, so ``datasets``' own per-worker file sharding never applies).
 
 **Reopening.** The store records the location and the per-file row counts (``manifest.dataset.hf.stream``);
 :meth:`vlpl.data.images.ImageSource.open` reopens ``hfs://S/k`` through the same cursors (:data:`SCHEMES`
@@ -190,11 +191,23 @@ def read_hf_streaming(cfg: DataConfig) -> StreamingSplits:
 # --------------------------------------------------------------------------------------------------
 
 
-class _Cursor:
-    """A forward iterator over one source file of a split, at row ``pos`` of that file."""
+#: rows a cursor reads at a time
+CURSOR_BATCH = 32
 
-    def __init__(self, part: Any, start: int) -> None:
-        self.it: Iterator[Dict[str, Any]] = iter(part.skip(start) if start else part)
+
+def _cells(part: Any, column: str, start: int) -> Iterator[Any]:
+    """The ``column`` cells of a source file from row ``start`` on. Read with ``IterableDataset.iter`` (batches):
+    iterating the dataset itself inside a DataLoader worker would make ``datasets`` hand the worker only some of
+    the files (its own worker sharding), which is not the row order this module defines."""
+    for batch in (part.skip(start) if start else part).iter(batch_size=CURSOR_BATCH):
+        yield from batch[column]
+
+
+class _Cursor:
+    """A forward iterator over the image cells of one source file of a split, at row ``pos`` of that file."""
+
+    def __init__(self, part: Any, column: str, start: int) -> None:
+        self.it: Iterator[Any] = _cells(part, column, start)
         self.pos = start
 
 
@@ -244,13 +257,13 @@ class StreamRows:
                 if d.n_shards != len(self.file_rows[split]):
                     raise IndexError(f"the stream of split {split!r} now has {d.n_shards} source files; the store "
                                      f"was made from {len(self.file_rows[split])}")
-                cur = self._cursors[(split, j)] = _Cursor(source_file(d, j), r)
+                cur = self._cursors[(split, j)] = _Cursor(source_file(d, j), self.image_column, r)
                 self.reopened += 1
             try:
                 while cur.pos < r:
                     next(cur.it)
                     cur.pos += 1
-                value = next(cur.it)[self.image_column]
+                value = next(cur.it)
             except StopIteration:
                 del self._cursors[(split, j)]
                 raise IndexError(f"source file {j} of split {split!r} ended before its row {r}; it had "
