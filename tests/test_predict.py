@@ -83,6 +83,14 @@ def test_formats_agree_and_corrupt_images_are_rows_with_an_error(trained_run, co
         assert (i2, e2, t2, c2) == (images, errors, tags, classes)
         np.testing.assert_array_equal(p2, probs)  # float32 round trip through text, exact
     assert not list(tmp_path.glob(".o.*"))  # no temporary file left
+    # a listed file that does not exist is a row with an error too, not a crash
+    lst = tmp_path / "l.txt"
+    lst.write_text(f"{good[0]}\nimgs/gone.jpg\n")
+    res = predict_images(trained_run, [str(lst)], tmp_path / "m.jsonl", device="cpu", num_workers=0,
+                         show_progress=False)
+    i3, e3, _, p3, _ = read_predictions(res.out)
+    assert res.failed == 1 and i3[1] == str(tmp_path / "imgs" / "gone.jpg") and "not found" in e3[1]
+    np.testing.assert_array_equal(p3[0], probs[0])
 
 
 def test_f1_thresholds_hand_computed():
