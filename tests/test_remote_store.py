@@ -73,7 +73,7 @@ def _sha(b: bytes) -> str:
     return hashlib.sha256(b).hexdigest()
 
 
-def test_memory_store_is_the_local_store_and_trains_and_evaluates(data, local_store, mem_url, tmp_path):
+def test_memory_store_is_the_local_store_and_trains_and_evaluates(data, local_store, mem_url, tmp_path, capsys):
     from vlpl.config import EvaluateConfig
     from vlpl.eval.stage import run_evaluate
     from vlpl.train.loop import run_train
@@ -88,6 +88,15 @@ def test_memory_store_is_the_local_store_and_trains_and_evaluates(data, local_st
 
     store = ScoreStore.open(mem_url)
     assert isinstance(store.root, RemotePath) and store.verify()["shards"] == 4
+    # the CLI's store check looks at the URL (not a local path), and `vlpl inspect --verify URL` reads it
+    from vlpl.cli import _check_store, main
+    from vlpl.config import ConfigError
+
+    _check_store("store", mem_url, ensembles=True)
+    with pytest.raises(ConfigError, match="no manifest.json there"):
+        _check_store("store", mem_url + "-missing")
+    assert main(["inspect", "--verify", mem_url]) == 0
+    assert "every sha256 and page checksum matches" in capsys.readouterr().out
     ref = ScoreStore.open(local_store)
     tr, tr_ref = store.split("train"), ref.split("train")
     np.testing.assert_array_equal(tr.scores(np.arange(len(tr))), tr_ref.scores(np.arange(len(tr_ref))))

@@ -111,6 +111,13 @@ def _check_store(key: str, path: Any, ensembles: bool = False) -> None:
         for i, p in enumerate(path):
             _check_store(f"{key}[{i}]", p)
         return
+    if isinstance(path, str) and "://" in path:  # a store on an fsspec URL (vlpl/store/fs.py, docs/REMOTE_STORES.md)
+        from vlpl.store.fs import store_path
+
+        if not (store_path(path) / "manifest.json").exists():
+            raise ConfigError(f"{key}: {path!r} is not a score store (no manifest.json there); build one with "
+                              f"`vlpl pseudolabel out={path}`")
+        return
     _missing(key, path, "; build a score store with `vlpl pseudolabel`")
     if path is not None and (Path(os.path.expanduser(path)) / "ensemble.json").is_file() \
             and not (Path(os.path.expanduser(path)) / "manifest.json").is_file():
