@@ -99,6 +99,13 @@ def test_f1_thresholds_hand_computed():
     t = f1_thresholds(probs, labels)
     # class 0: t=0.9 -> F1 2/3; t=0.8 -> 1/2; t=0.4 -> 2*2/(3+2)=0.8; t=0.3 -> 2*2/(4+2)=2/3: best 0.4
     assert t[0] == 0.4 and t[1] == 0.5  # class 1 has no positive: the default
+    # partial labels (+1 / -1 annotated, 0 unknown): only annotated entries count
+    part = np.array([[1, 1], [0, -1], [-1, 0], [1, 0]])
+    t = f1_thresholds(probs, part, partial=True)
+    # class 0 on rows 0, 2, 3 (scores 0.9+, 0.4-, 0.3+): t=0.9 -> 2/3, t=0.4 -> 2*1/(2+2)=1/2, t=0.3 -> 2*2/(3+2)=0.8
+    # class 1: rows 0 (+, 0.1) and 1 (-, 0.2): t=0.2 -> 0, t=0.1 -> 2/3 -> 0.1
+    assert t[0] == 0.3 and t[1] == 0.1
+    assert f1_thresholds(probs, np.array([[1, 1], [0, 0], [0, 0], [0, 0]]), partial=True).tolist() == [0.5, 0.5]
 
 
 def test_webdataset_input_gives_the_folder_scores(trained_run, coco256_store, tmp_path):

@@ -17,9 +17,10 @@ What it reads:
 Tags (one of):
 
 * **the run's thresholds** (default): per class, the probability threshold that maximises the class's F1 on the
-  run's saved validation predictions (``RUN/predictions/<val_split>.npz``, full labels); a class without a
-  validation positive, or a run without fully labelled validation predictions, gets 0.5 (the threshold the
-  run's F1 metrics use). See :func:`run_thresholds`.
+  run's saved validation predictions (``RUN/predictions/<val_split>.npz``; with partial labels, over the annotated
+  entries only); a class without a validation positive (partial: without an annotated positive and negative), or
+  a run without validation predictions, gets 0.5 (the threshold the run's F1 metrics use). See
+  :func:`run_thresholds`.
 * ``--threshold X``: one probability threshold for every class;
 * ``--thresholds FILE``: per-class probability thresholds, JSON ``{"classes": [...], "thresholds": [...]}``
   (``null``: the class is never tagged), the classes equal to the model's. A ``vlpl calibrate`` file is refused:
@@ -178,20 +179,26 @@ class Tagging:
         return out
 
 
-def f1_thresholds(probs: np.ndarray, labels: np.ndarray, default: float = DEFAULT_THRESHOLD) -> np.ndarray:
-    """Per class, the score ``t`` (one of the class's scores) maximising F1 of ``probs >= t`` against ``labels``
-    (0/1); ties go to the highest such ``t`` (fewest positives). A class without a positive gets ``default``."""
+def f1_thresholds(probs: np.ndarray, labels: np.ndarray, default: float = DEFAULT_THRESHOLD,
+                  partial: bool = False) -> np.ndarray:
+    """Per class, the score ``t`` (one of the class's scores) maximising F1 of ``probs >= t`` against ``labels``;
+    ties go to the highest such ``t`` (fewest positives).
+
+    ``labels``: full labels (> 0 positive), or with ``partial`` this project's partial coding (+1 annotated
+    positive, -1 annotated negative, 0 unknown: only the annotated entries count, as in the masked mAP). A class
+    without a positive (partial: without an annotated positive and an annotated negative) gets ``default``."""
     probs = np.asarray(probs, np.float64)
-    labels = np.asarray(labels) > 0
+    lab = np.asarray(labels)
     C = probs.shape[1]
     out = np.full(C, float(default), np.float64)
     for c in range(C):
-        y = labels[:, c]
+        rows = lab[:, c] != 0 if partial else slice(None)
+        y, sc = lab[rows, c] > 0, probs[rows, c]
         P = int(y.sum())
-        if P == 0:
+        if P == 0 or (partial and P == len(y)):
             continue
-        order = np.argsort(-probs[:, c], kind="stable")
-        s, yy = probs[order, c], y[order]
+        order = np.argsort(-sc, kind="stable")
+        s, yy = sc[order], y[order]
         tp = np.cumsum(yy)
         n = np.arange(1, len(s) + 1)
         last = np.r_[s[1:] != s[:-1], True]  # the last row of each run of equal scores: all of them are predicted
@@ -216,19 +223,18 @@ def run_thresholds(run: Union[str, Path], classes: Sequence[str]) -> Tagging:
         flat.details["why"] = f"no {path.name} in {path.parent}"
         return flat
     with np.load(path, allow_pickle=False) as z:
-        if "labels_kind" in z.files and str(z["labels_kind"]) != "full":
-            log.info("%s holds partial labels: tags at probability %.2f for every class", path, DEFAULT_THRESHOLD)
-            flat.details["why"] = f"{path.name} holds partial labels"
-            return flat
+        partial = "labels_kind" in z.files and str(z["labels_kind"]) != "full"
         probs, labels = z["probs"], z["labels"]
     if probs.shape != (len(probs), C) or labels.shape != probs.shape:
         raise PredictError(f"{path}: probs {probs.shape} / labels {labels.shape} do not match the model's {C} classes")
-    t = f1_thresholds(probs, labels)
-    fitted = int((labels > 0).any(axis=0).sum())
-    log.info("the run's thresholds: F1-optimal on %s (%d images) for %d of %d classes, %.2f for the others",
-             path, len(probs), fitted, C, DEFAULT_THRESHOLD)
+    t = f1_thresholds(probs, labels, partial=partial)
+    pos = (labels > 0).any(axis=0)
+    fitted = int((pos & (labels < 0).any(axis=0)).sum() if partial else pos.sum())
+    log.info("the run's thresholds: F1-optimal on %s (%d images, %s labels) for %d of %d classes, %.2f for the others",
+             path, len(probs), "partial" if partial else "full", fitted, C, DEFAULT_THRESHOLD)
     return Tagging(list(classes), t, source="run", details={
-        "file": str(path), "method": "per-class F1-optimal threshold on the run's validation predictions",
+        "file": str(path), "method": "per-class F1-optimal threshold on the run's validation predictions"
+        + (" (annotated entries only)" if partial else ""), "labels": "partial" if partial else "full",
         "images": int(len(probs)), "fitted_classes": fitted, "default": DEFAULT_THRESHOLD})
 
 
