@@ -236,3 +236,47 @@ def test_export_refusals(coco256_store: Path, tmp_path: Path, overrides: list, m
     with pytest.raises(ValueError, match=message):
         run_export(cfg)
     assert not (tmp_path / "out").exists()
+
+
+def test_partial_labels_store(coco256_real_partial_store: Path, tmp_path: Path) -> None:
+    """A store with real partial annotations exports them as they are ({-1, 0, 1}); the card measures the teacher's
+    masked mAP and no pseudo-label precision (there is no full ground truth to measure it against)."""
+    import datasets
+
+    from vlpl.eval.metrics import masked_average_precision
+    from vlpl.export.schema import read_export_metadata
+    from vlpl.export.stage import run_export
+    from vlpl.store.store import ScoreStore
+
+    out = tmp_path / "out"
+    run_export(_cfg(coco256_real_partial_store, out, "splits=[test]"))
+    ds = datasets.load_dataset(str(out), CONFIG)["test"]
+    sp = ScoreStore(coco256_real_partial_store).split("test")
+    labels = _as_np(ds, "labels", np.int8)
+    np.testing.assert_array_equal(labels, sp.labels)
+    assert (labels == -1).any() and (labels == 1).any() and (labels == 0).any()
+    q = read_export_metadata(out)["quality"]["test"]
+    assert "pseudo_labels" not in q
+    glob = sp.scores(np.arange(len(sp)))[:, 0, 0]
+    assert q["teacher_map"]["vlpl_tiny_score"]["masked_map"] == pytest.approx(
+        masked_average_precision(sp.labels, glob)["map"])
+
+
+def test_ensemble_export(coco256_store: Path, tmp_path: Path) -> None:
+    """A teacher ensemble (here one store twice, equal weights) exports under the prefix `ensemble`, its members in
+    the metadata and the card, its scores the weighted mean (= the store's for identical members)."""
+    import datasets
+
+    from vlpl.export.schema import read_export_metadata
+    from vlpl.export.stage import run_export
+
+    out = tmp_path / "out"
+    cfg = load_config(ExportConfig, [], [f"store=[{coco256_store}, {coco256_store}]", f"out={out}", "splits=[val]"])
+    run_export(cfg)
+    meta = read_export_metadata(out)
+    assert meta["teacher"]["column_prefix"] == "ensemble" and len(meta["teacher"]["members"]) == 2
+    card = (out / "README.md").read_text()
+    assert "an ensemble of 2 teachers" in card and "RANDOM MODELS" in card
+    ds = datasets.load_dataset(str(out), "ensemble_damp")["val"]
+    want = _expected(coco256_store, "val")
+    np.testing.assert_array_equal(_as_np(ds, "ensemble_score", np.float32), want["scores"][:, 0, 0])

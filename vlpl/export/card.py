@@ -117,9 +117,11 @@ def _teacher_lines(meta: Mapping[str, Any]) -> List[str]:
                  + (f" (logit scale {kind['logit_scale']})" if kind.get("logit_scale") else "")
                  + ", stored as float16")
     templates = t.get("templates") or []
-    shown = ", ".join(f"`{x}`" for x in templates[:8]) + (f" and {len(templates) - 8} more" if len(templates) > 8
-                                                          else "")
-    lines.append(f"- **Prompt templates** ({len(templates)}, sha256 `{t.get('templates_sha256')}`): {shown}")
+    groups = templates if templates and all(isinstance(x, list) for x in templates) else [templates]  # ensemble
+    for i, group in enumerate(groups):
+        shown = ", ".join(f"`{x}`" for x in group[:8]) + (f" and {len(group) - 8} more" if len(group) > 8 else "")
+        who = f" of member {i + 1}" if len(groups) > 1 else ""
+        lines.append(f"- **Prompt templates{who}** ({len(group)}, sha256 `{t.get('templates_sha256')}`): {shown}")
     desc = t.get("descriptions")
     if desc:
         lines.append(f"- **Class descriptions**: {desc.get('num_descriptions')} descriptions from "

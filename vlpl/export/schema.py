@@ -92,9 +92,9 @@ def teacher_prefix(name: str) -> str:
 def default_teacher_name(manifest: Mapping[str, Any]) -> str:
     """The teacher's name for column prefixes: the manifest's ``model.name`` (``"ensemble"`` for a teacher
     ensemble, whose members are listed in the metadata)."""
-    if manifest.get("members"):
-        return "ensemble"
     model = manifest.get("model")
+    if manifest.get("ensemble") or manifest.get("members") or (isinstance(model, Mapping) and "ensemble" in model):
+        return "ensemble"
     name = model.get("name") if isinstance(model, Mapping) else None
     if not name:
         raise ExportFormatError("the store's manifest has no model.name; pass a teacher name (--teacher-name)")
@@ -296,8 +296,10 @@ def build_metadata(schema: ExportSchema, *, manifest: Mapping[str, Any], views: 
     }
     if manifest.get("descriptions"):
         teacher["descriptions"] = manifest.get("descriptions")
-    if manifest.get("members"):
-        teacher["members"] = manifest.get("members")
+    members = (manifest.get("ensemble") or {}).get("members") if isinstance(manifest.get("ensemble"), Mapping) \
+        else manifest.get("members")
+    if members:
+        teacher["members"] = members
     return {
         "schema_version": EXPORT_SCHEMA_VERSION,
         "store": {"source": store, "manifest_sha256": manifest.get("manifest_sha256"),
