@@ -289,3 +289,29 @@ def test_config_and_confinement_errors(wds_data, tmp_path):
         w.write({"__key__": "k1", "jpg": b"x", "json": json.dumps({"labels": ["unicorn"]}).encode()})
     with pytest.raises(DatasetFormatError, match=r"u.tar, sample 'k1'.*unknown class name 'unicorn'"):
         load_dataset(DataConfig(format="webdataset", root=str(data), urls="shards/u.tar"))
+
+
+@pytest.mark.slow
+def test_two_processes_with_workers_give_the_one_process_store(wds_data, tmp_path):
+    """torchrun with 2 processes and a decode worker each: every process lists the tars, scores its store shards
+    (i % 2 == rank) by random access (the index cache shared on disk, written atomically), and the store is the
+    1-process store, byte for byte."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+    from tests.faults.test_pseudolabel_faults import _cli_env, store_diff
+
+    root, urls = wds_data
+    over = [f"data.root={root}", "data.format=webdataset", f"data.urls={{train: '{urls['train']}', test: '{urls['test']}'}}",
+            "num_workers=1"]
+    out = tmp_path / "store"
+    one = _pseudolabel(out, over).rename(tmp_path / "one")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        "29548", "-m", "vlpl", "pseudolabel", "--config", str(TINY_TEACHER), f"out={out}",
+                        "shard_size=4", "batch_size=4", "progress=false", "views.grid=2", "index=false",
+                        *over], env={**_cli_env(), "PYTHONPATH": str(REPO_ROOT)}, cwd=str(REPO_ROOT),
+                       capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert store_diff(out, one) == []
+    assert len(list((tmp_path / "cache" / "wds-index").glob("*.json"))) == 4  # 3 train + 1 test shard
