@@ -111,6 +111,11 @@ def _check_store(key: str, path: Any, ensembles: bool = False) -> None:
         for i, p in enumerate(path):
             _check_store(f"{key}[{i}]", p)
         return
+    if ensembles and path is not None:  # a `vlpl export` dataset (hf:ID, an export folder): checked when opened
+        from vlpl.store.hf_dataset import is_dataset_source
+
+        if is_dataset_source(path):
+            return
     if isinstance(path, str) and "://" in path:  # a store on an fsspec URL (vlpl/store/fs.py, docs/REMOTE_STORES.md)
         from vlpl.store.fs import store_path
 

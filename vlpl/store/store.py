@@ -822,9 +822,17 @@ class ScoreStore:
     def open(cls, root: Any, weights: Optional[Sequence[float]] = None, **kwargs: Any) -> Any:
         """The store at ``root``, or a teacher ensemble (:class:`vlpl.store.ensemble.EnsembleStore`, the same read
         API) when ``root`` is an ensemble directory (``ensemble.json``) or a list of store directories, combined
-        with ``weights`` (default: the ensemble's own, or equal). ``kwargs`` go to :class:`ScoreStore`."""
+        with ``weights`` (default: the ensemble's own, or equal), or a dataset made by ``vlpl export``
+        (:class:`vlpl.store.hf_dataset.DatasetStore`: ``hf:<repo id or path>`` or an export / save_to_disk
+        folder). ``kwargs`` go to :class:`ScoreStore`."""
         from vlpl.store import ensemble as _ensemble  # the ensemble hook (issue 14, item 10)
+        from vlpl.store import hf_dataset as _hf_dataset  # a `vlpl export` dataset (issue 13, item 4)
 
+        if _hf_dataset.is_dataset_source(root):
+            if weights is not None:
+                raise StoreError(f"{root}: ensemble_weights given for an exported dataset; an ensemble combines "
+                                 f"score stores (store=[A,B])")
+            return _hf_dataset.open_dataset(root, **kwargs)
         if _ensemble.is_ensemble_source(root):
             return _ensemble.open_ensemble(root, weights, **kwargs)
         if weights is not None:

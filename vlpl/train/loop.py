@@ -333,6 +333,8 @@ def setup(cfg: TrainConfig) -> Run:
 
     # ---- the store, and the resume checks: nothing is written before they pass --------------------------
     store = ScoreStore.open(cfg.store, weights=cfg.ensemble_weights)  # a store, or a teacher ensemble
+    if hasattr(store, "check_training"):  # a `vlpl export` dataset refuses what it cannot serve (issue 13.4)
+        store.check_training(cfg)
     ident = store_identity(store)
     ckdir = out / "checkpoints"
     held = list_checkpoints(ckdir) + foreign_entries(ckdir)
@@ -343,7 +345,8 @@ def setup(cfg: TrainConfig) -> Run:
     if cfg.resume and held:
         _check_resume(cfg, out, ident)
         content = load_latest(ckdir)  # verified; foreign files refused unread
-    images = ImageSource.from_store(store.dataset_info, cfg.data_root, cfg.images)
+    images = store.image_source(cfg.data_root, cfg.images) if hasattr(store, "image_source") else \
+        ImageSource.from_store(store.dataset_info, cfg.data_root, cfg.images)  # a dataset's own images (13.4)
 
     # ---- data: the store's read API (labels in memory, scores read per batch) ---------------------------
     use_rule = cfg.pseudo.rule is not None
@@ -620,6 +623,8 @@ def checkpoint(run: Run) -> None:
 def _store_path(store: Any) -> Any:
     """The run's store as summary.json records it: an absolute path, or a list of them (a teacher ensemble given
     as store=[A,B])."""
+    if isinstance(store, str) and store.startswith("hf:"):  # an exported dataset (a hub id): as given
+        return store
     return [str(Path(p).resolve()) for p in store] if isinstance(store, (list, tuple)) else str(Path(store).resolve())
 
 
