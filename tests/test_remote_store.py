@@ -185,9 +185,12 @@ def test_truncated_shard_object_is_detected_and_rewritten(data, local_store, mem
 
 
 def test_file_url_store(data, local_store, tmp_path):
+    from vlpl.cli import main
+
     out = tmp_path / "fstore"
     url = f"file://{out}"
-    run_pseudolabel(_cfg(data, url))
+    assert main(["pseudolabel", "-c", str(TINY_TEACHER), f"data.root={data}", f"out={url}", "shard_size=8",
+                 "batch_size=4", "num_workers=0", "progress=false", "views.grid=2"]) == 0
     assert _local_files(out).keys() == _local_files(local_store).keys()
     assert all(_sha(v) == _sha(_local_files(local_store)[k]) for k, v in _local_files(out).items())
     assert not (out / ".lock").exists() and not (out / "cache").exists()
@@ -263,3 +266,17 @@ def test_store_path_local_and_collapsed_urls(local_store, tmp_path):
     assert isinstance(f, RemotePath) and f.path == str(local_store)
     assert ScoreStore.open(Path(f"file://{local_store}")).num_rows == 28
     assert store_path(Path("notaproto:/x")) == Path("notaproto:/x")  # not an fsspec protocol: a local path
+
+
+def test_remote_store_refuses_another_identity_and_overwrites(data, mem_url):
+    run_pseudolabel(_cfg(data, mem_url, "shard_size=16"))
+    root = RemotePath.from_url(mem_url)
+    before = _mem_files(mem_url)
+    with pytest.raises(StoreError, match="different views.*Nothing was changed"):
+        run_pseudolabel(_cfg(data, mem_url, "shard_size=16", "views.grid=1"))
+    assert _mem_files(mem_url) == before and not (root / ".lock").exists()
+    run_pseudolabel(_cfg(data, mem_url, "shard_size=16", "views.grid=1", "overwrite=true"))
+    store = ScoreStore.open(mem_url)
+    assert store.view_spec.grid == 1 and store.num_rows == 28 and store.verify()["shards"] == 2
+    assert sorted(MEM.ls((root / "shards").path, detail=False)) == [
+        (root / "shards" / f"part-0000{i}.{ext}").path for i in (0, 1) for ext in ("json", "parquet")]
