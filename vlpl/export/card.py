@@ -202,7 +202,9 @@ def _usage(configs: Mapping[str, Any], repo: str) -> List[str]:
         'row = ds["train"][0]',
         'print([names[c] for c in row["pseudo_positives"]])',
         "```", "",
-        f"Train on it with vlpl: `vlpl train store={repo} ...` (docs/PUBLISHING.md). Scores are raw "
+        f"Train on it with vlpl: `vlpl train store=hf:{repo}#{name} ...` (rules that read more than the global "
+        "view need a config exported with `--all-views`; without `--with-images` give `data_root=` where the images "
+        "are; docs/PUBLISHING.md). Scores are raw "
         f"`{(meta.get('score_kind') or {}).get('score_kind', 'cosine')}` teacher scores: "
         "`vlpl_export.json` in each config folder says how they were made and how to read them.", "",
     ]
