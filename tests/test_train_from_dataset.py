@@ -279,3 +279,20 @@ def test_dataset_sources_are_recognised(coco256_store: Path, full: Dict[str, Pat
     assert parse_source("hf:user/name@main#cfg") == ("user/name", "cfg", "main", True)
     assert parse_source("hf://user/name") == ("user/name", None, None, True)
     assert parse_source(f"{full['out']}#{CONFIG}") == (str(full["out"]), CONFIG, None, False)
+
+
+def test_knn_finds_the_stores_neighbours_in_the_exported_embeddings(coco256_store: Path, full: Dict[str, Path]) -> None:
+    """Rule knn from an export with --all-views --embeddings: no FAISS index travels with it, so the exported image
+    embeddings are searched exactly; the pseudo-labels equal the store's (whose index is a Flat one)."""
+    import torch
+
+    from vlpl.pseudolabel.rules import RuleRows, apply_rule
+    from vlpl.store.store import ScoreStore
+
+    got = []
+    for st in (ScoreStore.open(coco256_store), ScoreStore.open(str(full["out"]))):
+        sp = st.split("train")
+        pos = np.arange(len(sp))
+        got.append(apply_rule("knn", torch.from_numpy(sp.scores(pos)), torch.from_numpy(sp.observed_at(pos)),
+                              dynamic=False, rows=RuleRows(sp, pos), base="damp", k=5, alpha=0.5))
+    assert torch.equal(got[0], got[1]) and bool((got[0] == 1).any())
