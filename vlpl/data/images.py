@@ -4,8 +4,11 @@ An image *reference* is what a dataset row (and the store's ``image`` column) na
 
 * a path relative to the data root (``images/train2017/0001.jpg``);
 * ``hf://<split>/<index>``: row ``index`` of split ``split`` of a Hugging Face dataset;
-* further schemes (e.g. webdataset members) are added in :data:`SCHEMES`: a function
-  ``(source, rest_of_ref) -> (file object or bytes, name)`` per ``<scheme>://`` prefix.
+* further schemes are added in :data:`SCHEMES`: a function
+  ``(source, rest_of_ref) -> (file object or bytes, name)`` per ``<scheme>://`` prefix; those of
+  :data:`LAZY_SCHEMES` register themselves on first use: ``wds://<shard url>#<key>``, a webdataset tar member
+  (:mod:`vlpl.data.webdataset`), and ``hfs://<split>/<index>``, a row of a streamed Hugging Face dataset
+  (:mod:`vlpl.data.streaming`).
 
 :meth:`ImageSource.open` (or :func:`open_image`) turns a reference into an RGB ``uint8`` PIL image
 under these **decode rules** (one place, so the teacher and the student see the same pixels):

@@ -54,6 +54,7 @@ import logging
 import os
 import tarfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -81,6 +82,8 @@ WDS_PREFIX = "wds://"
 IMAGE_EXTS: Tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm", "img")
 #: the version of the on-disk index format (a cached index of another version is rebuilt)
 INDEX_VERSION = 1
+#: threads listing shards at once (reading headers is I/O: object storage answers many requests in parallel)
+LIST_THREADS = 16
 
 
 # --------------------------------------------------------------------------------------------------
@@ -521,25 +524,30 @@ def read_webdataset(cfg: DataConfig) -> OfficialSplits:
         return _multi_hot(p, C) - _multi_hot(n, C)
 
     out: Dict[str, List[RawItem]] = {"train": [], "test": []}
-    n_shards = 0
-    for split, urls in shard_urls(cfg).items():
-        for url in urls:
-            n_shards += 1
-            stored = _store_url(url, root, cfg.images)
-            if has_protocol(url):
-                fs, path = _fs_path(url)
-                ikey = url
-            else:
-                real = Path(os.path.realpath(resolve_path(root, url)))  # type: ignore[arg-type]
-                from fsspec.implementations.local import LocalFileSystem
+    label_exts = () if side is not None else (label_ext,)
 
-                fs, path, ikey = LocalFileSystem(), str(real), str(real)
-            try:
-                fp = fingerprint(fs, path)
-            except FileNotFoundError:
-                raise DatasetFormatError(f"webdataset shard {url} not found (data.urls)") from None
-            sidx, lab = build_index(ikey, fs, path, fp, () if side is not None else (label_ext,))
-            _remember(ikey, sidx)
+    def list_shard(url: str) -> Tuple[str, ShardIndex, Dict[str, Dict[str, bytes]]]:
+        stored = _store_url(url, root, cfg.images)
+        if has_protocol(url):
+            fs, path = _fs_path(url)
+            ikey = url
+        else:
+            from fsspec.implementations.local import LocalFileSystem
+
+            fs, path = LocalFileSystem(), os.path.realpath(resolve_path(root, url))  # type: ignore[arg-type]
+            ikey = path
+        try:
+            fp = fingerprint(fs, path)
+        except FileNotFoundError:
+            raise DatasetFormatError(f"webdataset shard {url} not found (data.urls)") from None
+        sidx, lab = build_index(ikey, fs, path, fp, label_exts)
+        _remember(ikey, sidx)
+        return stored, sidx, lab
+
+    tasks = [(split, url) for split, urls in shard_urls(cfg).items() for url in urls]
+    # the shards are listed on threads (I/O: headers, label members), consumed in order
+    with ThreadPoolExecutor(max_workers=max(1, min(LIST_THREADS, len(tasks)))) as pool:
+        for (split, url), (stored, sidx, lab) in zip(tasks, pool.map(lambda t: list_shard(t[1]), tasks)):
             for key in sidx.samples:
                 where = f"webdataset shard {url}, sample {key!r}"
                 rec = None
@@ -549,6 +557,7 @@ def read_webdataset(cfg: DataConfig) -> OfficialSplits:
                     rec = _member_labels(lab[key][label_ext], label_ext, where)
                 labels = None if rec is None else vector(rec, where)
                 out[split].append(RawItem(key, make_ref(stored, key), labels))
+    n_shards = len(tasks)
     for split, items in out.items():
         known = [it.labels is not None for it in items]
         if any(known) and not all(known):
