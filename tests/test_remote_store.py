@@ -280,3 +280,20 @@ def test_remote_store_refuses_another_identity_and_overwrites(data, mem_url):
     assert store.view_spec.grid == 1 and store.num_rows == 28 and store.verify()["shards"] == 2
     assert sorted(MEM.ls((root / "shards").path, detail=False)) == [
         (root / "shards" / f"part-0000{i}.{ext}").path for i in (0, 1) for ext in ("json", "parquet")]
+
+
+def test_failed_upload_names_the_object_and_leaves_nothing(mem_url, tmp_path, monkeypatch):
+    from vlpl.store.atomic import WriteError, atomic_path
+
+    monkeypatch.setenv("VLPL_TMPDIR", str(tmp_path))
+    target = RemotePath.from_url(mem_url) / "shards" / "part-00000.parquet"
+
+    def denied(*a, **k):
+        raise PermissionError("AccessDenied: s3:PutObject")
+
+    monkeypatch.setattr(type(MEM), "put_file", denied)
+    with pytest.raises(WriteError, match=r"PermissionError: AccessDenied.* uploading memory:///.*part-00000\.parquet"
+                                         r" \(4 B to send\); re-run"):
+        with atomic_path(target, hint="re-run the same command") as tmp:
+            tmp.write_bytes(b"PAR1")
+    assert not target.exists() and not list(tmp_path.glob(".part-00000*"))  # no object, no local temporary
