@@ -280,3 +280,18 @@ def test_ensemble_export(coco256_store: Path, tmp_path: Path) -> None:
     ds = datasets.load_dataset(str(out), "ensemble_damp")["val"]
     want = _expected(coco256_store, "val")
     np.testing.assert_array_equal(_as_np(ds, "ensemble_score", np.float32), want["scores"][:, 0, 0])
+
+
+def test_interrupted_build_folder_is_removed(coco256_store: Path, tmp_path: Path) -> None:
+    """A build folder left by a killed export (its process gone) is removed by the next export into that folder;
+    the published metadata names no host."""
+    from vlpl.export.schema import read_export_metadata
+    from vlpl.export.stage import run_export
+
+    out = tmp_path / "out"
+    stale = out / ".vlpl-export-build.999999999.abc"
+    (stale / "junk").mkdir(parents=True)
+    run_export(_cfg(coco256_store, out, "splits=[val]"))
+    assert not stale.exists()
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", CONFIG]
+    assert "host" not in read_export_metadata(out)["provenance"]

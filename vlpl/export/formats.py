@@ -53,6 +53,7 @@ def _common_meta(store: Any, fmt: str, rule: str, params: Dict[str, Any], argv: 
 
     prov = provenance(argv)
     prov["command"] = redact(prov.get("command") or "")
+    prov.pop("host", None)  # the files are meant to be shared
     return {
         "schema_version": EXPORT_SCHEMA_VERSION,
         "format": fmt,

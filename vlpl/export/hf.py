@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import re
 import shutil
 import tempfile
@@ -122,7 +123,7 @@ def _generate(job: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
         source = ImageSource.from_store(store.dataset_info, job.get("data_root"))
     k = min(int(opts.sparse_topk or 0), schema.num_classes)
     spec = store.view_spec
-    sp_len = int(store.splits()[job["split"]])
+    sp_len = len(store.split(job["split"], sidecars=False))  # ok rows: failed ones are left out
     with progress(total=sp_len, desc=f"export {job['split']}", unit="img", enabled=job.get("progress", True)) as bar:
         for b in iter_batches(store, job["split"], schema.rule, job["params"], job["batch_size"],
                               embeddings=opts.embeddings, aggregate=schema.rule_score_column is not None):
@@ -323,6 +324,7 @@ def _metadata(store: Any, schema: ExportSchema, params: Mapping[str, Any], dd: A
 
     prov = provenance(argv)
     prov["command"] = redact(prov.get("command") or "")
+    prov.pop("host", None)  # published with the dataset: the machine's name is nobody's business
     meta = build_metadata(schema, manifest=store.manifest, views=store.view_spec.to_dict(),
                           score_kind=store.score_kind.to_dict(), rule_params=params,
                           splits={k: len(v) for k, v in dd.items()}, store=redact(str(source)), provenance=prov)
@@ -347,6 +349,24 @@ def _prompts(store: Any) -> Optional[Dict[str, Any]]:
         return None
 
 
+_BUILD_PREFIX = ".vlpl-export-build."
+
+
+def _remove_stale_builds(out: Path) -> None:
+    """Remove the Arrow build folders of exports into ``out`` that were killed (their process is gone)."""
+    for d in out.glob(f"{_BUILD_PREFIX}*"):
+        try:
+            pid = int(d.name[len(_BUILD_PREFIX):].split(".")[0])
+            os.kill(pid, 0)
+            continue  # a live export (this machine): leave it
+        except (ValueError, ProcessLookupError):
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        log.info("removed %s, left by an interrupted export", d)
+
+
 def export_hf(cfg: Any, argv: Optional[Sequence[str]] = None) -> HFExport:
     """Export ``cfg.store`` (an :class:`vlpl.config.ExportConfig`) as a Hugging Face dataset into ``cfg.out``.
 
@@ -367,7 +387,8 @@ def export_hf(cfg: Any, argv: Optional[Sequence[str]] = None) -> HFExport:
         raise ValueError(f"config_name {config_name!r}: letters, digits, '_', '-', '.' (and not 'data')")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(prefix=".vlpl-export-build.", dir=out))
+    _remove_stale_builds(out)
+    build = Path(tempfile.mkdtemp(prefix=f"{_BUILD_PREFIX}{os.getpid()}.", dir=out))
     try:
         dd = build_dataset_dict(cfg.store, schema, params, build, cfg.splits, data_root=cfg.data_root,
                                 batch_size=cfg.batch_size)
