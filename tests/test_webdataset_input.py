@@ -315,3 +315,57 @@ def test_two_processes_with_workers_give_the_one_process_store(wds_data, tmp_pat
     assert r.returncode == 0, r.stderr[-3000:]
     assert store_diff(out, one) == []
     assert len(list((tmp_path / "cache" / "wds-index").glob("*.json"))) == 4  # 3 train + 1 test shard
+
+
+_SLOW_RUN = """
+import sys, time
+import vlpl.data.webdataset as w
+from vlpl.data.images import SCHEMES
+def slow(source, rest, _open=w.open_member):
+    time.sleep(float(sys.argv[1]))
+    return _open(source, rest)
+SCHEMES["wds"] = slow
+from vlpl.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.slow
+def test_kill_mid_run_and_resume_gives_the_same_store(wds_data, tmp_path):
+    """A real ``vlpl pseudolabel`` on the tars is killed (SIGKILL to its process group) once 2 of its 4 shards
+    exist; the resumed run skips them and the store is the uninterrupted run's, byte for byte (manifest
+    timestamps aside), with no temporary file or lock left."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO_ROOT
+    from tests.faults.test_pseudolabel_faults import _cli_env, store_diff, temp_files
+
+    root, urls = wds_data
+    over = [f"data.root={root}", "data.format=webdataset", f"data.urls={{train: '{urls['train']}', test: '{urls['test']}'}}"]
+    out = tmp_path / "store"
+    ref = _pseudolabel(out, over).rename(tmp_path / "ref")
+    args = ["pseudolabel", "--config", str(TINY_TEACHER), f"out={out}", "shard_size=4", "batch_size=4",
+            "num_workers=0", "progress=false", "views.grid=2", "index=false", *over]
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_RUN, "0.2", *args], env=_cli_env(), cwd=str(REPO_ROOT),
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline, killed = time.time() + 240, False
+    while time.time() < deadline and proc.poll() is None:
+        if len(list((out / "shards").glob("part-*.parquet"))) >= 2:
+            os.killpg(proc.pid, signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    assert killed, f"the run ended before the kill (rc {proc.returncode}): {err[-2000:]}"
+    assert 2 <= len(list((out / "shards").glob("part-*.parquet"))) < 4
+    resumed = subprocess.run([sys.executable, "-m", "vlpl", *args], env=_cli_env(), cwd=str(REPO_ROOT),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "already complete" in resumed.stderr, resumed.stderr[-3000:]
+    assert store_diff(out, ref) == []
+    assert temp_files(out) == [] and not (out / ".lock").exists()
