@@ -246,3 +246,23 @@ def test_two_processes_give_the_one_process_store(data, tmp_path):
                        cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     assert store_diff(out, one) == []
+
+
+def test_max_samples_lists_only_the_files_it_needs(data, tmp_path):
+    """data.max_samples=3: only the first source file of train is listed (its 5 rows), the test split's file too;
+    the rows read back are the first 3 of the stream."""
+    from vlpl.config import DataConfig
+    from vlpl.data.readers import load_dataset
+
+    folder, pq = data
+    ds = load_dataset(DataConfig(format="hf", root=str(pq), hf_path=".", hf_streaming=True, val_fraction=0.0,
+                                 max_samples=3))
+    assert ds.image_source.hf_stream["file_rows"] == {"train": [5], "test": [4]}
+    assert [s.image for s in ds.samples] == ["hfs://train/0", "hfs://train/1", "hfs://train/2", "hfs://test/0",
+                                             "hfs://test/1", "hfs://test/2"]
+    files = [r["image"] for r in csv.DictReader(open(folder / "labels.csv")) if r["split"] == "train"]
+    from vlpl.data.images import decode_image
+
+    for k in range(3):
+        ref = decode_image((folder / files[k]).read_bytes(), files[k], ds.image_source.cfg)
+        assert np.array_equal(np.asarray(ds.image_source.open(f"hfs://train/{k}")), np.asarray(ref))

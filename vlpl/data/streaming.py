@@ -115,7 +115,8 @@ class StreamingSplits(OfficialSplits):
     :func:`vlpl.data.readers.load_dataset` hands to the dataset's :class:`ImageSource` (:meth:`attach_source`).
 
     Attributes:
-        stream: ``{"file_rows": {hf split: [rows of source file 0, 1, ...]}}``.
+        stream: ``{"file_rows": {hf split: [rows of source file 0, 1, ...]}}`` (with ``data.max_samples``, the
+            files up to the one holding the last row kept).
     """
 
     stream: Dict[str, Any] = field(default_factory=dict)
@@ -176,6 +177,8 @@ def read_hf_streaming(cfg: DataConfig) -> StreamingSplits:
         else:
             lst = d
         for j in range(d.n_shards):
+            if cfg.max_samples is not None and sum(counts) >= cfg.max_samples:
+                break  # data.max_samples: the first rows are enough; later files are never listed nor read
             part = source_file(lst, j)
             cols = [cfg.hf_label_column] if has_labels else [cfg.hf_image_column]
             n = 0
@@ -278,9 +281,9 @@ class StreamRows:
             cur = self._cursors.get((split, j))
             if cur is None or cur.pos > r:
                 d = self._split(split)
-                if d.n_shards != len(self.file_rows[split]):
+                if d.n_shards < len(self.file_rows[split]):
                     raise IndexError(f"the stream of split {split!r} now has {d.n_shards} source files; the store "
-                                     f"was made from {len(self.file_rows[split])}")
+                                     f"was made from {len(self.file_rows[split])} or more")
                 cur = self._cursors[(split, j)] = _Cursor(source_file(d, j), self.image_column, r)
                 self.reopened += 1
             try:
