@@ -95,6 +95,7 @@ def child(args: argparse.Namespace) -> Dict[str, Any]:
             f"student.image_size={args.image_size}", f"batch_size={args.batch_size}", "epochs=1",
             f"max_steps_per_epoch={args.steps}", "val_split=none", "test_split=none", "progress=false",
             "checkpoint_every_minutes=null", "log_every=5", f"num_workers={args.num_workers}"])
+        before_setup = _status()  # imports done (torch, timm, vlpl): the baseline
         run = setup(cfg)
         after_setup = _status()
         t_setup = time.perf_counter() - t0
@@ -111,7 +112,8 @@ def child(args: argparse.Namespace) -> Dict[str, Any]:
         "views_total": run.store.view_spec.num_views,
         "num_workers": run.num_workers, "device": str(run.accelerator.device),
         "peak_rss_bytes": end["VmHWM"], "end_rss_anon_bytes": end.get("RssAnon"),
-        "end_rss_file_bytes": end.get("RssFile"), "after_setup": after_setup,
+        "end_rss_file_bytes": end.get("RssFile"), "before_setup": before_setup, "after_setup": after_setup,
+        "loss_per_sample_state": {k: list(v) for k, v in run.loss.per_sample_state().items()},
         "workers_peak_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
         "loss_state_bytes": int(loss_state), "setup_s": t_setup, "epoch_s": t_epoch, "steps": len(steps) and
         steps[-1]["step"], "images_per_s_median": C.median(ips), "images_per_s_logged": ips,
@@ -177,8 +179,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             "peak_rss_bytes: VmHWM of the training process (main process; DataLoader workers separately), after "
             "setup() and --steps steps of train_epoch(); file-backed pages of memory-mapped store files count in "
             "RSS while resident (they are the shared page cache, reclaimable); end_rss_anon/file split them.",
-            "loss_state_bytes: the loss's own per-sample state (state_dict tensors): it grows with N x C by the "
-            "loss's design (label-state losses keep a float per (image, class)), independent of the reader.",
+            "loss_state_bytes: the loss's state_dict tensors; loss_per_sample_state: those with N rows (only the "
+            "stateful losses have any: ROLE's estimator, LL-Cp's int8 labels, EM+APL's soft targets; the default "
+            "method's GPR has none). before_setup / after_setup: /proc/self/status after the imports and after "
+            "setup().",
             "images_per_s: the trainer's own logged rate (every 5 steps, the first window dropped), median.",
             "The machine is shared: compare the rows of one run, not runs.",
         ],
