@@ -109,7 +109,7 @@ class RuleRunner:
     """
 
     def __init__(self, name: str, params: Dict[str, Any], dynamic: bool,
-                 scores: Callable[[np.ndarray], torch.Tensor], observed: torch.Tensor, split: Any = None,
+                 scores: Callable[[np.ndarray], torch.Tensor], observed: Any, split: Any = None,
                  variant: Optional[str] = None) -> None:
         check_kwargs(RULES.get(name), params, f"pseudo-label rule {name!r}")
         self.name, self.params, self.dynamic = name, dict(params), bool(dynamic)
