@@ -815,6 +815,7 @@ class ScoreStore:
         self._shard_rows = np.array([int(s["rows"]) for s in shards], np.int64)
         self._starts = np.concatenate([[0], np.cumsum(self._shard_rows)]).astype(np.int64)
         self._rg_starts: Dict[int, np.ndarray] = {}
+        self._remote_footers: Dict[int, Any] = {}  # remote store: each shard's Parquet footer, fetched once
         self._cache = _LRU(cache_bytes)
         self._meta: Optional[Dict[str, np.ndarray]] = None
 
@@ -1091,8 +1092,10 @@ class ScoreStore:
     def _parquet(self, k: int) -> pq.ParquetFile:
         path = self.shard_paths()[k]
         try:
-            if isinstance(path, RemotePath):  # pyarrow reads through the fsspec file system
-                pf = pq.ParquetFile(path.path, filesystem=path.arrow_fs, page_checksum_verification=True)
+            if isinstance(path, RemotePath):  # pyarrow reads through the fsspec file system; footer read once
+                pf = pq.ParquetFile(path.path, filesystem=path.arrow_fs, page_checksum_verification=True,
+                                    metadata=self._remote_footers.get(k))
+                self._remote_footers[k] = pf.metadata
             else:
                 pf = pq.ParquetFile(path, page_checksum_verification=True)
             rows = pf.metadata.num_rows
