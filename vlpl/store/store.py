@@ -35,6 +35,10 @@ checked against its CRC, and every shard's schema and row count against the mani
 raises a :class:`StoreError` naming the shard instead of changing the data. :meth:`ScoreStore.verify`
 checks the full sha256 of every shard on demand. Callers read through :meth:`ScoreStore.split`
 (:class:`SplitReader`: ids, labels, and batch-wise scores) and never parse the manifest or the shards.
+
+A store may live on an fsspec URL (``s3://...``; :mod:`vlpl.store.fs`, docs/REMOTE_STORES.md): the same bytes,
+each file sent whole (one put; rename on ``file://``), resume by listing ``shards/``, a lock object with a
+heartbeat instead of ``flock``, Parquet read through pyarrow's fsspec handler, sidecars in a local cache directory.
 """
 from __future__ import annotations
 
