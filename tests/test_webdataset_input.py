@@ -369,3 +369,18 @@ def test_kill_mid_run_and_resume_gives_the_same_store(wds_data, tmp_path):
     assert "already complete" in resumed.stderr, resumed.stderr[-3000:]
     assert store_diff(out, ref) == []
     assert temp_files(out) == [] and not (out / ".lock").exists()
+
+
+def test_max_samples_stops_listing_shards(wds_data, tmp_path, monkeypatch):
+    """data.max_samples=3 with one shard listed at a time: only the first train shard (4 samples) and the test
+    shard are listed (indexed), and the dataset keeps the first 3 rows of each."""
+    from vlpl.config import DataConfig
+    from vlpl.data import webdataset as w
+    from vlpl.data.readers import load_dataset
+
+    root, urls = wds_data
+    monkeypatch.setattr(w, "LIST_THREADS", 1)
+    ds = load_dataset(DataConfig(format="webdataset", root=str(root), urls=dict(urls), val_fraction=0.0,
+                                 max_samples=3))
+    assert len(ds.samples) == 6
+    assert len(list((tmp_path / "cache" / "wds-index").glob("*.json"))) == 2

@@ -544,20 +544,26 @@ def read_webdataset(cfg: DataConfig) -> OfficialSplits:
         _remember(ikey, sidx)
         return stored, sidx, lab
 
-    tasks = [(split, url) for split, urls in shard_urls(cfg).items() for url in urls]
-    # the shards are listed on threads (I/O: headers, label members), consumed in order
-    with ThreadPoolExecutor(max_workers=max(1, min(LIST_THREADS, len(tasks)))) as pool:
-        for (split, url), (stored, sidx, lab) in zip(tasks, pool.map(lambda t: list_shard(t[1]), tasks)):
-            for key in sidx.samples:
-                where = f"webdataset shard {url}, sample {key!r}"
-                rec = None
-                if side is not None:
-                    rec = side.get(key)
-                elif label_ext in lab.get(key, {}):
-                    rec = _member_labels(lab[key][label_ext], label_ext, where)
-                labels = None if rec is None else vector(rec, where)
-                out[split].append(RawItem(key, make_ref(stored, key), labels))
-    n_shards = len(tasks)
+    n_shards = 0
+    # the shards are listed on threads (I/O: headers, label members), LIST_THREADS at a time, consumed in order;
+    # with data.max_samples a split's listing stops once it has enough rows
+    with ThreadPoolExecutor(max_workers=LIST_THREADS) as pool:
+        for split, urls in shard_urls(cfg).items():
+            for c in range(0, len(urls), LIST_THREADS):
+                if cfg.max_samples is not None and len(out[split]) >= cfg.max_samples:
+                    break
+                chunk = urls[c:c + LIST_THREADS]
+                n_shards += len(chunk)
+                for url, (stored, sidx, lab) in zip(chunk, pool.map(list_shard, chunk)):
+                    for key in sidx.samples:
+                        where = f"webdataset shard {url}, sample {key!r}"
+                        rec = None
+                        if side is not None:
+                            rec = side.get(key)
+                        elif label_ext in lab.get(key, {}):
+                            rec = _member_labels(lab[key][label_ext], label_ext, where)
+                        labels = None if rec is None else vector(rec, where)
+                        out[split].append(RawItem(key, make_ref(stored, key), labels))
     for split, items in out.items():
         known = [it.labels is not None for it in items]
         if any(known) and not all(known):
