@@ -97,7 +97,8 @@ class DataConfig:
 
     ``format``: ``folder`` (images + labels.csv/jsonl + classes.txt), ``coco`` (official instances
     JSON), ``voc`` (VOCdevkit/VOC2012 ImageSets/Main), ``cole`` (formatted_*.npy), ``hf`` (a Hugging
-    Face dataset). Paths that are not absolute are relative to ``root``.
+    Face dataset; streamed with ``hf_streaming``), ``webdataset`` (tar shards, ``urls``; docs/INPUTS.md). Paths that
+    are not absolute are relative to ``root``.
     """
 
     format: str = "folder"
