@@ -311,7 +311,7 @@ def stream_rows(source: ImageSource) -> StreamRows:
     with _ROWS_LOCK:
         if os.getpid() != _ROWS_PID:  # never share an open stream with the parent process
             _ROWS.clear()
-            _ROWS_PID = os.getpid()
+            _ROWS_PID = os.getpid()  # (fsspec resets its own event-loop lock in a forked child: register_at_fork)
         rows = _ROWS.get(key)
         if rows is None:
             rows = _ROWS[key] = StreamRows(str(source.hf_path), source.hf_image_column,
