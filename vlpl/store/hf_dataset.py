@@ -265,7 +265,7 @@ class DatasetSplitReader:
         self.store = store
         self.name = name
         self._ds = ds
-        self._arrow = ds.with_format("arrow")
+        self._table = ds.data.table  # pyarrow.Table over the memory-mapped Arrow file(s)
         n = len(ds)
         self.rows = np.arange(n, dtype=np.int64)
         self.ok = np.ones(n, bool)
@@ -310,9 +310,9 @@ class DatasetSplitReader:
         return pos
 
     def _take(self, columns: Sequence[str], pos: np.ndarray) -> Any:
-        """The Arrow table of ``columns`` at positions ``pos`` (in that order): only those rows are read."""
-        return self._arrow.select_columns(list(columns))[pos.tolist()] if len(pos) else \
-            self._ds.data.table.select(list(columns)).slice(0, 0)
+        """The Arrow table of ``columns`` at positions ``pos`` (in that order): only those rows are read from the
+        memory-mapped table (the split has no indices mapping: :meth:`DatasetStore._setup` flattens one)."""
+        return self._table.select(list(columns)).take(pos)
 
     def _where(self, column: str) -> str:
         return f"{self.store.source} split {self.name!r} column {column!r}"
@@ -431,6 +431,9 @@ class DatasetStore:
         import datasets
 
         kind = _local_kind(p)
+        if kind is None and ((p / "manifest.json").is_file() or (p / "ensemble.json").is_file()):
+            raise DatasetSourceError(f"hf:{p}: a score store, not an exported dataset; give it without the hf: "
+                                     f"prefix (store={p})")
         if kind is None:
             raise _not_vlpl(str(p), f"no {_METADATA_FILE} here or in a config folder")
         if kind == "foreign":
@@ -473,6 +476,8 @@ class DatasetStore:
         import datasets
 
         where = f"hf:{repo_id}" + (f"@{revision}" if revision else "")
+        if repo_id.startswith(("/", ".", "~")) or repo_id.count("/") > 1:
+            raise DatasetSourceError(f"{where}: no such folder (a Hub dataset id is NAME or USER/NAME)")
         if config is None:
             try:
                 names = list(datasets.get_dataset_config_names(repo_id, revision=revision))
