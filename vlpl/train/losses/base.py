@@ -150,7 +150,8 @@ class ObservedLabels:
                                  f"{rows[r, c].item()}")
 
     def rows(self, index: Any) -> torch.Tensor:
-        """``(B, C)`` int8 CPU labels of the rows at ``index`` (a tensor, array or list of positions)."""
+        """``(B, C)`` int8 labels of the rows at ``index`` (a tensor, array or list of positions): on the CPU
+        for a reader, on the matrix's device for a matrix (a device matrix is not copied back to the host)."""
         pos = index.detach().to("cpu", torch.long) if torch.is_tensor(index) else \
             torch.as_tensor(np.asarray(index, dtype=np.int64))
         pos = pos.reshape(-1)
@@ -161,7 +162,7 @@ class ObservedLabels:
                                  f"{pos.numel()} rows; expected ({pos.numel()}, {self.shape[1]})")
             return out
         assert self._matrix is not None
-        return self._matrix[pos.to(self._matrix.device)].to(device="cpu", dtype=torch.int8)
+        return self._matrix[pos.to(self._matrix.device)].to(dtype=torch.int8)
 
     def chunks(self, rows_per_chunk: Optional[int] = None) -> Iterator[Tuple[int, torch.Tensor]]:
         """``(start, (b, C) int8 rows start..start+b-1)`` over all rows, in order, a chunk at a time."""
