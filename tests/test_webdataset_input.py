@@ -257,6 +257,15 @@ def test_fsspec_urls_memory_filesystem(wds_data, tmp_path):
         for s in ds.samples:
             assert np.array_equal(np.asarray(ds.image_source.open(s.image)),
                                   np.asarray(plain.open(s.sample_id + ".jpg")))
+        # a store of remote shards reopens them without its recorded data root
+        entry = {"root": str(tmp_path / "gone"), "format": "webdataset"}
+        src = ImageSource.from_store(entry, None)
+        s0 = ds.samples[0]
+        assert np.array_equal(np.asarray(src.open(s0.image)), np.asarray(plain.open(s0.sample_id + ".jpg")))
+        from vlpl.data.images import ImageLoadError
+
+        with pytest.raises(ImageLoadError, match=r"shard shards/x.tar not found under the data root .*gone"):
+            src.open("wds://shards/x.tar#k")
     finally:
         fs.rm("/wdsbucket", recursive=True)
 

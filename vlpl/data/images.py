@@ -433,7 +433,11 @@ class ImageSource:
         if "root" not in store_dataset_info and not data_root_override:
             raise FileNotFoundError("the store records no dataset root: set data_root=...")
         root = Path(data_root_override or store_dataset_info["root"])
-        if not root.is_dir():
+        # webdataset shards and streamed rows may all be remote (fsspec URLs, a hub id): the root is then not needed
+        # to reopen them (a local shard that is gone is a failed open naming it)
+        remote_ok = (store_dataset_info.get("format") == "webdataset"
+                     or bool((store_dataset_info.get("hf") or {}).get("streaming")))
+        if not root.is_dir() and not remote_ok:
             raise FileNotFoundError(f"data root {root} (the images of the store) does not exist; set data_root=... "
                                     f"to where they are now")
         hf_info = store_dataset_info.get("hf")

@@ -373,7 +373,8 @@ def open_member(source: ImageSource, rest: str) -> Tuple[bytes, str]:
     except DatasetFormatError as e:
         raise ImageLoadError(f"cannot open image {shown}: {e}", ref, "unreadable shard") from None
     except FileNotFoundError:
-        raise ImageLoadError(f"cannot open image {shown}: shard {printable(url)} not found", ref,
+        hint = "" if has_protocol(url) else f" under the data root {source.root} (set data_root=... if the data moved)"
+        raise ImageLoadError(f"cannot open image {shown}: shard {printable(url)} not found{hint}", ref,
                              "file not found") from None
     except OSError as e:
         raise ImageLoadError(f"cannot open image {shown}: shard {printable(url)}: {e}", ref, "unreadable shard") from None
