@@ -296,3 +296,20 @@ def test_knn_finds_the_stores_neighbours_in_the_exported_embeddings(coco256_stor
         got.append(apply_rule("knn", torch.from_numpy(sp.scores(pos)), torch.from_numpy(sp.observed_at(pos)),
                               dynamic=False, rows=RuleRows(sp, pos), base="damp", k=5, alpha=0.5))
     assert torch.equal(got[0], got[1]) and bool((got[0] == 1).any())
+
+
+def test_partial_annotations_keep_their_kind(coco256_real_partial_store: Path, tmp_path: Path, hf_cache: Any) -> None:
+    """A store of real partial annotations (labels_kind partial, {-1,0,1}): the dataset's readers say partial and
+    give the same annotations and observed labels, so the trainer picks the same selection criterion."""
+    from vlpl.eval.selection import resolve_criterion
+    from vlpl.store.store import ScoreStore
+
+    _export(coco256_real_partial_store, tmp_path / "out", "splits=[val]")
+    store, ds = ScoreStore.open(coco256_real_partial_store), ScoreStore.open(f"hf:{tmp_path / 'out'}")
+    a, b = store.split("val"), ds.split("val")
+    assert ds.labels_kind == b.labels_kind == a.labels_kind == "partial"
+    assert list(ds.splits()) == ["val"]
+    np.testing.assert_array_equal(b.labels, a.labels)
+    assert (b.labels == -1).any()
+    np.testing.assert_array_equal(b.observed, a.observed)
+    assert resolve_criterion("auto", b) == resolve_criterion("auto", a) == "masked_map_observed"
