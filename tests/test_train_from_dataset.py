@@ -313,3 +313,42 @@ def test_partial_annotations_keep_their_kind(coco256_real_partial_store: Path, t
     assert (b.labels == -1).any()
     np.testing.assert_array_equal(b.observed, a.observed)
     assert resolve_criterion("auto", b) == resolve_criterion("auto", a) == "masked_map_observed"
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_a_run_from_a_dataset_resumes_bit_identically(full: Dict[str, Path], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopped after step 3 (checkpoint at step 2) and resumed with the dataset named another way (OUT#config instead
+    of hf:OUT: the identity is the data's, not the spelling's): the step losses and the test predictions equal an
+    uninterrupted run's."""
+    import vlpl.train.loop as loop
+
+    args = ["epochs=2", "max_steps_per_epoch=2", "checkpoint_every_steps=2", "pseudo.rule=damp"]
+    straight = _train(f"hf:{full['out']}", tmp_path / "straight", *args)
+    hits = {"n": 0}
+
+    def kill(name: str) -> None:
+        if name == "step":
+            hits["n"] += 1
+            if hits["n"] == 3:
+                raise _Killed()
+
+    monkeypatch.setattr(loop, "fault_point", kill)
+    with pytest.raises(_Killed):
+        _train(f"hf:{full['out']}", tmp_path / "resumed", *args)
+    monkeypatch.undo()
+    steps = _spy(monkeypatch)
+    resumed = _train(f"{full['out']}#{CONFIG}", tmp_path / "resumed", *args, "resume=true")
+    assert len(steps) == 2  # steps 3 and 4 only: it continued from the step-2 checkpoint
+
+    def losses(run: Path) -> List[Tuple[int, float]]:
+        recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"]) for r in recs if r["kind"] == "step"]
+
+    assert losses(resumed) == losses(straight) and len(losses(straight)) == 4
+    np.testing.assert_array_equal(np.load(resumed / "predictions" / "test.npz")["probs"],
+                                  np.load(straight / "predictions" / "test.npz")["probs"])
