@@ -19,7 +19,7 @@ RECIPE = REPO / "pipelines" / "coco256_publish.yaml"
 def test_recipe_parses_and_an_unset_hub_repo_means_no_push(tmp_path):
     stages = load_pipeline(str(RECIPE), [f"work={tmp_path}"])
     names = [s["stage"] for s in stages]
-    assert names[:5] == ["pseudolabel", "export", "train", "export_model", "predict"]
+    assert names == ["pseudolabel", "export", "train", "export_model", "predict", "train"]
     export = stages[1]["doc"]
     assert export["push_to_hub"] is None and export["save_to_disk"] == f"{tmp_path}/dataset-disk"
     pushed = load_pipeline(str(RECIPE), [f"work={tmp_path}", "hub_repo=me/pseudo", "hub_model_repo=me/model"])
@@ -70,6 +70,35 @@ def test_publish_recipe_end_to_end(coco256_root, tmp_path):
     saved = np.load(work / "run" / "predictions" / "test.npz")
     assert len(images) == 128 and errors == [None] * 128
     np.testing.assert_allclose(probs[order], saved["probs"], rtol=0, atol=2e-6)
-    # re-running the recipe resumes: every stage finds its work done or rewrites its output whole
+    # the second user, from the dataset alone, trains the same model: the same test predictions
+    again = np.load(work / "run-from-dataset" / "predictions" / "test.npz")
+    assert list(again["sample_ids"]) == list(saved["sample_ids"])
+    np.testing.assert_array_equal(again["probs"], saved["probs"])
+    # re-running the recipe resumes: the export is kept (the run trained from it resumes), the rest is rewritten
+    parquet = {p: p.read_bytes() for p in sorted((work / "dataset").rglob("*.parquet"))}
     run_pipeline(str(RECIPE), [f"work={work}", f"root={coco256_root}"])
     assert read_predictions(work / "predictions.csv")[0] == images
+    assert {p: p.read_bytes() for p in sorted((work / "dataset").rglob("*.parquet"))} == parquet
+
+
+def test_export_stage_keeps_a_current_export_and_pushes_it(coco256_store, tmp_path, monkeypatch):
+    import vlpl.export.hub as hub
+
+    pipe = tmp_path / "p.yaml"
+    pipe.write_text(yaml.safe_dump({"vars": {"repo": ""}, "stages": [{"export": {
+        "store": str(coco256_store), "out": str(tmp_path / "ds"), "push_to_hub": "${repo}"}}]}))
+    run_pipeline(str(pipe))
+    files = {p: p.read_bytes() for p in sorted((tmp_path / "ds").rglob("*")) if p.is_file()}
+    assert any(p.suffix == ".parquet" for p in files)
+    pushed = []
+    monkeypatch.setattr(hub, "push_export", lambda dd, out, name, repo, **kw: pushed.append(
+        (sorted(dd), {k: len(v) for k, v in dd.items()}, Path(out), name, repo, kw)))
+    run_pipeline(str(pipe), ["repo=me/pseudo"])
+    assert {p: p.read_bytes() for p in sorted((tmp_path / "ds").rglob("*")) if p.is_file()} == files
+    (split_names, rows, out, name, repo, kw) = pushed[0]
+    meta = json.loads((tmp_path / "ds" / name / "vlpl_export.json").read_text())
+    assert len(pushed) == 1 and out == tmp_path / "ds" and repo == "me/pseudo" and rows == meta["splits"]
+    # another rule is another export: written, not kept
+    pipe.write_text(pipe.read_text().replace("push_to_hub", "rule: topk\n    push_to_hub"))
+    run_pipeline(str(pipe))
+    assert len(list((tmp_path / "ds").glob("*/vlpl_export.json"))) == 2

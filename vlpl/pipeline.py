@@ -24,7 +24,9 @@ An ``export`` stage holds a ``vlpl export`` config (:class:`vlpl.config.ExportCo
 ``predict`` stage tags images with a run's model (:func:`vlpl.predict.predict_images`: ``run``, ``images`` (a list),
 ``out``, ``thresholds`` / ``threshold`` / ``topk``, ``batch_size``, ``device``, ``num_workers``); an
 ``export_model`` stage writes a run's model folder (:func:`vlpl.export.model.export_model`: ``run``, ``out``,
-``push_to_hub``, ``private``, ``revision``). All three rewrite their outputs whole when re-run::
+``push_to_hub``, ``private``, ``revision``). On a re-run, ``export`` keeps an export made from the same store content
+with the same rule, parameters and options (a run trained from it then resumes; a ``push_to_hub`` pushes the kept
+files); ``predict`` and ``export_model`` rewrite their outputs whole::
 
       - export: {store: "${work}/store", out: "${work}/dataset", save_to_disk: "${work}/dataset-disk",
                  push_to_hub: "${hub_repo}"}
@@ -153,14 +155,66 @@ def _check_doc(name: str, body: Any, where: str) -> Dict[str, Any]:
     return body
 
 
+def _current_export(cfg: Any) -> Any:
+    """The config folder of an ``hf`` export in ``cfg.out`` made from the same store content with the same rule,
+    parameters and options (and its ``save_to_disk`` copy, when asked), else None: a re-run pipeline keeps it, so
+    a run trained from it (``store=`` the export) resumes (re-exporting writes new Parquet bytes)."""
+    import json
+
+    from vlpl.export.rows import resolve_rule
+    from vlpl.store.store import ScoreStore
+
+    if cfg.format != "hf" or not isinstance(cfg.store, str) or not Path(cfg.out).is_dir():
+        return None
+    try:
+        manifest = ScoreStore.open(cfg.store).manifest
+    except Exception:  # noqa: BLE001 - not a plain finished store (an ensemble, a missing store): export again
+        return None
+    rule, params = resolve_rule(cfg.rule, cfg.rule_params, cfg.thresholds)
+    want = {"manifest_sha256": manifest.get("manifest_sha256"), "rule": rule, "params": params,
+            "options": {"with_images": cfg.with_images, "all_views": cfg.all_views, "embeddings": cfg.embeddings,
+                        "sparse_topk": cfg.sparse_topk or None}, "license": cfg.license}
+    if want["manifest_sha256"] is None:
+        return None
+    for meta_path in sorted(Path(cfg.out).glob("*/vlpl_export.json")):
+        try:
+            m = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        got = {"manifest_sha256": (m.get("store") or {}).get("manifest_sha256"), "rule": (m.get("rule") or {}).get("name"),
+               "params": (m.get("rule") or {}).get("params"), "options": m.get("options"), "license": m.get("license")}
+        if got != json.loads(json.dumps(want)) or (cfg.config_name and m.get("config_name") != cfg.config_name) \
+                or (cfg.splits and sorted(m.get("splits") or {}) != sorted(cfg.splits)):
+            continue
+        if cfg.save_to_disk and not (Path(cfg.save_to_disk) / "dataset_dict.json").is_file():
+            return None
+        return meta_path.parent
+    return None
+
+
 def _run_doc_stage(name: str, doc: Dict[str, Any]) -> None:
     """Run an ``export`` / ``predict`` / ``export_model`` stage (see the module docstring)."""
     if name == "export":
         from vlpl.config import ExportConfig, load_config
         from vlpl.export.stage import run_export
 
-        res = run_export(load_config(ExportConfig, base=doc, base_source="pipeline export stage"))
-        log.info("export: %s", getattr(res, "out", res))
+        cfg = load_config(ExportConfig, base=doc, base_source="pipeline export stage")
+        current = _current_export(cfg)
+        if current is None:
+            res = run_export(cfg)
+            log.info("export: %s", getattr(res, "out", res))
+            return
+        log.info("export: %s is current for %s, kept", current, cfg.store)
+        if cfg.push_to_hub:  # push the kept export (the Parquet files as they are)
+            import datasets
+
+            from vlpl.export.hf import parquet_files
+            from vlpl.export.hub import push_export
+
+            files = {s: [str(current / f) for f in fs] for s, fs in parquet_files(current).items()}
+            dd = datasets.load_dataset("parquet", data_files=files)
+            push_export(dd, Path(cfg.out), current.name, cfg.push_to_hub, private=cfg.private,
+                        revision=cfg.revision, max_shard_size=cfg.max_shard_size)
     elif name == "predict":
         from vlpl.predict import predict_images
 
