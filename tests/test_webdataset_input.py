@@ -393,3 +393,37 @@ def test_max_samples_stops_listing_shards(wds_data, tmp_path, monkeypatch):
                                  max_samples=3))
     assert len(ds.samples) == 6
     assert len(list((tmp_path / "cache" / "wds-index").glob("*.json"))) == 2
+
+
+def test_shard_cut_short_keeps_the_members_before_the_cut(wds_data, tmp_path, caplog):
+    """A tar cut in the middle of a member (an interrupted copy): the listing warns naming the shard and the sample
+    cut through, keeps the samples before the cut, and leaves that sample out (reopening it names shard and key)."""
+    import logging
+
+    import fsspec
+
+    from vlpl.config import DataConfig
+    from vlpl.data import webdataset as w
+    from vlpl.data.images import ImageLoadError
+    from vlpl.data.readers import load_dataset
+
+    root, _ = wds_data
+    data = tmp_path / "data"
+    shutil.copytree(root, data)
+    shard = data / "shards" / "train-000000.tar"
+    index, _ = w.build_index(str(shard), fsspec.filesystem("file"), str(shard), "x")
+    keys = list(index.samples)
+    for cut in (lambda o, n: o + n // 2, lambda o, n: o + n):  # inside the image; right after it (json lost)
+        shutil.copy(root / "shards" / "train-000000.tar", shard)
+        off, size = index.samples[keys[2]]["jpg"]
+        shard.write_bytes(shard.read_bytes()[: cut(off, size)])
+        w.clear_memory_cache()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="vlpl.data.webdataset"):
+            ds = load_dataset(DataConfig(format="webdataset", root=str(data), urls="shards/train-000000.tar",
+                                         val_fraction=0.0))
+        assert "train-000000.tar is cut short" in caplog.text and f"sample {keys[2]!r}, cut through" in caplog.text
+        assert [s.sample_id for s in ds.samples] == keys[:2]
+        ds.image_source.open(ds.samples[1].image)  # before the cut: fine
+        with pytest.raises(ImageLoadError, match=rf"train-000000.tar#{keys[2]}: shard .* has no sample with key"):
+            ds.image_source.open(f"wds://shards/train-000000.tar#{keys[2]}")

@@ -41,8 +41,8 @@ conventions used here: ``expand_urls`` and ``base_plus_ext``; tests build shards
 **Failures.** A corrupt or truncated image member, a sample without an image member, or a missing key is an
 :class:`~vlpl.data.images.ImageLoadError` naming the shard and the key: a failed row of the store, like a corrupt
 file. A shard that cannot be listed at all (missing, not a tar, compressed) is a
-:class:`~vlpl.data.readers.DatasetFormatError` naming it; a shard cut short keeps the members before the cut
-(the one cut through reads as a truncated member) with a warning.
+:class:`~vlpl.data.readers.DatasetFormatError` naming it; a shard cut short keeps the samples before the cut
+(the sample cut through is left out) with a warning naming it.
 """
 from __future__ import annotations
 
@@ -186,8 +186,8 @@ class ShardIndex:
         url: the shard as opened (a local path or an fsspec URL).
         fingerprint: size and modification time (or ETag) of the shard when it was indexed.
         samples: key -> {extension: (offset, size)}, in tar order.
-        truncated: the tar ended inside a member or its header (``error`` says how): members before the cut are
-            kept; a member running past the end reads as truncated.
+        truncated: the tar ended inside a member or its header (how): the samples before the cut are kept, the
+            sample the cut went through is left out.
     """
 
     url: str
@@ -260,8 +260,6 @@ def build_index(url: str, fs: Any, path: str, fp: str, label_exts: Sequence[str]
                     m = tf.next()
                 except (tarfile.ReadError, EOFError, OSError) as e:
                     index.truncated = f"{type(e).__name__}: {e}"
-                    logger.warning("webdataset shard %s is cut short after %d samples (%s): keeping the members "
-                                   "before the cut", url, len(index.samples), e)
                     break
                 if m is None:
                     break
@@ -278,8 +276,20 @@ def build_index(url: str, fs: Any, path: str, fp: str, label_exts: Sequence[str]
                     f.seek(m.offset_data)
                     labels.setdefault(key, {})[ext] = f.read(m.size)
                 tf.members = []  # keep memory flat on large shards
+            end = f.seek(0, 2)
+            last = next(reversed(index.samples), None)
+            if last is not None and any(o + n > end for o, n in index.samples[last].values()):
+                index.truncated = index.truncated or f"a member of sample {last!r} runs past the end of the file"
         finally:
             tf.close()
+    if index.truncated:  # the sample the cut went through may have lost members: it is left out
+        last = next(reversed(index.samples), None)
+        if last is not None:
+            index.samples.pop(last)
+            labels.pop(last, None)
+        logger.warning("webdataset shard %s is cut short (%s): keeping its %d samples before the cut%s", url,
+                       index.truncated, len(index.samples),
+                       f"; sample {last!r}, cut through, is left out" if last is not None else "")
     return index, labels
 
 
