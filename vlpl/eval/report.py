@@ -211,8 +211,15 @@ def _teacher_is_random(model: Optional[Dict[str, Any]]) -> bool:
 
 
 def _student_is_random(report: Dict[str, Any]) -> bool:
+    """Whether the run's student started from random weights: ``student.pretrained_tag`` (what ``vlpl train``
+    actually loaded) is null, also when weights were asked for (``pretrained: true``) but could not be loaded and
+    the run fell back to random initialisation; configs written before that key existed: ``pretrained`` false."""
     student = (((report.get("run") or {}).get("train_config")) or {}).get("student") or {}
-    return bool(student) and not student.get("pretrained")
+    if not student:
+        return False
+    if "pretrained_tag" in student:
+        return student["pretrained_tag"] is None
+    return not student.get("pretrained")
 
 
 def random_model_notice(report: Dict[str, Any]) -> Optional[str]:
@@ -719,7 +726,10 @@ def run_summary_baseline(store: Any, split: str, rule: Optional[str], rule_param
     except (ValueError, StoreError) as e:
         log.info("no zero-label baseline in the summary: %s", e)
         return None
-    log.info("teacher zero-shot on %s (no training): global view mAP %.2f %%, DAMP mAP %.2f %% (trained: %s)", split,
-             base["scores"]["global"]["map"], base["scores"]["damp"]["map"],
+    # the run's test mAP is the masked mAP when the split's labels are partial (vlpl.eval.selection): compare like
+    # with like, never a masked mAP with the teacher's Cole mAP (unknown entries counted as negatives)
+    key, what = ("masked_map", "masked mAP") if base.get("labels_kind") == "partial" else ("map", "mAP")
+    log.info("teacher zero-shot on %s (no training): global view %s %.2f %%, DAMP %s %.2f %% (trained: %s)", split,
+             what, base["scores"]["global"][key], what, base["scores"]["damp"][key],
              "n/a" if trained_map is None else f"{trained_map:.2f} %")
     return base

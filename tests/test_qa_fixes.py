@@ -1,0 +1,42 @@
+"""Fixes found by running issues 12 and 14 end to end as a user (helper Q1): each test fails without its fix."""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any, Dict
+
+from vlpl.eval.report import random_model_notice, run_summary_baseline, teacher_baseline
+
+TINY_TEACHER = {"backend": "open_clip", "name": "vlpl-tiny", "pretrained": None, "checkpoint_sha256": None}
+
+
+def _report(student: Dict[str, Any]) -> Dict[str, Any]:
+    return {"model": TINY_TEACHER, "run": {"train_config": {"student": student}}}
+
+
+def test_student_random_fallback_is_random() -> None:
+    """``pretrained: true`` whose weights could not be loaded (``pretrained_tag: null``, the random fallback) is a
+    random student; a loaded tag is not; configs without the recorded key fall back to ``pretrained``."""
+    asked_but_failed = random_model_notice(_report({"name": "resnet50", "pretrained": True, "pretrained_tag": None}))
+    assert "`resnet50` started from random weights" in asked_but_failed
+    loaded = random_model_notice(_report({"name": "resnet50", "pretrained": True,
+                                          "pretrained_tag": "resnet50.tv_in1k"}))
+    assert "resnet50" not in loaded  # only the teacher is named
+    assert "`r18` started" in random_model_notice(_report({"name": "r18", "pretrained": False}))
+    assert "r18" not in random_model_notice(_report({"name": "r18", "pretrained": True}))
+
+
+def test_summary_baseline_log_uses_masked_map_on_partial_labels(coco256_real_partial_store: Path, caplog) -> None:
+    """A partial store's test mAP (the run's ``test_map_at_best``) is the masked mAP, so the summary's log line
+    must show the teacher's masked mAP beside it, not its Cole mAP (unknowns as negatives)."""
+    base = teacher_baseline(coco256_real_partial_store, "test")
+    assert base["labels_kind"] == "partial"
+    with caplog.at_level(logging.INFO, logger="vlpl.eval.report"):
+        run_summary_baseline(coco256_real_partial_store, "test", None, None, trained_map=44.5)
+    line = next(r.getMessage() for r in caplog.records if "teacher zero-shot" in r.getMessage())
+    nums = [float(x) for x in re.findall(r"([0-9.]+) %", line)]
+    g, d = base["scores"]["global"], base["scores"]["damp"]
+    assert "masked mAP" in line
+    assert nums == [round(g["masked_map"], 2), round(d["masked_map"], 2), 44.5]
+    assert round(g["map"], 2) not in nums[:2]
