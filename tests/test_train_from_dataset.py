@@ -182,6 +182,8 @@ def test_cli_trains_from_a_global_view_export_with_a_data_root(coco256_store: Pa
     (["pseudo.rule=vlpl", "pseudo.variant=unflipped"], ["exported without --with-images", "data_root=DIR",
                                                         "vlpl export STORE --with-images"]),
     (["pseudo.rule=vlpl", "pseudo.variant=unflipped", "loss.reconstruction=0.5"], ["--embeddings"]),
+    (["pseudo.rule=vlpl", "pseudo.variant=unflipped", "student.head=sigrl"],
+     ["head 'sigrl' reads the class text embeddings", "student.head.text_embeddings=student"]),
 ])
 def test_what_an_export_lacks_is_refused_by_name(bare: Path, tmp_path: Path, overrides: List[str],
                                                  expected: List[str]) -> None:

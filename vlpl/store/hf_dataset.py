@@ -704,6 +704,33 @@ class DatasetStore:
                 raise DatasetSourceError(f"{self.source}: rule 'knn' finds neighbours by the teacher's image "
                                          f"embeddings, which the dataset does not hold; re-export with "
                                          f"`vlpl export STORE --all-views --embeddings`")
+        head = getattr(getattr(cfg, "student", None), "head", None)
+        if head is not None and getattr(head, "text_embeddings", "store") == "store":
+            self._check_head(str(head.name), dict(head.params or {}))
         if getattr(cfg.loss, "reconstruction", 0) and not self.has_embeddings:
             raise DatasetSourceError(f"{self.source}: loss.reconstruction reads the teacher's image embeddings, which "
                                      f"the dataset does not hold; re-export with `vlpl export STORE --embeddings`")
+
+    def _check_head(self, name: str, params: Dict[str, Any]) -> None:
+        """Refuse a head that reads the class text embeddings (an export has none), found by building it once on a
+        tiny input size with a class context that answers its request with this refusal (any other problem is left
+        to the real build, which reports it)."""
+        import vlpl.train.model  # noqa: F401 - registers the built-in heads
+        from vlpl.registry import HEADS
+        from vlpl.train.model import ClassContext
+
+        source = self.source
+
+        class _NoEmbeddings(ClassContext):
+            def require_embeddings(self, who: str) -> np.ndarray:
+                raise DatasetSourceError(
+                    f"{source}: {who} reads the class text embeddings, which an exported dataset does not carry; "
+                    f"train it from the score store, or use the student's own (student.head.text_embeddings="
+                    f"student, with an open_clip student), or the linear head")
+
+        try:
+            HEADS.create(name, in_features=8, context=_NoEmbeddings(list(self.classes), None), **params)
+        except DatasetSourceError:
+            raise
+        except Exception as e:  # noqa: BLE001 - not ours to report here
+            log.debug("head %r probe: %s: %s", name, type(e).__name__, e)
