@@ -85,6 +85,13 @@ class FakeHub:
                     (hub.root / op.path_in_repo).unlink(missing_ok=True)
             return SimpleNamespace(commit_url="fake", oid="1" * 40)
 
+        def validate(card: Any, repo_type: Any = None) -> None:  # the Hub's /api/validate-yaml: offline checks only
+            from vlpl.export.card import front_matter
+
+            record("validate", repo_type=repo_type)
+            front_matter(str(card))
+
+        monkeypatch.setattr(hh.RepoCard, "validate", validate)
         for name, fn in (("repo_info", repo_info), ("create_repo", create_repo), ("create_branch", create_branch),
                          ("upload_file", upload_file), ("preupload_lfs_files", preupload_lfs_files),
                          ("create_commit", create_commit)):
@@ -123,7 +130,7 @@ def test_push_to_hub_up_to_the_network(coco256_store: Path, tmp_path: Path, monk
     assert f"pushed: https://huggingface.co/datasets/{REPO}" in printed.out
     # what was called, and how
     names = [n for n, _ in hub.calls]
-    assert names[:3] == ["create_repo", "create_branch", "upload_file"]
+    assert names[:4] == ["create_repo", "create_branch", "validate", "upload_file"]
     assert "preupload_lfs_files" in names and "create_commit" in names and names[-1] == "upload_file"
     create = dict(hub.calls[0][1])
     assert create["private"] is True and create["repo_type"] == "dataset" and create["exist_ok"] is True

@@ -41,7 +41,8 @@ def push_export(dd: Any, out: Path, config_name: str, repo_id: str, *, private: 
     """Upload the export of ``config_name`` (the ``DatasetDict`` ``dd`` and the card of folder ``out``) to the
     dataset repo ``repo_id``; returns the repo's URL.
 
-    Steps: ``create_repo(exist_ok=True)`` (``private``), ``create_branch`` for ``revision``, upload ``README.md``
+    Steps: ``create_repo(exist_ok=True)`` (``private``), ``create_branch`` for ``revision``, the card checked by the
+    Hub's own YAML validation (``DatasetCard.validate``; offline checks ran when it was rendered), upload ``README.md``
     (rendered for ``repo_id``), then ``dd.push_to_hub(repo_id, config_name=config_name, ...)`` (Parquet shards of at
     most ``max_shard_size`` under ``<config>/``; it updates the card's ``configs`` and ``dataset_info`` in place and
     deletes the other files of ``<config>/``), then ``<config>/vlpl_export.json``.
@@ -56,6 +57,7 @@ def push_export(dd: Any, out: Path, config_name: str, repo_id: str, *, private: 
         _step("create_branch", repo_id, api.create_branch, repo_id, branch=revision, repo_type="dataset",
               exist_ok=True)
     card = render_card(read_configs(out), repo=repo_id)
+    _step("validate the card (Hub YAML validation)", repo_id, card.validate, repo_type="dataset")
     _step("upload README.md", repo_id, api.upload_file, path_or_fileobj=str(card).encode("utf-8"),
           path_in_repo="README.md", repo_id=repo_id, repo_type="dataset", revision=revision,
           commit_message=f"vlpl export: dataset card ({config_name})")
