@@ -295,3 +295,26 @@ def test_interrupted_build_folder_is_removed(coco256_store: Path, tmp_path: Path
     assert not stale.exists()
     assert sorted(p.name for p in out.iterdir()) == ["README.md", CONFIG]
     assert "host" not in read_export_metadata(out)["provenance"]
+
+
+def test_failed_rows_are_left_out(coco256_root: Path, tmp_path: Path) -> None:
+    """Images the teacher could not read (failed rows: no scores) are not exported, and the card says how many."""
+    import datasets
+
+    from tests.conftest import TINY_TEACHER, make_subset_dataset
+    from vlpl.config import PseudolabelConfig
+    from vlpl.export.stage import run_export
+    from vlpl.pseudolabel.stage import run_pseudolabel
+
+    data = make_subset_dataset(coco256_root, tmp_path / "data", n_train=6, n_test=2,
+                               bad=[(2, "corrupt.jpg", b"not a jpeg" * 20, "train", "person")])
+    store = tmp_path / "store"
+    run_pseudolabel(load_config(PseudolabelConfig, [TINY_TEACHER], [
+        f"data.root={data}", f"out={store}", "num_workers=0", "progress=false", "views.grid=1", "views.flips=false",
+        "data.val_fraction=0", "max_failed_fraction=0.5"]))
+    out = tmp_path / "out"
+    run_export(_cfg(store, out, "all_views=true"))
+    ds = datasets.load_dataset(str(out), CONFIG)
+    assert len(ds["train"]) == 6 and "images/corrupt.jpg" not in ds["train"]["image"]
+    assert np.isfinite(_as_np(ds["train"], "vlpl_tiny_views", np.float32)).all()
+    assert "1 image(s) the teacher could not read are left out" in (out / "README.md").read_text()
