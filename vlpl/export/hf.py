@@ -383,7 +383,8 @@ def _metadata(store: Any, schema: ExportSchema, params: Mapping[str, Any], dd: A
                           splits={k: len(v) for k, v in dd.items()}, store=redact(str(source)), provenance=prov)
     meta["config_name"] = config_name
     meta["license"] = license
-    meta["failed_rows_left_out"] = int(store.manifest.get("num_failed") or 0)
+    meta["failed_rows_left_out"] = int(sum((~np.asarray(store.split(s, include_failed=True, sidecars=False).ok)).sum()
+                                           for s in dd))  # of the exported splits
     return meta
 
 
