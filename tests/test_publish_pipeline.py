@@ -102,3 +102,30 @@ def test_export_stage_keeps_a_current_export_and_pushes_it(coco256_store, tmp_pa
     pipe.write_text(pipe.read_text().replace("push_to_hub", "rule: topk\n    push_to_hub"))
     run_pipeline(str(pipe))
     assert len(list((tmp_path / "ds").glob("*/vlpl_export.json"))) == 2
+
+
+def _doc_commands(text: str):
+    """``vlpl ...`` command lines of the fenced bash blocks of a Markdown text (continuations joined)."""
+    import re
+    import shlex
+
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            m = re.search(r"(?:^|\s)(?:-m )?vlpl (\S.*)$", line)
+            if m:
+                yield line, shlex.split(m.group(1).split(" #")[0].rstrip(" &"))
+
+
+def test_every_command_in_the_scale_and_tagging_docs_parses():
+    from vlpl.cli import build_parser
+
+    parser = build_parser()
+    text = (REPO / "docs" / "SCALE.md").read_text()
+    pub = (REPO / "docs" / "PUBLISHING.md").read_text()
+    text += pub[pub.index("## 8. Tag new images"):]
+    seen = set()
+    for line, argv in _doc_commands(text):
+        args, extra = parser.parse_known_args(argv)
+        assert args.command and all("=" in e for e in extra), (line, extra)
+        seen.add(args.command)
+    assert {"pseudolabel", "train", "predict", "export-model", "run"} <= seen
