@@ -40,3 +40,40 @@ def test_summary_baseline_log_uses_masked_map_on_partial_labels(coco256_real_par
     assert "masked mAP" in line
     assert nums == [round(g["masked_map"], 2), round(d["masked_map"], 2), 44.5]
     assert round(g["map"], 2) not in nums[:2]
+
+
+def test_url_store_paths_stay_urls(coco256_real_partial_store: Path, tmp_path: Path, monkeypatch) -> None:
+    """A store on an fsspec URL: the run's summary.json records the URL as given (``Path()`` made it
+    ``/cwd/memory:/...``), and ``vlpl evaluate store=URL`` needs a local ``out=`` (it wrote ``./memory:/.../eval``)
+    and then evaluates the store through the URL."""
+    import uuid
+
+    import fsspec
+    import pytest
+
+    from vlpl.config import ConfigError, EvaluateConfig, load_config
+    from vlpl.eval.stage import run_evaluate
+    from vlpl.train.loop import _store_path
+
+    assert _store_path("memory://bkt/s") == "memory://bkt/s"
+    assert _store_path(["s3://b/one", str(coco256_real_partial_store)]) == \
+        ["s3://b/one", str(coco256_real_partial_store.resolve())]
+    assert _store_path("hf:user/ds") == "hf:user/ds"
+
+    monkeypatch.setenv("VLPL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    mem = fsspec.filesystem("memory")
+    name = f"/vlpl-q1-{uuid.uuid4().hex[:8]}"
+    url = f"memory://{name.lstrip('/')}/store"
+    try:
+        mem.put(str(coco256_real_partial_store), f"{name}/store", recursive=True)
+        with pytest.raises(ConfigError, match="fsspec URL.*out=DIR"):
+            run_evaluate(load_config(EvaluateConfig, [], [f"store={url}", "plots=false", "rules={damp: {}}"]))
+        assert not any(tmp_path.glob("memory*"))  # nothing written under the working directory
+        out = run_evaluate(load_config(EvaluateConfig, [], [f"store={url}", f"out={tmp_path / 'ev'}",
+                                                            "plots=false", "rules={damp: {}}"]))
+        assert out == tmp_path / "ev" and (out / "report.json").is_file()
+        assert not any(tmp_path.glob("memory*"))
+    finally:
+        if mem.exists(name):
+            mem.rm(name, recursive=True)

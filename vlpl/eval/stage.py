@@ -55,6 +55,7 @@ from vlpl.provenance import provenance
 from vlpl.pseudolabel.params import TEMP, rule_params
 from vlpl.pseudolabel.rules import RuleRows, aggregate_scores, apply_rule, damp_scores
 from vlpl.store.atomic import atomic_write_json, atomic_write_text
+from vlpl.store.fs import is_url, store_path
 from vlpl.store.store import ScoreStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -470,7 +471,10 @@ def run_evaluate(cfg: EvaluateConfig) -> Path:
     if cfg.top_k < 0:
         raise ConfigError(f"top_k: expected a non-negative integer, got {cfg.top_k}")
     run = Path(cfg.run) if cfg.run else None
-    store = Path(cfg.store) if cfg.store else None
+    if cfg.store and is_url(str(cfg.store)) and not cfg.out and run is None:
+        raise ConfigError(f"out: the store {cfg.store} is an fsspec URL and the report is written locally; set "
+                          "out=DIR (a local directory) for the evaluation report")
+    store = store_path(cfg.store) if cfg.store else None  # a URL stays a URL (Path() would collapse its //)
     out = Path(cfg.out) if cfg.out else (run if run is not None else store) / "eval"  # type: ignore[operator]
 
     for what, d in (("run", run), ("store", store)):

@@ -623,9 +623,15 @@ def checkpoint(run: Run) -> None:
 def _store_path(store: Any) -> Any:
     """The run's store as summary.json records it: an absolute path, or a list of them (a teacher ensemble given
     as store=[A,B])."""
+    from vlpl.store.fs import is_url
+
     if isinstance(store, str) and store.startswith("hf:"):  # an exported dataset (a hub id): as given
         return store
-    return [str(Path(p).resolve()) for p in store] if isinstance(store, (list, tuple)) else str(Path(store).resolve())
+
+    def one(p: Any) -> str:  # an fsspec URL (s3://..., memory://...) as given: Path() would collapse its //
+        return str(p) if is_url(str(p)) else str(Path(p).resolve())
+
+    return [one(p) for p in store] if isinstance(store, (list, tuple)) else one(store)
 
 
 def finish(run: Run) -> None:
