@@ -20,10 +20,10 @@ from vlpl.train.model_io import load_model, save_model
 CLASSES = ["cat", "dog", "person", "bicycle", "traffic light"]
 
 
-def _fake_run(tmp: Path, head: str = "linear", name: str = "test_resnet") -> Path:
-    """A run folder holding only best/ (what export reads) and a summary: a random tiny timm classifier."""
+def _fake_run(tmp: Path, head: str = "linear", name: str = "test_resnet", kind: str = "timm") -> Path:
+    """A run folder holding only best/ (what export reads) and a summary: a random tiny classifier."""
     torch.manual_seed(0)
-    cfg = load_config(StudentConfig, base={"kind": "timm", "name": name, "pretrained": False, "image_size": 64,
+    cfg = load_config(StudentConfig, base={"kind": kind, "name": name, "pretrained": False, "image_size": 64,
                                            "head": {"name": head}})
     rng = np.random.default_rng(0)
     emb = rng.standard_normal((len(CLASSES), 16)).astype(np.float32)
@@ -80,6 +80,19 @@ def test_other_heads_export_the_backbone_with_the_same_features(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(m(x), vl.features(x).pooled, rtol=0, atol=1e-6)
         torch.testing.assert_close(load_model(out / "vlpl")(x), vl(x), rtol=0, atol=0)
+
+
+def test_an_open_clip_student_exports_in_vlpl_format_only(tmp_path):
+    run = _fake_run(tmp_path, name="vlpl-tiny", kind="open_clip")
+    res = export_model(run, tmp_path / "out")
+    out = tmp_path / "out"
+    assert not res.timm and not (out / "model.safetensors").exists()
+    cfg = json.loads((out / "config.json").read_text())
+    assert list(cfg) == ["vlpl"] and cfg["vlpl"]["student"]["kind"] == "open_clip"
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(out / "vlpl")(x), load_model(run / "best")(x), rtol=0, atol=0)
+    assert "library_name: vlpl" in (out / "README.md").read_text()
 
 
 def test_export_replaces_the_folder_whole_and_refuses_bad_destinations(tmp_path):
