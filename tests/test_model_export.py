@@ -63,7 +63,18 @@ def test_linear_head_exports_the_whole_classifier_timm_loadable(tmp_path):
         torch.testing.assert_close(load_model(out / "vlpl")(x), want, rtol=0, atol=0)
     data = timm.data.resolve_data_config({}, model=a)
     assert tuple(data["mean"]) == tuple(vl.mean) and tuple(data["input_size"]) == (3, 64, 64) and data["crop_pct"] == 1.0
-    assert "timm.create_model" in (out / "README.md").read_text()
+    assert "timm.create_model" in (out / "README.md").read_text() and cfg["vlpl"]["dataset"] is None
+
+
+def test_a_run_trained_from_a_hub_dataset_names_it_in_the_card(tmp_path):
+    run = _fake_run(tmp_path)
+    (run / "config.yaml").write_text("store: hf:me/coco-pseudo@v1#vlpl_tiny_damp\n")
+    export_model(run, tmp_path / "out")
+    card = (tmp_path / "out" / "README.md").read_text()
+    import yaml
+
+    assert yaml.safe_load(card.split("---")[1])["datasets"] == ["me/coco-pseudo"]
+    assert "https://huggingface.co/datasets/me/coco-pseudo" in card
 
 
 def test_other_heads_export_the_backbone_with_the_same_features(tmp_path):

@@ -74,6 +74,23 @@ def _summary(run: Path) -> Dict[str, Any]:
     return {k: s[k] for k in keep if k in s} if isinstance(s, dict) else {}
 
 
+def _hub_dataset(run: Path) -> Optional[str]:
+    """The Hub dataset repo id the run trained from (``store=hf:<id>[@rev][#config]`` that is not a local path),
+    for the card's ``datasets:`` field; None for a store or a local export."""
+    p = run / "config.yaml"
+    if not p.is_file():
+        return None
+    from vlpl.config import yaml_load
+
+    store = (yaml_load(p.read_text(encoding="utf-8")) or {}).get("store")
+    if not isinstance(store, str) or not store.startswith("hf:"):
+        return None
+    from vlpl.store.hf_dataset import parse_source
+
+    location, _, _, _ = parse_source(store)
+    return None if Path(location).expanduser().exists() or location.count("/") != 1 else location
+
+
 def _timm_model(model: Any, size: int) -> Any:
     """A timm model with ``model``'s backbone weights and, for a linear head, its classifier (checked on a probe
     batch); returns ``(timm model, whole classifier?)``."""
@@ -123,6 +140,8 @@ def _card(meta: Dict[str, Any], repo_id: Optional[str]) -> str:
     front = {"library_name": "timm" if v["timm"] else "vlpl", "pipeline_tag": "image-classification",
              "tags": ["vlpl", "multi-label-image-classification", "image-classification", "pseudo-labels"],
              "license": "other"}
+    if v.get("dataset"):
+        front["datasets"] = [v["dataset"]]
     name = repo_id or "DIR"
     src = f"hf-hub:{repo_id}" if repo_id else "local-dir:DIR"
     run = v.get("run") or {}
@@ -131,6 +150,9 @@ def _card(meta: Dict[str, Any], repo_id: Optional[str]) -> str:
              f"A multi-label image classifier ({v['student']['kind']} `{v['student']['name']}`, head "
              f"`{v['student']['head']['name']}`, {len(v['classes'])} classes, input {v['image_size']} px) trained with "
              f"[vlpl](https://github.com/) from incomplete labels and cached vision-language pseudo-labels.", ""]
+    if v.get("dataset"):
+        lines += [f"Trained from the pseudo-labelled dataset [{v['dataset']}](https://huggingface.co/datasets/"
+                  f"{v['dataset']}).", ""]
     if run:
         lines += ["| " + " | ".join(run) + " |", "|" + "---|" * len(run),
                   "| " + " | ".join(str(x) for x in run.values()) + " |", ""]
@@ -176,7 +198,8 @@ def build_export(run: Union[str, Path], dest: Path) -> ExportedModel:
         "student": meta_json["student"], "classes_file": "classes.txt", "vlpl_model": f"{VLPL_SUBDIR}/",
         "image_size": size, "mean": list(model.mean), "std": list(model.std),
         "preprocessing": f"RGB, resize ({size}, {size}) bilinear, /255, normalise (mean, std)",
-        "scores": "sigmoid(logits) per class (multi-label)", "run": _summary(run), "timm": False,
+        "scores": "sigmoid(logits) per class (multi-label)", "run": _summary(run), "dataset": _hub_dataset(run),
+        "timm": False,
         "timm_classifier": False}
     is_timm = isinstance(model.backbone, TimmBackbone)
     whole = False
