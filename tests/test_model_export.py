@@ -63,6 +63,15 @@ def test_linear_head_exports_the_whole_classifier_timm_loadable(tmp_path):
         torch.testing.assert_close(load_model(out / "vlpl")(x), want, rtol=0, atol=0)
     data = timm.data.resolve_data_config({}, model=a)
     assert tuple(data["mean"]) == tuple(vl.mean) and tuple(data["input_size"]) == (3, 64, 64) and data["crop_pct"] == 1.0
+    # timm's own eval transform from the exported config is the run's preprocessing, bit for bit, on a
+    # non-square image (squash resize to (s, s), not a centre crop)
+    from PIL import Image
+
+    from vlpl.train.data import DeviceNormalize, Uint8Resize
+
+    img = Image.fromarray(np.random.default_rng(4).integers(0, 256, (90, 150, 3), dtype=np.uint8))
+    ours = DeviceNormalize(vl.mean, vl.std)(Uint8Resize(64)(img)[None])
+    torch.testing.assert_close(timm.data.create_transform(**data)(img)[None], ours, rtol=0, atol=0)
     assert "timm.create_model" in (out / "README.md").read_text() and cfg["vlpl"]["dataset"] is None
 
 

@@ -133,7 +133,7 @@ def _model_args(bb: Any) -> Dict[str, Any]:
     return {k: v for k, v in args.items() if k not in ("num_classes", "pretrained")}
 
 
-def _card(meta: Dict[str, Any], repo_id: Optional[str]) -> str:
+def _card(meta: Dict[str, Any], repo_id: Optional[str], title: str = "DIR") -> str:
     import yaml
 
     v = meta["vlpl"]
@@ -142,25 +142,26 @@ def _card(meta: Dict[str, Any], repo_id: Optional[str]) -> str:
              "license": "other"}
     if v.get("dataset"):
         front["datasets"] = [v["dataset"]]
-    name = repo_id or "DIR"
+    name = repo_id or title
     src = f"hf-hub:{repo_id}" if repo_id else "local-dir:DIR"
     run = v.get("run") or {}
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
              f"# {name.split('/')[-1]}", "",
              f"A multi-label image classifier ({v['student']['kind']} `{v['student']['name']}`, head "
              f"`{v['student']['head']['name']}`, {len(v['classes'])} classes, input {v['image_size']} px) trained with "
-             f"[vlpl](https://github.com/) from incomplete labels and cached vision-language pseudo-labels.", ""]
+             f"vlpl {v['vlpl_version']} from incomplete labels and cached vision-language pseudo-labels.", ""]
     if v.get("dataset"):
         lines += [f"Trained from the pseudo-labelled dataset [{v['dataset']}](https://huggingface.co/datasets/"
                   f"{v['dataset']}).", ""]
     if run:
         lines += ["| " + " | ".join(run) + " |", "|" + "---|" * len(run),
-                  "| " + " | ".join(str(x) for x in run.values()) + " |", ""]
+                  "| " + " | ".join(f"{x:.2f}" if isinstance(x, float) else str(x) for x in run.values()) + " |", ""]
     lines += ["Scores are `sigmoid(logits)`, one independent probability per class (multi-label).", "",
               "## Load it", "", "```python"]
     if v["timm"]:
         lines += ["import timm, torch", f"model = timm.create_model({src!r}, pretrained=True).eval()",
-                  "cfg = timm.data.resolve_data_config({}, model=model)  # resize to (s, s), mean/std of the run",
+                  "tf = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))",
+                  "x = tf(image)[None]  # the run's preprocessing: RGB, resize to (s, s) (squash), mean/std",
                   "probs = torch.sigmoid(model(x))" if v["timm_classifier"] else
                   "features = model(x)  # the backbone; the head is in vlpl/"]
     lines += ["# the whole classifier, as vlpl trained it:", "from vlpl.train.model_io import load_model",
@@ -209,10 +210,10 @@ def build_export(run: Union[str, Path], dest: Path) -> ExportedModel:
         save_for_hf(tm, str(dest), safe_serialization=True,
                     model_config={"label_names": classes, "vlpl": vmeta} if whole else {"vlpl": vmeta},
                     data_config={"input_size": (3, size, size), "mean": tuple(model.mean), "std": tuple(model.std),
-                                 "crop_pct": 1.0, "interpolation": "bilinear", "crop_mode": "center"})
+                                 "crop_pct": 1.0, "interpolation": "bilinear", "crop_mode": "squash"})
     else:
         atomic_write_json(dest / "config.json", {"vlpl": vmeta})
-    atomic_write_text(dest / "README.md", _card({"vlpl": {**vmeta, "classes": classes}}, None))
+    atomic_write_text(dest / "README.md", _card({"vlpl": {**vmeta, "classes": classes}}, None, run.name))
     load_model(dest / VLPL_SUBDIR)  # the copy reads back (hashes, keys, weights)
     return ExportedModel(out=dest, timm=is_timm, timm_classifier=whole)
 
