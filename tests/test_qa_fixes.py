@@ -77,3 +77,22 @@ def test_url_store_paths_stay_urls(coco256_real_partial_store: Path, tmp_path: P
     finally:
         if mem.exists(name):
             mem.rm(name, recursive=True)
+
+
+def test_cli_pseudolabel_with_teachers_prints_the_ensemble(coco256_root: Path, tmp_path: Path, capsys) -> None:
+    """``vlpl pseudolabel teachers=[CLIP-type, SigLIP-type]`` exits 0 and prints the ensemble's members and their
+    summaries (it exited 2: the summary looked for manifest.json in the ensemble directory)."""
+    from tests.conftest import REPO_ROOT, make_subset_dataset
+    from vlpl.cli import main
+
+    data = make_subset_dataset(coco256_root, tmp_path / "data", n_train=6, n_test=4)
+    models = REPO_ROOT / "configs" / "models"
+    out = tmp_path / "ens"
+    assert main(["pseudolabel", "-c", str(models / "tiny.yaml"), f"data.root={data}", f"out={out}",
+                 f"teachers=[{models / 'tiny.yaml'}, {models / 'tiny_sigmoid.yaml'}]", "ensemble_weights=[0.6, 0.4]",
+                 "views.grid=1", "num_workers=0", "progress=false", "index=false"]) == 0
+    text = capsys.readouterr().out
+    assert "combined score kind probability" in text
+    assert "member     vlpl-tiny-random: weight 0.6, score kind cosine" in text
+    assert "member     vlpl-tiny-sigmoid-random: weight 0.4, score kind siglip" in text
+    assert text.count("rows       10  failed 0") == 2  # each member's own store summary

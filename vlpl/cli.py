@@ -159,9 +159,11 @@ def cmd_pseudolabel(args: argparse.Namespace) -> int:
 
     out = run_pseudolabel(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
+        from vlpl.store.ensemble import format_ensemble_summary, is_ensemble_source
         from vlpl.store.inspect import format_summary, summarize
 
-        print(format_summary(summarize(out, max_failed=5)))
+        # a `teachers: [...]` run makes an ensemble directory (no manifest.json of its own): summarise its members
+        print(format_ensemble_summary(out) if is_ensemble_source(out) else format_summary(summarize(out, max_failed=5)))
     return 0
 
 

@@ -161,6 +161,26 @@ def write_ensemble(root: PathLike, members: Dict[str, PathLike], weights: Option
     return data
 
 
+def format_ensemble_summary(root: PathLike, max_failed: int = 5) -> str:
+    """What ``vlpl pseudolabel`` prints after a ``teachers: [...]`` run: the ensemble's members (name, weight,
+    score kind, path) and how they are combined, then each member's own store summary
+    (:func:`vlpl.store.inspect.format_summary`)."""
+    from vlpl.store.inspect import format_summary, summarize
+
+    root = Path(root)
+    data = read_ensemble(root)
+    combine = data.get("combine") or {}
+    lines = [f"ensemble   {root}  ({len(data['members'])} teachers, combined score kind "
+             f"{combine.get('score_kind')}: {combine.get('rule', combine.get('space'))})"]
+    for m in data["members"]:
+        lines.append(f"member     {m['name']}: weight {float(m['weight']):.4g}, score kind {m.get('score_kind')}, "
+                     f"{_member_path(root, m['path'])}")
+    for m in data["members"]:
+        lines += ["", f"--- member {m['name']}",
+                  format_summary(summarize(_member_path(root, m["path"]), max_failed=max_failed))]
+    return "\n".join(lines)
+
+
 def open_ensemble(source: Any, weights: Optional[Sequence[float]] = None, **kwargs: Any) -> "EnsembleStore":
     """An :class:`EnsembleStore` from an ensemble directory (weights from its manifest unless ``weights`` is
     given) or from a list of store directories (``weights`` default: equal). ``kwargs`` go to each member's
