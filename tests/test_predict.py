@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 
 from vlpl.cli import main as cli_main
-from vlpl.predict import (PredictError, choose_tagging, collect_images, f1_thresholds, predict_images,
-                          read_predictions, run_thresholds, write_thresholds_file)
+from vlpl.predict import (
+    PredictError,
+    choose_tagging,
+    collect_images,
+    f1_thresholds,
+    predict_images,
+    read_predictions,
+    run_thresholds,
+    write_thresholds_file,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_NET = str(REPO / "configs" / "models" / "tiny_classifier.yaml")
