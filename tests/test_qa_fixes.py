@@ -96,3 +96,26 @@ def test_cli_pseudolabel_with_teachers_prints_the_ensemble(coco256_root: Path, t
     assert "member     vlpl-tiny-random: weight 0.6, score kind cosine" in text
     assert "member     vlpl-tiny-sigmoid-random: weight 0.4, score kind siglip" in text
     assert text.count("rows       10  failed 0") == 2  # each member's own store summary
+
+
+def test_train_dry_run_prints_the_resolved_recipe(tmp_path: Path, capsys) -> None:
+    """``vlpl train method=aevlp dataset=coco2014 --dry-run`` shows the recipe resolved to the paper's exact
+    student weights (torchvision's resnet50.tv_in1k), fp32 training and the recipe's teacher (OpenAI ViT-B/16,
+    fp16, grid 4), the overrides winning, and trains nothing."""
+    import yaml
+
+    from vlpl.cli import main
+    from vlpl.config import to_dict
+    from vlpl.train.recipes import load_train_config
+
+    args = ["method=aevlp", "dataset=coco2014", "store=nowhere", f"out={tmp_path / 'run'}", "optim.lr=0.5"]
+    assert main(["train", *args, "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "# student weights asked for: timm resnet50.tv_in1k" in text
+    assert "configs/models/clip_vit_b16.yaml: open_clip ViT-B-16 pretrained=openai" in text
+    assert "grid 4, precision fp16" in text
+    printed = yaml.safe_load(text)
+    assert printed == to_dict(load_train_config([], args))
+    assert printed["student"]["name"] == "resnet50.tv_in1k" and printed["mixed_precision"] == "no"
+    assert printed["optim"]["lr"] == 0.5 and printed["pseudo"]["variant"] == "random"
+    assert not (tmp_path / "run").exists()

@@ -195,6 +195,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vlpl.train.recipes import load_train_config
 
     cfg = load_train_config(args.config, args.overrides)
+    if getattr(args, "dry_run", False):
+        from vlpl.train.recipes import dry_run_text
+
+        print(dry_run_text(cfg), end="")
+        return 0
     _check_store("store", cfg.store, ensembles=True)
     _missing("data_root", cfg.data_root)
     from vlpl.train.loop import run_train
@@ -423,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true",
                    help="list methods, pseudo-label rules, losses and heads with their parameters")
     p.add_argument("--markdown", action="store_true", help="with --list: Markdown (the text of docs/METHODS.md)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config (recipe + files + overrides), the student weights and the "
+                        "recipe's teacher, then stop (nothing is trained)")
     p.set_defaults(func=cmd_train)
 
     p = add("evaluate", "mAP, F1, pseudo-label quality: report.json, report.md and plots", _EVALUATE_EPILOG)

@@ -158,3 +158,29 @@ def load_train_config(files: Sequence[str] = (), overrides: Sequence[str] = ()) 
     flip_variant(cfg.pseudo.variant, cfg.pseudo.dynamic)  # pseudo.variant: a clear error before torch is imported
     warn_teacher_mismatch(cfg)
     return cfg
+
+
+def dry_run_text(cfg: TrainConfig) -> str:
+    """What ``vlpl train --dry-run`` prints: the resolved training config as YAML (recipe, then the files, then
+    the overrides: exactly what ``config.yaml`` of the run would hold before training) and, as YAML comments, the
+    student weights it would ask for and the recipe's teacher (the store the paper's numbers were made with).
+    Torch-free: nothing is built, loaded or trained."""
+    import yaml
+
+    from vlpl.config import to_dict
+
+    s = cfg.student
+    if s.kind == "timm":
+        want = s.pretrained if isinstance(s.pretrained, str) else (s.name if s.pretrained else None)
+        weights = f"timm {want}" if want else f"none: {s.name} starts from random weights (pretrained: false)"
+    else:
+        weights = f"{s.kind} {s.name} {s.open_clip_pretrained or s.pretrained}"
+    lines = [f"# student weights asked for: {weights} (the run records what it loaded as student.pretrained_tag)"]
+    teacher = recipe_teacher(cfg.method, cfg.dataset) if cfg.method else None
+    if teacher:
+        lines.append(f"# recipe teacher (build the store with it): configs/{teacher['config']}: {teacher['backend']} "
+                     f"{teacher['name']} pretrained={teacher['pretrained']}, templates {teacher['templates']}, "
+                     f"grid {teacher['grid']}, precision {teacher['precision']}")
+    elif cfg.method:
+        lines.append(f"# recipe teacher: none (method {cfg.method} names no teacher)")
+    return "\n".join(lines) + "\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False)
