@@ -1,13 +1,19 @@
 """Fixes found by running issues 12 and 14 end to end as a user (helper Q1): each test fails without its fix."""
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import re
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
+
+import numpy as np
+import pytest
 
 from vlpl.eval.report import random_model_notice, run_summary_baseline, teacher_baseline
 
+REPO = Path(__file__).resolve().parent.parent
 TINY_TEACHER = {"backend": "open_clip", "name": "vlpl-tiny", "pretrained": None, "checkpoint_sha256": None}
 
 
@@ -79,23 +85,53 @@ def test_url_store_paths_stay_urls(coco256_real_partial_store: Path, tmp_path: P
             mem.rm(name, recursive=True)
 
 
-def test_cli_pseudolabel_with_teachers_prints_the_ensemble(coco256_root: Path, tmp_path: Path, capsys) -> None:
-    """``vlpl pseudolabel teachers=[CLIP-type, SigLIP-type]`` exits 0 and prints the ensemble's members and their
-    summaries (it exited 2: the summary looked for manifest.json in the ensemble directory)."""
+@pytest.fixture(scope="module")
+def tiny_ensemble(coco256_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Tuple[Path, str, int]:
+    """``vlpl pseudolabel teachers=[CLIP-type tiny, SigLIP-type tiny]`` on 10 coco256 images with p = 0.5 partial
+    labels, through the CLI: (the ensemble directory, what the command printed, its exit status)."""
     from tests.conftest import REPO_ROOT, make_subset_dataset
     from vlpl.cli import main
 
-    data = make_subset_dataset(coco256_root, tmp_path / "data", n_train=6, n_test=4)
+    tmp = tmp_path_factory.mktemp("q1_ens")
+    data = make_subset_dataset(coco256_root, tmp / "data", n_train=6, n_test=4)
     models = REPO_ROOT / "configs" / "models"
-    out = tmp_path / "ens"
-    assert main(["pseudolabel", "-c", str(models / "tiny.yaml"), f"data.root={data}", f"out={out}",
-                 f"teachers=[{models / 'tiny.yaml'}, {models / 'tiny_sigmoid.yaml'}]", "ensemble_weights=[0.6, 0.4]",
-                 "views.grid=1", "num_workers=0", "progress=false", "index=false"]) == 0
-    text = capsys.readouterr().out
+    out = tmp / "ens"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["pseudolabel", "-c", str(models / "tiny.yaml"), f"data.root={data}", f"out={out}",
+                   f"teachers=[{models / 'tiny.yaml'}, {models / 'tiny_sigmoid.yaml'}]",
+                   "ensemble_weights=[0.6, 0.4]", "views.grid=1", "num_workers=0", "progress=false", "index=false",
+                   "data.observed.mode=partial", "data.observed.keep=0.5"])
+    return out, buf.getvalue(), rc
+
+
+def test_cli_pseudolabel_with_teachers_prints_the_ensemble(tiny_ensemble: Tuple[Path, str, int]) -> None:
+    """``vlpl pseudolabel teachers=[CLIP-type, SigLIP-type]`` exits 0 and prints the ensemble's members and their
+    summaries (it exited 2: the summary looked for manifest.json in the ensemble directory)."""
+    _, text, rc = tiny_ensemble
+    assert rc == 0
     assert "combined score kind probability" in text
     assert "member     vlpl-tiny-random: weight 0.6, score kind cosine" in text
     assert "member     vlpl-tiny-sigmoid-random: weight 0.4, score kind siglip" in text
     assert text.count("rows       10  failed 0") == 2  # each member's own store summary
+
+
+def test_csl_prior_from_clip_on_an_ensemble(tiny_ensemble: Tuple[Path, str, int], tmp_path: Path) -> None:
+    """CSL's class prior (``prior=clip``) on a teacher-ensemble store reads the ensemble's combined scores (it
+    opened ``ScoreStore(ensemble dir)``: "not a score store: manifest.json not found")."""
+    from vlpl.store.store import ScoreStore
+    from vlpl.train.losses.csl import PRIOR_FILE, clip_prior, prepare_csl_prior, read_prior_csv
+    from vlpl.train.recipes import load_train_config
+
+    ens = tiny_ensemble[0]
+    cfg = load_train_config([REPO / "configs" / "models" / "tiny_classifier.yaml"], [
+        f"store={ens}", f"out={tmp_path / 'run'}", "method=csl", "dataset=coco2014_rps05", "loss.params.prior=clip"])
+    new = prepare_csl_prior(cfg)
+    assert new.loss.params["prior_file"] == str(tmp_path / "run" / PRIOR_FILE)
+    store = ScoreStore.open(ens)
+    got = read_prior_csv(tmp_path / "run" / PRIOR_FILE, classes=list(store.classes))
+    want = clip_prior(store.split("train"), "vlpl")  # the default prior_rule
+    np.testing.assert_allclose(got, want, atol=1e-6)
 
 
 def test_train_dry_run_prints_the_resolved_recipe(tmp_path: Path, capsys) -> None:

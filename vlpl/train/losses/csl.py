@@ -473,7 +473,7 @@ def prepare_csl_prior(cfg: Any) -> Any:
     if params.prior_file and params.prior != "file":
         raise ConfigError(f"loss.params.prior_file: a prior file goes with loss.params.prior=file; prior="
                           f"{params.prior} computes its own (into {target})")
-    store = ScoreStore(Path(cfg.store))
+    store = ScoreStore.open(cfg.store, weights=cfg.ensemble_weights)  # a store, a teacher ensemble, an export
     classes = list(store.classes)
     source: Dict[str, Any] = {"prior": params.prior, "classes": len(classes)}
     if params.prior == "file":
