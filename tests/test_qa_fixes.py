@@ -155,3 +155,26 @@ def test_train_dry_run_prints_the_resolved_recipe(tmp_path: Path, capsys) -> Non
     assert printed["student"]["name"] == "resnet50.tv_in1k" and printed["mixed_precision"] == "no"
     assert printed["optim"]["lr"] == 0.5 and printed["pseudo"]["variant"] == "random"
     assert not (tmp_path / "run").exists()
+
+
+def test_compare_reads_an_ensembles_protocol_and_shows_the_teachers_masked_map(
+        tiny_ensemble: Tuple[Path, str, int]) -> None:
+    """``vlpl evaluate --compare``: the ``observed`` column of a run trained on an ensemble directory names the
+    protocol (it was empty: ``ScoreStore(ensemble dir)`` failed), and the teacher baseline table gives the
+    teacher's masked mAP beside the runs' masked mAP when the evaluation labels are partial."""
+    from vlpl.eval.compare import _observed_label, render_comparison
+
+    ens = tiny_ensemble[0]
+    assert _observed_label(str(ens)) == "partial keep=0.5"
+    assert _observed_label([str(p) for p in sorted((ens / "teachers").iterdir())]) == "partial keep=0.5"
+    row = {"name": "r", "method": "csl", "loss": "csl", "rule": None, "observed": "given", "best_epoch": 1,
+           "best_val_map": 60.0, "split": "test", "num_images": 4, "map": 5.0, "masked_map": 44.0, "CF1": 1.0,
+           "OF1": 2.0, "vs_teacher": -1.0}
+    base = {"store": "/s", "observed": "given", "split": "test", "num_images": 4,
+            "scores": {"global": {"map": 6.0, "map_pos": 7.0, "masked_map": 43.4},
+                       "damp": {"map": 4.3, "map_pos": 5.0, "masked_map": 42.1}}}
+    md = render_comparison({"rows": [row], "baselines": [base]})
+    assert "| global view mAP (%) | DAMP mAP (%) | global view masked mAP (%) | DAMP masked mAP (%) |" in md
+    assert "| /s | given | test | 4 | 6.00 | 4.30 | 43.40 | 42.10 |" in md
+    full = {**base, "scores": {"global": {"map": 6.0}, "damp": {"map": 4.3}}}
+    assert "masked mAP (%) |" not in render_comparison({"rows": [{**row, "masked_map": None}], "baselines": [full]})

@@ -35,12 +35,13 @@ COMPARE_SCHEMA = "vlpl.compare/1"
 
 def _observed_label(store: Optional[str]) -> Optional[str]:
     """``partial keep=0.5``-style description of the store's observed-label protocol (None if unreadable)."""
-    if not store or isinstance(store, (list, tuple)):
+    if not store:
         return None
     try:
         from vlpl.store.store import ScoreStore
 
-        entry = ScoreStore(Path(store)).manifest.get("observed")
+        # a store, a teacher ensemble (directory or list: its members share the observed labels), an export
+        entry = ScoreStore.open(store).manifest.get("observed")
     except Exception as e:  # a moved / deleted store: the column is left empty
         log.debug("observed protocol of %s not read: %s", store, e)
         return None
@@ -121,7 +122,8 @@ def comparison(paths: Sequence[Any], *, measure_baseline: bool = True) -> Dict[s
             if base is not None:
                 baselines[key] = {"store": row["store"], "split": row["split"], "observed": row["observed"],
                                   "num_images": base.get("num_images"),
-                                  "scores": {v: {"map": s.get("map"), "map_pos": s.get("map_pos")}
+                                  "scores": {v: {"map": s.get("map"), "map_pos": s.get("map_pos"),
+                                                 **({"masked_map": s["masked_map"]} if "masked_map" in s else {})}
                                              for v, s in (base.get("scores") or {}).items()}}
         b = baselines.get(key)
         g = ((b or {}).get("scores") or {}).get("global", {}).get("map")
@@ -171,13 +173,19 @@ def render_comparison(doc: Dict[str, Any]) -> str:
         cells += [_pct(r.get("CF1")), _pct(r.get("OF1")), "n/a" if vs is None else f"{vs:+.2f}"]
         out.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     if doc["baselines"]:
+        # partial evaluation labels: the teacher's masked mAP too, to read beside the runs' masked mAP
+        b_masked = any("masked_map" in v for b in doc["baselines"] for v in (b.get("scores") or {}).values())
+        bhead = ["store", "observed", "split", "images", "global view mAP (%)", "DAMP mAP (%)"]
+        bhead += ["global view masked mAP (%)", "DAMP masked mAP (%)"] if b_masked else []
         out += ["", "## Teacher zero-shot baseline (no training)", "",
-                "| store | observed | split | images | global view mAP (%) | DAMP mAP (%) |", "|---|---|---|---|---|---|"]
+                "| " + " | ".join(bhead) + " |", "|" + "|".join("---" for _ in bhead) + "|"]
         for b in doc["baselines"]:
             s = b["scores"]
-            out.append(f"| {_cell(b['store'])} | {_cell(b.get('observed'))} | {_cell(b['split'])} | "
-                       f"{_cell(b.get('num_images'))} | {_pct((s.get('global') or {}).get('map'))} | "
-                       f"{_pct((s.get('damp') or {}).get('map'))} |")
+            g, d = s.get("global") or {}, s.get("damp") or {}
+            cells = [_cell(b["store"]), _cell(b.get("observed")), _cell(b["split"]), _cell(b.get("num_images")),
+                     _pct(g.get("map")), _pct(d.get("map"))]
+            cells += [_pct(g.get("masked_map")), _pct(d.get("masked_map"))] if b_masked else []
+            out.append("| " + " | ".join(cells) + " |")
     else:
         out += ["", "Teacher zero-shot baseline: not available (the runs' stores could not be read)."]
     return "\n".join(out) + "\n"
