@@ -178,3 +178,34 @@ def test_compare_reads_an_ensembles_protocol_and_shows_the_teachers_masked_map(
     assert "| /s | given | test | 4 | 6.00 | 4.30 | 43.40 | 42.10 |" in md
     full = {**base, "scores": {"global": {"map": 6.0}, "damp": {"map": 4.3}}}
     assert "masked mAP (%) |" not in render_comparison({"rows": [{**row, "masked_map": None}], "baselines": [full]})
+
+
+def test_raw_score_thresholds_are_refused_on_a_probability_ensemble(tiny_ensemble: Tuple[Path, str, int],
+                                                                    tmp_path: Path) -> None:
+    """Thresholds fitted on a member's raw cosines (``vlpl calibrate MEMBER``, aggregate global) are in other units
+    than a mixed-kind ensemble's probabilities: rule ``calibrated`` refuses them naming the file (it used them
+    with only an "another store" warning); the member itself and a ``damp`` file stay usable."""
+    import torch
+
+    from vlpl.pseudolabel.calibrate import calibrate_store, write_thresholds
+    from vlpl.pseudolabel.rules import RuleRows, apply_rule
+    from vlpl.store.store import ScoreStore
+
+    ens = tiny_ensemble[0]
+    member = ens / "teachers" / "vlpl-tiny-sigmoid-random"
+    files = {}
+    for agg in ("global", "damp"):
+        files[agg] = write_thresholds(tmp_path / f"{agg}.json",
+                                      calibrate_store(member, aggregate=agg, show_progress=False))
+
+    def label(store: Any, agg: str) -> torch.Tensor:
+        sp = store.split("train")
+        pos = np.arange(len(sp))
+        return apply_rule("calibrated", torch.as_tensor(sp.scores(pos)).float(),
+                          torch.from_numpy(sp.observed_at(pos)).to(torch.int8), dynamic=False,
+                          rows=RuleRows(sp, pos), thresholds=str(files[agg]))
+
+    with pytest.raises(ValueError, match=r"global\.json holds thresholds on raw teacher scores.*teacher ensemble"):
+        label(ScoreStore.open(ens), "global")
+    assert label(ScoreStore.open(member), "global").shape == (5, 80)
+    assert label(ScoreStore.open(ens), "damp").shape == (5, 80)

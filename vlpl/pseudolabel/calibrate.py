@@ -58,7 +58,8 @@ Rules that use it: ``calibrated`` (this module: per-class thresholds on the file
 negatives from the mixture posterior) and ``threshold`` with ``thresholds: FILE`` (a ``global`` file only:
 its aggregate is the threshold rule's ``score: cosine, view: global``). A file whose classes differ from
 the store's is refused, naming the first difference (:func:`check_classes`); one fitted on another store with the
-same classes is used with a warning.
+same classes is used with a warning, except raw-score thresholds (any aggregate but ``damp``) on a teacher ensemble
+of different score kinds, whose scores are probabilities: refused.
 
 Neighbour consensus (rule ``knn``) shrinks every score toward its neighbours', so thresholds fitted on the raw
 scores are too high for the smoothed ones; ``vlpl calibrate --knn-k K --knn-alpha A`` fits on the smoothed scores
@@ -556,6 +557,13 @@ def _checked(path: str, num_classes: int, rows: Any) -> Thresholds:
     if rows is not None:
         store = rows.split.store
         check_classes(th, store.classes, f"store {store.root}")
+        kind = getattr(getattr(store, "score_kind", None), "kind", None)
+        if kind == "probability" and th.aggregate != "damp":  # raw-score thresholds vs combined probabilities
+            raise ValueError(f"thresholds file {path} holds thresholds on raw teacher scores, but "
+                             f"{getattr(store, 'source', None) or store.root} is a teacher ensemble of different "
+                             f"score kinds whose scores are probabilities (docs/TEACHERS.md): its {th.aggregate!r} "
+                             f"aggregate is not in the file's units; use the member store itself, or calibrate "
+                             f"with --aggregate damp")
         sha = store.manifest.get("manifest_sha256")
         if th.store_manifest_sha256 != sha and (path, sha) not in _OTHER_STORE_WARNED:
             _OTHER_STORE_WARNED.add((path, sha))
