@@ -209,3 +209,30 @@ def test_raw_score_thresholds_are_refused_on_a_probability_ensemble(tiny_ensembl
         label(ScoreStore.open(ens), "global")
     assert label(ScoreStore.open(member), "global").shape == (5, 80)
     assert label(ScoreStore.open(ens), "damp").shape == (5, 80)
+
+
+def test_results_page_reads_masked_map_and_flags_random_models() -> None:
+    """``python -m vlpl.results``: a run evaluated on partial labels is measured by its masked mAP (the partial-label
+    benchmarks' metric) beside the teacher's masked mAP, not Cole's mAP with unknowns as negatives; a run of random
+    models says so in its row."""
+    from vlpl.results import _measured_table, measured_row
+
+    report = {"provenance": {"command": "vlpl evaluate run=R", "commit": "abc"}, "split": "test",
+              "model": TINY_TEACHER,
+              "run": {"num_images": 4, "metrics": {"map": 5.3, "labels_kind": "partial", "masked": {"map": 44.76}},
+                      "train_config": {"method": "csl", "student": {"name": "test_resnet", "pretrained": False,
+                                                                    "pretrained_tag": None}}},
+              "baseline": {"dataset": "coco256_partial_real",
+                           "scores": {"global": {"map": 5.97, "masked_map": 43.4},
+                                      "damp": {"map": 4.34, "masked_map": 42.11}}}}
+    row = measured_row(report, "R/eval/report.json")
+    assert (row["map"], row["teacher_global_map"], row["teacher_damp_map"]) == (44.76, 43.4, 42.11)
+    assert row["metric"] == "masked_map" and row["random_models"]
+    table = _measured_table([row])
+    line = table[2]
+    assert "| 44.76 (masked mAP: partial labels) | 43.40 / 42.11 |" in line
+    assert line.endswith("**random models** |") and "mean nothing" in table[-1]
+    full = {**report, "model": {"backend": "open_clip", "name": "ViT-B-16", "pretrained": "openai"},
+            "run": {**report["run"], "metrics": {"map": 5.3}}}
+    row = measured_row(full, "R/eval/report.json")
+    assert (row["map"], row["teacher_global_map"], row["metric"], row["random_models"]) == (5.3, 5.97, "map", False)

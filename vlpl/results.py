@@ -188,6 +188,12 @@ def measured_row(report: Dict[str, Any], path: str, track: Optional[str] = None)
     if track is None:
         track = "1" if student in PAPER_STUDENTS and not ensemble else "2"
     scores = base.get("scores") or {}
+    # partial evaluation labels (real partial annotations, OpenImages): the benchmark's number is the masked mAP
+    # (CSL's mAP_partial), not Cole's mAP with every unknown entry counted as a negative; the teacher's likewise
+    masked = _get(run, "metrics", "masked", "map")
+    metric = "masked_map" if isinstance(masked, (int, float)) else "map"
+    from vlpl.eval.report import random_model_notice
+
     return {
         "dataset": str(dataset),
         "recipe_dataset": recipe_dataset,
@@ -196,9 +202,11 @@ def measured_row(report: Dict[str, Any], path: str, track: Optional[str] = None)
         "student": student or "n/a",
         "split": report.get("split"),
         "num_images": run.get("num_images"),
-        "map": float(run["metrics"]["map"]),
-        "teacher_global_map": _get(scores, "global", "map"),
-        "teacher_damp_map": _get(scores, "damp", "map"),
+        "map": float(masked if metric == "masked_map" else run["metrics"]["map"]),
+        "metric": metric,
+        "random_models": random_model_notice(report) is not None,
+        "teacher_global_map": _get(scores, "global", metric),
+        "teacher_damp_map": _get(scores, "damp", metric),
         "train_command": _get(summary, "provenance", "command"),
         "evaluate_command": prov["command"],
         "commit": prov["commit"],
@@ -242,10 +250,15 @@ def _measured_table(rows: List[Dict[str, Any]]) -> List[str]:
         device = r["device"] if not r.get("train_device") or r["train_device"] == r["device"] else \
             f"train: {r['train_device']}; evaluate: {r['device']}"
         out.append("| " + " | ".join(_cell(c) for c in (
-            r["track"], r["method"], f"`{r['student']}`", f"{r['split']} ({r['num_images']})", _n(r["map"]),
+            r["track"], r["method"], f"`{r['student']}`", f"{r['split']} ({r['num_images']})",
+            _n(r["map"]) + (" (masked mAP: partial labels)" if r.get("metric") == "masked_map" else ""),
             f"{_n(r['teacher_global_map']) or 'n/a'} / {_n(r['teacher_damp_map']) or 'n/a'}",
             f"`{r['train_command']}`" if r["train_command"] else "not recorded", f"`{r['evaluate_command']}`",
-            f"`{commit}`", device, f"`{r['report']}` ({r['created']})")) + " |")
+            f"`{commit}`", device, f"`{r['report']}` ({r['created']})"
+            + (" **random models**" if r.get("random_models") else ""))) + " |")
+    if any(r.get("random_models") for r in rows):
+        out += ["", "**random models**: the run's teacher had random weights (e.g. `vlpl-tiny`, `vlpl demo --offline`): "
+                    "every stage ran for real, but its numbers mean nothing about the images."]
     return out
 
 
