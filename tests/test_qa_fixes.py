@@ -80,6 +80,12 @@ def test_url_store_paths_stay_urls(coco256_real_partial_store: Path, tmp_path: P
                                                             "plots=false", "rules={damp: {}}"]))
         assert out == tmp_path / "ev" and (out / "report.json").is_file()
         assert not any(tmp_path.glob("memory*"))
+        # vlpl calibrate URL: the default file inside the store would be ./memory:/...; --out is required
+        from vlpl.cli import main
+
+        assert main(["calibrate", url]) == 2
+        assert not any(tmp_path.glob("memory*"))
+        assert main(["calibrate", url, "--out", str(tmp_path / "th.json")]) == 0 and (tmp_path / "th.json").is_file()
     finally:
         if mem.exists(name):
             mem.rm(name, recursive=True)

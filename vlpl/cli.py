@@ -259,6 +259,11 @@ ones resumed), then evaluated; the table is OUT/compare/compare.md (+ .json, .pn
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     _check_store("store", args.store)
+    if not args.out and "://" in str(args.store):  # the default (inside the store) would be ./<scheme>:/...
+        from vlpl.config import ConfigError
+
+        raise ConfigError(f"--out: the store {args.store} is an fsspec URL; give a local thresholds file "
+                          f"(--out FILE.json), which the rules read")
     from vlpl.pseudolabel.calibrate import calibrate_store, write_thresholds
 
     knn = {"k": args.knn_k, "alpha": args.knn_alpha} if args.knn_k else None
