@@ -80,6 +80,13 @@ def test_url_store_paths_stay_urls(coco256_real_partial_store: Path, tmp_path: P
                                                             "plots=false", "rules={damp: {}}"]))
         assert out == tmp_path / "ev" and (out / "report.json").is_file()
         assert not any(tmp_path.glob("memory*"))
+        # the evaluate report of a run trained on the URL store names the teacher; a recipe checks its teacher
+        from vlpl.eval.stage import _model_identity
+        from vlpl.train.recipes import load_train_config, warn_teacher_mismatch
+
+        assert _model_identity(None, {"summary": {"store": url}})["name"] == "vlpl-tiny"
+        cfg = load_train_config([], [f"store={url}", "out=R", "method=aevlp", "dataset=coco2014"])
+        assert any("vlpl-tiny" in d for d in warn_teacher_mismatch(cfg))
         # vlpl calibrate URL: the default file inside the store would be ./memory:/...; --out is required
         from vlpl.cli import main
 

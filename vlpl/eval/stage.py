@@ -421,7 +421,7 @@ def _model_identity(store_section: Optional[Dict[str, Any]], run_section: Option
     if store_section is not None:
         return store_section.get("model")
     store = ((run_section or {}).get("summary") or {}).get("store")
-    if isinstance(store, list) or (store and ((Path(store) / "manifest.json").is_file()
+    if isinstance(store, list) or (store and ((store_path(store) / "manifest.json").exists()  # a URL too
                                               or (Path(store) / "ensemble.json").is_file())):
         try:  # a store, or a teacher ensemble (its model entry names every member)
             return ScoreStore.open(store, require_complete=False).manifest.get("model")

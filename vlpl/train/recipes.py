@@ -121,9 +121,11 @@ def warn_teacher_mismatch(cfg: TrainConfig) -> List[str]:
     recipe names no teacher, or the store is not there yet (the training stage reports that)."""
     if not cfg.method or not isinstance(cfg.store, str):
         return []
+    from vlpl.store.fs import store_path
+
     spec = recipe_teacher(cfg.method, cfg.dataset)
-    manifest_path = Path(cfg.store) / "manifest.json"
-    if spec is None or not manifest_path.is_file():
+    manifest_path = store_path(cfg.store) / "manifest.json"  # a store on an fsspec URL too
+    if spec is None or not manifest_path.exists():
         return []
     from vlpl.store.store import StoreError, read_manifest
 
