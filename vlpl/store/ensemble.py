@@ -44,6 +44,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from vlpl.store.atomic import atomic_write_json
+from vlpl.store.reader import SplitReaderBase, StoreBase
 from vlpl.store.store import (
     _LRU,
     MANIFEST_CHECKSUM_KEY,
@@ -345,7 +346,7 @@ class _Subset(Sequence[str]):
             yield self.seq[int(p)]
 
 
-class EnsembleSplitReader:
+class EnsembleSplitReader(SplitReaderBase):
     """One split of an :class:`EnsembleStore`, with the :class:`~vlpl.store.store.SplitReader` API: ids, image
     refs, labels (the primary member's: members agree on them) and ``scores`` = the members' weighted
     combination. Positions index the rows that are ok in every member (with ``include_failed``, every row;
@@ -375,16 +376,8 @@ class EnsembleSplitReader:
     def __len__(self) -> int:
         return len(self._pos)
 
-    @property
-    def view_spec(self) -> ViewSpec:
-        return self.store.view_spec
-
     def _member_pos(self, idx: Any) -> np.ndarray:
-        pos = np.asarray(idx, dtype=np.int64).reshape(-1)
-        if len(pos) and (pos.min() < 0 or pos.max() >= len(self._pos)):
-            raise IndexError(f"split {self.name!r}: positions must be in [0, {len(self._pos)}); got "
-                             f"{int(pos.min())}..{int(pos.max())}")
-        return self._pos[pos]
+        return self._pos[self._positions(idx)]
 
     @property
     def observed(self) -> np.ndarray:
@@ -404,20 +397,6 @@ class EnsembleSplitReader:
             self._labels = whole
         return self._labels
 
-    @property
-    def score_kind(self) -> ScoreKind:
-        """What the combined scores are (:attr:`EnsembleStore.score_kind`)."""
-        return self.store.score_kind
-
-    @property
-    def labels_kind(self) -> str:
-        return self.members[0].labels_kind
-
-    @property
-    def observed_shape(self) -> Tuple[int, int]:
-        """``(N, C)`` of the observed labels, without reading them."""
-        return (len(self._pos), self.store.num_classes)
-
     def __getattr__(self, name: str) -> Any:
         """Other :class:`SplitReader` attributes come from the primary member when they cannot depend on the
         teachers' scores and the positions coincide (every row ok in every member); anything else is refused
@@ -428,10 +407,6 @@ class EnsembleSplitReader:
             raise AttributeError(f"{type(self).__name__}.{name}: not available when the members' failed rows "
                                  f"differ (split {self.__dict__.get('name')!r})")
         return getattr(self.members[0], name)
-
-    def probabilities(self, idx: Any, temp: float, device: Any = None) -> Any:
-        """Per-class probabilities of the combined scores (:meth:`ScoreKind.probabilities`)."""
-        return self.score_kind.probabilities(self.scores(idx, device), temp)
 
     def observed_at(self, idx: Any) -> np.ndarray:
         return self.members[0].observed_at(self._member_pos(idx))
@@ -461,7 +436,7 @@ class EnsembleSplitReader:
             yield p, self.store.combine([m._scores(mp, c, device) for m, c in zip(self.members, caches)])
 
 
-class EnsembleStore:
+class EnsembleStore(StoreBase):
     """Several score stores of the same images read as one (see the module docstring): the
     :class:`~vlpl.store.store.ScoreStore` read API, scores combined with ``weights``."""
 
@@ -523,24 +498,8 @@ class EnsembleStore:
         return getattr(self.members[0], name)
 
     @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
     def num_rows(self) -> int:
         return self.primary.num_rows
-
-    @property
-    def n_variants(self) -> int:
-        return self.view_spec.n_variants
-
-    @property
-    def n_views(self) -> int:
-        return self.view_spec.n_views
-
-    @property
-    def grid(self) -> int:
-        return self.view_spec.grid
 
     @property
     def embedding_dim(self) -> int:

@@ -49,6 +49,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from vlpl.store.reader import SplitReaderBase, StoreBase
 from vlpl.store.views import ScoreKind, ViewSpec
 
 log = logging.getLogger(__name__)
@@ -257,7 +258,7 @@ class _Column(Sequence[str]):
         return NotImplemented
 
 
-class DatasetSplitReader:
+class DatasetSplitReader(SplitReaderBase):
     """One split of an exported dataset with the :class:`~vlpl.store.store.SplitReader` API. Every row of an
     export is ok (failed rows were left out), so ``include_failed`` changes nothing and ``ok`` is all True."""
 
@@ -285,29 +286,6 @@ class DatasetSplitReader:
 
     def __len__(self) -> int:
         return len(self.rows)
-
-    @property
-    def view_spec(self) -> ViewSpec:
-        return self.store.view_spec
-
-    @property
-    def score_kind(self) -> ScoreKind:
-        return self.store.score_kind
-
-    @property
-    def labels_kind(self) -> str:
-        return self.store.labels_kind
-
-    @property
-    def observed_shape(self) -> Tuple[int, int]:
-        return (len(self.rows), self.store.num_classes)
-
-    def _positions(self, idx: Any) -> np.ndarray:
-        pos = np.asarray(idx, dtype=np.int64).reshape(-1)
-        if len(pos) and (pos.min() < 0 or pos.max() >= len(self.rows)):
-            raise IndexError(f"split {self.name!r}: positions must be in [0, {len(self.rows)}); got "
-                             f"{int(pos.min())}..{int(pos.max())}")
-        return pos
 
     def _take(self, columns: Sequence[str], pos: np.ndarray) -> Any:
         """The Arrow table of ``columns`` at positions ``pos`` (in that order): only those rows are read from the
@@ -364,20 +342,6 @@ class DatasetSplitReader:
 
         return torch.from_numpy(np.ascontiguousarray(out)).to(device)
 
-    def iter_scores(self, batch_size: int, positions: Optional[Any] = None, device: Any = None
-                    ) -> Iterator[Tuple[np.ndarray, Any]]:
-        """``(positions, scores)`` batches in order over ``positions`` (default: the whole split)."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        pos = self.rows if positions is None else np.asarray(positions, dtype=np.int64).reshape(-1)
-        for k in range(0, len(pos), batch_size):
-            p = pos[k : k + batch_size]
-            yield p, self.scores(p, device)
-
-    def probabilities(self, idx: Any, temp: float, device: Any = None) -> Any:
-        """Per-class probabilities of :meth:`scores` through the teacher's :class:`ScoreKind`."""
-        return self.score_kind.probabilities(self.scores(idx, device), temp)
-
     def image_embeddings(self, idx: Any) -> np.ndarray:
         """``(B, D)`` float32 teacher image embeddings (exported with ``--embeddings``)."""
         if not self.store.has_embeddings:
@@ -389,7 +353,7 @@ class DatasetSplitReader:
                        np.float32, self._where("image_embedding"))
 
 
-class DatasetStore:
+class DatasetStore(StoreBase):
     """A ``vlpl export`` dataset read as a score store (see the module docstring).
 
     Args:
@@ -591,24 +555,8 @@ class DatasetStore:
 
     # -- the store API ------------------------------------------------------------------------------
     @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
     def num_rows(self) -> int:
         return int(self.manifest["num_rows"])
-
-    @property
-    def n_variants(self) -> int:
-        return self.view_spec.n_variants
-
-    @property
-    def n_views(self) -> int:
-        return self.view_spec.n_views
-
-    @property
-    def grid(self) -> int:
-        return self.view_spec.grid
 
     @property
     def embedding_dim(self) -> int:

@@ -69,6 +69,7 @@ from vlpl.store.atomic import (
 from vlpl.store.formats import ScoreForm, tie_offsets
 from vlpl.store.fs import PARQUET_MAGIC, RemotePath, store_path
 from vlpl.store.lock import RemoteStoreLock, StoreLock, StoreLockedError
+from vlpl.store.reader import SplitReaderBase, StoreBase
 from vlpl.store.views import ScoreKind, ViewSpec
 
 log = logging.getLogger(__name__)
@@ -625,7 +626,7 @@ class _GroupStrings(Sequence[str]):
         return NotImplemented
 
 
-class SplitReader:
+class SplitReader(SplitReaderBase):
     """The rows of one split: ids, image refs, observed and full labels, and the view scores, all read
     batch-wise on demand (``scores``, ``observed_at``, ``labels_at``).
 
@@ -659,32 +660,12 @@ class SplitReader:
         return len(self.rows)
 
     @property
-    def view_spec(self) -> ViewSpec:
-        return self.store.view_spec
-
-    @property
-    def score_kind(self) -> ScoreKind:
-        """What the raw scores are (:class:`vlpl.store.views.ScoreKind`): cosine, siglip, ..."""
-        return self.store.score_kind
-
-    def probabilities(self, idx: Any, temp: float, device: Any = None) -> Any:
-        """``(B, n_variants, n_views, C)`` per-class probabilities of the rows at ``idx``: :meth:`scores` through
-        the store's :class:`ScoreKind` (cosine: ``softmax_c(cos / temp)`` per view; siglip:
-        ``sigmoid(scale * cos + bias)``). The common space teachers of different kinds are compared in."""
-        return self.score_kind.probabilities(self.scores(idx, device), temp)
-
-    @property
     def observed(self) -> np.ndarray:
         """``(N, C)`` int8 observed labels, loaded into memory on first use (N x C bytes: per-batch code should
         use :meth:`observed_at`, which reads only the rows asked for)."""
         if self._observed is None:
             self._observed = self._whole(self._observed_src)
         return self._observed
-
-    @property
-    def labels_kind(self) -> str:
-        """``"full"`` or ``"partial"`` (:func:`labels_kind_of`): what :attr:`labels` / :meth:`labels_at` hold."""
-        return labels_kind_of(self.store.manifest)
 
     @property
     def labels(self) -> Optional[np.ndarray]:
@@ -711,12 +692,6 @@ class SplitReader:
             raise StoreError(f"split {self.name!r}: {e}; delete {getattr(src, 'path', 'the sidecar')} (it is "
                              f"rebuilt from the shards)") from None
 
-    @property
-    def observed_shape(self) -> Tuple[int, int]:
-        """``(N, C)``: the shape of the observed labels, known without reading them (a loss built on the reader
-        reads its rows per batch, :class:`vlpl.train.losses.ObservedLabels`)."""
-        return (len(self.rows), self.store.num_classes)
-
     def observed_at(self, idx: Any) -> np.ndarray:
         """``(B, C)`` int8 observed labels of the rows at positions ``idx`` (reads only those rows)."""
         return self._take(self._observed_src, self._positions(idx))
@@ -728,13 +703,6 @@ class SplitReader:
             bad = pos[~self.labels_known[pos]][:3]
             raise ValueError(f"split {self.name!r}: rows {[self.sample_ids[i] for i in bad]} have no full labels")
         return self._take(self._labels_src, pos)
-
-    def _positions(self, idx: Any) -> np.ndarray:
-        pos = np.asarray(idx, dtype=np.int64).reshape(-1)
-        if len(pos) and (pos.min() < 0 or pos.max() >= len(self.rows)):
-            raise IndexError(f"split {self.name!r}: positions must be in [0, {len(self.rows)}); got "
-                             f"{int(pos.min())}..{int(pos.max())}")
-        return pos
 
     def scores(self, idx: Any, device: Any = None) -> Any:
         """``(B, n_variants, n_views, C)`` float32 raw cosine scores of the rows at positions ``idx``, whatever
@@ -777,7 +745,7 @@ class SplitReader:
         return self.store._read_embeddings(self.rows[self._positions(idx)])
 
 
-class ScoreStore:
+class ScoreStore(StoreBase):
     """Read-only view of a store: identity, splits and batch-wise readers (pyarrow only; the shards are
     also readable by ``datasets.load_dataset('parquet')``).
 
@@ -845,23 +813,7 @@ class ScoreStore:
                              f"stores (store=[A,B]) or an ensemble directory")
         return cls(store_path(root), **kwargs)
 
-    # -- identity -------------------------------------------------------------------------------------
-    @property
-    def n_variants(self) -> int:
-        return self.view_spec.n_variants
-
-    @property
-    def n_views(self) -> int:
-        return self.view_spec.n_views
-
-    @property
-    def grid(self) -> int:
-        return self.view_spec.grid
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
+    # -- identity (n_variants, n_views, grid, num_classes: StoreBase) -----------------------------------
     @property
     def num_rows(self) -> int:
         return int(self._starts[-1])
