@@ -249,3 +249,35 @@ def test_results_page_reads_masked_map_and_flags_random_models() -> None:
             "run": {**report["run"], "metrics": {"map": 5.3}}}
     row = measured_row(full, "R/eval/report.json")
     assert (row["map"], row["teacher_global_map"], row["metric"], row["random_models"]) == (5.3, 5.97, "map", False)
+
+
+def test_knn_rule_on_a_teacher_ensemble(tiny_ensemble: Tuple[Path, str, int]) -> None:
+    """Rule ``knn`` on a teacher ensemble (directory or list) runs (it raised "EnsembleStore has no attribute
+    'cache_dir'"): neighbours from the primary member's image embeddings / index, scores from the ensemble's
+    combination; the smoothed scores equal the hand computation from the neighbour table."""
+    import torch
+
+    from vlpl.pseudolabel.neighbours import neighbour_smoothed, neighbour_table, smooth_scores
+    from vlpl.pseudolabel.rules import RuleRows, apply_rule
+    from vlpl.store.store import ScoreStore
+
+    ens = tiny_ensemble[0]
+    members = [str(p) for p in sorted((ens / "teachers").iterdir())]
+    for store in (ScoreStore.open(ens), ScoreStore.open(members, weights=[0.5, 0.5])):
+        sp = store.split("train")
+        pos = np.arange(len(sp))
+        scores = torch.as_tensor(sp.scores(pos)).float()
+        out = apply_rule("knn", scores, torch.from_numpy(sp.observed_at(pos)).to(torch.int8), dynamic=False,
+                         rows=RuleRows(sp, pos), base="damp", k=2)
+        assert out.shape == (len(pos), 80)
+        table = neighbour_table(store, "train", 2)
+        primary = neighbour_table(store.primary, "train", 2)  # the same image embeddings: the same neighbours
+        np.testing.assert_array_equal(table.positions, primary.positions)
+        unflipped = scores[:, 0]
+        got = neighbour_smoothed(unflipped, RuleRows(sp, pos), k=2, alpha=0.5, weighting="uniform")
+        nb = torch.as_tensor(table.positions)
+        nbr = scores.mean(dim=1)[nb]  # (B, k, views, C): the neighbours' flip-averaged combined scores
+        valid = nb >= 0
+        w = valid.float() / valid.float().sum(1, keepdim=True).clamp(min=1)
+        want = smooth_scores(unflipped, nbr, w, 0.5, "all")
+        torch.testing.assert_close(got, want)

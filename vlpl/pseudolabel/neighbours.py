@@ -120,7 +120,7 @@ def _exact_index(train: Any, batch_size: int) -> Any:
 
     from vlpl.store.index import normalize
 
-    dim = int(train.store.embedding_dim)
+    dim = int(getattr(train.store, "primary", train.store).embedding_dim)  # an ensemble: its primary's embeddings
     flat = faiss.IndexFlatIP(dim)
     index = faiss.IndexIDMap2(flat)
     for s in range(0, len(train), batch_size):
@@ -141,9 +141,12 @@ def compute_neighbours(store: Any, split: str = TRAIN, k: int = 10, *, batch_siz
     train = store.split(TRAIN)
     query = train if split == TRAIN else store.split(split)
     sorted_rows, order = _train_lookup(np.asarray(train.rows, dtype=np.int64))
-    if (Path(store.root) / INDEX_FILE).is_file():
-        index = load_index(store.root)
-        source = f"index:{(store.manifest.get('index') or {}).get('factory', 'Flat')}"
+    # a teacher ensemble's image embeddings and index are its primary member's (docs/TEACHERS.md); the index holds
+    # row ids, mapped to this split's own positions (rows failed in another member are left out) by the lookup
+    emb = getattr(store, "primary", store)
+    if (Path(emb.root) / INDEX_FILE).is_file():
+        index = load_index(emb.root)
+        source = f"index:{(emb.manifest.get('index') or {}).get('factory', 'Flat')}"
     else:
         log.warning("%s has no FAISS index (%s): searching the %d training embeddings exactly, in memory",
                     store.root, INDEX_FILE, len(train))
@@ -193,7 +196,7 @@ def _sha256(path: Path) -> str:
 
 
 def _cache_files(store: Any, split: str, k: int) -> Optional[Tuple[Path, Path]]:
-    d = store.cache_dir
+    d = getattr(store, "cache_dir", None)  # a teacher ensemble has none of its own: its tables stay in memory
     if d is None:
         return None
     folder = Path(d) / CACHE_SUBDIR
@@ -254,6 +257,8 @@ def neighbour_table(store: Any, split: str = TRAIN, k: int = 10, *, rebuild: boo
         table = compute_neighbours(store, split, k, show_progress=show_progress)
         if files is not None:
             _write_cached(store, table, files)
+        elif hasattr(store, "primary"):  # a teacher ensemble: no cache folder of its own
+            log.info("%s: a teacher ensemble; its neighbour lists are kept in memory (not cached)", store.root)
         else:
             log.warning("%s: no writable cache folder; neighbour lists kept in memory only", store.root)
     _TABLES[key] = table
