@@ -649,6 +649,17 @@ def _open_hf(cfg: DataConfig) -> Any:
     return open_hf_dict(hf_location(cfg))
 
 
+def _merge_hf_class_names(classes: Optional[List[str]], features: Any, cfg: DataConfig) -> Optional[List[str]]:
+    """The class names of a split's label column (a ``ClassLabel`` feature), checked against those of the splits
+    read before (``classes``; None: none known yet); ``features`` None or without names keeps ``classes``."""
+    names = _hf_label_names(features.get(cfg.hf_label_column)) if features is not None else None
+    if names is None:
+        return classes
+    if classes is not None and names != classes:
+        raise DatasetFormatError(f"{cfg.hf_path}: splits disagree on the class names of {cfg.hf_label_column!r}")
+    return names
+
+
 def _hf_label_names(feature: Any) -> Optional[List[str]]:
     import datasets
 
@@ -747,11 +758,7 @@ def read_hf(cfg: DataConfig) -> OfficialSplits:
                 f"{cfg.hf_path} split {name!r}: column {cfg.hf_image_column!r} is missing or not an Image() "
                 f"feature (columns: {', '.join(d.column_names)})"
             )
-        names = _hf_label_names(d.features.get(cfg.hf_label_column))
-        if names is not None:
-            if classes is not None and names != classes:
-                raise DatasetFormatError(f"{cfg.hf_path}: splits disagree on the class names of {cfg.hf_label_column!r}")
-            classes = names
+        classes = _merge_hf_class_names(classes, d.features, cfg)
         parts[ours] = (name, d)
     if classes is None:
         classes = read_class_list(_classes_path(cfg, root))

@@ -49,8 +49,8 @@ from vlpl.data.readers import (
     OfficialSplits,
     RawItem,
     _classes_path,
-    _hf_label_names,
     _hf_labels,
+    _merge_hf_class_names,
     hf_location,
     read_class_list,
 )
@@ -152,11 +152,7 @@ def read_hf_streaming(cfg: DataConfig) -> StreamingSplits:
         if feats is not None and cfg.hf_image_column not in feats:
             raise DatasetFormatError(f"{cfg.hf_path} split {name!r}: no column {cfg.hf_image_column!r} "
                                      f"(data.hf_image_column; columns: {', '.join(feats)})")
-        names = _hf_label_names(feats.get(cfg.hf_label_column)) if feats is not None else None
-        if names is not None:
-            if classes is not None and names != classes:
-                raise DatasetFormatError(f"{cfg.hf_path}: splits disagree on the class names of {cfg.hf_label_column!r}")
-            classes = names
+        classes = _merge_hf_class_names(classes, feats, cfg)
         parts[ours] = (name, d)
     if classes is None:
         classes = read_class_list(_classes_path(cfg, root))

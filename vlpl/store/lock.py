@@ -59,6 +59,11 @@ def _read_info(fd: int) -> Optional[Dict[str, Any]]:
         raw = os.read(fd, 4096).decode("utf-8", "replace").strip()
     except OSError:
         return None
+    return _parse_info(raw)
+
+
+def _parse_info(raw: str) -> Optional[Dict[str, Any]]:
+    """A lock's JSON content as a dict (None when empty; ``{"raw": ...}`` when it is not a JSON object)."""
     if not raw:
         return None
     try:
@@ -229,11 +234,7 @@ class RemoteStoreLock:
             raw = self.path.read_bytes().decode("utf-8", "replace").strip()
         except FileNotFoundError:
             return None
-        try:
-            info = json.loads(raw)
-        except json.JSONDecodeError:
-            return {"raw": raw[:200]}
-        return info if isinstance(info, dict) else {"raw": raw[:200]}
+        return _parse_info(raw) if raw else {"raw": ""}
 
     def _write(self) -> None:
         from vlpl.store.atomic import atomic_write_bytes

@@ -665,7 +665,15 @@ def run_train(cfg: TrainConfig) -> Path:
     if prepare is not None:  # a loss's first phase (CSL's class prior: e.g. its temporary Ignore-mode model)
         cfg = prepare(cfg)
     run = setup(cfg)
-    for epoch in range(run.progress.epoch + 1, cfg.epochs + 1):
+    run_epochs(run)
+    finish(run)
+    return run.out
+
+
+def run_epochs(run: Run) -> None:
+    """Train from the epoch after the last finished one to ``run.cfg.epochs``: each epoch trained, validated and
+    checkpointed; stops early when validation sets ``run.progress.stop_reason``."""
+    for epoch in range(run.progress.epoch + 1, run.cfg.epochs + 1):
         if run.progress.stop_reason:
             break
         train_epoch(run, epoch)
@@ -673,8 +681,6 @@ def run_train(cfg: TrainConfig) -> Path:
         checkpoint(run)
         if run.progress.stop_reason:
             log.info("early stop after epoch %d: %s", epoch, run.progress.stop_reason)
-    finish(run)
-    return run.out
 
 
 # ---- the best model -------------------------------------------------------------------------------------

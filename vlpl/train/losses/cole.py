@@ -30,8 +30,20 @@ def _logit(p: float) -> float:
 
 
 
+class _IgnoreUnobserved(SPMLLoss):
+    """Per entry ``l+(p)`` if ``z = 1``, ``l-(p)`` if ``z = -1``, ``0`` if ``z = 0``; batch mean over B x C."""
+
+    def forward(self, batch: LossBatch) -> Dict[str, torch.Tensor]:
+        _, p, _, m = self._prepare(batch)
+        terms = {
+            "obs_pos": m.pos * neg_log_pos(p, self.eps),
+            "obs_neg": m.neg * neg_log_neg(p, self.eps),
+        }
+        return self._finish(terms)
+
+
 @LOSSES.register("bce")
-class FullLabelBCELoss(SPMLLoss):
+class FullLabelBCELoss(_IgnoreUnobserved):
     """Full-label BCE: the full-label upper bound (train with ``observed`` = the full +-1 labels).
 
     Per entry: ``l+(p)`` if ``z = 1``, ``l-(p)`` if ``z = -1``, ``0`` if ``z = 0`` (ignored); batch mean
@@ -43,14 +55,6 @@ class FullLabelBCELoss(SPMLLoss):
 
     def __init__(self, observed: Any, *, eps: float = P.BCEParams.eps) -> None:
         super().__init__(observed, eps)
-
-    def forward(self, batch: LossBatch) -> Dict[str, torch.Tensor]:
-        _, p, _, m = self._prepare(batch)
-        terms = {
-            "obs_pos": m.pos * neg_log_pos(p, self.eps),
-            "obs_neg": m.neg * neg_log_neg(p, self.eps),
-        }
-        return self._finish(terms)
 
 
 @LOSSES.register("an")
@@ -257,18 +261,6 @@ def _first_negative_row(loss: SPMLLoss) -> Optional[int]:
         if hit.numel():
             return start + int(hit[0, 0])
     return None
-
-
-class _IgnoreUnobserved(SPMLLoss):
-    """Per entry ``l+(p)`` if ``z = 1``, ``l-(p)`` if ``z = -1``, ``0`` if ``z = 0``; batch mean over B x C."""
-
-    def forward(self, batch: LossBatch) -> Dict[str, torch.Tensor]:
-        _, p, _, m = self._prepare(batch)
-        terms = {
-            "obs_pos": m.pos * neg_log_pos(p, self.eps),
-            "obs_neg": m.neg * neg_log_neg(p, self.eps),
-        }
-        return self._finish(terms)
 
 
 @LOSSES.register("iun")

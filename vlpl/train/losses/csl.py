@@ -427,19 +427,14 @@ def _sha256(path: Path) -> str:
 def _run_prior_phase(cfg: Any, params: Any, out: Path) -> np.ndarray:
     """Train the temporary Ignore-mode model in ``out / prior_model`` (a normal run: resumable with
     ``resume=true``) and return its running-average prediction per class."""
-    from vlpl.train.loop import checkpoint, setup, train_epoch, validate
+    from vlpl.train.loop import run_epochs, setup
 
     phase_params = {**cfg.loss.params, "mode": "ignore", "prior": "none", "prior_file": None, "ema_decay": 0.0}
     phase = replace(cfg, out=str(out / PRIOR_PHASE_DIR), loss=replace(cfg.loss, params=phase_params),
                     epochs=int(params.prior_epochs or cfg.epochs))
     log.info("csl prior=model: training the temporary Ignore-mode model (%d epochs) in %s", phase.epochs, phase.out)
     run = setup(phase)
-    for epoch in range(run.progress.epoch + 1, phase.epochs + 1):
-        if run.progress.stop_reason:
-            break
-        train_epoch(run, epoch)
-        validate(run, epoch)
-        checkpoint(run)
+    run_epochs(run)
     assert isinstance(run.loss, CSLLoss)
     if float(run.loss.pred_count) == 0:
         raise RuntimeError(f"csl prior=model: the temporary model in {phase.out} saw no training batch")
