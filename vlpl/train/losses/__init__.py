@@ -8,13 +8,16 @@ the batch mean ``(1 / (B C)) sum_{n,c} L_nc`` (§1) plus a regulariser where the
 
 Registered names (see each class for the formulas and its ALGORITHMS.md section; the modules are listed under "Layout"):
 
-=========  ==================================================================================
+=========== ================================================================================
 ``bce``    full-label BCE over observed +1/-1 entries (the full-label upper bound, observed=full)
 ``an``     assume negative (§2e)
 ``an_ls``  assume negative with label smoothing 0.1 (§2e)
 ``wan``    weak assume negative, unknowns weighted 1/(C-1) (§2e)
 ``epr``    expected positive regulariser (§2e)
 ``role``   regularised online label estimation, free N x C estimator (§2e)
+``iun``    ignore unobserved positives: observed positive + every true negative (Cole et al.; docs/LOSSES.md)
+``iu``     ignore unobserved: BCE on observed +1 / -1 entries only (Cole et al.; docs/LOSSES.md)
+``pr``     pairwise ranking hinge, exact closed form (Cole et al.; docs/LOSSES.md)
 ``em``     entropy maximisation on unknowns (§4a)
 ``em_apl`` EM + asymmetric (soft negative) pseudo-labelling after each epoch (§4a)
 ``ll_r``   Large Loss Matters, rejection (§3b)
@@ -22,8 +25,11 @@ Registered names (see each class for the formulas and its ALGORITHMS.md section;
 ``ll_cp``  Large Loss Matters, permanent correction (§3b)
 ``gr``     generalized robust loss with GR schedules (§5)
 ``vlpl``   VLPL's EM_PL loss on vision-language pseudo-labels (§6c)
+``vlpl_asl`` VLPL's EM_PL_ASL variant (released code; docs/LOSSES.md)
 ``gpr``    AEVLP's generalized pseudo-label robust loss (§7d)
-=========  ==================================================================================
+``csl``    CSL's selective loss: prior + likelihood rules, P-ASL, model EMA (§9; docs/CSL_SATL.md)
+``satl``   SATL, our formulation (Decision 6): class score Gaussians, Bayes thresholds, ranking loss (§10)
+=========== ================================================================================
 
 **Observed negatives.** The SPML papers never have observed ``-1`` entries. For the partial-label
 setting every loss here treats an observed ``-1`` as a known (clean) negative with loss ``l-(p)`` and
@@ -75,9 +81,10 @@ training config is checked with the same schemas before torch is imported).
 **Layout.** One loss family per module, named after it (as timm and open_clip keep one model family per
 file): :mod:`~vlpl.train.losses.base` (:class:`LossBatch`, :class:`SPMLLoss`, the per-entry building blocks
 and the factory helpers), :mod:`~vlpl.train.losses.cole` (``bce``, ``an``, ``an_ls``, ``wan``, ``epr``,
-``role``), :mod:`~vlpl.train.losses.em` (``em``, ``em_apl``), :mod:`~vlpl.train.losses.large_loss`
+``role``, ``iun``, ``iu``, ``pr``), :mod:`~vlpl.train.losses.em` (``em``, ``em_apl``), :mod:`~vlpl.train.losses.large_loss`
 (``ll_r``, ``ll_ct``, ``ll_cp``), :mod:`~vlpl.train.losses.gr` (``gr``), :mod:`~vlpl.train.losses.gpr`
-(``gpr``), :mod:`~vlpl.train.losses.vlpl` (``vlpl``); :mod:`~vlpl.train.losses.reconstruction` holds the
+(``gpr``), :mod:`~vlpl.train.losses.vlpl` (``vlpl``, ``vlpl_asl``), :mod:`~vlpl.train.losses.csl` (``csl``),
+:mod:`~vlpl.train.losses.satl` (``satl``); :mod:`~vlpl.train.losses.reconstruction` holds the
 reconstruction term of Decision 5 (ours, off by default), which any loss can carry
 (:meth:`SPMLLoss.set_reconstruction`; config ``loss.reconstruction``). Every public name is re-exported here.
 
@@ -104,6 +111,9 @@ from vlpl.train.losses.cole import (
     AssumeNegativeLoss,
     ExpectedPositiveRegularizerLoss,
     FullLabelBCELoss,
+    IgnoreUnobservedLoss,
+    IgnoreUnobservedPositivesLoss,
+    PairwiseRankingLoss,
     ROLELoss,
     WeakAssumeNegativeLoss,
 )
@@ -123,7 +133,7 @@ from vlpl.train.losses.reconstruction import (
     probe_reconstruction_feature,
 )
 from vlpl.train.losses.satl import SATLLoss
-from vlpl.train.losses.vlpl import VLPLLoss
+from vlpl.train.losses.vlpl import VLPLASLLoss, VLPLLoss
 
 __all__ = [
     "EPS_COLE",
@@ -149,6 +159,9 @@ __all__ = [
     "WeakAssumeNegativeLoss",
     "ExpectedPositiveRegularizerLoss",
     "ROLELoss",
+    "IgnoreUnobservedPositivesLoss",
+    "IgnoreUnobservedLoss",
+    "PairwiseRankingLoss",
     "EntropyMaximizationLoss",
     "EMAPLLoss",
     "LargeLossRejectionLoss",
@@ -157,6 +170,7 @@ __all__ = [
     "GRLoss",
     "GPRLoss",
     "VLPLLoss",
+    "VLPLASLLoss",
     "CSLLoss",
     "SATLLoss",
     "ReconstructionTerm",
