@@ -281,3 +281,27 @@ def test_knn_rule_on_a_teacher_ensemble(tiny_ensemble: Tuple[Path, str, int]) ->
         w = valid.float() / valid.float().sum(1, keepdim=True).clamp(min=1)
         want = smooth_scores(unflipped, nbr, w, 0.5, "all")
         torch.testing.assert_close(got, want)
+
+
+def test_teacher_agreement_selection_passes_rows_and_the_score_kind(tiny_ensemble: Tuple[Path, str, int]) -> None:
+    """``select=teacher_agreement`` runs the run's rule with the batch's rows: ``knn`` works (it raised "needs the
+    batch's rows"), and on a SigLIP-type store the rule reads per-class sigmoids (it ran under the cosine kind)."""
+    import torch
+
+    from vlpl.eval.selection import Selector
+    from vlpl.pseudolabel.rules import apply_rule
+    from vlpl.store.store import ScoreStore
+
+    ens = tiny_ensemble[0]
+    val = ScoreStore.open(ens).split("test")
+    got = Selector("teacher_agreement", val, "knn", {"base": "damp", "k": 2}).teacher_targets(val)
+    assert got.shape == (len(val), 80)
+    sig = ScoreStore.open(ens / "teachers" / "vlpl-tiny-sigmoid-random").split("test")
+    params = {"threshold": 0.001, "score": "softmax", "view": "global"}
+    got = Selector("teacher_agreement", sig, "threshold", params).teacher_targets(sig)
+    pos = np.arange(len(sig))
+    scores, obs = torch.from_numpy(sig.scores(pos)), torch.from_numpy(sig.observed_at(pos))
+    want = apply_rule("threshold", scores, obs, dynamic=False, score_kind=sig.score_kind, **params).numpy() == 1
+    cosine = apply_rule("threshold", scores, obs, dynamic=False, **params).numpy() == 1
+    np.testing.assert_array_equal(got, want | (obs.numpy() == 1))
+    assert (want != cosine).any()  # the kind matters here: softmax over classes vs per-class sigmoids

@@ -99,12 +99,14 @@ class Selector:
         if self._teacher is None:
             import torch
 
-            from vlpl.pseudolabel.rules import apply_rule
+            from vlpl.pseudolabel.rules import RuleRows, apply_rule
 
             out = np.zeros((len(reader), reader.store.num_classes), bool)
             for pos, scores in reader.iter_scores(batch_size):
                 obs = torch.from_numpy(reader.observed_at(pos))
-                pseudo = apply_rule(self.rule, torch.from_numpy(scores), obs, dynamic=False, **self.rule_params)
+                # rows: what knn / calibrated read, and the store's score kind (a SigLIP-type store's sigmoids)
+                pseudo = apply_rule(self.rule, torch.from_numpy(scores), obs, dynamic=False,
+                                    rows=RuleRows(reader, pos), **self.rule_params)
                 out[pos] = (pseudo.cpu().numpy() == 1) | (obs.numpy() == 1)
             self._teacher = out
         return self._teacher
