@@ -369,8 +369,7 @@ def setup(cfg: TrainConfig) -> Run:
     # the observed labels stay in the store: the loss and the rule read the batch's rows (observed_at)
     train_obs = ObservedLabels(train, shape=(len(train), store.num_classes))
     loss_fn = create_loss(cfg.loss.name, train_obs, **cfg.loss.params)
-    if hasattr(loss_fn, "bind_model"):  # a loss keeping a copy of the student (CSL's model EMA): before prepare/resume
-        loss_fn.bind_model(model)
+    loss_fn.bind_model(model)  # a loss keeping a copy of the student (CSL's model EMA): before prepare/resume
     if loss_fn.requires_pseudo and not use_rule:
         raise ConfigError(f"loss {cfg.loss.name!r} needs pseudo-labels: set pseudo.rule (e.g. damp)")
     if cfg.loss.reconstruction:  # Decision 5 (ours, off by default): before the optimizer takes its parameters
@@ -567,7 +566,7 @@ def validate(run: Run, epoch: int) -> None:
         fault_point("validate")
     val_map = maps.get(cfg.val_split)
     best_model = None
-    for name, other in (run.loss.eval_models() if hasattr(run.loss, "eval_models") else {}).items():
+    for name, other in run.loss.eval_models().items():
         # a loss's extra models (CSL's model EMA) are scored too; the better val score counts, best/ holds its model
         o_preds = {s: predict(acc, other, dl, len(run.evals[s]), C, run.normalize) for s, dl in run.eval_loaders.items()}
         o_maps = {s: run.selector.score(s, run.evals[s], o_preds[s], is_val=s == cfg.val_split) for s in o_preds}
@@ -661,8 +660,9 @@ def finish(run: Run) -> None:
 
 def run_train(cfg: TrainConfig) -> Path:
     """Train a classifier on a score store (see the module docstring); returns the run directory."""
+    # a loss's first phase (CSL's class prior: e.g. its temporary Ignore-mode model); SPMLLoss's default: nothing
     prepare = getattr(LOSSES.get(cfg.loss.name), "prepare_training", None)
-    if prepare is not None:  # a loss's first phase (CSL's class prior: e.g. its temporary Ignore-mode model)
+    if prepare is not None:
         cfg = prepare(cfg)
     run = setup(cfg)
     run_epochs(run)

@@ -177,7 +177,6 @@ def train_step(batch: TrainBatch, model: nn.Module, loss: SPMLLoss, rule: Option
         loss.average_gradients()
         state.optimizer.step()
         state.optimizer.zero_grad(set_to_none=True)
-        if hasattr(loss, "after_step"):  # e.g. CSL's model EMA, updated after every optimizer step
-            loss.after_step(model)
+        loss.after_step(model)  # e.g. CSL's model EMA, updated after every optimizer step
     return StepOutput(terms={k: v.detach() for k, v in terms.items()}, pseudo=pseudo_all,
                       global_index=global_index, stepped=batch.sync)

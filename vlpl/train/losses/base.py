@@ -325,6 +325,24 @@ class SPMLLoss(nn.Module):
         if term is not None:
             self._reconstruction_hook = self.register_forward_hook(_add_reconstruction)
 
+    # -- the trainer's hooks (no-ops here; CSL uses them) ----------------------------------------------
+
+    @classmethod
+    def prepare_training(cls, cfg: Any) -> Any:
+        """Called by ``run_train`` with the training config before ``setup``; returns the config to train with
+        (CSL computes its class prior here, training a temporary model as its own run). Default: ``cfg``."""
+        return cfg
+
+    def bind_model(self, model: nn.Module) -> None:
+        """Called once in ``setup`` with the student, before a checkpoint is restored (CSL keeps its EMA)."""
+
+    def after_step(self, model: nn.Module) -> None:
+        """Called after every optimizer step (CSL updates its EMA model)."""
+
+    def eval_models(self) -> Dict[str, nn.Module]:
+        """Extra models that ``validate`` scores beside the student, by name (CSL: ``{"ema": ...}``)."""
+        return {}
+
     def end_epoch(self, probs: torch.Tensor, index: torch.Tensor, epoch: int) -> Dict[str, float]:
         """Hook after the training pass of ``epoch``, on all rows' probabilities at once (only called when
         ``needs_train_pass``)."""
