@@ -21,7 +21,6 @@ from vlpl.eval.metrics import f1_metrics, f1_metrics_topk, mean_average_precisio
 from vlpl.eval.quality import pseudo_label_quality, threshold_sweep
 from vlpl.eval.report import (
     REPORT_SCHEMA,
-    compare_table,
     finalize_report,
     jsonable,
     load_report,
@@ -136,9 +135,10 @@ def test_a_v1_report_of_fractions_is_read_in_percent(tmp_path: Path) -> None:
     old, new = load_report(tmp_path / "old"), load_report(tmp_path / "new" / "report.json")
     assert old["schema"] == new["schema"] == REPORT_SCHEMA
     assert old["summary"]["CF1"] == new["summary"]["CF1"] == pytest.approx(50.0)
-    lines = compare_table([old, new]).splitlines()
-    assert "| CF1 (%) |" in lines[0]
-    assert lines[2].split(" | ")[6] == lines[3].split(" | ")[6] == "50.00"
+    from vlpl.eval.compare import comparison
+
+    rows = comparison([tmp_path / "old", tmp_path / "new" / "report.json"], measure_baseline=False)["rows"]
+    assert rows[0]["CF1"] == rows[1]["CF1"] == pytest.approx(50.0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -211,8 +211,9 @@ def test_cli_evaluate_prints_the_summary_not_the_report(tmp_path: Path, capsys: 
     report = json.loads((run / "eval" / "report.json").read_text())
     assert report["summary"]["CF1"] == pytest.approx(50.0) and report["units"]["CF1"] == "percent"
     assert main(["evaluate", "--compare", str(run)]) == 0
-    table = capsys.readouterr().out.splitlines()
-    assert "| mAP (%) |" in table[0] and table[2].split(" | ")[4:8] == ["83.33", "83.33", "50.00", "50.00"]
+    table = [x for x in capsys.readouterr().out.splitlines() if x.startswith("| ")]
+    assert "| mAP (%) | CF1 (%) | OF1 (%) |" in table[0]
+    assert table[1].startswith("| run_a | run |") and table[1].split(" | ")[-4:-1] == ["83.33", "50.00", "50.00"]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -179,6 +179,6 @@ def test_compare_table_masked_map_and_baseline_by_hand(tmp_path):
     assert doc["rows"][0]["best_val_map"] == 50.0 and doc["rows"][0]["best_epoch"] == 3
     assert len(doc["baselines"]) == 1 and doc["baselines"][0]["scores"]["damp"]["map"] == 29.0
     md = (out / "compare.md").read_text()
-    assert "masked mAP (%)" in md and "| csl_p0.5 | csl | csl | none |  | 3 | 50.00 | test | 10 | 40.00 | 55.50 |" in md
-    assert "| an_p0.5 | csl | csl | none |  | 3 | 50.00 | test | 10 | 35.00 | n/a |" in md
+    assert "masked mAP (%)" in md and "| csl_p0.5 | run | csl | csl | none |  | 3 | 50.00 | test | 10 | 40.00 | 55.50 |" in md
+    assert "| an_p0.5 | run | csl | csl | none |  | 3 | 50.00 | test | 10 | 35.00 | n/a |" in md
     assert "counts unknown entries as negatives" in md and "| 30.00 | 29.00 |" in md

@@ -212,16 +212,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate, then print a short summary (headline, pseudo-label quality, in percent) and where the
     full report is; ``--compare`` prints one table across reports. The config is read before the stage
     (and torch) is imported, so a config error comes at once; ``--compare`` never imports torch."""
-    from vlpl.eval.report import compare_table, load_report, summary_text
+    from vlpl.eval.report import load_report, summary_text
 
     if args.compare:
-        if getattr(args, "compare_out", None):
-            from vlpl.eval.compare import write_comparison
+        from vlpl.eval.compare import comparison, render_comparison, write_comparison
 
+        if getattr(args, "compare_out", None):
             out = write_comparison(args.compare, args.compare_out)
             print((out / "compare.md").read_text(encoding="utf-8"), end="")
             return 0
-        print(compare_table([load_report(p) for p in args.compare]), end="")
+        print(render_comparison(comparison(args.compare)), end="")
         return 0
     from vlpl.config import EvaluateConfig, load_config
 

@@ -154,11 +154,13 @@ def render_comparison(doc: Dict[str, Any]) -> str:
     """``compare.md``: the runs' table, then the teacher baselines (every metric in percent)."""
     rows = doc["rows"]
     masked = any(r.get("masked_map") is not None for r in rows)
-    head = ["name", "method", "loss", "rule", "observed", "best epoch", "val mAP (%)", "split", "images", "mAP (%)"]
+    head = ["name", "kind", "method", "loss", "rule", "observed", "best epoch", "val mAP (%)", "split", "images",
+            "mAP (%)"]
     head += ["masked mAP (%)"] if masked else []
     head += ["CF1 (%)", "OF1 (%)", "vs teacher (points)"]
     out = ["# Comparison", "", f"{len(rows)} run(s). mAP is Cole et al.'s (every class, AP 0 without positives); "
-           "`vs teacher` is the run's mAP minus the teacher's global-view zero-shot mAP on the same store and split.",
+           "`vs teacher` is the run's mAP minus the teacher's global-view zero-shot mAP on the same store and split; "
+           "`kind` is `run` for a trained model, `zero-shot:<view>` for a store's own evaluation.",
            ""]
     if masked:
         out += ["Partial evaluation labels: `mAP` counts unknown entries as negatives; **masked mAP** (CSL's "
@@ -166,7 +168,8 @@ def render_comparison(doc: Dict[str, Any]) -> str:
                 "is the number to read for those rows.", ""]
     out += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
-        cells = [r["name"], r.get("method"), r.get("loss"), r.get("rule"), r.get("observed"), r.get("best_epoch"),
+        cells = [r["name"], r.get("kind"), r.get("method"), r.get("loss"), r.get("rule"), r.get("observed"),
+                 r.get("best_epoch"),
                  _pct(r.get("best_val_map")), r.get("split"), r.get("num_images"), _pct(r.get("map"))]
         cells += [_pct(r.get("masked_map"))] if masked else []
         vs = r.get("vs_teacher")

@@ -41,7 +41,6 @@ __all__ = [
     "metric_row",
     "render_markdown",
     "load_report",
-    "compare_table",
     "teacher_baseline",
     "baseline_deltas",
     "baseline_markdown",
@@ -569,26 +568,6 @@ def load_report(path: str | Path) -> Dict[str, Any]:
         f"no evaluation report for {path}: looked for {', '.join(str(c) for c in candidates)} "
         "(run `vlpl evaluate` on it first)"
     )
-
-
-def compare_table(reports: Sequence[Dict[str, Any]]) -> str:
-    """A Markdown table with one row per report (its ``summary`` row)."""
-    rows = []
-    names = [r["summary"]["name"] for r in reports]
-    for rep, name in zip(reports, names):
-        row = dict(rep["summary"])
-        if names.count(name) > 1:  # same directory name from two places: show where each comes from
-            row["name"] = f"{name} ({Path(rep['_path']).parent})"
-        rows.append(row)
-    out = _headline_table(rows)
-    masked = [r for r in rows if r.get("masked_map") is not None]
-    if masked:  # partial evaluation labels: the masked mAP, the number to read for those rows
-        out += ["", "Partial evaluation labels: masked mAP over annotated entries only (the mAP above counts "
-                "unknown entries as negatives).", ""]
-        out += _table(["name", "masked mAP (%)", "classes used", "classes skipped"],
-                      [[r["name"], _pct(r["masked_map"]), r.get("masked_classes_used", "n/a"),
-                        r.get("masked_classes_skipped", "n/a")] for r in masked])
-    return "\n".join(out) + "\n"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -40,10 +40,8 @@ from vlpl.eval.metrics import f1_metrics, f1_metrics_topk, masked_average_precis
 from vlpl.eval.quality import pseudo_label_quality, threshold_sweep
 from vlpl.eval.report import (
     REPORT_SCHEMA,
-    compare_table,
     finalize_report,
     jsonable,
-    load_report,
     metric_row,
     package_versions,
     render_markdown,
@@ -544,9 +542,10 @@ def run_evaluate(cfg: EvaluateConfig) -> Path:
 
 
 def compare_runs(paths: List[str]) -> str:
-    """A Markdown table across evaluations, one row each (name, kind, split, mAP, mAP over classes with
-    positives, CF1, OF1, CF1/OF1 at top-k), from their ``report.json``. A path may be a report file, an
-    eval directory, or a run / store directory that has ``eval/report.json``."""
-    if not paths:
-        raise ValueError("compare_runs: give at least one report, eval directory or run directory")
-    return compare_table([load_report(p) for p in paths])
+    """The comparison table (Markdown) across evaluations, one row each, with the teacher's zero-shot baseline:
+    :func:`vlpl.eval.compare.comparison` rendered by :func:`vlpl.eval.compare.render_comparison` (what
+    ``vlpl evaluate --compare`` prints). A path may be a report file, an eval directory, or a run / store directory
+    that has ``eval/report.json``."""
+    from vlpl.eval.compare import comparison, render_comparison
+
+    return render_comparison(comparison(paths))
