@@ -509,3 +509,18 @@ def test_hf_naflex_siglip2_is_refused_with_the_way_out(tmp_path):
     Siglip2Config().save_pretrained(tmp_path)
     with pytest.raises(ConfigError, match="Siglip2Model.*open_clip backend"):
         create_backend(TeacherConfig(backend="hf", name=str(tmp_path)))
+
+
+def test_inspect_names_the_score_kind_and_partial_labels(sigmoid_store, coco256_real_partial_store, coco256_store):
+    """`vlpl inspect` says what the scores are (a sigmoid teacher's scale and bias) and what the labels are
+    (partial annotations are not full labels); a plain store still reads "raw cosine" and "full labels"."""
+    from vlpl.store.inspect import format_summary, summarize
+    from vlpl.store.store import ScoreStore
+
+    sig = format_summary(summarize(sigmoid_store))
+    kind = ScoreStore(sigmoid_store).score_kind
+    assert f"sigmoid teacher (p = sigmoid({kind.logit_scale:.4g} cos {kind.logit_bias:+.4g}))" in sig
+    part = format_summary(summarize(coco256_real_partial_store))
+    assert "labels     partial annotations (+1 / -1 / unknown)" in part
+    plain = format_summary(summarize(coco256_store))
+    assert "scores     raw cosine, global view" in plain and "labels     full labels for" in plain

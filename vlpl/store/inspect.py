@@ -82,6 +82,10 @@ def summarize(root: Path, max_failed: int = 20, batch_size: int = 512, verify_sh
         "embedding_dim": m.get("embedding_dim"),
         "score_format": store.score_format,
         "score_form": m.get("score_form"),
+        "score_kind": {"kind": store.score_kind.kind, "logit_scale": store.score_kind.logit_scale,
+                       "logit_bias": store.score_kind.logit_bias},
+        "labels_kind": store.labels_kind,
+        "dense_view": bool(getattr(spec, "dense", False)),
         "shards": len(m.get("shards", [])),
     }
     if not m.get("complete"):
@@ -105,8 +109,8 @@ def summarize(root: Path, max_failed: int = 20, batch_size: int = 512, verify_sh
             every.add(s)
             g = s[:, 0, spec.global_index()]
             glob.add(g)
-            if spec.n_views > 1:
-                tiles.add(s[:, :, 1:])
+            if spec.grid:  # the g x g tiles (not the dense patch-token view, counted apart)
+                tiles.add(s[:, :, 1 : 1 + spec.grid * spec.grid])
             if spec.n_variants == 2:
                 flip.add(s[:, 0], s[:, 1])
             top1 += np.bincount(g.argmax(1), minlength=C)
@@ -148,7 +152,11 @@ def format_summary(s: Dict[str, Any]) -> str:
     sc = s.get("scores")
     if sc:
         g = sc["global_view"]
-        lines.append(f"scores     raw cosine, global view mean {g['mean']:.4f} std {g['std']:.4f} "
+        kind = s.get("score_kind") or {"kind": "cosine"}
+        what = {"cosine": "raw cosine", "siglip": f"raw cosine of a sigmoid teacher (p = sigmoid("
+                f"{kind.get('logit_scale') or 0:.4g} cos {kind.get('logit_bias') or 0:+.4g}))",
+                "probability": "per-class probabilities"}.get(kind["kind"], kind["kind"])
+        lines.append(f"scores     {what}, global view mean {g['mean']:.4f} std {g['std']:.4f} "
                      f"[{g['min']:.4f}, {g['max']:.4f}]")
         if sc.get("tiles"):
             t = sc["tiles"]
@@ -161,7 +169,8 @@ def format_summary(s: Dict[str, Any]) -> str:
         lines.append(f"observed   {s['observed']['positives_per_image']:.2f} positives, "
                      f"{s['observed']['negatives_per_image']:.2f} negatives per image")
     if "labels" in s:
-        lines.append(f"labels     full labels for {s['labels']['known_rows']} rows, "
+        what = "partial annotations (+1 / -1 / unknown)" if s.get("labels_kind") == "partial" else "full labels"
+        lines.append(f"labels     {what} for {s['labels']['known_rows']} rows, "
                      f"{s['labels']['positives_per_image']:.2f} positives per image")
     if s.get("verified"):
         v = s["verified"]
