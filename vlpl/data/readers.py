@@ -649,6 +649,15 @@ def _open_hf(cfg: DataConfig) -> Any:
     return open_hf_dict(hf_location(cfg))
 
 
+def check_hf_splits(cfg: DataConfig) -> None:
+    """``data.hf_splits`` maps our official splits (``train``, optionally ``test``) to the dataset's split names."""
+    unknown = [s for s in cfg.hf_splits if s not in OFFICIAL_SPLITS]
+    if unknown:
+        raise ConfigError(f"data.hf_splits: keys must be 'train' and/or 'test', got {unknown}")
+    if "train" not in cfg.hf_splits:
+        raise ConfigError("data.hf_splits: needs a 'train' entry (the official train split)")
+
+
 def _merge_hf_class_names(classes: Optional[List[str]], features: Any, cfg: DataConfig) -> Optional[List[str]]:
     """The class names of a split's label column (a ``ClassLabel`` feature), checked against those of the splits
     read before (``classes``; None: none known yet); ``features`` None or without names keeps ``classes``."""
@@ -735,11 +744,7 @@ def read_hf(cfg: DataConfig) -> OfficialSplits:
         return read_hf_streaming(cfg)
     ds = _open_hf(cfg)
     root = Path(cfg.root)
-    unknown = [s for s in cfg.hf_splits if s not in OFFICIAL_SPLITS]
-    if unknown:
-        raise ConfigError(f"data.hf_splits: keys must be 'train' and/or 'test', got {unknown}")
-    if "train" not in cfg.hf_splits:
-        raise ConfigError("data.hf_splits: needs a 'train' entry (the official train split)")
+    check_hf_splits(cfg)
     classes: Optional[List[str]] = None
     parts: Dict[str, Tuple[str, Any]] = {}
     for ours in OFFICIAL_SPLITS:

@@ -41,7 +41,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from vlpl.config import ConfigError, DataConfig
+from vlpl.config import DataConfig
 from vlpl.data.images import SCHEMES, ImageLoadError, ImageSource, printable
 from vlpl.data.readers import (
     OFFICIAL_SPLITS,
@@ -51,6 +51,7 @@ from vlpl.data.readers import (
     _classes_path,
     _hf_labels,
     _merge_hf_class_names,
+    check_hf_splits,
     hf_location,
     read_class_list,
 )
@@ -132,11 +133,7 @@ def read_hf_streaming(cfg: DataConfig) -> StreamingSplits:
     the label column of each mapped split, file by file."""
     location = hf_location(cfg)
     root = Path(cfg.root)
-    unknown = [s for s in cfg.hf_splits if s not in OFFICIAL_SPLITS]
-    if unknown:
-        raise ConfigError(f"data.hf_splits: keys must be 'train' and/or 'test', got {unknown}")
-    if "train" not in cfg.hf_splits:
-        raise ConfigError("data.hf_splits: needs a 'train' entry (the official train split)")
+    check_hf_splits(cfg)
     streams = open_stream(location)
     parts: Dict[str, Tuple[str, Any]] = {}
     classes: Optional[List[str]] = None
