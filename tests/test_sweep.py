@@ -104,7 +104,7 @@ def test_sweep_skips_finished_variants_and_compares_report_values(coco256_store,
     assert doc["rows"][1]["rule"] == "knn" and doc["rows"][0]["rule"] == "none"
     assert len(doc["baselines"]) == 1  # one store, one split: one baseline row
     md = (out / "compare.md").read_text()
-    assert "| gpr_knn |  | gpr | knn |" in md and "Teacher zero-shot baseline" in md
+    assert "| gpr_knn | run |  | gpr | knn |" in md and "Teacher zero-shot baseline" in md
     summary = json.loads((tmp_path / "sw" / "an" / "summary.json").read_text())
     assert doc["rows"][0]["best_val_map"] == summary["best_val_map"] and doc["rows"][0]["best_epoch"] == 1
     assert (out / "compare.png").stat().st_size > 1000
