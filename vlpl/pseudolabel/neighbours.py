@@ -41,7 +41,6 @@ The rule needs to know which rows it labels: the trainer and ``vlpl evaluate`` p
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -54,6 +53,7 @@ import numpy as np
 from vlpl.pseudolabel.params import KnnParams, rule_params
 from vlpl.registry import RULES
 from vlpl.store.atomic import atomic_path, atomic_write_json
+from vlpl.store.store import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -187,14 +187,6 @@ def compute_neighbours(store: Any, split: str = TRAIN, k: int = 10, *, batch_siz
 # --------------------------------------------------------------------------------------------------
 # the cache beside the store
 # --------------------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _cache_files(store: Any, split: str, k: int) -> Optional[Tuple[Path, Path]]:
     d = getattr(store, "cache_dir", None)  # a teacher ensemble has none of its own: its tables stay in memory
     if d is None:
@@ -216,7 +208,7 @@ def _read_cached(store: Any, split: str, k: int, files: Tuple[Path, Path]) -> Op
     if mark.get("manifest_sha256") != want or mark.get("k") != k or mark.get("split") != split:
         log.info("%s: made for another store content or k; rebuilding", data)
         return None
-    if _sha256(data) != mark.get("sha256"):
+    if sha256_file(data) != mark.get("sha256"):
         log.warning("%s: sha256 differs from its mark (a damaged or partial file); rebuilding", data)
         return None
     with np.load(data) as z:
@@ -237,7 +229,7 @@ def _write_cached(store: Any, table: NeighbourTable, files: Tuple[Path, Path]) -
             np.savez(f, positions=table.positions, sims=table.sims, rows=table.rows)
     atomic_write_json(mark_path, {"manifest_sha256": store.manifest.get("manifest_sha256"), "split": table.split,
                                   "k": table.k, "source": table.source, "rows": int(len(table.positions)),
-                                  "sha256": _sha256(data)})
+                                  "sha256": sha256_file(data)})
 
 
 _TABLES: Dict[Tuple[str, Optional[str], str, int], NeighbourTable] = {}

@@ -22,10 +22,10 @@ the same embeddings on any device, and the store records the seed (:meth:`Relati
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from vlpl.config import ConfigError
+from vlpl.store.store import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,5 @@ class RelationGCN:
         if self.relation != "text":
             path = os.path.expanduser(self.relation)
             if os.path.isfile(path):
-                with open(path, "rb") as f:
-                    out["relation_sha256"] = hashlib.sha256(f.read()).hexdigest()
+                out["relation_sha256"] = sha256_file(Path(path))
         return out

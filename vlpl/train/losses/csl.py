@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import csv
 import gc
-import hashlib
 import io
 import json
 import logging
@@ -73,6 +72,7 @@ import torch.distributed as dist
 from torch import nn
 
 from vlpl.registry import LOSSES
+from vlpl.store.store import sha256_file
 from vlpl.train import loss_params as P
 from vlpl.train.losses.base import LossBatch, SPMLLoss
 
@@ -420,10 +420,6 @@ def clip_prior(split: Any, rule: str, batch_size: int = 256) -> np.ndarray:
     return total / n
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def _run_prior_phase(cfg: Any, params: Any, out: Path) -> np.ndarray:
     """Train the temporary Ignore-mode model in ``out / prior_model`` (a normal run: resumable with
     ``resume=true``) and return its running-average prediction per class."""
@@ -473,7 +469,7 @@ def prepare_csl_prior(cfg: Any) -> Any:
     source: Dict[str, Any] = {"prior": params.prior, "classes": len(classes)}
     if params.prior == "file":
         source["file"] = str(Path(str(params.prior_file)).resolve())
-        source["file_sha256"] = _sha256(Path(str(params.prior_file)))
+        source["file_sha256"] = sha256_file(Path(str(params.prior_file)))
     elif params.prior == "clip":
         source["rule"] = params.prior_rule
     else:
@@ -486,7 +482,7 @@ def prepare_csl_prior(cfg: Any) -> Any:
             done = json.loads(info_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             done = None
-    if done is not None and done.get("source") == source and done.get("sha256") == _sha256(target):
+    if done is not None and done.get("source") == source and done.get("sha256") == sha256_file(target):
         log.info("csl: using the class prior already computed in %s (%s)", target, params.prior)
     else:
         try:
@@ -504,7 +500,7 @@ def prepare_csl_prior(cfg: Any) -> Any:
         if not grouped or dist.get_rank() == 0:
             out.mkdir(parents=True, exist_ok=True)
             write_prior_csv(target, classes, values)
-            atomic_write_json(info_path, {"source": source, "sha256": _sha256(target)})
+            atomic_write_json(info_path, {"source": source, "sha256": sha256_file(target)})
         if grouped:
             dist.barrier()
         top = np.argsort(-np.asarray(values))[:5]
