@@ -280,7 +280,8 @@ def _pct(v: Any, digits: int = 2) -> str:
     return "n/a" if v is None else f"{float(v):.{digits}f}"
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> List[str]:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> List[str]:
+    """A Markdown table's lines: the header, the rule, one line per row (cells as ``str``, ``|`` escaped)."""
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows]
     return out
@@ -295,7 +296,7 @@ def _headline_table(rows: List[Dict[str, Any]]) -> List[str]:
     for r in rows:
         body.append([r["name"], r["kind"], r["split"], r.get("num_images", "n/a"), _pct(r["map"]), _pct(r["map_pos"]),
                      _pct(r["CF1"]), _pct(r["OF1"]), _pct(r["CF1_topk"]), _pct(r["OF1_topk"])])
-    return _table(header, body)
+    return markdown_table(header, body)
 
 
 def _per_class_tables(metrics: Dict[str, Any], classes: Sequence[str], num_pos: Sequence[int],
@@ -313,12 +314,12 @@ def _per_class_tables(metrics: Dict[str, Any], classes: Sequence[str], num_pos: 
 
     header = ["rank", "class", "positives", "AP (%)", f"P@{t:g} (%)", f"R@{t:g} (%)"]
     if ap.size <= 2 * TOP_N:
-        out = [f"### {title}: per-class AP", ""] + _table(header, rows(range(ap.size)))
+        out = [f"### {title}: per-class AP", ""] + markdown_table(header, rows(range(ap.size)))
         return out + _empty_note(num_pos)
     out = [f"### {title}: top {n} classes by AP", ""]
-    out += _table(header, rows(range(n)))
+    out += markdown_table(header, rows(range(n)))
     out += ["", f"### {title}: bottom {n} classes by AP", ""]
-    out += _table(header, rows(range(ap.size - 1, ap.size - 1 - n, -1)))
+    out += markdown_table(header, rows(range(ap.size - 1, ap.size - 1 - n, -1)))
     return out + _empty_note(num_pos)
 
 
@@ -348,11 +349,11 @@ def _run_section(run: Dict[str, Any], plots: Dict[str, str]) -> List[str]:
              ("best epoch", s.get("best_epoch")), ("best val mAP (%)", s.get("best_val_map")),
              ("test mAP at best (%)", s.get("test_map_at_best")), ("stop reason", s.get("stop_reason")),
              ("best epoch chosen by", _SELECT_TEXT.get(s.get("select"), s.get("select")))]
-    out += _table(["", ""], [[k, _f(v)] for k, v in facts])
+    out += markdown_table(["", ""], [[k, _f(v)] for k, v in facts])
     epochs = run.get("epochs") or []
     if epochs:
         out += ["", "### Training curve", ""]
-        out += _table(["epoch", "val mAP (%)", "test mAP (%)", "train loss"],
+        out += markdown_table(["epoch", "val mAP (%)", "test mAP (%)", "train loss"],
                       [[e.get("epoch"), _f(e.get("val_map")), _f(e.get("test_map")), _f(e.get("train_loss"), 4)]
                        for e in epochs])
         out += [""] + _plot_links(plots, ["training_curve"])
@@ -369,7 +370,7 @@ def _store_section(store: Dict[str, Any], plots: Dict[str, str]) -> List[str]:
            f"Store: `{store['path']}`; model `{model.get('name')}` (pretrained `{model.get('pretrained')}`, "
            f"open_clip {model.get('open_clip_version')}); views: grid {store['views'].get('grid')}, "
            f"{store['views'].get('num_views')} cached views per image.", ""]
-    out += _table(["split", "rows", "failed", "labels unknown", "used"],
+    out += markdown_table(["split", "rows", "failed", "labels unknown", "used"],
                   [[sp, r["total"], r["failed"], r["labels_unknown"], r["used"]] for sp, r in store["rows"].items()])
     out += ["", f"Score views on split `{zs['split']}` ({zs['num_images']} images): "
             f"**global** = the unflipped global view; **mean** = mean over all {store['views'].get('num_views')} "
@@ -397,7 +398,7 @@ def _store_section(store: Dict[str, Any], plots: Dict[str, str]) -> List[str]:
                          _f(inc["per_image"]), _f(neg["per_image"]),
                          _pct(neg["precision"]) if neg["count"] else "n/a",
                          _pct(r["images_without_pseudo_positive"])])
-        out += _table(["rule", "options", "P excl. (%)", "R excl. (%)", "F1 excl. (%)", "pos/img excl.",
+        out += markdown_table(["rule", "options", "P excl. (%)", "R excl. (%)", "F1 excl. (%)", "pos/img excl.",
                        "P incl. (%)", "R incl. (%)", "F1 incl. (%)", "pos/img incl.", "neg/img",
                        "neg precision (%)", "images w/o pseudo-pos (%)"], rows)
         sweeps = pl.get("threshold_sweep") or {}
@@ -406,7 +407,7 @@ def _store_section(store: Dict[str, Any], plots: Dict[str, str]) -> List[str]:
             best = max(phi, key=lambda r: r["f1"])
             out += ["", "### Threshold sweep of DAMP phi (excluding observed entries)", "",
                     f"Best F1 {_pct(best['f1'])} % at threshold {best['threshold']:g}.", ""]
-            out += _table(["threshold", "precision (%)", "recall (%)", "F1 (%)", "pseudo-pos / image", "pseudo-pos",
+            out += markdown_table(["threshold", "precision (%)", "recall (%)", "F1 (%)", "pseudo-pos / image", "pseudo-pos",
                            "TP"],
                           [[f"{r['threshold']:g}", _pct(r["precision"]), _pct(r["recall"]), _pct(r["f1"]),
                             _f(r["per_image"]), r["num_pred"], r["tp"]] for r in phi])
@@ -437,7 +438,7 @@ def partial_labels_markdown(report: Dict[str, Any]) -> List[str]:
            "annotated positive or an annotated negative is skipped and the mean is over the classes used. "
            "**Cole's mAP** (the headline's mAP, CF1/OF1, per-class tables and plots) counts every unknown entry as a "
            "negative, so it is lower than the truth; read the masked mAP.", ""]
-    out += _table(["name", "kind", "split", "masked mAP (%)", "classes used", "classes skipped",
+    out += markdown_table(["name", "kind", "split", "masked mAP (%)", "classes used", "classes skipped",
                    "Cole's mAP, unknown = negative (%)"],
                   [[r["name"], r["kind"], r["split"], _pct(r["masked_map"]), r.get("masked_classes_used", "n/a"),
                     r.get("masked_classes_skipped", "n/a"), _pct(r["map"])] for r in rows])
@@ -690,7 +691,7 @@ def baseline_markdown(trained_map: Optional[float], baseline: Optional[Dict[str,
         d = deltas.get(view)
         rows.append([what, _pct(s["map"]), "n/a" if d is None else f"{d:+.2f}"]
                     + ([_pct(s.get("masked_map"))] if masked else []))
-    return out + _table(["scores", "mAP (%)", "trained - teacher (points)"] + (["masked mAP (%)"] if masked else []),
+    return out + markdown_table(["scores", "mAP (%)", "trained - teacher (points)"] + (["masked mAP (%)"] if masked else []),
                         rows)
 
 

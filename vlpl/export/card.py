@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional
 
+from vlpl.eval.report import markdown_table
 from vlpl.export.schema import METADATA_FILE
 
 log = logging.getLogger(__name__)
@@ -93,12 +94,6 @@ def _pct(v: Any) -> str:
     return "-" if v is None else f"{100.0 * float(v):.1f}"
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> List[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows]
-    return out
-
-
 def _teacher_lines(meta: Mapping[str, Any]) -> List[str]:
     t = meta.get("teacher") or {}
     model = t.get("model") or {}
@@ -163,9 +158,9 @@ def _config_section(name: str, meta: Mapping[str, Any]) -> List[str]:
     lines.append(f"- **Command**: `{prov.get('command')}` (vlpl {prov.get('version')}"
                  + (f", commit `{str(prov['commit'])[:12]}`" if prov.get("commit") else "") + ")")
     lines += ["", "### Splits", ""]
-    lines += _table(["split", "rows"], [[s, n] for s, n in (meta.get("splits") or {}).items()])
+    lines += markdown_table(["split", "rows"], [[s, n] for s, n in (meta.get("splits") or {}).items()])
     lines += ["", "### Columns", ""]
-    lines += _table(["column", "content"], [[f"`{c}`", d] for c, d in (meta.get("columns") or {}).items()])
+    lines += markdown_table(["column", "content"], [[f"`{c}`", d] for c, d in (meta.get("columns") or {}).items()])
     quality = meta.get("quality") or {}
     lines += ["", "### Quality against the full labels", ""]
     if not quality:
@@ -185,7 +180,7 @@ def _config_section(name: str, meta: Mapping[str, Any]) -> List[str]:
             rows.append([split, f"{q.get('rows')} of {q.get('rows_in_split')}", _pct(pl.get("precision")),
                          _pct(pl.get("recall")), _pct(pl.get("f1")), _fmt(pl.get("per_image")),
                          *[_fmt(m.get("map", m.get("masked_map"))) for m in maps]])
-        lines += _table(header, rows)
+        lines += markdown_table(header, rows)
     return lines + [""]
 
 
@@ -221,7 +216,7 @@ def render_card(configs: Mapping[str, Mapping[str, Any]], *, repo: str = "PATH_O
             "Multi-label pseudo-labels made by `vlpl` from a frozen vision-language teacher's "
             "cached per-view scores: **machine-generated**, no person checked them. Each row is one image with its "
             "observed labels, the pseudo-labels of a rule, and the teacher's raw scores.", ""]
-    body += _table(["config", "teacher", "rule", "rows"],
+    body += markdown_table(["config", "teacher", "rule", "rows"],
                    [[f"`{n}`", f"`{((m.get('teacher') or {}).get('model') or {}).get('name', (m.get('teacher') or {}).get('column_prefix'))}`",
                      f"`{(m.get('rule') or {}).get('name')}`", sum((m.get("splits") or {}).values())]
                     for n, m in configs.items()])
