@@ -119,16 +119,18 @@ class RuleRunner:
         self.split = split  # the training split's reader: rules with ``needs_rows`` (knn, calibrated) get RuleRows
 
     def __call__(self, positions: np.ndarray, gen: Optional[torch.Generator], scores: Optional[torch.Tensor] = None,
-                 device: Optional[torch.device] = None, flips: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 device: Optional[torch.device] = None, flips: Optional[torch.Tensor] = None,
+                 observed: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, C) int8 pseudo-labels of the rows at ``positions``, computed on ``device`` (default: where the
         scores are); ``gen`` draws the dynamic flip variants (a CPU generator gives the same draws on any
         device); ``scores``: the rows' cached scores if already read (else ``self.scores(positions)``);
-        ``flips``: (B,) each row's flip as the student saw it (``follow_student_flip``)."""
+        ``flips``: (B,) each row's flip as the student saw it (``follow_student_flip``); ``observed``: the rows'
+        (B, C) int8 observed labels if already read (else read here)."""
         pos = np.asarray(positions)
         if scores is None:
             scores = self.scores(pos)
         dev = scores.device if device is None else torch.device(device)
-        obs = self.observed.rows(pos)
+        obs = self.observed.rows(pos) if observed is None else observed
         return apply_rule(self.name, scores.to(dev, non_blocking=True).float(), obs.to(dev, non_blocking=True),
                           dynamic=self.dynamic, generator=gen, variant=self.variant, flips=flips,
                           rows=RuleRows(self.split, pos) if self.split is not None else None, **self.params)
@@ -147,9 +149,13 @@ def train_step(batch: TrainBatch, model: nn.Module, loss: SPMLLoss, rule: Option
     global_index = local if batch.global_index is None else np.asarray(batch.global_index)
     pseudo_all: Optional[torch.Tensor] = None
     pseudo: Optional[torch.Tensor] = None
+    # the batch's observed rows, read once: the loss's (unless it keeps a label state of its own) and, with one
+    # process (the rule's rows are the batch's), the rule's too
+    observed = loss.observed_labels.rows(local) if loss.label_state is None else None
     if rule is not None:
         pseudo_all = rule(global_index, generator(state.seed, SEED_RULE, batch.epoch, batch.step), batch.scores,
-                          state.device, flips=batch.flip if batch.global_index is None else batch.global_flip)
+                          state.device, flips=batch.flip if batch.global_index is None else batch.global_flip,
+                          observed=observed if batch.global_index is None else None)
         b = len(local)
         start = state.process_index * b if batch.global_index is not None else 0
         pseudo = pseudo_all[start:start + b]
@@ -167,10 +173,9 @@ def train_step(batch: TrainBatch, model: nn.Module, loss: SPMLLoss, rule: Option
             if state.image_embeddings is None:
                 raise ValueError("the loss's reconstruction term needs StepState.image_embeddings (a store reader)")
             embeddings = state.image_embeddings(local).to(state.device, non_blocking=True)
-        observed = loss.observed_labels.rows(local).to(state.device, non_blocking=True) \
-            if loss.label_state is None else None  # the batch's rows (a loss with a label state reads its own)
         terms = loss(LossBatch(logits=logits.float(), index=batch.index.to(state.device, non_blocking=True),
-                               pseudo=pseudo, features=features, image_embedding=embeddings, observed=observed))
+                               pseudo=pseudo, features=features, image_embedding=embeddings,
+                               observed=None if observed is None else observed.to(state.device, non_blocking=True)))
         total = terms["loss"] / state.grad_accum if state.grad_accum > 1 else terms["loss"]
         state.backward(total)
     if batch.sync:
