@@ -57,11 +57,16 @@ def _store_key(store: Any) -> str:
     return str(Path(store).resolve())
 
 
-def _row(rep: Dict[str, Any]) -> Dict[str, Any]:
+def _row(rep: Dict[str, Any], observed: Dict[str, Optional[str]]) -> Dict[str, Any]:
+    """One comparison row of a report; ``observed``: the stores' protocol descriptions read so far, by store key
+    (each store is opened once however many runs used it)."""
     run = rep.get("run") or {}
     cfg = run.get("train_config") or {}
     summary = dict(rep["summary"])
     store = (run.get("summary") or {}).get("store") or cfg.get("store")
+    key = _store_key(store) if store else None
+    if key and key not in observed:
+        observed[key] = _observed_label(store)
     return {
         "name": summary.get("name"),
         "report": rep["_path"],
@@ -70,7 +75,7 @@ def _row(rep: Dict[str, Any]) -> Dict[str, Any]:
         "rule": (cfg.get("pseudo") or {}).get("rule") or ("none" if cfg else None),
         "rule_params": (cfg.get("pseudo") or {}).get("params") or {},
         "store": store,
-        "observed": _observed_label(store),
+        "observed": observed[key] if key else None,
         "kind": summary.get("kind"),
         "split": summary.get("split"),
         "num_images": summary.get("num_images"),
@@ -106,7 +111,8 @@ def comparison(paths: Sequence[Any], *, measure_baseline: bool = True) -> Dict[s
     if not paths:
         raise ValueError("compare: give at least one run, eval directory or report.json")
     reports = [load_report(p) for p in paths]
-    rows = [_row(r) for r in reports]
+    observed: Dict[str, Optional[str]] = {}
+    rows = [_row(r, observed) for r in reports]
     names = [r["name"] for r in rows]
     for r in rows:
         if names.count(r["name"]) > 1:  # the same directory name from two places
